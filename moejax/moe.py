@@ -1,0 +1,256 @@
+"""`MoeLayer`: router ─► dispatch ─► experts ─► combine, plus optional shared experts.
+
+One layer covers the published routings as settings:
+
+| model | router | top_k | renormalize | other |
+|---|---|---|---|---|
+| Switch Transformer (Fedus et al. 2021) | top_k | 1 | False | router_jitter=0.01 |
+| GShard / GLaM (Lepikhin et al. 2020; Du et al. 2021) | top_k | 2 | False | second_expert_policy='random' |
+| ST-MoE (Zoph et al. 2022) | top_k | 2 | False | z-loss, expert_dropout |
+| Mixtral (Jiang et al. 2024) | top_k | 2 | True | dispatch='dropless' |
+| OLMoE (Muennighoff et al. 2024) | top_k | 8 of 64 | False | dispatch='dropless' |
+| Shazeer et al. 2017 | noisy_top_k | k | True | |
+| Expert choice (Zhou et al. 2022) | expert_choice | (C = cf·T·k/E) | | not causal |
+| dense mixture | dense | E | | |
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax import dispatch as dispatch_lib
+from moejax import routing
+from moejax.experts import Experts, FeedForward, check_activation
+
+
+def _check_choice(name: str, value, allowed) -> None:
+  if value not in allowed:
+    raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(map(repr, allowed))}.")
+
+
+class MoeLayer(nnx.Module):
+  """Sparse Mixture-of-Experts FFN: `y, aux = layer(x)`, x and y `[batch, seq, d_model]`.
+
+  `aux` holds scalars `lb_loss`, `z_loss`, `dropped_fraction` (share of the T·k
+  token→expert assignments not processed because of capacity), and `expert_load`
+  `[experts]` (share of assignments per expert before capacity; sums to 1).
+
+  `layer.eval()` switches to `eval_capacity_factor` and turns off router noise, jitter,
+  the random second expert and expert dropout; `layer.train()` switches back. Both act
+  through the `deterministic` attribute, as Flax's own modules do.
+
+  Args:
+    d_model: model width.
+    d_ff: hidden size of each expert.
+    num_experts: E.
+    top_k: experts per token (token choice); for expert choice, the average number of
+      experts per token that sets the capacity; for `router='dense'` it must equal E.
+    router: 'top_k', 'noisy_top_k', 'expert_choice' or 'dense' (see the module table).
+    dispatch: 'einsum', 'sort' or 'dropless' (see `moejax.dispatch`).
+    capacity_factor: capacity = max(min_capacity, ceil(cf · T · k / E)) per routing group
+      in training; not used by 'dropless'.
+    eval_capacity_factor: the same in eval mode.
+    min_capacity: floor of the capacity.
+    activation: 'relu', 'gelu', 'swiglu' or 'geglu'.
+    renormalize: rescale the chosen top-k gates to sum to 1 (Mixtral) or keep the raw
+      softmax probabilities (Switch, GShard).
+    second_expert_policy: 'all', or 'random' (GShard: the second expert is used with
+      probability min(1, 2·g2/(g1+g2)); needs top_k=2).
+    router_jitter: Switch's multiplicative jitter eps: the router input (only) is scaled
+      by U(1-eps, 1+eps) in training.
+    expert_dropout: dropout rate on the expert hidden layer (ST-MoE).
+    num_shared_experts: experts every token goes through, as one dense FFN of hidden
+      num_shared_experts · d_ff added to the routed output (DeepSeekMoE, Dai et al. 2024).
+    group_size: tokens per routing group (capacity and expert choice act per group);
+      None makes all tokens of a call one group. Must divide batch·seq.
+    dtype: compute dtype of the experts; parameters and router math stay float32.
+    rngs: `nnx.Rngs` with `params` (and `router`/`dropout` streams, or `default`).
+  """
+
+  def __init__(self, *, d_model: int, d_ff: int, num_experts: int, top_k: int = 2,
+               router: str = "top_k", dispatch: str = "sort", capacity_factor: float = 1.25,
+               eval_capacity_factor: float = 2.0, min_capacity: int = 4,
+               activation: str = "swiglu", renormalize: bool = False,
+               second_expert_policy: str = "all", router_jitter: float = 0.0,
+               expert_dropout: float = 0.0, num_shared_experts: int = 0,
+               group_size: int | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
+    _check_choice("router", router, routing.ROUTERS)
+    _check_choice("dispatch", dispatch, dispatch_lib.DISPATCHES)
+    _check_choice("second_expert_policy", second_expert_policy, routing.SECOND_EXPERT_POLICIES)
+    check_activation(activation)
+    for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts)):
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer.")
+    if not 1 <= top_k <= num_experts:
+      raise ValueError(f"top_k={top_k} must be between 1 and num_experts={num_experts}.")
+    if router == "dense" and top_k != num_experts:
+      raise ValueError(f"router='dense' sends every token to every expert: set top_k=num_experts "
+                       f"({num_experts}), got top_k={top_k}.")
+    if router == "expert_choice" and dispatch == "dropless":
+      raise ValueError("dispatch='dropless' needs token-choice routing; router='expert_choice' "
+                       "fixes the tokens per expert: use dispatch 'einsum' or 'sort'.")
+    if second_expert_policy == "random" and top_k != 2:
+      raise ValueError(f"second_expert_policy='random' needs top_k=2, got top_k={top_k}.")
+    for name, value in (("capacity_factor", capacity_factor),
+                        ("eval_capacity_factor", eval_capacity_factor)):
+      if not value > 0:
+        raise ValueError(f"{name}={value!r} must be > 0.")
+    if min_capacity < 1:
+      raise ValueError(f"min_capacity={min_capacity} must be >= 1.")
+    if not 0.0 <= router_jitter < 1.0:
+      raise ValueError(f"router_jitter={router_jitter} must be in [0, 1).")
+    if not 0.0 <= expert_dropout < 1.0:
+      raise ValueError(f"expert_dropout={expert_dropout} must be in [0, 1).")
+    if num_shared_experts < 0:
+      raise ValueError(f"num_shared_experts={num_shared_experts} must be >= 0.")
+    if group_size is not None and (group_size < 1 or dispatch == "dropless"):
+      raise ValueError(f"group_size={group_size!r}: routing groups set capacity; use a positive "
+                       "size with dispatch 'einsum' or 'sort', or None.")
+
+    self.d_model, self.d_ff, self.num_experts, self.top_k = d_model, d_ff, num_experts, top_k
+    self.router, self.dispatch = router, dispatch
+    self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
+    self.min_capacity, self.renormalize = min_capacity, renormalize
+    self.second_expert_policy, self.router_jitter = second_expert_policy, router_jitter
+    self.group_size, self.dtype = group_size, dtype
+    self.deterministic = False
+
+    if router == "noisy_top_k":
+      # Shazeer et al. 2017 initialise both W_g and W_noise to zero.
+      zeros = jnp.zeros((d_model, num_experts), jnp.float32)
+      self.router_kernel = nnx.Param(zeros)
+      self.noise_kernel = nnx.Param(zeros)
+    else:
+      # A small router init keeps early routing near uniform (Switch: weights scaled by 0.1).
+      init = nnx.initializers.variance_scaling(0.1, "fan_in", "truncated_normal")
+      self.router_kernel = nnx.Param(init(rngs.params(), (d_model, num_experts), jnp.float32))
+      self.noise_kernel = None
+    self.router_rng = rngs["router"].fork()
+    self.experts = Experts(num_experts, d_model, d_ff, activation, dropout_rate=expert_dropout,
+                           dtype=dtype, rngs=rngs)
+    self.shared = (FeedForward(d_model, num_shared_experts * d_ff, activation, dtype=dtype, rngs=rngs)
+                   if num_shared_experts else None)
+
+  # --------------------------------------------------------------------------- routing
+
+  def _router_logits(self, tokens: jax.Array) -> jax.Array:
+    """`[tokens, d_model]` -> float32 logits `[tokens, experts]`."""
+    router_in = tokens.astype(jnp.float32)
+    if self.router_jitter and not self.deterministic:
+      router_in = router_in * jax.random.uniform(
+          self.router_rng(), router_in.shape, jnp.float32,
+          1.0 - self.router_jitter, 1.0 + self.router_jitter)
+    logits = router_in @ self.router_kernel[...]
+    if self.noise_kernel is not None and not self.deterministic:
+      logits = routing.noisy_logits(logits, router_in @ self.noise_kernel[...], self.router_rng())
+    return logits
+
+  def _capacity(self, group_tokens: int) -> int:
+    factor = self.eval_capacity_factor if self.deterministic else self.capacity_factor
+    return dispatch_lib.expert_capacity(group_tokens, self.num_experts, self.top_k, factor,
+                                        self.min_capacity)
+
+  # --------------------------------------------------------------------------- forward
+
+  def __call__(self, x: jax.Array):
+    if x.ndim != 3 or x.shape[-1] != self.d_model:
+      raise ValueError(f"MoeLayer input must be [batch, seq, d_model={self.d_model}], got shape {x.shape}.")
+    batch, seq, d = x.shape
+    num_tokens = batch * seq
+    group = self.group_size or num_tokens
+    if num_tokens % group:
+      raise ValueError(f"group_size={self.group_size} must divide batch·seq={num_tokens}.")
+    num_groups = num_tokens // group
+    tokens = x.reshape(num_tokens, d)
+
+    logits = self._router_logits(tokens)                          # [T, E]
+    probs = jax.nn.softmax(logits, axis=-1)                       # [T, E]
+    aux = {"z_loss": routing.router_z_loss(logits)}
+
+    if self.router == "expert_choice":
+      out, ec_aux = self._expert_choice(tokens, probs, num_groups)
+    else:
+      out, ec_aux = self._token_choice(tokens, probs, num_groups)
+    aux.update(ec_aux)
+    if self.shared is not None:
+      out = out + self.shared(tokens)
+    return out.astype(x.dtype).reshape(batch, seq, d), aux
+
+  def _token_choice(self, tokens, probs, num_groups):
+    E, k = self.num_experts, self.top_k
+    choice = routing.top_k_choice(probs, k, renormalize=self.renormalize)
+    aux = {"lb_loss": routing.load_balancing_loss(probs, choice.expert_indices, E),
+           "expert_load": jnp.zeros((E,), jnp.float32).at[choice.expert_indices.reshape(-1)]
+                          .add(1.0 / choice.expert_indices.size)}
+    if self.second_expert_policy == "random" and not self.deterministic:
+      choice = routing.random_second_expert(choice, self.router_rng())
+
+    num_tokens, d = tokens.shape
+    if self.dispatch == "dropless":
+      out = dispatch_lib.dropless(tokens, choice, E, self.experts.grouped)
+      aux["dropped_fraction"] = jnp.zeros((), jnp.float32)
+      return out, aux
+
+    group = num_tokens // num_groups
+    capacity = self._capacity(group)
+    grouped_x = tokens.reshape(num_groups, group, d)
+    grouped_choice = jax.tree.map(lambda a: a.reshape(num_groups, group, *a.shape[1:]), choice)
+    if self.dispatch == "einsum":
+      masks = jax.vmap(lambda c: dispatch_lib.token_choice_masks(c, E, capacity, self.dtype))
+      dispatch_mask, combine_mask, kept = masks(grouped_choice)   # [G, S, E, C]
+      out = self._einsum_experts(grouped_x, dispatch_mask, combine_mask)
+    else:
+      slots = jax.vmap(lambda c: dispatch_lib.token_choice_slots(c, E, capacity))
+      slot_token, slot_gate, kept = slots(grouped_choice)         # [G, E·C]
+      out = self._sort_experts(grouped_x, slot_token, slot_gate, capacity)
+    dropped = jnp.sum(grouped_choice.valid & ~kept)
+    aux["dropped_fraction"] = dropped.astype(jnp.float32) / choice.expert_indices.size
+    return out.reshape(num_tokens, -1), aux
+
+  def _expert_choice(self, tokens, probs, num_groups):
+    E = self.num_experts
+    num_tokens, d = tokens.shape
+    group = num_tokens // num_groups
+    capacity = self._capacity(group)
+    grouped_x = tokens.reshape(num_groups, group, d)
+    choice = jax.vmap(routing.expert_choice, in_axes=(0, None))(
+        probs.reshape(num_groups, group, E), capacity)            # [G, E, C]
+    if self.dispatch == "einsum":
+      dispatch_mask, combine_mask = jax.vmap(
+          lambda c: dispatch_lib.expert_choice_masks(c, group, self.dtype))(choice)
+      out = self._einsum_experts(grouped_x, dispatch_mask, combine_mask)
+    else:
+      slot_token, slot_gate = jax.vmap(dispatch_lib.expert_choice_slots)(choice)
+      out = self._sort_experts(grouped_x, slot_token, slot_gate, capacity)
+    taken = jnp.zeros((num_groups, group + 1), bool).at[
+        jnp.arange(num_groups)[:, None], choice.token_indices.reshape(num_groups, -1)].set(True)
+    aux = {
+        # Expert choice balances load by construction and has no balancing loss.
+        "lb_loss": jnp.zeros((), jnp.float32),
+        "expert_load": jnp.full((E,), 1.0 / E, jnp.float32),
+        # For expert choice: the share of tokens that no expert took.
+        "dropped_fraction": 1.0 - jnp.mean(taken[:, :group].astype(jnp.float32)),
+    }
+    return out.reshape(num_tokens, -1), aux
+
+  # --------------------------------------------------------------------------- expert compute
+
+  def _einsum_experts(self, grouped_x, dispatch_mask, combine_mask):
+    """`[G, S, d]` with masks `[G, S, E, C]` -> `[G, S, d]`."""
+    num_groups, _, num_experts, capacity = dispatch_mask.shape
+    buffers = jnp.einsum("gsec,gsd->egcd", dispatch_mask, grouped_x.astype(self.dtype))
+    out = self.experts(buffers.reshape(num_experts, num_groups * capacity, -1))
+    out = out.reshape(num_experts, num_groups, capacity, -1)
+    return jnp.einsum("gsec,egcd->gsd", combine_mask, out)
+
+  def _sort_experts(self, grouped_x, slot_token, slot_gate, capacity):
+    """`[G, S, d]` with slot tables `[G, E·C]` -> `[G, S, d]`."""
+    num_groups, group, d = grouped_x.shape
+    E = self.num_experts
+    buffers = jax.vmap(lambda x, s: dispatch_lib.gather_to_experts(x, s, E))(grouped_x, slot_token)
+    buffers = jnp.transpose(buffers, (1, 0, 2, 3)).reshape(E, num_groups * capacity, d)
+    out = self.experts(buffers).reshape(E, num_groups, capacity, d).transpose(1, 0, 2, 3)
+    return jax.vmap(lambda o, s, g: dispatch_lib.scatter_from_experts(o, s, g, group))(
+        out, slot_token, slot_gate)
