@@ -54,6 +54,11 @@ def _assignments(choice: TokenChoice):
   return experts, gates, valid, tokens
 
 
+def assignment_lists(choice: TokenChoice):
+  """`(experts, gates, valid, tokens)`, each `[k * tokens]`, in priority order (rank-1 first)."""
+  return _assignments(choice)
+
+
 def positions_by_cumsum(experts: jax.Array, valid: jax.Array, num_experts: int) -> jax.Array:
   """Position of each assignment in its expert's queue, by a cumulative one-hot sum.
 

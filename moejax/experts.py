@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax.parallel import logical
+
 ACTIVATIONS = ("relu", "gelu", "swiglu", "geglu")
 _GATED = {"swiglu": jax.nn.silu, "geglu": jax.nn.gelu}
 _PLAIN = {"relu": jax.nn.relu, "gelu": jax.nn.gelu}
@@ -46,10 +48,13 @@ class FeedForward(nnx.Module):
     init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
     self.activation = activation
     self.dtype = dtype
-    self.w_in = nnx.Param(init(rngs.params(), (d_model, d_ff), jnp.float32))
-    self.w_gate = (nnx.Param(init(rngs.params(), (d_model, d_ff), jnp.float32))
+    self.w_in = nnx.Param(init(rngs.params(), (d_model, d_ff), jnp.float32),
+                          **logical("embed", "mlp"))
+    self.w_gate = (nnx.Param(init(rngs.params(), (d_model, d_ff), jnp.float32),
+                             **logical("embed", "mlp"))
                    if is_gated(activation) else None)
-    self.w_out = nnx.Param(init(rngs.params(), (d_ff, d_model), jnp.float32))
+    self.w_out = nnx.Param(init(rngs.params(), (d_ff, d_model), jnp.float32),
+                           **logical("mlp", "embed"))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
@@ -76,10 +81,11 @@ class Experts(nnx.Module):
     self.activation = activation
     self.dtype = dtype
     self.num_experts = num_experts
-    self.w_in = nnx.Param(init(rngs.params(), shape_in, jnp.float32))
-    self.w_gate = (nnx.Param(init(rngs.params(), shape_in, jnp.float32))
+    names_in, names_out = logical("expert", "embed", "mlp"), logical("expert", "mlp", "embed")
+    self.w_in = nnx.Param(init(rngs.params(), shape_in, jnp.float32), **names_in)
+    self.w_gate = (nnx.Param(init(rngs.params(), shape_in, jnp.float32), **names_in)
                    if is_gated(activation) else None)
-    self.w_out = nnx.Param(init(rngs.params(), shape_out, jnp.float32))
+    self.w_out = nnx.Param(init(rngs.params(), shape_out, jnp.float32), **names_out)
     # Expert dropout acts on the expert hidden layer (ST-MoE, Zoph et al. 2022, §4.3).
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
@@ -87,13 +93,23 @@ class Experts(nnx.Module):
     cast = lambda w: None if w is None else w[...].astype(self.dtype)
     return cast(self.w_in), cast(self.w_gate), cast(self.w_out)
 
+  def weights(self) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+    """`(w_in, w_gate or None, w_out)` in the compute dtype, for `apply_batched`/`apply_grouped`
+    on weights held outside the module (the expert-parallel path passes each device's shard)."""
+    return self._weights()
+
   def __call__(self, x: jax.Array) -> jax.Array:
     """`[experts, capacity, d_model] -> [experts, capacity, d_model]`."""
-    w_in, w_gate, w_out = self._weights()
+    return self.apply_batched(x, self._weights(), self.dropout)
+
+  def apply_batched(self, x: jax.Array, weights, dropout) -> jax.Array:
+    """`__call__` on explicit `weights` (any number of experts, from `weights()` or a shard of
+    them) with `dropout` a function of the hidden layer."""
+    w_in, w_gate, w_out = weights
     x = x.astype(self.dtype)
     pre = jnp.einsum("ecd,edf->ecf", x, w_in)
     gate_pre = None if w_gate is None else jnp.einsum("ecd,edf->ecf", x, w_gate)
-    hidden = self.dropout(hidden_activation(self.activation, pre, gate_pre))
+    hidden = dropout(hidden_activation(self.activation, pre, gate_pre))
     return jnp.einsum("ecf,efd->ecd", hidden, w_out)
 
   def grouped(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -105,31 +121,37 @@ class Experts(nnx.Module):
     padded into fixed-size blocks, each owned by one expert, and every block is multiplied
     by its expert's weights (block-sparse, as MegaBlocks does with its block size 128).
     """
-    if jax.default_backend() == "cpu":
-      return self._grouped_blocks(x, group_sizes)
-    return self._grouped_ragged(x, group_sizes)
+    return self.apply_grouped(x, group_sizes, self._weights(), self.dropout)
 
-  def _grouped_ragged(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    w_in, w_gate, w_out = self._weights()
+  def apply_grouped(self, x: jax.Array, group_sizes: jax.Array, weights, dropout) -> jax.Array:
+    """`grouped` on explicit `weights` (`group_sizes` has one entry per expert of `weights`)."""
+    if jax.default_backend() == "cpu":
+      return self._grouped_blocks(x, group_sizes, weights, dropout)
+    return self._grouped_ragged(x, group_sizes, weights, dropout)
+
+  def _grouped_ragged(self, x, group_sizes, weights=None, dropout=None) -> jax.Array:
+    w_in, w_gate, w_out = weights or self._weights()
+    dropout = dropout or self.dropout
     x = x.astype(self.dtype)
     pre = jax.lax.ragged_dot(x, w_in, group_sizes)
     gate_pre = None if w_gate is None else jax.lax.ragged_dot(x, w_gate, group_sizes)
-    hidden = self.dropout(hidden_activation(self.activation, pre, gate_pre))
+    hidden = dropout(hidden_activation(self.activation, pre, gate_pre))
     out = jax.lax.ragged_dot(hidden, w_out, group_sizes)
     in_group = jnp.arange(x.shape[0]) < jnp.sum(group_sizes)
     return jnp.where(in_group[:, None], out, 0)
 
-  def _grouped_blocks(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
+  def _grouped_blocks(self, x, group_sizes, weights=None, dropout=None) -> jax.Array:
+    weights, dropout = weights or self._weights(), dropout or self.dropout
     rows = x.shape[0]
-    block = block_size(rows, self.num_experts)
+    block = block_size(rows, group_sizes.shape[0])
     slot_row, block_expert, row_slot = block_layout(group_sizes, rows, block)
     padded = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])[slot_row]
     blocks = padded.reshape(-1, block, x.shape[1])                    # [blocks, block, d]
-    w_in, w_gate, w_out = self._weights()
+    w_in, w_gate, w_out = weights
     blocks = blocks.astype(self.dtype)
     pre = jnp.einsum("bnd,bdf->bnf", blocks, w_in[block_expert])
     gate_pre = None if w_gate is None else jnp.einsum("bnd,bdf->bnf", blocks, w_gate[block_expert])
-    hidden = self.dropout(hidden_activation(self.activation, pre, gate_pre))
+    hidden = dropout(hidden_activation(self.activation, pre, gate_pre))
     out = jnp.einsum("bnf,bfd->bnd", hidden, w_out[block_expert]).reshape(-1, x.shape[1])
     out = jnp.concatenate([out, jnp.zeros((1, x.shape[1]), out.dtype)])
     return out[row_slot]

@@ -38,6 +38,7 @@ from flax import nnx
 from moejax.dispatch import DISPATCHES
 from moejax.experts import ACTIVATIONS, FeedForward  # FeedForward is re-exported here.
 from moejax.moe import MoeLayer
+from moejax.parallel import logical
 from moejax.routing import ROUTERS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -132,8 +133,8 @@ class RMSNorm(nnx.Module):
   starts at ones.
   """
 
-  def __init__(self, dim: int, *, eps: float = 1e-6):
-    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+  def __init__(self, dim: int, *, eps: float = 1e-6, axis_name: str = "embed"):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), **logical(axis_name))
     self.eps = eps
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -210,14 +211,14 @@ class CausalSelfAttention(nnx.Module):
       raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.rope_base = rope_base
-    linear = lambda fan_in, fan_out: nnx.Linear(fan_in, fan_out, use_bias=False, dtype=dtype,
-                                                rngs=rngs)
-    self.q_proj = linear(d_model, num_heads * head_dim)
-    self.k_proj = linear(d_model, num_kv_heads * head_dim)
-    self.v_proj = linear(d_model, num_kv_heads * head_dim)
-    self.o_proj = linear(num_heads * head_dim, d_model)
-    self.q_norm = RMSNorm(head_dim) if qk_norm else None
-    self.k_norm = RMSNorm(head_dim) if qk_norm else None
+    linear = lambda fan_in, fan_out, names: nnx.Linear(
+        fan_in, fan_out, use_bias=False, dtype=dtype, kernel_metadata=logical(*names), rngs=rngs)
+    self.q_proj = linear(d_model, num_heads * head_dim, ("embed", "heads"))
+    self.k_proj = linear(d_model, num_kv_heads * head_dim, ("embed", "kv_heads"))
+    self.v_proj = linear(d_model, num_kv_heads * head_dim, ("embed", "kv_heads"))
+    self.o_proj = linear(num_heads * head_dim, d_model, ("heads", "embed"))
+    self.q_norm = RMSNorm(head_dim, axis_name="head_dim") if qk_norm else None
+    self.k_norm = RMSNorm(head_dim, axis_name="head_dim") if qk_norm else None
 
   def __call__(self, x: jax.Array, positions: jax.Array,
                cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
@@ -325,7 +326,8 @@ class TransformerLM(nnx.Module):
     self.moe_layer_indices = moe_layer_indices(config.num_layers, config.num_experts,
                                                config.moe_layer_interval)
     self.embed = nnx.Embed(config.vocab_size, config.d_model,
-                           embedding_init=nnx.initializers.normal(EMBEDDING_STDDEV), rngs=rngs)
+                           embedding_init=nnx.initializers.normal(EMBEDDING_STDDEV),
+                           embedding_metadata=logical("vocab", "embed"), rngs=rngs)
     layers = []
     for i in range(config.num_layers):
       is_moe = i in self.moe_layer_indices
@@ -341,7 +343,8 @@ class TransformerLM(nnx.Module):
     self.final_norm = RMSNorm(config.d_model)
     self.lm_head = (None if config.tie_embeddings else
                     nnx.Linear(config.d_model, config.vocab_size, use_bias=False,
-                               dtype=self.dtype, preferred_element_type=jnp.float32, rngs=rngs))
+                               dtype=self.dtype, preferred_element_type=jnp.float32,
+                               kernel_metadata=logical("embed", "vocab"), rngs=rngs))
 
   def init_cache(self, batch: int, max_len: int) -> tuple[LayerCache, ...]:
     """An empty KV cache: one `{'k', 'v'}` per layer, each `[batch, max_len, kv_heads,

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import dispatch as dispatch_lib
+from moejax import parallel
 from moejax import routing
 from moejax.experts import Experts, FeedForward, check_activation
 
@@ -67,6 +68,13 @@ class MoeLayer(nnx.Module):
       None makes all tokens of a call one group. Must divide batch·seq.
     dtype: compute dtype of the experts; parameters and router math stay float32.
     rngs: `nnx.Rngs` with `params` (and `router`/`dropout` streams, or `default`).
+
+  Expert parallelism: when the layer's mesh (attribute `expert_mesh`: 'auto' = the
+  ambient `jax.set_mesh` mesh, a Mesh, or None; see `moejax.parallel`) has an `expert`
+  axis of size n > 1, the experts are sharded n ways and tokens reach them by all-to-all
+  (`moejax.parallel`). Routing, losses and metrics are unchanged; the capacity paths then
+  need `group_size` set, dividing each device's token count, so that the routing groups
+  (and so the function computed) do not depend on the mesh.
   """
 
   def __init__(self, *, d_model: int, d_ff: int, num_experts: int, top_k: int = 2,
@@ -116,16 +124,20 @@ class MoeLayer(nnx.Module):
     self.second_expert_policy, self.router_jitter = second_expert_policy, router_jitter
     self.group_size, self.dtype = group_size, dtype
     self.deterministic = False
+    # 'auto': expert-parallel when the ambient mesh (`jax.set_mesh`) has an expert axis > 1;
+    # a Mesh: that mesh; None: never. See `moejax.parallel.use_expert_parallel`.
+    self.expert_mesh = parallel.AUTO
 
     if router == "noisy_top_k":
       # Shazeer et al. 2017 initialise both W_g and W_noise to zero.
       zeros = jnp.zeros((d_model, num_experts), jnp.float32)
-      self.router_kernel = nnx.Param(zeros)
-      self.noise_kernel = nnx.Param(zeros)
+      self.router_kernel = nnx.Param(zeros, **parallel.logical("embed", None))
+      self.noise_kernel = nnx.Param(zeros, **parallel.logical("embed", None))
     else:
       # A small router init keeps early routing near uniform (Switch: weights scaled by 0.1).
       init = nnx.initializers.variance_scaling(0.1, "fan_in", "truncated_normal")
-      self.router_kernel = nnx.Param(init(rngs.params(), (d_model, num_experts), jnp.float32))
+      self.router_kernel = nnx.Param(init(rngs.params(), (d_model, num_experts), jnp.float32),
+                                     **parallel.logical("embed", None))
       self.noise_kernel = None
     self.router_rng = rngs["router"].fork()
     self.experts = Experts(num_experts, d_model, d_ff, activation, dropout_rate=expert_dropout,
@@ -162,7 +174,6 @@ class MoeLayer(nnx.Module):
     group = self.group_size or num_tokens
     if num_tokens % group:
       raise ValueError(f"group_size={self.group_size} must divide batch·seq={num_tokens}.")
-    num_groups = num_tokens // group
     tokens = x.reshape(num_tokens, d)
 
     logits = self._router_logits(tokens)                          # [T, E]
@@ -170,87 +181,145 @@ class MoeLayer(nnx.Module):
     aux = {"z_loss": routing.router_z_loss(logits)}
 
     if self.router == "expert_choice":
-      out, ec_aux = self._expert_choice(tokens, probs, num_groups)
+      out, ec_aux = self._expert_choice(tokens, probs)
     else:
-      out, ec_aux = self._token_choice(tokens, probs, num_groups)
+      out, ec_aux = self._token_choice(tokens, probs)
     aux.update(ec_aux)
     if self.shared is not None:
       out = out + self.shared(tokens)
     return out.astype(x.dtype).reshape(batch, seq, d), aux
 
-  def _token_choice(self, tokens, probs, num_groups):
+  def _token_choice(self, tokens, probs):
     E, k = self.num_experts, self.top_k
-    choice = routing.top_k_choice(probs, k, renormalize=self.renormalize)
+    choice = parallel.per_device(lambda p: routing.top_k_choice(p, k, renormalize=self.renormalize),
+                                 parallel.layer_mesh(self.expert_mesh), probs)
     aux = {"lb_loss": routing.load_balancing_loss(probs, choice.expert_indices, E),
            "expert_load": jnp.zeros((E,), jnp.float32).at[choice.expert_indices.reshape(-1)]
                           .add(1.0 / choice.expert_indices.size)}
     if self.second_expert_policy == "random" and not self.deterministic:
       choice = routing.random_second_expert(choice, self.router_rng())
 
-    num_tokens, d = tokens.shape
+    mesh = parallel.active_expert_mesh(self.expert_mesh)
     if self.dispatch == "dropless":
-      out = dispatch_lib.dropless(tokens, choice, E, self.experts.grouped)
+      # Dropless is per token: on any mesh that shards the batch, each device processes its
+      # own tokens (experts reached by all-to-all when they are sharded).
+      batch_mesh = parallel.layer_mesh(self.expert_mesh)
+      if mesh is not None:
+        self._check_expert_parallel(mesh, tokens.shape[0])
+      elif batch_mesh is None or parallel.num_batch_shards(batch_mesh) == 1 or (
+          tokens.shape[0] % parallel.num_batch_shards(batch_mesh)):
+        batch_mesh = None
+      if batch_mesh is None:
+        out = dispatch_lib.dropless(tokens, choice, E, self.experts.grouped)
+      else:
+        out = parallel.dropless_expert_parallel(batch_mesh, tokens, choice, self.experts,
+                                                parallel.dropout_key(self.experts))
       aux["dropped_fraction"] = jnp.zeros((), jnp.float32)
       return out, aux
 
-    group = num_tokens // num_groups
-    capacity = self._capacity(group)
-    grouped_x = tokens.reshape(num_groups, group, d)
-    grouped_choice = jax.tree.map(lambda a: a.reshape(num_groups, group, *a.shape[1:]), choice)
-    if self.dispatch == "einsum":
-      masks = jax.vmap(lambda c: dispatch_lib.token_choice_masks(c, E, capacity, self.dtype))
-      dispatch_mask, combine_mask, kept = masks(grouped_choice)   # [G, S, E, C]
-      out = self._einsum_experts(grouped_x, dispatch_mask, combine_mask)
-    else:
+    def dispatch(grouped_x, grouped_choice, capacity):
+      if self.dispatch == "einsum":
+        masks = jax.vmap(lambda c: dispatch_lib.token_choice_masks(c, E, capacity, self.dtype))
+        dispatch_mask, combine_mask, kept = masks(grouped_choice)   # [G, S, E, C]
+        return self._einsum_dispatch(grouped_x, dispatch_mask, combine_mask) + (kept,)
       slots = jax.vmap(lambda c: dispatch_lib.token_choice_slots(c, E, capacity))
-      slot_token, slot_gate, kept = slots(grouped_choice)         # [G, E·C]
-      out = self._sort_experts(grouped_x, slot_token, slot_gate, capacity)
-    dropped = jnp.sum(grouped_choice.valid & ~kept)
-    aux["dropped_fraction"] = dropped.astype(jnp.float32) / choice.expert_indices.size
-    return out.reshape(num_tokens, -1), aux
+      slot_token, slot_gate, kept = slots(grouped_choice)           # [G, E·C]
+      return self._sort_dispatch(grouped_x, slot_token, slot_gate) + (kept,)
 
-  def _expert_choice(self, tokens, probs, num_groups):
+    out, kept = self._capacity_moe(tokens, choice, dispatch, mesh)  # kept [T, k]
+    dropped = jnp.sum(choice.valid & ~kept)
+    aux["dropped_fraction"] = dropped.astype(jnp.float32) / choice.expert_indices.size
+    return out, aux
+
+  def _expert_choice(self, tokens, probs):
     E = self.num_experts
-    num_tokens, d = tokens.shape
-    group = num_tokens // num_groups
-    capacity = self._capacity(group)
-    grouped_x = tokens.reshape(num_groups, group, d)
-    choice = jax.vmap(routing.expert_choice, in_axes=(0, None))(
-        probs.reshape(num_groups, group, E), capacity)            # [G, E, C]
-    if self.dispatch == "einsum":
-      dispatch_mask, combine_mask = jax.vmap(
-          lambda c: dispatch_lib.expert_choice_masks(c, group, self.dtype))(choice)
-      out = self._einsum_experts(grouped_x, dispatch_mask, combine_mask)
-    else:
-      slot_token, slot_gate = jax.vmap(dispatch_lib.expert_choice_slots)(choice)
-      out = self._sort_experts(grouped_x, slot_token, slot_gate, capacity)
-    taken = jnp.zeros((num_groups, group + 1), bool).at[
-        jnp.arange(num_groups)[:, None], choice.token_indices.reshape(num_groups, -1)].set(True)
+
+    def dispatch(grouped_x, grouped_probs, capacity):
+      num_groups, group, _ = grouped_x.shape
+      choice = jax.vmap(routing.expert_choice, in_axes=(0, None))(grouped_probs, capacity)
+      if self.dispatch == "einsum":
+        dispatch_mask, combine_mask = jax.vmap(
+            lambda c: dispatch_lib.expert_choice_masks(c, group, self.dtype))(choice)
+        buffers, combine = self._einsum_dispatch(grouped_x, dispatch_mask, combine_mask)
+      else:
+        slot_token, slot_gate = jax.vmap(dispatch_lib.expert_choice_slots)(choice)
+        buffers, combine = self._sort_dispatch(grouped_x, slot_token, slot_gate)
+      taken = jnp.zeros((num_groups, group + 1), bool).at[
+          jnp.arange(num_groups)[:, None], choice.token_indices.reshape(num_groups, -1)].set(True)
+      return buffers, combine, taken[:, :group]
+
+    out, taken = self._capacity_moe(tokens, probs, dispatch,
+                                    parallel.active_expert_mesh(self.expert_mesh))
     aux = {
         # Expert choice balances load by construction and has no balancing loss.
         "lb_loss": jnp.zeros((), jnp.float32),
         "expert_load": jnp.full((E,), 1.0 / E, jnp.float32),
         # For expert choice: the share of tokens that no expert took.
-        "dropped_fraction": 1.0 - jnp.mean(taken[:, :group].astype(jnp.float32)),
+        "dropped_fraction": 1.0 - jnp.mean(taken.astype(jnp.float32)),
     }
-    return out.reshape(num_tokens, -1), aux
+    return out, aux
 
   # --------------------------------------------------------------------------- expert compute
 
-  def _einsum_experts(self, grouped_x, dispatch_mask, combine_mask):
-    """`[G, S, d]` with masks `[G, S, E, C]` -> `[G, S, d]`."""
-    num_groups, _, num_experts, capacity = dispatch_mask.shape
-    buffers = jnp.einsum("gsec,gsd->egcd", dispatch_mask, grouped_x.astype(self.dtype))
-    out = self.experts(buffers.reshape(num_experts, num_groups * capacity, -1))
-    out = out.reshape(num_experts, num_groups, capacity, -1)
-    return jnp.einsum("gsec,egcd->gsd", combine_mask, out)
+  def _check_expert_parallel(self, mesh, num_tokens: int) -> int:
+    """Tokens per device under expert parallelism; a clear error if the layer can't run so."""
+    local = parallel.local_token_count(mesh, num_tokens)
+    if self.dispatch != "dropless":
+      if self.group_size is None:
+        raise ValueError("expert parallelism needs group_size set (tokens per routing group), so "
+                         "that routing groups do not depend on the mesh; got group_size=None.")
+      if local % self.group_size:
+        raise ValueError(f"expert parallelism: each device's {local} tokens must be a multiple of "
+                         f"group_size={self.group_size}.")
+    return local
 
-  def _sort_experts(self, grouped_x, slot_token, slot_gate, capacity):
-    """`[G, S, d]` with slot tables `[G, E·C]` -> `[G, S, d]`."""
-    num_groups, group, d = grouped_x.shape
+  def _capacity_moe(self, tokens, route, dispatch, mesh):
+    """Routes groups, dispatches into `[groups, E, C, d]`, runs the experts, combines.
+
+    `dispatch(grouped_x [G, S, d], grouped_route, capacity) -> (buffers [G, E, C, d],
+    combine: [G, E, C, d] -> [G, S, d], stats [G, S, ...])`. On one device (or with no
+    expert axis) the experts run here; under an expert mesh each device runs its own
+    groups and the experts are reached by all-to-all (`parallel.capacity_expert_parallel`).
+
+    Returns:
+      `(out [tokens, d], stats [tokens, ...])`.
+    """
+    num_tokens, d = tokens.shape
+    group = self.group_size or num_tokens
+    capacity = self._capacity(group)
+
+    def body(tokens, route, expert_fn):
+      local = tokens.shape[0]
+      num_groups = local // group
+      grouped_x = tokens.reshape(num_groups, group, d)
+      grouped_route = jax.tree.map(lambda a: a.reshape(num_groups, group, *a.shape[1:]), route)
+      buffers, combine, stats = dispatch(grouped_x, grouped_route, capacity)
+      out = combine(expert_fn(buffers.astype(self.dtype)))
+      return out.reshape(local, -1), stats.reshape(local, *stats.shape[2:])
+
+    if mesh is None:
+      return body(tokens, route, self._local_experts)
+    self._check_expert_parallel(mesh, num_tokens)
+    return parallel.capacity_expert_parallel(mesh, body, tokens, route, self.experts,
+                                             parallel.dropout_key(self.experts))
+
+  def _local_experts(self, buffers):
+    """`[G, E, C, d]` -> `[G, E, C, d]` through all experts on this device."""
+    num_groups, num_experts, capacity, d = buffers.shape
+    x = jnp.transpose(buffers, (1, 0, 2, 3)).reshape(num_experts, num_groups * capacity, d)
+    out = self.experts(x).reshape(num_experts, num_groups, capacity, d)
+    return jnp.transpose(out, (1, 0, 2, 3))
+
+  def _einsum_dispatch(self, grouped_x, dispatch_mask, combine_mask):
+    """`[G, S, d]` with masks `[G, S, E, C]` -> buffers `[G, E, C, d]` and their combine."""
+    buffers = jnp.einsum("gsec,gsd->gecd", dispatch_mask, grouped_x.astype(self.dtype))
+    return buffers, lambda out: jnp.einsum("gsec,gecd->gsd", combine_mask, out)
+
+  def _sort_dispatch(self, grouped_x, slot_token, slot_gate):
+    """`[G, S, d]` with slot tables `[G, E·C]` -> buffers `[G, E, C, d]` and their combine."""
+    group = grouped_x.shape[1]
     E = self.num_experts
     buffers = jax.vmap(lambda x, s: dispatch_lib.gather_to_experts(x, s, E))(grouped_x, slot_token)
-    buffers = jnp.transpose(buffers, (1, 0, 2, 3)).reshape(E, num_groups * capacity, d)
-    out = self.experts(buffers).reshape(E, num_groups, capacity, d).transpose(1, 0, 2, 3)
-    return jax.vmap(lambda o, s, g: dispatch_lib.scatter_from_experts(o, s, g, group))(
-        out, slot_token, slot_gate)
+    combine = lambda out: jax.vmap(
+        lambda o, s, g: dispatch_lib.scatter_from_experts(o, s, g, group))(out, slot_token, slot_gate)
+    return buffers, combine

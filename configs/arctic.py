@@ -1,0 +1,16 @@
+"""Snowflake Arctic: a dense-MoE hybrid. Every layer has a dense FFN and, beside it, a
+residual MoE of 128 experts with top-2 routing; outputs are summed. ARG: 'cpu'
+(default), 'pod', 'smoke'.
+"""
+
+from moejax.config import apply_variant, base_config
+
+
+def get_config(arg: str = ""):
+  config = base_config()
+  m = config.model
+  m.num_layers, m.d_model, m.num_heads, m.num_kv_heads, m.d_ff = 35, 7168, 56, 8, 4864
+  m.num_experts, m.top_k, m.expert_d_ff, m.moe_layer_interval = 128, 2, 4864, 1
+  m.dense_moe_hybrid = True
+  m.router, m.dispatch = "top_k", "dropless"
+  return apply_variant(config, arg, "arctic")

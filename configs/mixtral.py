@@ -1,0 +1,17 @@
+"""Mixtral 8x7B (Jiang et al. 2024): top-2 of 8 SwiGLU experts in every layer, gates
+renormalised over the two chosen experts, dropless, grouped-query attention (8 KV heads),
+RoPE base 1e6. ARG: 'cpu' (default), 'pod', 'smoke'.
+"""
+
+from moejax.config import apply_variant, base_config
+
+
+def get_config(arg: str = ""):
+  config = base_config()
+  m = config.model
+  m.num_layers, m.d_model, m.num_heads, m.num_kv_heads, m.d_ff = 32, 4096, 32, 8, 14336
+  m.rope_base = 1e6
+  m.num_experts, m.top_k, m.moe_layer_interval = 8, 2, 1
+  m.router, m.dispatch, m.renormalize = "top_k", "dropless", True
+  m.lb_loss_weight, m.z_loss_weight = 0.01, 0.0
+  return apply_variant(config, arg, "mixtral")

@@ -1,0 +1,17 @@
+"""OLMoE-1B-7B (Muennighoff et al. 2024): 64 fine-grained SwiGLU experts (hidden 1024),
+top-8 in every layer, raw softmax gates, dropless, QK-norm, balancing loss 0.01 and
+z-loss 0.001. ARG: 'cpu' (default), 'pod', 'smoke'.
+"""
+
+from moejax.config import apply_variant, base_config
+
+
+def get_config(arg: str = ""):
+  config = base_config()
+  m = config.model
+  m.num_layers, m.d_model, m.num_heads, m.num_kv_heads, m.d_ff = 16, 2048, 16, 16, 1024
+  m.qk_norm = True
+  m.num_experts, m.top_k, m.expert_d_ff, m.moe_layer_interval = 64, 8, 1024, 1
+  m.router, m.dispatch, m.renormalize = "top_k", "dropless", False
+  m.lb_loss_weight, m.z_loss_weight = 0.01, 0.001
+  return apply_variant(config, arg, "olmoe")

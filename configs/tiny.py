@@ -1,0 +1,28 @@
+"""The CPU default: a 4-layer byte-level MoE LM on the Shakespeare plays (`make demo`).
+
+8 experts, top-2, every layer MoE, SwiGLU experts of hidden 256. ARG: '' (the demo run,
+a few minutes on 2 CPU cores) or 'smoke' (a handful of steps, for tests).
+"""
+
+from moejax.config import apply_variant, base_config
+
+
+def get_config(arg: str = ""):
+  config = base_config()
+  m = config.model
+  m.num_layers, m.d_model, m.num_heads, m.num_kv_heads = 4, 128, 4, 4
+  m.d_ff = 512
+  m.num_experts, m.top_k, m.expert_d_ff = 8, 2, 256
+  m.dispatch = "sort"
+
+  t = config.train
+  t.num_steps, t.batch_size, t.seq_len = 600, 32, 128
+  t.learning_rate, t.warmup_steps = 3e-3, 60
+  t.log_every, t.eval_every, t.checkpoint_every = 20, 200, 200
+  config.data.eval_batches = 8
+
+  if arg == "smoke":
+    return apply_variant(config, arg, "tiny")
+  if arg:
+    raise ValueError(f"configs/tiny.py: unknown ARG {arg!r}; allowed: '' or 'smoke'.")
+  return config

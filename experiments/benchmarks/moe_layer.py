@@ -1,0 +1,417 @@
+r"""Forward+backward time and utilisation of `moejax.MoeLayer` against a dense FFN.
+
+    python -m experiments.benchmarks.moe_layer                       # the full benchmark
+    python -m experiments.benchmarks.moe_layer --num_experts=16 --reps=9 --out=/tmp/moe.csv
+    python -m experiments.benchmarks.moe_layer --preset=smoke        # tiny shapes, 1 repetition
+
+What one row measures: `jax.jit(jax.value_and_grad(loss, argnums=(params, x)))` with
+`loss = sum(y²) + lb_loss + z_loss` (the dense FFN has no aux losses), i.e. the gradient
+with respect to every `nnx.Param` and the input, called on fixed inputs and timed to
+`jax.block_until_ready`. Compilation is excluded (every function is compiled ahead of
+time with `.lower(...).compile()`, and its compile time is reported separately), each
+function runs `--warmup` times, and then the `--reps` repetitions are *interleaved*: every
+repetition times every row once, in a freshly shuffled order, so a noisy neighbour slows
+all rows alike rather than one. The table reports medians.
+
+Rows:
+  * `matmul`: a square float32 `[N, N] @ [N, N]` (`--matmul_size`, 2·N³ FLOPs). Its
+    median rate is this machine's matmul rate, measured in the same process; every
+    row's utilisation is relative to it.
+  * `dense`: `moejax.experts.FeedForward(d_model, top_k · d_ff, 'swiglu')`, a dense FFN
+    with the same active expert parameters as the MoE layer.
+  * `moe/<dispatch>`: `moejax.MoeLayer(router='top_k', activation='swiglu',
+    capacity_factor=--capacity_factor)` for each dispatch and each `--num_experts`;
+    `moe/einsum/g<S>` rows set `group_size=S` (routing and capacity per group of S tokens).
+
+Shapes: the input is `[--batch, --seq_len, d_model]` (default 8 × 512 = 4096 tokens).
+The layer routes all batch·seq tokens of a call as ONE routing group unless `group_size`
+is set, so the default rows route 4096 tokens together (capacity per expert
+C = ceil(cf · T · k / E): 512 at E=16, 128 at E=64).
+
+Columns (CSV and table):
+  * `median_ms`, `min_ms`, `max_ms` over `reps` interleaved repetitions;
+  * `vs_dense`: median time / the dense row's median time;
+  * `active_gflop`: the FLOPs the layer must do, forward+backward = 3 × forward, forward =
+    3 expert matmuls · 2·T·k·d_model·d_ff + the router 2·T·d_model·E (the dense row:
+    3 · 2·T·d_model·k·d_ff; the matmul row: 2·N³). Capacity padding, dispatch/combine
+    arithmetic and gathers are not "useful" FLOPs and are not counted;
+  * `gflop_per_s` = active_gflop / median time; `mfu` = gflop_per_s / the matmul row's
+    gflop_per_s (model-FLOPs utilisation against this machine's measured matmul rate);
+  * `xla_gflop`: the FLOPs XLA's cost analysis counts in the compiled program (shows the
+    dispatch overhead: one-hot einsums, block padding, ...);
+  * `temp_mib`: temporary buffer size of the compiled program (`memory_analysis()`), a
+    cheap proxy of peak memory beyond arguments and outputs;
+  * `tec_tensor`: whether the optimised HLO holds a tensor with dims T(or S), E and C
+    (the one-hot `[tokens, experts, capacity]` masks of the einsum dispatch), and the first
+    such shape. The sort and dropless paths must have none; the run fails (exit code 1,
+    after writing the CSV) if one does, unless `--nocheck_hlo`.
+
+The CSV (`--out`, default `moe_layer_benchmark.csv` in the working directory) is never
+overwritten: if the file exists, a suffix `-1`, `-2`, ... is added before `.csv` and the
+path actually written is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import dataclasses
+import math
+import os
+import random
+import re
+import statistics
+import sys
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import moejax
+from moejax import dispatch as dispatch_lib
+from moejax.experts import FeedForward
+
+PRESETS = {
+    "default": dict(batch=8, seq_len=512, d_model=512, d_ff=1024, num_experts=(16, 64), top_k=2,
+                    dispatches=("einsum", "sort", "dropless"), group_sizes=(512,),
+                    grouped_dispatches=("einsum",), capacity_factor=1.0, matmul_size=4096,
+                    reps=7, warmup=2),
+    # Every size distinct (T=96, S=48, E=8, C=24 or 12, d_model=16, d_ff=40, k=2), so that
+    # the [T, E, C] search of the HLO cannot match a weight or activation by coincidence.
+    "smoke": dict(batch=2, seq_len=48, d_model=16, d_ff=40, num_experts=(8,), top_k=2,
+                  dispatches=("einsum", "sort", "dropless"), group_sizes=(48,),
+                  grouped_dispatches=("einsum",), capacity_factor=1.0, matmul_size=128,
+                  reps=1, warmup=1),
+}
+
+COLUMNS = ("name", "mode", "dispatch", "num_experts", "top_k", "group_size", "tokens", "d_model",
+           "d_ff", "capacity", "reps", "median_ms", "min_ms", "max_ms", "vs_dense", "active_gflop",
+           "gflop_per_s", "mfu", "xla_gflop", "temp_mib", "compile_s", "tec_tensor", "tec_shape")
+
+
+@dataclasses.dataclass
+class Row:
+  """One benchmarked function and its results."""
+  name: str
+  mode: str
+  fn: Callable
+  args: tuple
+  active_flops: float
+  dispatch: str = ""
+  tokens: int | str = ""
+  d_model: int | str = ""
+  d_ff: int | str = ""
+  top_k: int | str = ""
+  num_experts: int | str = ""
+  group_size: int | str = ""
+  capacity: int | str = ""
+  tec_dims: tuple[int, int, int] | None = None   # (S, E, C) to look for in the HLO
+  compiled: object = None
+  compile_s: float = 0.0
+  xla_flops: float = float("nan")
+  temp_bytes: float = float("nan")
+  tec_shape: str = ""
+  times: list = dataclasses.field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- flags
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+  return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def _str_list(text: str) -> tuple[str, ...]:
+  return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
+  """Flags; any flag left unset takes its value from `--preset`."""
+  p = argparse.ArgumentParser(prog="python -m experiments.benchmarks.moe_layer",
+                              description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--preset", choices=sorted(PRESETS), default="default")
+  p.add_argument("--batch", type=int)
+  p.add_argument("--seq_len", type=int)
+  p.add_argument("--d_model", type=int)
+  p.add_argument("--d_ff", type=int, help="hidden size of each expert")
+  p.add_argument("--num_experts", type=_int_list, help="comma-separated, e.g. 16,64")
+  p.add_argument("--top_k", type=int)
+  p.add_argument("--dispatches", type=_str_list, help="subset of einsum,sort,dropless")
+  p.add_argument("--group_sizes", type=_int_list,
+                 help="extra rows with group_size set (tokens per routing group); '' for none")
+  p.add_argument("--grouped_dispatches", type=_str_list,
+                 help="dispatches that get the --group_sizes rows (einsum and/or sort)")
+  p.add_argument("--capacity_factor", type=float)
+  p.add_argument("--matmul_size", type=int, help="N of the N×N×N float32 rate matmul")
+  p.add_argument("--reps", type=int, help="interleaved timed repetitions per row")
+  p.add_argument("--warmup", type=int, help="untimed runs per row after compiling")
+  p.add_argument("--modes", type=_str_list, default=("fwdbwd",),
+                 help="fwdbwd (value_and_grad) and/or fwd (loss only)")
+  p.add_argument("--no_dense", dest="dense", action="store_false",
+                 help="skip the dense row (vs_dense is then empty)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default="moe_layer_benchmark.csv",
+                 help="CSV path; an existing file is never overwritten (a suffix is added)")
+  p.add_argument("--check_hlo", action=argparse.BooleanOptionalAction, default=True,
+                 help="fail if a sort/dropless row's HLO holds a [T, E, C] tensor")
+  p.add_argument("--nocheck_hlo", dest="check_hlo", action="store_false")
+  args = p.parse_args(list(argv))
+  for key, value in PRESETS[args.preset].items():
+    if getattr(args, key) is None:
+      setattr(args, key, value)
+  for dispatch in args.dispatches + args.grouped_dispatches:
+    if dispatch not in dispatch_lib.DISPATCHES:
+      p.error(f"unknown dispatch {dispatch!r}; allowed: {', '.join(dispatch_lib.DISPATCHES)}")
+  if "dropless" in args.grouped_dispatches and args.group_sizes:
+    p.error("dropless has no routing groups; drop it from --grouped_dispatches")
+  for mode in args.modes:
+    if mode not in ("fwd", "fwdbwd"):
+      p.error(f"unknown mode {mode!r}; allowed: fwd, fwdbwd")
+  if args.reps < 1 or args.warmup < 0:
+    p.error("--reps must be >= 1 and --warmup >= 0")
+  return args
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def _module_fn(module: nnx.Module, has_aux: bool, mode: str):
+  """A pure function `(params, x) -> loss` or `-> (loss, (dparams, dx))` of an NNX module."""
+  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+  def loss_fn(params, x):
+    out = nnx.merge(graphdef, params, rest)(x)
+    if has_aux:
+      y, aux = out
+      return jnp.sum(jnp.square(y)) + aux["lb_loss"] + aux["z_loss"]
+    return jnp.sum(jnp.square(out))
+
+  fn = loss_fn if mode == "fwd" else jax.value_and_grad(loss_fn, argnums=(0, 1))
+  return fn, params
+
+
+def expert_flops(tokens: int, d_model: int, hidden: int) -> float:
+  """Forward FLOPs of a bias-free SwiGLU FFN of `hidden` units over `tokens` rows."""
+  return 3 * 2 * tokens * d_model * hidden
+
+
+def moe_active_flops(tokens: int, d_model: int, d_ff: int, num_experts: int, top_k: int,
+                     mode: str) -> float:
+  """Active FLOPs of the MoE layer: k experts per token plus the router; ×3 with backward."""
+  forward = expert_flops(tokens, d_model, top_k * d_ff) + 2 * tokens * d_model * num_experts
+  return forward * (3 if mode == "fwdbwd" else 1)
+
+
+def dense_active_flops(tokens: int, d_model: int, hidden: int, mode: str) -> float:
+  return expert_flops(tokens, d_model, hidden) * (3 if mode == "fwdbwd" else 1)
+
+
+def build_rows(args: argparse.Namespace) -> list[Row]:
+  T = args.batch * args.seq_len
+  d, f, k = args.d_model, args.d_ff, args.top_k
+  key_x, key_a, key_b = jax.random.split(jax.random.key(args.seed), 3)
+  x = jax.random.normal(key_x, (args.batch, args.seq_len, d), jnp.float32)
+  rows = []
+
+  n = args.matmul_size
+  a = jax.random.normal(key_a, (n, n), jnp.float32)
+  b = jax.random.normal(key_b, (n, n), jnp.float32)
+  rows.append(Row("matmul", "fwd", jnp.matmul, (a, b), 2.0 * n ** 3))
+
+  for mode in args.modes:
+    if args.dense:
+      ffn = FeedForward(d, k * f, "swiglu", rngs=nnx.Rngs(args.seed))
+      fn, params = _module_fn(ffn, has_aux=False, mode=mode)
+      rows.append(Row("dense", mode, fn, (params, x), dense_active_flops(T, d, k * f, mode),
+                      tokens=T, d_model=d, d_ff=k * f))
+
+    for E in args.num_experts:
+      variants = [(dispatch, None) for dispatch in args.dispatches]
+      variants += [(dispatch, g) for dispatch in args.grouped_dispatches for g in args.group_sizes]
+      for dispatch, group in variants:
+        layer = moejax.MoeLayer(d_model=d, d_ff=f, num_experts=E, top_k=k, router="top_k",
+                                dispatch=dispatch, capacity_factor=args.capacity_factor,
+                                activation="swiglu", group_size=group,
+                                rngs=nnx.Rngs(args.seed))
+        fn, params = _module_fn(layer, has_aux=True, mode=mode)
+        S = group or T
+        C = dispatch_lib.expert_capacity(S, E, k, args.capacity_factor, layer.min_capacity)
+        name = f"moe/{dispatch}" + (f"/g{group}" if group else "")
+        rows.append(Row(name, mode, fn, (params, x), moe_active_flops(T, d, f, E, k, mode),
+                        dispatch=dispatch, tokens=T, d_model=d, d_ff=f, top_k=k,
+                        num_experts=E, group_size=group or "",
+                        capacity="" if dispatch == "dropless" else C, tec_dims=(S, E, C)))
+  return rows
+
+
+# ----------------------------------------------------------------------------- HLO checks
+
+_SHAPE = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
+
+
+def find_tec_shape(hlo_text: str, tokens: int, experts: int, capacity: int) -> str:
+  """The first HLO tensor shape with dims `tokens`, `experts` and `capacity` (in any order,
+  other dims allowed), e.g. `f32[1,4096,16,512]`; '' if there is none."""
+  want = collections.Counter((tokens, experts, capacity))
+  for match in _SHAPE.finditer(hlo_text):
+    dims = collections.Counter(int(v) for v in match.group(2).split(",") if v)
+    if not want - dims:
+      return match.group(0)
+  return ""
+
+
+def compile_row(row: Row) -> None:
+  start = time.perf_counter()
+  row.compiled = jax.jit(row.fn).lower(*row.args).compile()
+  row.compile_s = time.perf_counter() - start
+  try:
+    cost = row.compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    row.xla_flops = float(cost.get("flops", float("nan")))
+  except Exception:  # cost analysis is best effort and backend dependent
+    pass
+  try:
+    row.temp_bytes = float(row.compiled.memory_analysis().temp_size_in_bytes)
+  except Exception:
+    pass
+  if row.tec_dims is not None:
+    row.tec_shape = find_tec_shape(row.compiled.as_text(), *row.tec_dims)
+
+
+def time_once(row: Row) -> float:
+  start = time.perf_counter()
+  jax.block_until_ready(row.compiled(*row.args))
+  return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def results(rows: list[Row]) -> list[dict]:
+  """One dict per row with the `COLUMNS`; utilisation against the matmul row's rate."""
+  (matmul,) = [r for r in rows if r.name == "matmul"]
+  rate = matmul.active_flops / statistics.median(matmul.times)
+  dense_time = {r.mode: statistics.median(r.times) for r in rows if r.name == "dense"}
+  out = []
+  for r in rows:
+    t = statistics.median(r.times)
+    dense = dense_time.get(r.mode)
+    out.append({
+        "name": r.name, "mode": r.mode, "dispatch": r.dispatch, "num_experts": r.num_experts,
+        "top_k": r.top_k, "group_size": r.group_size, "tokens": r.tokens,
+        "d_model": r.d_model, "d_ff": r.d_ff, "capacity": r.capacity,
+        "reps": len(r.times), "median_ms": t * 1e3, "min_ms": min(r.times) * 1e3,
+        "max_ms": max(r.times) * 1e3, "vs_dense": t / dense if dense else "",
+        "active_gflop": r.active_flops / 1e9, "gflop_per_s": r.active_flops / t / 1e9,
+        "mfu": r.active_flops / t / rate, "xla_gflop": r.xla_flops / 1e9,
+        "temp_mib": r.temp_bytes / 2 ** 20, "compile_s": r.compile_s,
+        "tec_tensor": "" if r.tec_dims is None else ("yes" if r.tec_shape else "no"),
+        "tec_shape": r.tec_shape,
+    })
+  return out
+
+
+def _fmt(value, digits: int) -> str:
+  if isinstance(value, float):
+    return "nan" if math.isnan(value) else f"{value:.{digits}f}"
+  return str(value)
+
+
+def markdown_table(table: list[dict]) -> str:
+  cols = [("row", "name"), ("mode", "mode"), ("E", "num_experts"), ("C", "capacity"),
+          ("median ms", "median_ms"), ("min–max ms", None), ("× dense", "vs_dense"),
+          ("GFLOP/s", "gflop_per_s"), ("MFU", "mfu"), ("XLA GFLOP", "xla_gflop"),
+          ("active GFLOP", "active_gflop"), ("temp MiB", "temp_mib"), ("[T,E,C]", None)]
+  digits = {"median_ms": 1, "vs_dense": 2, "gflop_per_s": 1, "mfu": 3, "xla_gflop": 1,
+            "active_gflop": 1, "temp_mib": 0}
+  lines = ["| " + " | ".join(c for c, _ in cols) + " |",
+           "|" + "|".join("---" for _ in cols) + "|"]
+  for row in table:
+    cells = []
+    for title, key in cols:
+      if title == "min–max ms":
+        cells.append(f"{row['min_ms']:.1f}–{row['max_ms']:.1f}")
+      elif title == "[T,E,C]":
+        cells.append(row["tec_tensor"] + (f" `{row['tec_shape']}`" if row["tec_shape"] else ""))
+      else:
+        cells.append(_fmt(row[key], digits.get(key, 0)))
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def unused_path(path: str) -> str:
+  """`path` if no file is there, else `stem-1.csv`, `stem-2.csv`, ...: never overwrite."""
+  if not os.path.exists(path):
+    return path
+  stem, ext = os.path.splitext(path)
+  i = 1
+  while os.path.exists(f"{stem}-{i}{ext}"):
+    i += 1
+  return f"{stem}-{i}{ext}"
+
+
+def write_csv(table: list[dict], path: str) -> str:
+  path = unused_path(path)
+  if os.path.dirname(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+  # 'x' mode: fail rather than overwrite if another process created the file meanwhile.
+  with open(path, "x", newline="") as fh:
+    writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+    writer.writeheader()
+    for row in table:
+      writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+  return path
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def run(args: argparse.Namespace, log=print) -> tuple[list[dict], str]:
+  """Builds, compiles, warms up and times every row; returns the table and the CSV path."""
+  wall = time.perf_counter()
+  log(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+      f"{os.cpu_count()} CPUs; T={args.batch}x{args.seq_len}={args.batch * args.seq_len} tokens "
+      f"(one routing group unless group_size), d_model={args.d_model}, d_ff={args.d_ff}, "
+      f"E={','.join(map(str, args.num_experts))}, k={args.top_k}, cf={args.capacity_factor}")
+  rows = build_rows(args)
+  for row in rows:
+    compile_row(row)
+    log(f"  compiled {row.name:<18} {row.mode:<6} E={row.num_experts!s:<3} "
+        f"in {row.compile_s:5.1f}s  temp {row.temp_bytes / 2 ** 20:8.1f} MiB")
+    for _ in range(args.warmup):
+      time_once(row)
+  order = random.Random(args.seed)
+  for rep in range(args.reps):
+    shuffled = rows[:]
+    order.shuffle(shuffled)
+    for row in shuffled:
+      row.times.append(time_once(row))
+    log(f"  repetition {rep + 1}/{args.reps} done ({time.perf_counter() - wall:.0f}s)")
+  table = results(rows)
+  path = write_csv(table, args.out)
+  log(markdown_table(table))
+  log(f"wrote {path}; wall time {time.perf_counter() - wall:.0f}s")
+  return table, path
+
+
+def tec_violations(table: list[dict]) -> list[str]:
+  return [f"{r['name']} E={r['num_experts']}: {r['tec_shape']}" for r in table
+          if r["dispatch"] in ("sort", "dropless") and r["tec_tensor"] == "yes"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_flags(sys.argv[1:] if argv is None else argv)
+  table, _ = run(args)
+  bad = tec_violations(table)
+  if bad and args.check_hlo:
+    print("FAIL: [T, E, C] tensors in the HLO of: " + "; ".join(bad), file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

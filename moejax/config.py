@@ -1,0 +1,110 @@
+"""The full set of config keys with their defaults; `configs/*.py` start from `base_config()`.
+
+Every key the code reads is here, so `--config.KEY=VALUE` overrides are type-checked by
+`ml_collections` and an unknown key fails at parse time.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from moejax.data import VOCAB_SIZE, default_data_config
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  config.model = model = ml_collections.ConfigDict()
+  model.vocab_size = VOCAB_SIZE
+  model.num_layers = 4
+  model.d_model = 128
+  model.num_heads = 4
+  model.num_kv_heads = 4
+  model.head_dim = config_dict.placeholder(int)           # None: d_model // num_heads
+  model.d_ff = 512                                        # dense FFN hidden size
+  model.activation = "swiglu"
+  model.qk_norm = False
+  model.rope_base = 10000.0
+  model.tie_embeddings = False
+  model.dtype = "float32"                                 # compute dtype; params float32
+  # Mixture of experts (num_experts = 0: the dense baseline).
+  model.num_experts = 8
+  model.top_k = 2
+  model.expert_d_ff = config_dict.placeholder(int)        # None: d_ff
+  model.moe_layer_interval = 1
+  model.router = "top_k"
+  model.dispatch = "sort"
+  model.capacity_factor = 1.25
+  model.eval_capacity_factor = 2.0
+  model.min_capacity = 4
+  model.renormalize = False
+  model.second_expert_policy = "all"
+  model.router_jitter = 0.0
+  model.expert_dropout = 0.0
+  model.num_shared_experts = 0
+  model.group_size = config_dict.placeholder(int)         # None: all tokens of a step
+  model.dense_moe_hybrid = False
+  model.lb_loss_weight = 0.01                             # OLMoE's defaults
+  model.z_loss_weight = 0.001
+
+  config.train = train = ml_collections.ConfigDict()
+  train.num_steps = 1000
+  train.batch_size = 32                                   # global, over all processes
+  train.seq_len = 128
+  train.learning_rate = 3e-3
+  train.min_learning_rate_ratio = 0.1                     # cosine decays to lr · ratio
+  train.warmup_steps = 100
+  train.weight_decay = 0.1
+  train.adam_b1 = 0.9
+  train.adam_b2 = 0.95
+  train.grad_clip_norm = 1.0
+  train.seed = 0
+  train.log_every = 20
+  train.eval_every = 200
+  train.checkpoint_every = 200
+  train.keep_checkpoints = 3
+
+  config.data = default_data_config()
+
+  config.mesh = mesh = ml_collections.ConfigDict()
+  mesh.data = -1                                          # -1: the remaining devices
+  mesh.expert = 1
+  return config
+
+
+def apply_variant(config: ml_collections.ConfigDict, arg: str, name: str) -> ml_collections.ConfigDict:
+  """Picks the size of a published-architecture config: ARG 'pod' keeps the published
+  shape; 'cpu' (the default) shrinks it to train in minutes on 2 CPU cores on the
+  Shakespeare corpus, keeping its routing (router, k, renormalisation, layer layout,
+  capacity, losses) and its share of experts; 'smoke' shrinks it to a few seconds.
+  """
+  arg = arg or "cpu"
+  if arg not in ("pod", "cpu", "smoke"):
+    raise ValueError(f"configs/{name}.py: ARG={arg!r} is not one of 'pod', 'cpu', 'smoke'.")
+  if arg == "pod":
+    config.train.batch_size, config.train.seq_len = 256, 1024
+    config.train.num_steps, config.train.warmup_steps = 100_000, 2000
+    config.train.learning_rate = 3e-4
+    config.train.log_every, config.train.eval_every, config.train.checkpoint_every = 100, 2000, 2000
+    return config
+  m, t = config.model, config.train
+  kv_ratio = m.num_heads // m.num_kv_heads
+  experts = min(m.num_experts, 16)
+  top_k = experts if m.router == "dense" else min(m.top_k, experts)
+  small = arg == "smoke"
+  m.num_layers = max(2 if small else 4, m.moe_layer_interval)
+  m.d_model, m.num_heads = (32, 2) if small else (128, 4)
+  m.num_kv_heads = max(1, m.num_heads // kv_ratio)
+  m.head_dim = None
+  m.d_ff = 64 if small else 512
+  if m.num_experts:
+    m.num_experts, m.top_k = experts, top_k
+    # Experts share a fixed budget: 8 experts of hidden 256 (32 in smoke), finer when more.
+    m.expert_d_ff = (32 if small else 256) * 8 // max(8, experts)
+  t.batch_size, t.seq_len = (4, 32) if small else (32, 128)
+  t.num_steps, t.warmup_steps = (6, 2) if small else (600, 60)
+  t.learning_rate = 3e-3
+  t.log_every, t.eval_every, t.checkpoint_every = (2, 3, 3) if small else (20, 200, 200)
+  config.data.eval_batches = 2 if small else 8
+  return config

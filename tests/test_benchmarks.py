@@ -1,0 +1,106 @@
+"""The MoE layer benchmark (`experiments/benchmarks/moe_layer.py`): its smoke preset runs
+in-process and its table holds what the module docstring says."""
+
+import csv
+import math
+
+import pytest
+
+from experiments.benchmarks import moe_layer
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench") / "smoke.csv"
+  assert moe_layer.main(["--preset=smoke", f"--out={out}"]) == 0
+  with open(out, newline="") as fh:
+    reader = csv.DictReader(fh)
+    return reader.fieldnames, list(reader)
+
+
+def _row(rows, name):
+  (row,) = [r for r in rows if r["name"] == name]
+  return row
+
+
+def test_smoke_has_a_row_per_dispatch_with_finite_positive_times(smoke):
+  columns, rows = smoke
+  assert tuple(columns) == moe_layer.COLUMNS
+  names = [r["name"] for r in rows]
+  assert names == ["matmul", "dense", "moe/einsum", "moe/sort", "moe/dropless", "moe/einsum/g48"]
+  for r in rows:
+    median, lo, hi = float(r["median_ms"]), float(r["min_ms"]), float(r["max_ms"])
+    assert math.isfinite(median) and 0 < lo <= median <= hi, r
+    assert float(r["mfu"]) > 0 and float(r["gflop_per_s"]) > 0
+    assert int(r["reps"]) == 1
+  for dispatch in ("einsum", "sort", "dropless"):
+    r = _row(rows, f"moe/{dispatch}")
+    assert (r["dispatch"], r["num_experts"], r["tokens"]) == (dispatch, "8", "96")
+
+
+def test_mfu_and_ratio_are_recomputed_from_the_row(smoke):
+  _, rows = smoke
+  n = 128                                                     # the smoke matmul size
+  matmul, dense, sort = _row(rows, "matmul"), _row(rows, "dense"), _row(rows, "moe/sort")
+  rate = 2 * n ** 3 / (float(matmul["median_ms"]) / 1e3)      # FLOP/s of the matmul
+  T, d, f, E, k = 96, 16, 40, 8, 2
+  active = 3 * (3 * 2 * T * k * d * f + 2 * T * d * E)       # experts + router, fwd+bwd
+  seconds = float(sort["median_ms"]) / 1e3
+  assert float(sort["active_gflop"]) == pytest.approx(active / 1e9, rel=1e-5)
+  assert float(sort["mfu"]) == pytest.approx(active / seconds / rate, rel=1e-4)
+  assert float(sort["vs_dense"]) == pytest.approx(seconds * 1e3 / float(dense["median_ms"]), rel=1e-4)
+  assert float(dense["active_gflop"]) == pytest.approx(3 * 3 * 2 * T * d * k * f / 1e9, rel=1e-5)
+  assert float(matmul["mfu"]) == pytest.approx(1.0)
+
+
+def test_only_the_einsum_rows_hold_a_tokens_experts_capacity_tensor(smoke):
+  _, rows = smoke
+  assert _row(rows, "moe/einsum")["tec_shape"] == "f32[96,8,24]"   # C = ceil(96·2/8)
+  assert _row(rows, "moe/einsum/g48")["tec_tensor"] == "yes"
+  assert _row(rows, "moe/sort")["tec_tensor"] == "no"
+  assert _row(rows, "moe/dropless")["tec_tensor"] == "no"
+
+
+def test_find_tec_shape():
+  hlo = ("%w = f32[16,512,1024]{2,1,0} parameter(0)\n"
+         "%m = f32[1,4096,16,512]{3,2,1,0} fusion(%a), kind=kLoop\n")
+  assert moe_layer.find_tec_shape(hlo, 4096, 16, 512) == "f32[1,4096,16,512]"
+  assert moe_layer.find_tec_shape(hlo, 4096, 64, 128) == ""
+  # Repeated dims must be present as many times as asked for.
+  assert moe_layer.find_tec_shape("s32[8,8]", 8, 8, 8) == ""
+  assert moe_layer.find_tec_shape("pred[8,8,8]", 8, 8, 8) == "pred[8,8,8]"
+
+
+def test_csv_is_never_overwritten(tmp_path):
+  table = [{c: 1.5 for c in moe_layer.COLUMNS}]
+  path = str(tmp_path / "r.csv")
+  assert moe_layer.write_csv(table, path) == path
+  assert moe_layer.write_csv(table, path) == str(tmp_path / "r-1.csv")
+  assert moe_layer.write_csv(table, path) == str(tmp_path / "r-2.csv")
+  with open(path) as fh:
+    assert fh.readline().strip() == ",".join(moe_layer.COLUMNS)
+
+
+def test_flags_fill_from_the_preset_and_override():
+  args = moe_layer.parse_flags(["--preset=smoke", "--num_experts=4,8", "--reps=3"])
+  assert args.num_experts == (4, 8) and args.reps == 3 and args.d_model == 16
+  default = moe_layer.parse_flags([])
+  assert (default.batch * default.seq_len, default.d_model, default.d_ff) == (4096, 512, 1024)
+  assert default.num_experts == (16, 64) and default.reps >= 5 and default.capacity_factor == 1.0
+  with pytest.raises(SystemExit):
+    moe_layer.parse_flags(["--dispatches=einsum,scatter"])
+
+
+def test_results_keep_rows_of_the_same_name_apart():
+  """Rows that differ only in E share a name; each keeps its own median."""
+  row = lambda name, E, times, flops: moe_layer.Row(name, "fwdbwd", None, (), flops,
+                                                      num_experts=E, times=times)
+  rows = [moe_layer.Row("matmul", "fwd", None, (), 8e9, times=[2.0, 1.0, 3.0]),
+          row("dense", "", [1.0], 4e9), row("moe/sort", 16, [0.5, 0.7, 0.6], 6e9),
+          row("moe/sort", 64, [3.0, 2.0, 4.0], 6e9)]
+  table = moe_layer.results(rows)
+  e16, e64 = table[2], table[3]
+  assert (e16["median_ms"], e64["median_ms"]) == (pytest.approx(600), pytest.approx(3000))
+  assert (e16["vs_dense"], e64["vs_dense"]) == (pytest.approx(0.6), pytest.approx(3.0))
+  # rate 8e9 / 2 s = 4 GFLOP/s; 6 GFLOP in 0.6 s = 10 GFLOP/s -> MFU 2.5.
+  assert e16["mfu"] == pytest.approx(2.5) and e64["mfu"] == pytest.approx(0.5)

@@ -1,0 +1,183 @@
+"""The main job end to end on the smoke preset: metrics, checkpoints, exact resume, CLI, sampling."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moejax import generate, train
+from moejax.metrics import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_config(**overrides):
+  sys.path.insert(0, os.path.join(REPO, "configs"))
+  import importlib
+  tiny = importlib.import_module("tiny")
+  config = tiny.get_config("smoke")
+  config.train.num_steps, config.train.checkpoint_every, config.train.keep_checkpoints = 8, 2, 10
+  config.train.log_every, config.train.eval_every = 1, 4
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """One smoke run shared by the tests below: 8 steps, checkpoints every 2."""
+  workdir = str(tmp_path_factory.mktemp("run"))
+  config = smoke_config()
+  final = train.train_and_evaluate(config, workdir, show_progress=False)
+  return workdir, config, final
+
+
+def test_metrics_file_has_the_documented_records(trained):
+  workdir, config, final = trained
+  records = read_metrics(workdir)
+  train_records = [r for r in records if "train/loss" in r]
+  eval_records = [r for r in records if "eval/loss" in r]
+  assert [r["step"] for r in train_records] == list(range(1, 9))
+  assert [r["step"] for r in eval_records] == [4, 8]
+  for r in train_records:
+    for name in ("train/ce_loss", "train/lb_loss", "train/z_loss", "train/dropped_fraction",
+                 "train/tokens_per_sec", "train/learning_rate"):
+      assert np.isfinite(r[name]), name
+    # The objective is CE + 0.01·LB + 0.001·Z (OLMoE's weights, the defaults).
+    expected = r["train/ce_loss"] + 0.01 * r["train/lb_loss"] + 0.001 * r["train/z_loss"]
+    assert r["train/loss"] == pytest.approx(expected, rel=1e-5)
+    loads = [r[f"train/expert_load/layer_{i}"] for i in (0, 1)]
+    for load in loads:
+      assert len(load) == config.model.num_experts and sum(load) == pytest.approx(1.0, abs=1e-3)
+  for r in eval_records:
+    # Bits per byte is the byte-target cross-entropy in base 2; with few specials it
+    # sits close to loss / ln 2.
+    assert r["eval/bits_per_byte"] == pytest.approx(r["eval/loss"] / math.log(2), rel=0.05)
+  assert train_records[-1]["train/loss"] < train_records[0]["train/loss"]
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  assert final["eval/loss"] == eval_records[-1]["eval/loss"]
+
+
+def test_learning_rate_follows_warmup_then_cosine(trained):
+  workdir, config, _ = trained
+  lr = [r["train/learning_rate"] for r in read_metrics(workdir) if "train/learning_rate" in r]
+  peak, warmup, steps = config.train.learning_rate, config.train.warmup_steps, config.train.num_steps
+  floor = peak * config.train.min_learning_rate_ratio
+  for step, value in enumerate(lr):  # the rate used by update number `step`
+    if step < warmup:
+      expected = peak * step / warmup
+    else:
+      progress = (step - warmup) / (steps - warmup)
+      expected = floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    assert value == pytest.approx(expected, rel=1e-5, abs=1e-9)
+
+
+def test_weight_decay_skips_vectors():
+  config = smoke_config()
+  model, optimizer, _ = train.build(config)
+  params = nnx.state(model, nnx.Param)
+  zero_grads = jax.tree.map(jnp.zeros_like, params)
+  before = jax.tree.map(lambda x: x.copy(), params)
+  # With zero gradients only weight decay moves parameters (after warmup starts).
+  for _ in range(3):
+    optimizer.update(model, zero_grads)
+  after = nnx.state(model, nnx.Param)
+  for (path, was), now in zip(jax.tree_util.tree_leaves_with_path(before), jax.tree_util.tree_leaves(after)):
+    assert bool(np.any(np.asarray(was) != np.asarray(now))) == (np.ndim(was) >= 2), path
+
+
+def test_keeps_the_last_checkpoints(tmp_path):
+  config = smoke_config(**{"train.num_steps": 6, "train.keep_checkpoints": 2, "train.eval_every": 6})
+  train.train_and_evaluate(config, str(tmp_path), show_progress=False)
+  steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+  assert steps == [4, 6]
+
+
+def test_resume_reproduces_the_uninterrupted_run(trained, tmp_path):
+  """Drop the checkpoints after step 4 and rerun: steps 5-8 must be recomputed exactly."""
+  workdir, config, _ = trained
+  copy = str(tmp_path / "run")
+  shutil.copytree(workdir, copy)
+  for step in ("6", "8"):
+    shutil.rmtree(os.path.join(copy, "checkpoints", step))
+  train.train_and_evaluate(config, copy, show_progress=False)
+  original = {(r["step"], k): v for r in read_metrics(workdir) for k, v in r.items()
+              if k.startswith(("train/", "eval/")) and k != "train/tokens_per_sec"}
+  resumed = {(r["step"], k): v for r in read_metrics(copy) for k, v in r.items()
+             if k.startswith(("train/", "eval/")) and k != "train/tokens_per_sec"}
+  assert original.keys() == resumed.keys()
+  for key, value in original.items():
+    np.testing.assert_allclose(resumed[key], value, rtol=1e-6, err_msg=str(key))
+  # The records of steps 5-8 written before the "interruption" were set aside, not lost.
+  with open(os.path.join(copy, "metrics.jsonl.after_step_4")) as f:
+    assert sorted({json.loads(l)["step"] for l in f}) == [5, 6, 7, 8]
+
+
+def _cli(*args, timeout=240):
+  return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("--config.train.bogus=1", "--config.train.bogus is not a config key"),
+    ("--config.model.routr=top_k", "did you mean 'router'"),
+    ("--config.train.num_steps=abc", "num_steps"),
+    ("--config.model.router=hash", "config.model.router must be one of"),
+])
+def test_cli_rejects_bad_overrides_with_one_line(override, needle, tmp_path):
+  result = _cli("moejax.main", "--config=configs/tiny.py:smoke", f"--workdir={tmp_path}/w", override)
+  assert result.returncode == 2
+  errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and needle in errors[0], result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_cli_overrides_reach_the_run_and_generation_works(tmp_path):
+  workdir = tmp_path / "cli"
+  result = _cli("moejax.main", "--config=configs/tiny.py:smoke", f"--workdir={workdir}",
+                "--config.train.num_steps=3", "--config.model.dispatch=dropless")
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = read_metrics(str(workdir))
+  assert max(r["step"] for r in records) == 3
+  assert all(r["train/dropped_fraction"] == 0.0 for r in records if "train/dropped_fraction" in r)
+  sample = _cli("moejax.generate", f"--workdir={workdir}", "--prompt=ROMEO.", "--max_new_tokens=8")
+  assert sample.returncode == 0, sample.stderr[-3000:]
+  assert "ROMEO." in sample.stdout
+
+
+def test_filter_logits_against_numpy():
+  logits = jnp.log(jnp.array([[0.5, 0.25, 0.15, 0.1]]))
+  keep = lambda f: np.isfinite(np.asarray(f))[0].tolist()
+  assert keep(generate.filter_logits(logits, temperature=1.0, top_k=2, top_p=1.0)) == [1, 1, 0, 0]
+  # Nucleus 0.7: 0.5 alone is short of it, 0.5 + 0.25 reaches it.
+  assert keep(generate.filter_logits(logits, temperature=1.0, top_k=0, top_p=0.7)) == [1, 1, 0, 0]
+  assert keep(generate.filter_logits(logits, temperature=1.0, top_k=0, top_p=0.4)) == [1, 0, 0, 0]
+  assert keep(generate.filter_logits(logits, temperature=0.0, top_k=0, top_p=1.0)) == [1, 0, 0, 0]
+  scaled = generate.filter_logits(logits, temperature=0.5, top_k=0, top_p=1.0)
+  np.testing.assert_allclose(np.asarray(scaled), np.asarray(logits) * 2, rtol=1e-6)
+
+
+def test_greedy_sampling_with_cache_equals_recomputing_from_scratch(trained):
+  workdir, _, _ = trained
+  model, _, step = generate.load_model(workdir)
+  assert step == 8
+  prompt = np.array([257, *b"To be"], np.int32)
+  fast = generate.sample(model, prompt, max_new_tokens=6, temperature=0.0)
+  # Reference: no cache, the whole sequence re-run for every new token; each cached greedy
+  # choice must be an argmax of the recomputed logits (up to float noise between near-ties).
+  model.eval()
+  assert len(fast) == 6
+  for i, token in enumerate(fast):
+    logits, _ = model(jnp.asarray([*prompt, *fast[:i]], jnp.int32)[None])
+    last = np.asarray(logits[0, -1])
+    assert last[token] >= last.max() - 1e-4, (i, token, int(last.argmax()))
