@@ -64,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
   train.eval_every = 200
   train.checkpoint_every = 200
   train.keep_checkpoints = 3
+  train.nonfinite_policy = "stop"                         # or 'skip' the update
 
   config.data = default_data_config()
 
@@ -102,7 +103,7 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str, name: str) -> ml_
     m.num_experts, m.top_k = experts, top_k
     # Experts share a fixed budget: 8 experts of hidden 256 (32 in smoke), finer when more.
     m.expert_d_ff = (32 if small else 256) * 8 // max(8, experts)
-  t.batch_size, t.seq_len = (4, 32) if small else (32, 128)
+  t.batch_size, t.seq_len = (8, 32) if small else (32, 128)
   t.num_steps, t.warmup_steps = (6, 2) if small else (600, 60)
   t.learning_rate = 3e-3
   t.log_every, t.eval_every, t.checkpoint_every = (2, 3, 3) if small else (20, 200, 200)

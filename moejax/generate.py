@@ -111,7 +111,7 @@ def load_model(workdir: str):
   config = checkpoints.restore_config()
   model, optimizer, _ = train_lib.build(config)
   graphdef, state = nnx.split((model, optimizer))
-  step, state, _ = checkpoints.restore(state, config)
+  step, state, _ = checkpoints.restore(state)
   checkpoints.close()
   model, _ = nnx.merge(graphdef, state)
   return model, config, step

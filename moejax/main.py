@@ -45,8 +45,17 @@ def run(argv) -> None:
   if _WORKDIR.value is None:
     raise ValueError("--workdir is required: the directory for checkpoints and metrics.")
   _initialize_distributed()
-  from moejax import train
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  import jax
+  from moejax import data, train
+  config = _CONFIG.value
+  final = train.train_and_evaluate(config, _WORKDIR.value)
+  if jax.process_index() == 0 and "eval/bits_per_byte" in final and not final["preempted"]:
+    load = lambda split: data.load_split(config.data.name, split, config.data.data_dir,
+                                         text_key=config.data.text_key)
+    baseline = data.unigram_bits_per_byte(load("train"), load(config.data.eval_split))
+    print(f"validation: {final['eval/bits_per_byte']:.3f} bits/byte "
+          f"(unigram baseline {baseline:.3f}); train loss {final['train/loss']:.3f}, "
+          f"{final['train/tokens_per_sec']:.0f} tokens/s")
 
 
 def parse_flags(argv):
@@ -72,12 +81,13 @@ def main(argv) -> None:
   logging.getLogger("absl").setLevel(logging.WARNING)
   try:
     run(argv)
-  except (ValueError, OSError, KeyError, TypeError) as error:
+  except (ValueError, KeyError, TypeError, OSError, FloatingPointError, RuntimeError) as error:
     if _VERBOSE.value:
       raise
     message = " ".join(str(error).split())
     print(f"error: {message} (rerun with --verbose for the traceback)", file=sys.stderr)
-    sys.exit(2)
+    # 2: the command or its config is wrong; 1: the run failed.
+    sys.exit(2 if isinstance(error, (ValueError, KeyError, TypeError)) else 1)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,12 @@ the optimizer) and the data iterator's position.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+import os
+import signal
+import tempfile
+import threading
 import time
 from typing import Any
 
@@ -20,6 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from moejax import checkpoint as checkpoint_lib
@@ -63,11 +67,27 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
+# What the train step checks for NaN/Inf: the loss terms, the gradients, and the
+# parameters after the update (Adam can overflow with finite gradients).
+_LOSS_TERMS = ("ce_loss", "lb_loss", "z_loss", "grad_norm", "updated_params")
+
+
+def _is_key(x) -> bool:
+  return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
 def make_steps(graphdef, model_config: ml_collections.ConfigDict):
-  """The pure train and eval step functions over the `(model, optimizer)` state."""
+  """The pure train and eval step functions over the `(model, optimizer)` state.
+
+  The train step applies an update only when every loss term and the gradient norm are
+  finite; otherwise parameters and optimizer state stay as they were (the RNG streams
+  still advance) and `metrics['nonfinite']` names the bad terms as a bit mask over
+  `_LOSS_TERMS`.
+  """
   lb_weight, z_weight = model_config.lb_loss_weight, model_config.z_loss_weight
 
   def train_step(state, batch):
+    old_leaves = jax.tree.leaves(state)  # merge may share Variables with `state`
     model, optimizer = nnx.merge(graphdef, state)
     model.train()
 
@@ -81,8 +101,16 @@ def make_steps(graphdef, model_config: ml_collections.ConfigDict):
     optimizer.update(model, grads)
     metrics = {"loss": loss, "ce_loss": ce, "lb_loss": aux["lb_loss"], "z_loss": aux["z_loss"],
                "dropped_fraction": aux["dropped_fraction"], "expert_load": aux["expert_load"],
-               "grad_norm": optax.global_norm(grads)}
-    return nnx.state((model, optimizer)), metrics
+               "grad_norm": optax.tree.norm(grads)}
+    params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p))
+                                       for p in jax.tree.leaves(nnx.state(model, nnx.Param))]))
+    bad = [~jnp.isfinite(metrics[name]) for name in _LOSS_TERMS[:-1]] + [~params_finite]
+    metrics["nonfinite"] = sum(b.astype(jnp.int32) << i for i, b in enumerate(bad))
+    new_leaves, treedef = jax.tree.flatten(nnx.state((model, optimizer)))
+    keep_old = metrics["nonfinite"] > 0
+    leaves = [new if _is_key(new) else jnp.where(keep_old, old, new)
+              for new, old in zip(new_leaves, old_leaves)]
+    return jax.tree.unflatten(treedef, leaves), metrics
 
   def eval_step(state, batch):
     model, _ = nnx.merge(graphdef, state)
@@ -96,6 +124,11 @@ def make_steps(graphdef, model_config: ml_collections.ConfigDict):
             "dropped_fraction": aux["dropped_fraction"]}
 
   return train_step, eval_step
+
+
+def nonfinite_terms(mask: int) -> list[str]:
+  """The names of the loss terms flagged in a train step's `nonfinite` bit mask."""
+  return [name for i, name in enumerate(_LOSS_TERMS) if mask >> i & 1]
 
 
 def evaluate(eval_step, state, batches) -> dict[str, float]:
@@ -116,17 +149,45 @@ def _train_record(metrics: dict[str, Any], moe_layers: tuple[int, ...]) -> dict[
   return record
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       show_progress: bool = True) -> dict[str, Any]:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
+NONFINITE_POLICIES = ("stop", "skip")
 
-  Returns the last train and eval metrics.
-  """
-  tc = config.train
+
+def validate_train_config(tc: ml_collections.ConfigDict) -> None:
   for key in ("num_steps", "batch_size", "seq_len", "log_every", "eval_every", "checkpoint_every",
               "keep_checkpoints"):
     if not isinstance(tc[key], int) or tc[key] < 1:
-      raise ValueError(f"train.{key}={tc[key]!r} must be a positive integer.")
+      raise ValueError(f"config.train.{key}={tc[key]!r} must be a positive integer.")
+  if tc.nonfinite_policy not in NONFINITE_POLICIES:
+    raise ValueError(f"config.train.nonfinite_policy={tc.nonfinite_policy!r}; allowed: "
+                     f"{', '.join(NONFINITE_POLICIES)}.")
+  if not tc.learning_rate > 0:
+    raise ValueError(f"config.train.learning_rate={tc.learning_rate!r} must be > 0.")
+
+
+def check_workdir(workdir: str) -> None:
+  """Creates `workdir` if needed and makes sure files can be written there."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir):
+      pass
+  except OSError as error:
+    raise PermissionError(f"workdir {workdir!r} is not writable ({error.strerror}); "
+                          "pass a --workdir you can write to.") from None
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       show_progress: bool = True) -> dict[str, Any]:
+  """Trains `config` in `workdir`, resuming from its newest intact checkpoint if there is one.
+
+  SIGTERM or SIGINT ends the run after the current step with a checkpoint (all processes
+  agree on the step). A non-finite loss term or gradient is never applied; with
+  `train.nonfinite_policy='stop'` it ends the run with `FloatingPointError`.
+
+  Returns the last train and eval metrics, and `preempted` (True if a signal ended it).
+  """
+  tc = config.train
+  validate_train_config(tc)
+  check_workdir(workdir)
   process, num_processes = jax.process_index(), jax.process_count()
 
   model, optimizer, schedule = build(config)
@@ -137,13 +198,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       shard_index=process, shard_count=num_processes)
 
   checkpoints = checkpoint_lib.Checkpointer(workdir, keep=tc.keep_checkpoints)
-  start_step = 0
-  if checkpoints.latest_step() is not None:
-    start_step, state, data_state = checkpoints.restore(state, config)
+  start_step, state, data_state = checkpoints.restore_newest_intact(state)
+  if start_step:
     train_iter.set_state(data_state)
     log.info("resumed from the checkpoint at step %d", start_step)
-  else:
-    checkpoints.check_fresh_start()
 
   m = config.model
   moe_layers = moe_layer_indices(m.num_layers, m.num_experts, m.moe_layer_interval)
@@ -155,32 +213,92 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   tokens_per_step = tc.batch_size * tc.seq_len
   last_train: dict[str, Any] = {}
   last_eval: dict[str, Any] = {}
+  skipped = 0
   interval_start, interval_steps = time.perf_counter(), 0
   progress = tqdm(total=tc.num_steps, initial=start_step, unit="step", dynamic_ncols=True,
                   disable=not (show_progress and process == 0))
-  for step in range(start_step + 1, tc.num_steps + 1):
-    batch = next(train_iter)
-    state, metrics = train_step(state, batch)
-    interval_steps += 1
-    if step % tc.log_every == 0 or step == tc.num_steps:
-      record = _train_record(jax.device_get(metrics), moe_layers)
-      elapsed = time.perf_counter() - interval_start
-      record["train/tokens_per_sec"] = interval_steps * tokens_per_step / elapsed
-      record["train/learning_rate"] = float(schedule(step - 1))
-      writer.write(step, record)
-      last_train = record
-      progress.set_postfix(loss=f"{record['train/loss']:.3f}")
-      interval_start, interval_steps = time.perf_counter(), 0
-    if step % tc.eval_every == 0 or step == tc.num_steps:
-      last_eval = evaluate(eval_step, state, eval_batches)
-      writer.write(step, last_eval)
-      progress.write(f"step {step}: eval loss {last_eval['eval/loss']:.4f}, "
-                     f"{last_eval['eval/bits_per_byte']:.4f} bits/byte")
-      interval_start = time.perf_counter()
-    if step % tc.checkpoint_every == 0 or step == tc.num_steps:
-      checkpoints.save(step, state, train_iter.get_state(), config)
-    progress.update(1)
-  progress.close()
-  checkpoints.close()
-  writer.close()
-  return {**last_train, **last_eval}
+  step, saved_step = start_step, start_step
+  with PreemptionWatch(num_processes) as preemption:
+    try:
+      while step < tc.num_steps:
+        step += 1
+        batch = next(train_iter)
+        state, metrics = train_step(state, batch)
+        interval_steps += 1
+        bad = int(metrics["nonfinite"])
+        if bad:
+          terms = ", ".join(nonfinite_terms(bad))
+          if tc.nonfinite_policy == "stop":
+            raise FloatingPointError(
+                f"step {step}: non-finite {terms}; the update was not applied and the run "
+                f"stopped (checkpoints up to step {saved_step} are intact; "
+                "--config.train.nonfinite_policy=skip skips such steps instead).")
+          skipped += 1
+          log.warning("step %d: non-finite %s; update skipped (%d so far)", step, terms, skipped)
+        if step % tc.log_every == 0 or step == tc.num_steps:
+          record = _train_record(jax.device_get(metrics), moe_layers)
+          elapsed = time.perf_counter() - interval_start
+          record["train/tokens_per_sec"] = interval_steps * tokens_per_step / elapsed
+          record["train/learning_rate"] = float(schedule(step - 1))
+          record["train/skipped_steps"] = skipped
+          writer.write(step, record)
+          last_train = record
+          progress.set_postfix(loss=f"{record['train/loss']:.3f}")
+          interval_start, interval_steps = time.perf_counter(), 0
+        if step % tc.eval_every == 0 or step == tc.num_steps:
+          last_eval = evaluate(eval_step, state, eval_batches)
+          writer.write(step, last_eval)
+          progress.write(f"step {step}: eval loss {last_eval['eval/loss']:.4f}, "
+                         f"{last_eval['eval/bits_per_byte']:.4f} bits/byte")
+          interval_start = time.perf_counter()
+        stop = preemption.requested()
+        if step % tc.checkpoint_every == 0 or step == tc.num_steps or stop:
+          checkpoints.save(step, state, train_iter.get_state(), config)
+          saved_step = step
+        progress.update(1)
+        if stop:
+          progress.write(f"stopped by a signal at step {step}; checkpoint saved. "
+                         "Rerun the same command to resume.")
+          break
+    finally:
+      progress.close()
+      checkpoints.close()
+      writer.close()
+  return {**last_train, **last_eval, "preempted": step < tc.num_steps}
+
+
+class PreemptionWatch:
+  """Turns SIGTERM and SIGINT into a request to stop after the current step.
+
+  With several processes, `requested()` is true on all of them at the same step: each
+  step they share their flags (an all-gather of one int), so every host checkpoints the
+  same step, as JAX's preemption sync point does on TPU.
+  """
+
+  def __init__(self, num_processes: int):
+    self.num_processes = num_processes
+    self._flag = False
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    if self._flag:  # a second signal: stop now
+      raise KeyboardInterrupt(f"signal {signum} received twice")
+    self._flag = True
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    return False
+
+  def requested(self) -> bool:
+    if self.num_processes == 1:
+      return self._flag
+    flags = multihost_utils.process_allgather(np.asarray(self._flag, np.int32))
+    return bool(np.any(flags))

@@ -98,6 +98,9 @@ def prepare(data_dir: str) -> None:
     the network.
     """
     builder = ShakespearePlays(data_dir=data_dir, file_format="array_record")
+    if builder.is_prepared():
+        return
+    tfds.display_progress_bar(False)  # a second's work: no progress bars
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False)
     )

@@ -1,0 +1,181 @@
+"""Faults a real run meets: SIGKILL, SIGTERM, corrupted checkpoints, a changed config,
+non-finite losses, unwritable workdirs, missing data. Each against an uninterrupted run."""
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from moejax import generate, train
+from moejax.metrics import read_metrics
+
+from test_train import REPO, smoke_config
+
+
+def comparable(workdir):
+  """{(step, name): value} of a run's metrics, leaving out wall-clock throughput."""
+  return {(r["step"], k): v for r in read_metrics(workdir) for k, v in r.items()
+          if k.startswith(("train/", "eval/")) and k != "train/tokens_per_sec"}
+
+
+def assert_same_run(got, expected):
+  assert got.keys() == expected.keys()
+  for key, value in expected.items():
+    np.testing.assert_allclose(got[key], value, rtol=1e-6, err_msg=str(key))
+
+
+CLI_OVERRIDES = ["--config.train.checkpoint_every=3", "--config.train.log_every=1",
+                 "--config.train.eval_every=6", "--config.train.keep_checkpoints=10"]
+
+
+def cli(workdir, *extra, wait=True):
+  command = [sys.executable, "-m", "moejax.main", "--config=configs/tiny.py:smoke",
+             f"--workdir={workdir}", *CLI_OVERRIDES, *extra]
+  if not wait:
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+  return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def wait_for(path, process, timeout=240):
+  deadline = time.time() + timeout
+  while not os.path.exists(path):
+    assert process.poll() is None, process.communicate()[1][-3000:]
+    assert time.time() < deadline, f"{path} never appeared"
+    time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """An uninterrupted 12-step CLI run."""
+  workdir = tmp_path_factory.mktemp("reference")
+  result = cli(workdir, "--config.train.num_steps=12")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def test_sigkill_mid_run_then_rerun_is_the_same_run(reference, tmp_path):
+  process = cli(tmp_path, "--config.train.num_steps=12", wait=False)
+  wait_for(tmp_path / "checkpoints" / "6", process)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert process.returncode == -signal.SIGKILL
+  assert not os.path.exists(tmp_path / "checkpoints" / "12")
+  result = cli(tmp_path, "--config.train.num_steps=12")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert_same_run(comparable(tmp_path), comparable(reference))
+
+
+def test_sigterm_checkpoints_the_current_step_and_exits_zero(reference, tmp_path):
+  process = cli(tmp_path, "--config.train.num_steps=100000", wait=False)
+  wait_for(tmp_path / "checkpoints" / "3", process)
+  sent = time.time()
+  process.send_signal(signal.SIGTERM)
+  stdout, stderr = process.communicate(timeout=120)
+  assert process.returncode == 0, stderr[-3000:]
+  assert time.time() - sent < 60
+  assert "stopped by a signal" in stdout + stderr
+  steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+  last_logged = max(r["step"] for r in read_metrics(tmp_path))
+  assert steps[-1] == last_logged, "the checkpoint is of the step the run stopped at"
+
+
+def test_corrupted_latest_checkpoint_falls_back_with_a_warning(reference, tmp_path, caplog):
+  shutil.copytree(reference, tmp_path / "run")
+  workdir = tmp_path / "run"
+  for step in ("12",):
+    shutil.rmtree(workdir / "checkpoints" / step)
+  (workdir / "checkpoints" / "9" / "state" / "manifest.ocdbt").write_text("corrupted")
+  config = smoke_config(**{"train.num_steps": 12, "train.checkpoint_every": 3,
+                           "train.eval_every": 6})
+  with caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(config, str(workdir), show_progress=False)
+  warning = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+  assert warning and "step 9" in warning[0] and "resumed from step 6" in warning[0]
+  assert os.path.exists(workdir / "checkpoints_unreadable" / "9" / "state")
+  assert_same_run(comparable(workdir), comparable(reference))
+
+
+def test_unreadable_checkpoints_never_restart_from_scratch(reference, tmp_path):
+  shutil.copytree(reference / "checkpoints", tmp_path / "checkpoints")
+  for step in os.listdir(tmp_path / "checkpoints"):
+    (tmp_path / "checkpoints" / step / "state" / "manifest.ocdbt").write_text("corrupted")
+  before = sorted(os.listdir(tmp_path / "checkpoints"))
+  with pytest.raises(RuntimeError, match="none can be read"):
+    train.train_and_evaluate(smoke_config(**{"train.num_steps": 12}), str(tmp_path),
+                             show_progress=False)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+  assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_a_config_that_does_not_fit_names_the_parameters_and_touches_nothing(reference, tmp_path):
+  shutil.copytree(reference, tmp_path / "run")
+  workdir = tmp_path / "run"
+  metrics_before = (workdir / "metrics.jsonl").read_text()
+  result = cli(workdir, "--config.train.num_steps=20", "--config.model.num_experts=4")
+  assert result.returncode == 2
+  error = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  assert len(error) == 1 and "does not fit the checkpoint" in error[0]
+  assert "moe/router_kernel (32, 8) -> (32, 4)" in error[0]
+  assert (workdir / "metrics.jsonl").read_text() == metrics_before
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "3", "6", "9"]
+
+
+def test_nonfinite_loss_stops_with_the_step_and_term(tmp_path):
+  config = smoke_config(**{"train.num_steps": 8, "train.learning_rate": 1e30,
+                           "train.checkpoint_every": 1})
+  with pytest.raises(FloatingPointError, match=r"step (\d+): non-finite .*(ce_loss|grad_norm)") as info:
+    train.train_and_evaluate(config, str(tmp_path), show_progress=False)
+  bad_step = int(info.value.args[0].split()[1].rstrip(":"))
+  records = read_metrics(str(tmp_path))
+  assert max(r["step"] for r in records) == bad_step - 1, "metrics before the bad step are kept"
+  steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+  assert steps[-1] == bad_step - 1, "no checkpoint holds the bad update"
+
+
+def test_nonfinite_policy_skip_keeps_training_finite(tmp_path):
+  config = smoke_config(**{"train.num_steps": 8, "train.learning_rate": 1e30,
+                           "train.nonfinite_policy": "skip"})
+  final = train.train_and_evaluate(config, str(tmp_path), show_progress=False)
+  assert final["train/skipped_steps"] > 0
+  model, _, step = generate.load_model(str(tmp_path))
+  assert step == 8
+  for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
+    assert np.isfinite(np.asarray(leaf)).all()
+
+
+def test_same_seed_same_metrics(reference, tmp_path):
+  result = cli(tmp_path, "--config.train.num_steps=12")
+  assert result.returncode == 0
+  got, expected = comparable(tmp_path), comparable(reference)
+  assert got == expected, "bitwise identical on one machine"
+
+
+@pytest.mark.parametrize("args,needle,code", [
+    (["--workdir={file}/sub"], "not writable", 1),
+    (["--config.data.name=lm1b", "--config.data.data_dir={tmp}/nodata"], "tfds build lm1b", 1),
+    (["--config.train.nonfinite_policy=ignore"], "nonfinite_policy", 2),
+    (["--config.train.batch_size=0"], "batch_size", 2),
+])
+def test_bad_input_exits_nonzero_with_one_line(args, needle, code, tmp_path):
+  a_file = tmp_path / "a_file"
+  a_file.write_text("keep me")
+  workdir = tmp_path / "w"
+  extra = [a.format(file=a_file, tmp=tmp_path) for a in args]
+  command = [sys.executable, "-m", "moejax.main", "--config=configs/tiny.py:smoke",
+             f"--workdir={workdir}", *extra]
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == code, result.stderr[-2000:]
+  errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and needle in errors[0], result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  assert a_file.read_text() == "keep me"
+  assert not os.path.exists(workdir / "checkpoints")
