@@ -31,8 +31,8 @@ def _initialize_distributed() -> None:
     if any(v is None for v in multi_host):
       raise ValueError("multi-host needs all of --coordinator_address, --num_processes and --process_id.")
     import jax
-    if jax.default_backend() == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Cross-process collectives of the CPU backend (no effect on GPU/TPU computations).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
   elif _DISTRIBUTED.value:

@@ -199,20 +199,12 @@ class MoeLayer(nnx.Module):
     if self.second_expert_policy == "random" and not self.deterministic:
       choice = routing.random_second_expert(choice, self.router_rng())
 
-    mesh = parallel.active_expert_mesh(self.expert_mesh)
     if self.dispatch == "dropless":
-      # Dropless is per token: on any mesh that shards the batch, each device processes its
-      # own tokens (experts reached by all-to-all when they are sharded).
-      batch_mesh = parallel.layer_mesh(self.expert_mesh)
-      if mesh is not None:
-        self._check_expert_parallel(mesh, tokens.shape[0])
-      elif batch_mesh is None or parallel.num_batch_shards(batch_mesh) == 1 or (
-          tokens.shape[0] % parallel.num_batch_shards(batch_mesh)):
-        batch_mesh = None
-      if batch_mesh is None:
+      mesh = self._device_mesh(tokens.shape[0])
+      if mesh is None:
         out = dispatch_lib.dropless(tokens, choice, E, self.experts.grouped)
       else:
-        out = parallel.dropless_expert_parallel(batch_mesh, tokens, choice, self.experts,
+        out = parallel.dropless_expert_parallel(mesh, tokens, choice, self.experts,
                                                 parallel.dropout_key(self.experts))
       aux["dropped_fraction"] = jnp.zeros((), jnp.float32)
       return out, aux
@@ -226,7 +218,7 @@ class MoeLayer(nnx.Module):
       slot_token, slot_gate, kept = slots(grouped_choice)           # [G, E·C]
       return self._sort_dispatch(grouped_x, slot_token, slot_gate) + (kept,)
 
-    out, kept = self._capacity_moe(tokens, choice, dispatch, mesh)  # kept [T, k]
+    out, kept = self._capacity_moe(tokens, choice, dispatch)  # kept [T, k]
     dropped = jnp.sum(choice.valid & ~kept)
     aux["dropped_fraction"] = dropped.astype(jnp.float32) / choice.expert_indices.size
     return out, aux
@@ -248,8 +240,7 @@ class MoeLayer(nnx.Module):
           jnp.arange(num_groups)[:, None], choice.token_indices.reshape(num_groups, -1)].set(True)
       return buffers, combine, taken[:, :group]
 
-    out, taken = self._capacity_moe(tokens, probs, dispatch,
-                                    parallel.active_expert_mesh(self.expert_mesh))
+    out, taken = self._capacity_moe(tokens, probs, dispatch)
     aux = {
         # Expert choice balances load by construction and has no balancing loss.
         "lb_loss": jnp.zeros((), jnp.float32),
@@ -261,25 +252,41 @@ class MoeLayer(nnx.Module):
 
   # --------------------------------------------------------------------------- expert compute
 
-  def _check_expert_parallel(self, mesh, num_tokens: int) -> int:
-    """Tokens per device under expert parallelism; a clear error if the layer can't run so."""
-    local = parallel.local_token_count(mesh, num_tokens)
-    if self.dispatch != "dropless":
-      if self.group_size is None:
+  def _device_mesh(self, num_tokens: int):
+    """The mesh on which each device dispatches its own tokens, or None (one program).
+
+    With an expert axis > 1 (expert parallelism) that is required: a clear error if this
+    call cannot run so. With only data axes it is used when it computes the same function
+    (dropless: always; capacity: when each device holds whole routing groups), and
+    otherwise XLA partitions the single-device program.
+    """
+    mesh = parallel.layer_mesh(self.expert_mesh)
+    if mesh is None:
+      return None
+    capacity = self.dispatch != "dropless"
+    if parallel.axis_size(mesh, parallel.EXPERT) > 1:
+      local = parallel.local_token_count(mesh, num_tokens)
+      if capacity and self.group_size is None:
         raise ValueError("expert parallelism needs group_size set (tokens per routing group), so "
                          "that routing groups do not depend on the mesh; got group_size=None.")
-      if local % self.group_size:
+      if capacity and local % self.group_size:
         raise ValueError(f"expert parallelism: each device's {local} tokens must be a multiple of "
                          f"group_size={self.group_size}.")
-    return local
+      return mesh
+    shards = parallel.num_batch_shards(mesh)
+    if shards == 1 or num_tokens % shards:
+      return None
+    if capacity and (self.group_size is None or (num_tokens // shards) % self.group_size):
+      return None
+    return mesh
 
-  def _capacity_moe(self, tokens, route, dispatch, mesh):
+  def _capacity_moe(self, tokens, route, dispatch):
     """Routes groups, dispatches into `[groups, E, C, d]`, runs the experts, combines.
 
     `dispatch(grouped_x [G, S, d], grouped_route, capacity) -> (buffers [G, E, C, d],
-    combine: [G, E, C, d] -> [G, S, d], stats [G, S, ...])`. On one device (or with no
-    expert axis) the experts run here; under an expert mesh each device runs its own
-    groups and the experts are reached by all-to-all (`parallel.capacity_expert_parallel`).
+    combine: [G, E, C, d] -> [G, S, d], stats [G, S, ...])`. Without a mesh the experts
+    run here; on a mesh (`_device_mesh`) each device runs its own groups and reaches the
+    experts by all-to-all over the expert axis (`parallel.capacity_expert_parallel`).
 
     Returns:
       `(out [tokens, d], stats [tokens, ...])`.
@@ -297,9 +304,9 @@ class MoeLayer(nnx.Module):
       out = combine(expert_fn(buffers.astype(self.dtype)))
       return out.reshape(local, -1), stats.reshape(local, *stats.shape[2:])
 
+    mesh = self._device_mesh(num_tokens)
     if mesh is None:
       return body(tokens, route, self._local_experts)
-    self._check_expert_parallel(mesh, num_tokens)
     return parallel.capacity_expert_parallel(mesh, body, tokens, route, self.experts,
                                              parallel.dropout_key(self.experts))
 

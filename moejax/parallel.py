@@ -45,9 +45,15 @@ How a train step uses this::
 Expert parallelism is on for a `MoeLayer` when its mesh — the ambient one
 (`jax.set_mesh`), or one set with `use_expert_parallel(model, mesh)` — has an `expert`
 axis of size > 1; then its dispatch runs through `capacity_expert_parallel` or
-`dropless_expert_parallel` below. The routing groups never depend on the mesh: with
-expert parallelism a device's token count must be a multiple of `group_size`, so the
-sharded program computes the same function as the single-device one.
+`dropless_expert_parallel` below, inside `jax.shard_map`: each device routes and
+dispatches its own tokens and reaches the experts by `all_to_all`. The routing groups
+never depend on the mesh: with expert parallelism a device's token count must be a
+multiple of `group_size`, so the sharded program computes the same function as the
+single-device one. On a mesh with data axes only, the same per-device code runs with no
+exchange whenever it computes the same function (always for dropless; for capacity when
+each device holds whole groups); otherwise XLA partitions the single-device program.
+Router logits, top-k (per device, `per_device`), the auxiliary losses and the metrics are
+computed outside the `shard_map` over the global batch, exactly as on one device.
 """
 
 from __future__ import annotations
@@ -345,7 +351,7 @@ def per_device(fn: Callable, mesh, *args):
   if shards == 1 or rows % shards:
     return fn(*args)
   batch = P(batch_axes(mesh))
-  return jax.shard_map(fn, mesh=mesh, in_specs=batch, out_specs=batch)(*args)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(batch,) * len(args), out_specs=batch)(*args)
 
 
 def local_token_count(mesh, num_tokens: int) -> int:
@@ -381,7 +387,7 @@ def dropout_key(experts) -> jax.Array | None:
 
 def capacity_expert_parallel(mesh, body: Callable, tokens: jax.Array, route, experts,
                              key: jax.Array | None = None):
-  """Runs a capacity-dispatch MoE with the experts sharded over the `expert` mesh axis.
+  """Runs a capacity-dispatch MoE with the experts sharded over the `expert` mesh axis (if any).
 
   Each device runs `body` on its own tokens (a whole number of routing groups):
   `body(tokens [t, d], route (leaves [t, ...]), expert_fn) -> (out [t, d], stats [t, ...])`,
@@ -401,6 +407,9 @@ def capacity_expert_parallel(mesh, body: Callable, tokens: jax.Array, route, exp
   n = axis_size(mesh, EXPERT)
   weights = experts.weights()
   batch = P(batch_axes(mesh))
+  # n = 1 (data axes only): every device runs all experts on its own groups, no exchange.
+  exchange = (lambda a, split, concat: jax.lax.all_to_all(a, EXPERT, split, concat, tiled=True)
+              if n > 1 else a)
 
   def shard_body(tokens, route, weights, key):
     dropout = _device_dropout(experts.dropout, key, mesh)
@@ -408,15 +417,16 @@ def capacity_expert_parallel(mesh, body: Callable, tokens: jax.Array, route, exp
     def expert_fn(buffers):
       groups, num_experts, capacity, d = buffers.shape
       local = num_experts // n
-      received = jax.lax.all_to_all(buffers, EXPERT, 1, 0, tiled=True)   # [n·G, E/n, C, d]
+      received = exchange(buffers, 1, 0)                                  # [n·G, E/n, C, d]
       x = jnp.transpose(received, (1, 0, 2, 3)).reshape(local, n * groups * capacity, d)
       y = experts.apply_batched(x, weights, dropout)
       y = jnp.transpose(y.reshape(local, n * groups, capacity, d), (1, 0, 2, 3))
-      return jax.lax.all_to_all(y, EXPERT, 0, 1, tiled=True)            # [G, E, C, d]
+      return exchange(y, 0, 1)                                            # [G, E, C, d]
 
     return body(tokens, route, expert_fn)
 
-  fn = jax.shard_map(shard_body, mesh=mesh, in_specs=(batch, batch, P(EXPERT), P()),
+  expert_spec = P(EXPERT) if n > 1 else P()
+  fn = jax.shard_map(shard_body, mesh=mesh, in_specs=(batch, batch, expert_spec, P()),
                      out_specs=batch)
   return fn(tokens, route, weights, key)
 

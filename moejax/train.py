@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from moejax import checkpoint as checkpoint_lib
 from moejax import data as data_lib
+from moejax import parallel
 from moejax.metrics import MetricWriter
 from moejax.model import TransformerLM, moe_layer_indices
 
@@ -60,6 +61,21 @@ def build(config: ml_collections.ConfigDict):
   tx, schedule = make_optimizer(config.train)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   return model, optimizer, schedule
+
+
+def init_state(config: ml_collections.ConfigDict, mesh):
+  """The `(model, optimizer)` NNX state, created directly in its shardings on `mesh`.
+
+  Initialising inside `jit` with `out_shardings` lets every process create just its own
+  shards (no host holds the whole model), as multi-host runs need.
+
+  Returns (graphdef, state, state shardings).
+  """
+  pair = lambda: build(config)[:2]
+  graphdef, abstract = nnx.split(nnx.eval_shape(pair))
+  shardings = parallel.param_shardings(abstract, mesh)
+  state = jax.jit(lambda: nnx.state(pair()), out_shardings=shardings)()
+  return graphdef, state, shardings
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -190,9 +206,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   check_workdir(workdir)
   process, num_processes = jax.process_index(), jax.process_count()
 
-  model, optimizer, schedule = build(config)
-  graphdef, state = nnx.split((model, optimizer))
-  del model, optimizer
+  m = config.model
+  mesh = parallel.make_mesh(config.mesh)
+  parallel.validate_mesh(mesh, num_experts=m.num_experts, global_batch_size=tc.batch_size,
+                         seq_len=tc.seq_len, group_size=m.group_size)
+
+  graphdef, state, state_shardings = init_state(config, mesh)
+  _, schedule = make_optimizer(tc)
+
+  if num_processes > 1:  # one process builds the built-in corpus; the others wait for it
+    if process == 0:
+      data_lib.prepare(config.data.name, config.data.data_dir)
+    multihost_utils.sync_global_devices("moejax: dataset prepared")
   train_iter, eval_batches = data_lib.build_datasets(
       config.data, global_batch_size=tc.batch_size, seq_len=tc.seq_len, seed=tc.seed,
       shard_index=process, shard_count=num_processes)
@@ -203,12 +228,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     train_iter.set_state(data_state)
     log.info("resumed from the checkpoint at step %d", start_step)
 
-  m = config.model
   moe_layers = moe_layer_indices(m.num_layers, m.num_experts, m.moe_layer_interval)
   writer = MetricWriter(workdir, enabled=process == 0, resume_step=start_step)
   train_step, eval_step = make_steps(graphdef, config.model)
-  train_step = jax.jit(train_step, donate_argnums=0)
-  eval_step = jax.jit(eval_step)
+  batch_sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+  train_step = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                       out_shardings=(state_shardings, replicated), donate_argnums=0)
+  eval_step = jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding),
+                      out_shardings=replicated)
+  eval_batches = [parallel.shard_batch(b, mesh) for b in eval_batches]
 
   tokens_per_step = tc.batch_size * tc.seq_len
   last_train: dict[str, Any] = {}
@@ -218,11 +246,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   progress = tqdm(total=tc.num_steps, initial=start_step, unit="step", dynamic_ncols=True,
                   disable=not (show_progress and process == 0))
   step, saved_step = start_step, start_step
-  with PreemptionWatch(num_processes) as preemption:
+  # Traced under the mesh, MoE layers exchange tokens with all-to-alls over its expert axis.
+  with PreemptionWatch(num_processes) as preemption, jax.set_mesh(mesh):
     try:
       while step < tc.num_steps:
         step += 1
-        batch = next(train_iter)
+        batch = parallel.shard_batch(next(train_iter), mesh)
         state, metrics = train_step(state, batch)
         interval_steps += 1
         bad = int(metrics["nonfinite"])

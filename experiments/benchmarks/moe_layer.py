@@ -38,7 +38,8 @@ Columns (CSV and table):
   * `gflop_per_s` = active_gflop / median time; `mfu` = gflop_per_s / the matmul row's
     gflop_per_s (model-FLOPs utilisation against this machine's measured matmul rate);
   * `xla_gflop`: the FLOPs XLA's cost analysis counts in the compiled program (shows the
-    dispatch overhead: one-hot einsums, block padding, ...);
+    dispatch overhead: one-hot einsums, block padding, ...; XLA does not count the FLOPs
+    inside loops, so a `lax.scan` implementation would show almost none);
   * `temp_mib`: temporary buffer size of the compiled program (`memory_analysis()`), a
     cheap proxy of peak memory beyond arguments and outputs;
   * `tec_tensor`: whether the optimised HLO holds a tensor with dims T(or S), E and C
@@ -156,9 +157,8 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default="moe_layer_benchmark.csv",
                  help="CSV path; an existing file is never overwritten (a suffix is added)")
-  p.add_argument("--check_hlo", action=argparse.BooleanOptionalAction, default=True,
-                 help="fail if a sort/dropless row's HLO holds a [T, E, C] tensor")
-  p.add_argument("--nocheck_hlo", dest="check_hlo", action="store_false")
+  p.add_argument("--nocheck_hlo", dest="check_hlo", action="store_false",
+                 help="do not fail (exit 1) when a sort/dropless row's HLO holds a [T, E, C] tensor")
   args = p.parse_args(list(argv))
   for key, value in PRESETS[args.preset].items():
     if getattr(args, key) is None:

@@ -9,7 +9,7 @@ from moejax.data.pipeline import (
     make_train_iterator,
 )
 from moejax.data.shakespeare import VALIDATION_PLAYS, ShakespearePlays
-from moejax.data.sources import load_split, resolve_data_dir
+from moejax.data.sources import load_split, prepare, resolve_data_dir
 from moejax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, decode, encode
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "make_eval_batches",
     "make_train_iterator",
     "pack_documents",
+    "prepare",
     "resolve_data_dir",
     "split_inputs_targets",
     "unigram_bits_per_byte",

@@ -29,6 +29,15 @@ def _check_prepared(name: str, data_dir: str) -> None:
         )
 
 
+def prepare(name: str, data_dir: str | None = None) -> None:
+    """Builds the built-in corpus if `name` is it and it is missing; checks any other is prepared."""
+    data_dir = resolve_data_dir(data_dir)
+    if name == shakespeare.NAME:
+        shakespeare.prepare(data_dir)
+    else:
+        _check_prepared(name, data_dir)
+
+
 def load_split(
     name: str, split: str, data_dir: str | None = None, *, text_key: str = "text"
 ) -> list[str]:
@@ -40,10 +49,7 @@ def load_split(
     split is held in memory.
     """
     data_dir = resolve_data_dir(data_dir)
-    if name == shakespeare.NAME:
-        shakespeare.prepare(data_dir)
-    else:
-        _check_prepared(name, data_dir)
+    prepare(name, data_dir)
     source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     texts = []
     for start in range(0, len(source), _READ_CHUNK):

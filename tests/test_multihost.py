@@ -1,0 +1,57 @@
+"""Two processes × 4 CPU devices on localhost (jax.distributed, gloo) against one process × 8."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from moejax.metrics import read_metrics
+
+from test_train import REPO
+
+ARGS = ["--config=configs/tiny.py:smoke", "--config.mesh.expert=4", "--config.model.group_size=32",
+        "--config.train.num_steps=4", "--config.train.log_every=1", "--config.train.eval_every=4",
+        "--config.train.checkpoint_every=2"]
+
+
+def _env(devices):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_reproduce_one_process(tmp_path):
+  single = tmp_path / "single"
+  result = subprocess.run([sys.executable, "-m", "moejax.main", f"--workdir={single}", *ARGS],
+                          cwd=REPO, env=_env(8), capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  multi = tmp_path / "multi"
+  port = _free_port()
+  processes = [subprocess.Popen(
+      [sys.executable, "-m", "moejax.main", f"--workdir={multi}", *ARGS,
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=REPO, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outputs = [p.communicate(timeout=300) for p in processes]
+  for p, (_, err) in zip(processes, outputs):
+    assert p.returncode == 0, err[-3000:]
+
+  one, two = read_metrics(str(single)), read_metrics(str(multi))
+  assert [r["step"] for r in one] == [r["step"] for r in two]
+  for a, b in zip(one, two):
+    for key in a:
+      if key.startswith(("train/", "eval/")) and key not in ("train/tokens_per_sec",):
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-7, err_msg=key)
+  # Both processes wrote the checkpoint collectively; only process 0 wrote metrics.
+  assert sorted(os.listdir(multi / "checkpoints")) == ["2", "4"]
+  assert "validation:" in outputs[0][0] and "validation:" not in outputs[1][0]
