@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shlex
+import subprocess
 import sys
 
 import pytest
@@ -153,15 +154,25 @@ def test_constraint_check_refuses_a_broken_arm_list(tmp_path, capsys):
 # ----------------------------------------------------------------------------- end to end
 
 
+def _run_cli(name, *args):
+  """`python -m experiments.ablations.NAME ARGS` on one CPU device (the test process has 8
+  simulated ones, over which training would shard even the smoke models)."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return subprocess.run([sys.executable, "-m", f"experiments.ablations.{name}", *args],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_smoke_ablation_end_to_end_and_rerun_skips(name, tmp_path, monkeypatch):
   ablation = get(name)
   workdir = str(tmp_path / name)
-  result = runner.run_ablation(ablation, "smoke", workdir, show_progress=False, log=lambda _: None)
+  done = _run_cli(name, "--preset=smoke", f"--workdir={workdir}", "--quiet")
+  assert done.returncode == 0, done.stderr[-3000:]
   arms = runner.get_arms(ablation, "smoke")
   seeds = ablation.seeds["smoke"]
   expected = [(a.name, s) for a in arms for s in a.seeds_of(seeds)]
-  assert result["trained"] == expected and not result["skipped"]
+  for arm, seed in expected:
+    assert f"{arm} seed {seed}: done in" in done.stdout
 
   columns, rows = _read_csv(os.path.join(workdir, "results.csv"))
   assert tuple(columns) == runner.RESULT_COLUMNS
@@ -210,8 +221,13 @@ def test_smoke_ablation_end_to_end_and_rerun_skips(name, tmp_path, monkeypatch):
 
 
 def _one_arm_ablation():
+  def base(preset):
+    config = presets.base_config(preset)
+    config.train.checkpoint_every, config.train.keep_checkpoints = 2, 2
+    return config
+
   return runner.Ablation(
-      name="one", title="one arm", base=presets.base_config,
+      name="one", title="one arm", base=base,
       arms=lambda preset: [runner.Arm("dense", {"model.num_experts": 0})],
       constraints=(), seeds={"smoke": (0,), "cpu": (0,), "pod": (0,)},
       pod_config=presets.POD_CONFIG)
