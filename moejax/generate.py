@@ -63,11 +63,13 @@ def sample(model, prompt_ids: np.ndarray, *, max_new_tokens: int, temperature: f
   Returns:
     `[new_tokens]` int32, the generated continuation.
   """
+  # Capacity is a training device: when sampling, every token reaches its experts
+  # (capacity = all tokens), so a prefilled prompt routes as it would token by token.
+  # A view of the model in eval mode with that capacity; `model` itself is unchanged.
+  model = nnx.clone(model)
   model.eval()
-  for _, module in model.iter_modules():
+  for _, module in nnx.iter_modules(model):
     if isinstance(module, MoeLayer):
-      # Capacity is a training device: when sampling, every token reaches its experts
-      # (capacity = all tokens), so a prefilled prompt routes as it would token by token.
       module.eval_capacity_factor = module.num_experts / module.top_k
   graphdef, state = nnx.split(model)
   prompt = jnp.asarray(prompt_ids, jnp.int32)[None]

@@ -218,51 +218,68 @@ def test_smoke_ablation_end_to_end_and_rerun_skips(name, tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="holds the 'smoke' preset"):
     runner.run_ablation(ablation, "cpu", workdir, show_progress=False, log=lambda _: None)
   assert _files(workdir) == before
+  if name == "dense_vs_moe":
+    _check_resume(ablation, workdir, "dense_eq_flops", rows)
+
+
+def _check_resume(ablation, workdir, arm, rows):
+  """Interrupted runs of `arm` (seed 0) are finished, not redone, and earlier results kept."""
+  run_dir = os.path.join(workdir, arm, "seed_0")
+  with open(os.path.join(workdir, "results.csv")) as f:
+    first = f.read()
+  (row,) = [r for r in rows if r["arm"] == arm]
+  log = lambda _: None
+  # Killed after its last step but before the marker: recognised, not retrained.
+  os.remove(os.path.join(run_dir, "done.json"))
+  assert runner.run_ablation(ablation, "smoke", workdir, show_progress=False,
+                             log=log)["trained"] == []
+  assert os.path.exists(os.path.join(run_dir, "done.json"))
+  # Killed after step 2 (its checkpoint kept, the final one lost): resumes from step 2.
+  os.remove(os.path.join(run_dir, "done.json"))
+  os.rename(os.path.join(run_dir, "checkpoints", "4"), os.path.join(workdir, "checkpoint_4"))
+  again = _run_cli(ablation.name, "--preset=smoke", f"--workdir={workdir}", "--quiet")
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert again.stdout.count("resuming") == 1 and f"{arm} seed 0: resuming" in again.stdout
+  assert again.stdout.count("finished earlier, skipped") == len(rows) - 1
+  assert os.path.exists(os.path.join(run_dir, "metrics.jsonl.after_step_2"))  # moved, kept
+  _, resumed = _read_csv(os.path.join(workdir, "results.csv"))
+  (new,) = [r for r in resumed if r["arm"] == arm]
+  assert float(new["final_eval_loss"]) == pytest.approx(float(row["final_eval_loss"]), rel=1e-5)
+  # results.csv changed (tokens/s, wall time of the resumed run): the earlier one is kept.
+  with open(os.path.join(workdir, "results.csv")) as f:
+    if f.read() != first:
+      with open(os.path.join(workdir, "results.csv.~1~")) as g:
+        assert g.read() == first
 
 
 def _one_arm_ablation():
-  def base(preset):
-    config = presets.base_config(preset)
-    config.train.checkpoint_every, config.train.keep_checkpoints = 2, 2
-    return config
-
   return runner.Ablation(
-      name="one", title="one arm", base=base,
+      name="one", title="one arm", base=presets.base_config,
       arms=lambda preset: [runner.Arm("dense", {"model.num_experts": 0})],
       constraints=(), seeds={"smoke": (0,), "cpu": (0,), "pod": (0,)},
       pod_config=presets.POD_CONFIG)
 
 
-def test_half_finished_arm_resumes_and_earlier_results_are_kept(tmp_path, monkeypatch):
-  ablation, workdir = _one_arm_ablation(), str(tmp_path / "one")
-  log = lambda _: None
-  runner.run_ablation(ablation, "smoke", workdir, show_progress=False, log=log)
-  run_dir = os.path.join(workdir, "dense", "seed_0")
-  with open(os.path.join(workdir, "results.csv")) as f:
-    first = f.read()
-  _, (row,) = _read_csv(os.path.join(workdir, "results.csv"))
+def test_an_interrupted_run_stops_the_runner_unfinished(tmp_path, monkeypatch, capsys):
+  """SIGINT/SIGTERM end train_and_evaluate with a checkpoint and preempted=True: the runner
+  writes no marker, trains no further arm, and the CLI exits 130 saying to rerun."""
+  calls = []
 
-  # Killed after its last step but before the marker: recognised, not retrained.
-  os.remove(os.path.join(run_dir, "done.json"))
-  spy = TrainSpy(monkeypatch, fail=True)
-  assert runner.run_ablation(ablation, "smoke", workdir, show_progress=False,
-                             log=log)["skipped"] == [("dense", 0)]
-  assert os.path.exists(os.path.join(run_dir, "done.json"))
+  def preempted(config, workdir, **kwargs):
+    calls.append(workdir)
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+      f.write('{"step": 1, "train/loss": 5.0}\n')
+    return {"preempted": True}
 
-  # Killed after step 2 (its checkpoint kept; the final one lost): resumes from step 2.
-  os.remove(os.path.join(run_dir, "done.json"))
-  final_checkpoint = os.path.join(run_dir, "checkpoints", "4")
-  os.rename(final_checkpoint, os.path.join(tmp_path, "checkpoint_4"))  # out of the run
-  spy.fail = False
-  assert runner.run_ablation(ablation, "smoke", workdir, show_progress=False,
-                             log=log)["trained"] == [("dense", 0)]
-  assert spy.calls == [run_dir]
-  assert os.path.exists(os.path.join(run_dir, "metrics.jsonl.after_step_2"))
-  _, (resumed,) = _read_csv(os.path.join(workdir, "results.csv"))
-  assert float(resumed["final_eval_loss"]) == pytest.approx(float(row["final_eval_loss"]), rel=1e-5)
-  # results.csv changed (tokens/s, wall time): the earlier one is kept beside it.
-  if open(os.path.join(workdir, "results.csv")).read() != first:
-    assert open(os.path.join(workdir, "results.csv.~1~")).read() == first
+  monkeypatch.setattr(train_lib, "train_and_evaluate", preempted)
+  ablation, workdir = get("top_k"), str(tmp_path / "top_k")
+  assert runner.main(ablation, ["--preset=smoke", f"--workdir={workdir}", "--quiet"]) == 130
+  assert "interrupted; rerun the same command to resume" in capsys.readouterr().out
+  assert calls == [os.path.join(workdir, "e8_k1", "seed_0")]
+  assert not os.path.exists(os.path.join(calls[0], "done.json"))
+  assert not os.path.exists(os.path.join(workdir, "results.csv"))  # nothing finished yet
+  with pytest.raises(ValueError, match="no arm"):
+    runner.run_ablation(ablation, "smoke", workdir, arms=("e9_k1",), log=lambda _: None)
 
 
 def test_estimate_times_each_arm(capsys):

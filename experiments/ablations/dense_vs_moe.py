@@ -24,11 +24,11 @@ from experiments.ablations import presets
 from experiments.ablations.runner import Ablation, Arm, Constraint, main
 
 SHAPE = {"smoke": (8, 2, 32), "cpu": (8, 2, 256), "pod": (64, 8, 1024)}  # (E, k, f)
-CPU_STEPS = 400
+CPU_STEPS = 330
 
 
 def base(preset: str):
-  return presets.base_config(preset, cpu_steps=CPU_STEPS, cpu_warmup=40)
+  return presets.base_config(preset, cpu_steps=CPU_STEPS, cpu_warmup=33)
 
 
 def arms(preset: str) -> list[Arm]:

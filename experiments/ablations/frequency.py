@@ -27,11 +27,11 @@ SHAPE = {  # (experts E of the every-layer arm, top-k, expert hidden f, layers)
     "pod": (64, 8, 1024, 16),
 }
 INTERVALS = (1, 2, 4)
-CPU_STEPS = 500
+CPU_STEPS = 450
 
 
 def base(preset: str):
-  config = presets.base_config(preset, cpu_steps=CPU_STEPS, cpu_warmup=50)
+  config = presets.base_config(preset, cpu_steps=CPU_STEPS, cpu_warmup=45)
   config.model.num_layers = SHAPE[preset][3]
   return config
 

@@ -1,7 +1,7 @@
 """The base configs the ablations start from, per preset.
 
 * `smoke`: `configs/tiny.py:smoke` (2 layers, d_model 32, batch 8 x 32 tokens) cut to 4
-  steps with an eval every 2 and checkpoints at 2 and 4: seconds per arm, for tests.
+  steps with an eval and a checkpoint every 2: seconds per arm, for tests.
 * `cpu`: `configs/tiny.py` (4 layers, d_model 128, 4 heads, batch 32 x 128 bytes, AdamW
   3e-3 with warmup and cosine decay) on the Shakespeare plays, with `num_steps` chosen per
   ablation so that the whole ablation fits 45 minutes on 2 CPU cores; eval (8 batches of

@@ -14,13 +14,15 @@ What a workdir holds (nothing in it is ever deleted or silently overwritten):
     WORKDIR/ARM/seed_S/done.json     written when the run finished: the finished marker
     WORKDIR/ARM/seed_S/...           metrics.jsonl, checkpoints/, tensorboard/ (moejax.train)
     WORKDIR/results.csv, summary.md, eval_bits_per_byte.png, train_loss.png
+    WORKDIR/.runner.lock             an advisory lock: one runner per workdir at a time
 
 Skip and resume: an arm/seed with `done.json` is skipped; one without it whose final
 checkpoint and final eval record exist (a run killed after its last step) is marked done
 and skipped; any other is (re)started, and `train_and_evaluate` resumes it from its
 newest checkpoint. A run directory whose `arm.json` holds a different config than the
-arm would train now (another preset, edited arms, `--set`) stops the runner with an
-error naming the first differing keys, as does a run directory it did not create.
+arm would train now (another preset, edited arms, `--set`; keys added to
+moejax/config.py since are not differences) stops the runner with an error naming the
+first differing keys, as does a run directory it did not create.
 The derived files (results, summary, plots) are rewritten only when their content
 changes, and then the previous version is kept beside as `NAME.~N~`.
 """
@@ -324,9 +326,12 @@ def write_keeping_previous(path: str, data: bytes, log: Callable[[str], None] = 
 
 
 def _config_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+  """Keys whose values differ or that `new` lacks. Keys only `new` has are not
+  differences: they were added to moejax/config.py since (with defaults that keep the
+  old behaviour), and must not orphan earlier runs."""
   diffs = []
-  for key in sorted(set(old) | set(new)):
-    a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+  for key in sorted(old):
+    a, b = old[key], new.get(key, "<absent>")
     if isinstance(a, dict) and isinstance(b, dict):
       diffs += _config_diff(a, b, f"{prefix}{key}.")
     elif a != b:
@@ -492,8 +497,8 @@ def run_ablation(ablation: Ablation, preset: str, workdir: str, *,
   _check_workdir(workdir, ablation, preset, create=True)
 
   from moejax import train  # deferred: the accounting above needs no jax backend
-  trained, skipped, interrupted = [], [], False
-  with _workdir_lock(workdir), compile_mode(preset):
+  trained, skipped, interrupted, compiling_entered = [], [], False, False
+  with _workdir_lock(workdir), contextlib.ExitStack() as compiling:
     jobs = [(a, s) for a in chosen for s in a.seeds_of(seeds)]
     specs = {}
     for arm, seed in jobs:  # refuse mismatching run directories before training anything
@@ -518,6 +523,9 @@ def run_ablation(ablation: Ablation, preset: str, workdir: str, *,
                            {"recovered": True, "num_steps": config.train.num_steps})
         skipped.append((arm.name, seed))
         continue
+      if not compiling_entered:  # once, and only when something is trained
+        compiling.enter_context(compile_mode(preset))
+        compiling_entered = True
       os.makedirs(run_dir, exist_ok=True)
       if not os.path.exists(os.path.join(run_dir, "arm.json")):
         _write_json_atomic(os.path.join(run_dir, "arm.json"), spec)
@@ -576,6 +584,12 @@ def collect_results(ablation: Ablation, preset: str, workdir: str, *,
       config = arm_config(ablation, preset, arm, seed, base_overrides)
       m, t = config.model, config.train
       done = _read_json(os.path.join(run_dir, "done.json"))
+      try:
+        outcome = summarize_run(run_dir, t.num_steps, m.num_experts)
+      except (ValueError, OSError, KeyError) as error:  # one bad run must not hide the rest
+        log(f"left out {arm.name}/seed_{seed}: {error}")
+        pending.append(f"{arm.name}/seed_{seed} (unreadable metrics)")
+        continue
       row = {
           "ablation": ablation.name, "preset": preset, "arm": arm.name, "seed": seed,
           "overrides": json.dumps(dict(arm.overrides), sort_keys=True),
@@ -584,7 +598,7 @@ def collect_results(ablation: Ablation, preset: str, workdir: str, *,
           "expert_d_ff": expert_d_ff_of(m) if m.num_experts else 0,
           "moe_layer_interval": m.moe_layer_interval if m.num_experts else 0,
           "d_ff": m.d_ff, **accounting(config), "steps": t.num_steps,
-          **summarize_run(run_dir, t.num_steps, m.num_experts),
+          **outcome,
           "wall_s": done.get("wall_s", float("nan")),
       }
       rows.append({k: row[k] for k in RESULT_COLUMNS})
@@ -678,15 +692,16 @@ def plot_curves(ablation: Ablation, preset: str, arms: Sequence[Arm],
                 curves: Mapping[tuple[str, int], tuple[list, list]]) -> dict[str, bytes]:
   """PNG bytes of eval bits/byte and train loss vs step, one line per arm (the mean over
   seeds; the band spans the seeds' min to max)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  # Figure objects of their own: no pyplot state, no backend switch for the caller.
+  from matplotlib import colormaps
+  from matplotlib.figure import Figure
 
   out = {}
   for index, (name, label) in enumerate((("eval_bits_per_byte", "eval bits per byte"),
                                          ("train_loss", "train loss (nats/token)"))):
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
-    for color, arm in zip(plt.cm.tab10.colors * 3, arms):
+    fig = Figure(figsize=(6.4, 4.2), dpi=100)
+    ax = fig.subplots()
+    for color, arm in zip(colormaps["tab10"].colors * 3, arms):
       series = [dict(curves[key][index]) for key in sorted(curves) if key[0] == arm.name]
       if not series:
         continue
@@ -706,7 +721,6 @@ def plot_curves(ablation: Ablation, preset: str, arms: Sequence[Arm],
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", metadata={"Software": None})
-    plt.close(fig)
     out[f"{name}.png"] = buffer.getvalue()
   return out
 
@@ -901,7 +915,8 @@ def main(ablation: Ablation, argv: Sequence[str] | None = None) -> int:
     result = run_ablation(ablation, args.preset, args.workdir, seeds=seeds, arms=arms,
                           base_overrides=base_overrides, show_progress=not args.quiet)
     return 130 if result["interrupted"] else 0
-  except (ValueError, KeyError, TypeError, RuntimeError) as error:
+  except (ValueError, KeyError, TypeError, RuntimeError, OSError, FloatingPointError) as error:
     message = " ".join(str(error).strip("'\"").split())
     print(f"error: {message}", file=sys.stderr)
-    return 2
+    # 2: the command, its arms or its workdir are wrong; 1: a run failed.
+    return 2 if isinstance(error, (ValueError, KeyError, TypeError)) else 1
