@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(PY) -m moejax.generate --workdir=workdirs/demo --prompt="ROMEO." --max_new_tokens=300
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --durations=15 tests
+	$(PY) -m pytest -n 2 --durations=15 tests notebooks --nbmake
 
 bench: $(STAMP)
 	$(PY) -m experiments.benchmarks.moe_layer

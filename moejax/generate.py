@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from absl import logging as absl_logging
 from flax import nnx
 
 from moejax import checkpoint as checkpoint_lib
@@ -121,6 +122,7 @@ def load_model(workdir: str):
 
 def main(argv) -> None:
   del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)  # keep Orbax info lines out of the sample
   try:
     if not _WORKDIR.value:
       raise ValueError("--workdir is required.")

@@ -7,11 +7,11 @@ process (on TPU pods `jax.distributed.initialize()` finds these by itself: pass
 
 from __future__ import annotations
 
-import logging
 import re
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, configs/NAME.py[:ARG].",
@@ -78,7 +78,7 @@ def parse_flags(argv):
 
 
 def main(argv) -> None:
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  absl_logging.set_verbosity(absl_logging.WARNING)  # keep Orbax/XLA info lines out of the way
   try:
     run(argv)
   except (ValueError, KeyError, TypeError, OSError, FloatingPointError, RuntimeError) as error:
