@@ -22,15 +22,19 @@ from flax import nnx
 log = logging.getLogger(__name__)
 
 
+def is_prng_key(x) -> bool:
+  """Whether `x` is an array of typed PRNG keys (an NNX RNG stream's key)."""
+  return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
 def _keys_to_data(tree):
   """Typed PRNG key arrays -> their raw uint32 data (what Orbax can store)."""
-  is_key = lambda x: isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-  return jax.tree.map(lambda x: jax.random.key_data(x) if is_key(x) else x, tree)
+  return jax.tree.map(lambda x: jax.random.key_data(x) if is_prng_key(x) else x, tree)
 
 
 def _data_to_keys(tree, template):
   def restore(value, like):
-    if jnp.issubdtype(like.dtype, jax.dtypes.prng_key):
+    if is_prng_key(like):
       return jax.random.wrap_key_data(value, impl=jax.random.key_impl(like))
     return value
   return jax.tree.map(restore, tree, template)

@@ -56,7 +56,7 @@ def make_optimizer(train_config: ml_collections.ConfigDict):
 
 
 def build(config: ml_collections.ConfigDict):
-  """The model and its optimizer, initialised from `config.train.seed`."""
+  """(model, optimizer, learning-rate schedule), initialised from `config.train.seed`."""
   model = TransformerLM(config.model, rngs=nnx.Rngs(config.train.seed))
   tx, schedule = make_optimizer(config.train)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -86,10 +86,6 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 # What the train step checks for NaN/Inf: the loss terms, the gradients, and the
 # parameters after the update (Adam can overflow with finite gradients).
 _LOSS_TERMS = ("ce_loss", "lb_loss", "z_loss", "grad_norm", "updated_params")
-
-
-def _is_key(x) -> bool:
-  return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def make_steps(graphdef, model_config: ml_collections.ConfigDict):
@@ -124,7 +120,7 @@ def make_steps(graphdef, model_config: ml_collections.ConfigDict):
     metrics["nonfinite"] = sum(b.astype(jnp.int32) << i for i, b in enumerate(bad))
     new_leaves, treedef = jax.tree.flatten(nnx.state((model, optimizer)))
     keep_old = metrics["nonfinite"] > 0
-    leaves = [new if _is_key(new) else jnp.where(keep_old, old, new)
+    leaves = [new if checkpoint_lib.is_prng_key(new) else jnp.where(keep_old, old, new)
               for new, old in zip(new_leaves, old_leaves)]
     return jax.tree.unflatten(treedef, leaves), metrics
 

@@ -104,3 +104,19 @@ def test_results_keep_rows_of_the_same_name_apart():
   assert (e16["vs_dense"], e64["vs_dense"]) == (pytest.approx(0.6), pytest.approx(3.0))
   # rate 8e9 / 2 s = 4 GFLOP/s; 6 GFLOP in 0.6 s = 10 GFLOP/s -> MFU 2.5.
   assert e16["mfu"] == pytest.approx(2.5) and e64["mfu"] == pytest.approx(0.5)
+
+
+def test_all_to_all_script_reads_the_minimum_off_a_real_train_step():
+  from experiments.benchmarks import all_to_all
+  config = all_to_all.load_config("configs/tiny.py")
+  m = config.model
+  m.num_layers, m.d_model, m.num_heads, m.num_kv_heads = 2, 32, 2, 2
+  config.model.d_ff, config.model.expert_d_ff = 64, 32
+  config.train.batch_size, config.train.seq_len = 8, 32
+  config.mesh.data, config.mesh.expert = 2, 4
+  config.model.capacity_factor, config.model.group_size = 1.0, 32
+  result = all_to_all.measure(config)
+  # Hand count: 2 MoE layers × (dispatch + combine) × (forward + backward) × 32 tokens
+  # per device × k=2 × d_model 32 × 4 bytes.
+  assert result["minimum_bytes"] == 2 * 2 * 2 * 32 * 2 * 32 * 4
+  assert result["measured_bytes"] == result["minimum_bytes"]
