@@ -14,7 +14,7 @@ def get_config(arg: str = ""):
   m.num_layers, m.d_model, m.num_heads, m.num_kv_heads, m.d_ff = 24, 1024, 16, 16, 2816
   m.activation = "geglu"
   m.num_experts, m.top_k, m.moe_layer_interval = 32, 2, 4
-  m.router, m.dispatch, m.renormalize = "top_k", "sort", False
+  m.router, m.dispatch, m.renormalize = "top_k", "auto", False
   m.capacity_factor, m.eval_capacity_factor = 1.25, 2.0
   m.lb_loss_weight, m.z_loss_weight = 0.01, 0.001
   return apply_variant(config, arg, "st_moe")

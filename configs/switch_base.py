@@ -14,7 +14,7 @@ def get_config(arg: str = ""):
   m.num_layers, m.d_model, m.num_heads, m.num_kv_heads, m.d_ff = 12, 768, 12, 12, 3072
   m.activation = "relu"
   m.num_experts, m.top_k, m.moe_layer_interval = 128, 1, 2
-  m.router, m.dispatch, m.renormalize = "top_k", "sort", False
+  m.router, m.dispatch, m.renormalize = "top_k", "auto", False
   m.capacity_factor, m.eval_capacity_factor, m.router_jitter = 1.25, 2.0, 0.01
   m.lb_loss_weight, m.z_loss_weight = 0.01, 0.0
   return apply_variant(config, arg, "switch_base")

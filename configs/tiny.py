@@ -13,7 +13,7 @@ def get_config(arg: str = ""):
   m.num_layers, m.d_model, m.num_heads, m.num_kv_heads = 4, 128, 4, 4
   m.d_ff = 512
   m.num_experts, m.top_k, m.expert_d_ff = 8, 2, 256
-  m.dispatch = "sort"
+  m.dispatch = "auto"
 
   t = config.train
   t.num_steps, t.batch_size, t.seq_len = 600, 32, 128

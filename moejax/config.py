@@ -34,7 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
   model.expert_d_ff = config_dict.placeholder(int)        # None: d_ff
   model.moe_layer_interval = 1
   model.router = "top_k"
-  model.dispatch = "sort"
+  model.dispatch = "auto"
   model.capacity_factor = 1.25
   model.eval_capacity_factor = 2.0
   model.min_capacity = 4

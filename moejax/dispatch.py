@@ -1,6 +1,6 @@
 """How routed tokens reach their experts and come back.
 
-Three dispatch forms compute the same function:
+Three dispatch forms; `einsum` and `sort` compute the same function (capacity, drops):
 
 * `einsum`: one-hot dispatch and combine masks `[tokens, experts, capacity]` and two
   einsums (GShard, Lepikhin et al. 2020; Switch; the TPU-friendly form: no gather or
@@ -9,6 +9,9 @@ Three dispatch forms compute the same function:
   (gather), the experts run as one batched matmul, and outputs are scatter-added back;
 * `dropless`: no capacity; rows sorted by expert go through a grouped matmul (MegaBlocks,
   Gale et al. 2022; OLMoE's dMoE).
+
+`auto` (the default) is the fastest capacity form for the backend it runs on
+(`resolve_dispatch`): `sort` on CPU and GPU, `einsum` on TPU.
 
 Capacity and drop priority live here, once. Within a routing group, an expert takes at
 most `capacity` assignments; every top-1 choice comes before any top-2 choice, then
@@ -30,7 +33,26 @@ import jax.numpy as jnp
 
 from moejax.routing import ExpertChoice, TokenChoice
 
-DISPATCHES = ("einsum", "sort", "dropless")
+DISPATCHES = ("auto", "einsum", "sort", "dropless")
+
+
+def resolve_dispatch(dispatch: str, backend: str) -> str:
+  """The dispatch form `dispatch` runs as on `backend` ('cpu', 'gpu', 'tpu', ...).
+
+  `auto` keeps capacity semantics (the function is that of `einsum` and `sort`; it never
+  turns into `dropless`) and picks the faster form:
+    * CPU: `sort`. Measured by `experiments/benchmarks/moe_layer.py` (docs/performance.md):
+      `einsum` is 2.4-2.6x slower over one group of 4096 tokens and 1.2-1.8x slower with
+      groups of 128-512, at every shape tried; its `[tokens, experts, capacity]` masks
+      grow quadratically with the group.
+    * GPU: `sort` (gathers and scatter-adds are cheap; the one-hot masks are not).
+    * TPU: `einsum`, the form GShard, Switch and ST-MoE use there: it is all matmuls,
+      which the MXU runs, while gathers and scatters are slow on TPU.
+  Other values are returned unchanged.
+  """
+  if dispatch != "auto":
+    return dispatch
+  return "einsum" if backend == "tpu" else "sort"
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float,
@@ -94,6 +116,52 @@ def sort_by_expert(experts: jax.Array, valid: jax.Array, num_experts: int):
 # ----------------------------------------------------------------------------- capacity paths
 
 
+@jax.custom_vjp
+def take_rows(x: jax.Array, take: jax.Array, give: jax.Array) -> jax.Array:
+  """Row gather whose gradient is a gather too: `y[m] = x[take[m]]`, `x` `[n, d]`.
+
+  Args:
+    x: `[n, d]`.
+    take: `[m]` int32, the row of `x` each output row copies; `n` gives a zero row.
+    give: `[n, j]` int32, the inverse map: the output rows that copy row `i` of `x`
+      (`m` pads). Must list every `m'` with `take[m'] == i`, each once.
+
+  Returns:
+    `[m, d]`. The cotangent of `x` is `dx[i] = sum_j dy[give[i, j]]`: a gather and a sum
+    over `j` instead of the scatter-add that autodiff of `x[take]` produces, which XLA's
+    CPU backend runs serially. Dispatch and combine both know their inverse map (a token
+    has at most k slots; a slot holds at most one token), so every data movement of the
+    `sort` and `dropless` paths, forward and backward, is a gather.
+  """
+  return _pad_row(x)[take]
+
+
+def _pad_row(x: jax.Array) -> jax.Array:
+  return jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])
+
+
+def _take_rows_fwd(x, take, give):
+  return take_rows(x, take, give), (take, give)
+
+
+def _take_rows_bwd(residual, dy):
+  take, give = residual
+  dx = jnp.sum(_pad_row(dy)[give], axis=1)
+  return dx, None, None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+def inverse_slots(slot: jax.Array, num_slots: int) -> jax.Array:
+  """`[num_slots, 1]` the position in `slot` (`[m]`, values in `[0, num_slots]`) that
+  fills each slot, or `m` for an empty slot; the inverse map of `take_rows`. Each slot
+  below `num_slots` must be filled at most once (`num_slots` marks "no slot")."""
+  m = slot.shape[0]
+  return jnp.full((num_slots,), m, jnp.int32).at[slot].set(
+      jnp.arange(m, dtype=jnp.int32), mode="drop")[:, None]
+
+
 def token_choice_slots(choice: TokenChoice, num_experts: int, capacity: int):
   """The `[experts * capacity]` slot table of a token-choice routing, built by sorting.
 
@@ -101,16 +169,37 @@ def token_choice_slots(choice: TokenChoice, num_experts: int, capacity: int):
     slot_token: `[experts * capacity]` token in each slot (`tokens` marks an empty slot).
     slot_gate: `[experts * capacity]` combine weight of each slot (0 for empty).
     kept: `[tokens, k]` bool, assignments that got a slot.
+    token_slot: `[tokens, k]` the slot of each assignment (`experts * capacity` if dropped
+      or invalid), the inverse of `slot_token`.
   """
   num_tokens, k = choice.expert_indices.shape
   experts, gates, valid, tokens = _assignments(choice)
   _, positions, _ = sort_by_expert(experts, valid, num_experts)
   kept = valid & (positions < capacity)
-  slot = jnp.where(kept, experts * capacity + positions, num_experts * capacity)
   size = num_experts * capacity
+  slot = jnp.where(kept, experts * capacity + positions, size)
   slot_token = jnp.full((size,), num_tokens, jnp.int32).at[slot].set(tokens, mode="drop")
   slot_gate = jnp.zeros((size,), gates.dtype).at[slot].set(gates, mode="drop")
-  return slot_token, slot_gate, kept.reshape(k, num_tokens).T
+  return slot_token, slot_gate, kept.reshape(k, num_tokens).T, slot.reshape(k, num_tokens).T
+
+
+def dispatch_to_slots(x: jax.Array, slot_token: jax.Array, token_slot: jax.Array,
+                      num_experts: int) -> jax.Array:
+  """`[tokens, d]` -> `[experts, capacity, d]` by gathers (forward and backward); empty
+  slots hold zeros. `slot_token`, `token_slot` from `token_choice_slots`."""
+  return take_rows(x, slot_token, token_slot).reshape(num_experts, -1, x.shape[-1])
+
+
+def combine_from_slots(expert_out: jax.Array, token_slot: jax.Array,
+                       token_gate: jax.Array) -> jax.Array:
+  """`[experts, capacity, d]` -> `[tokens, d]`: each token sums its k slots' outputs
+  weighted by `token_gate` `[tokens, k]` (0 for dropped assignments), by gathers."""
+  flat = expert_out.reshape(-1, expert_out.shape[-1])
+  num_tokens, k = token_slot.shape
+  picked = take_rows(flat, token_slot.reshape(-1), inverse_slots(token_slot.reshape(-1),
+                                                                 flat.shape[0]))
+  picked = picked.reshape(num_tokens, k, -1)
+  return jnp.einsum("tkd,tk->td", picked, token_gate.astype(picked.dtype))
 
 
 def expert_choice_slots(choice: ExpertChoice):
@@ -163,19 +252,27 @@ def expert_choice_masks(choice: ExpertChoice, num_tokens: int, dtype):
 
 def dropless(x: jax.Array, choice: TokenChoice, num_experts: int,
              grouped_experts: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
-  """Every valid assignment is processed: sort rows by expert, grouped matmul, scatter back.
+  """Every valid assignment is processed: sort rows by expert, grouped matmul, gather back.
 
   Args:
     x: `[tokens, d_model]`.
     choice: `TokenChoice` with `[tokens, k]` fields.
-    grouped_experts: `(rows [k·tokens, d], group_sizes [experts]) -> [k·tokens, d]`.
+    grouped_experts: `(rows [k·tokens, d], group_sizes [experts]) -> [k·tokens, d]`, rows
+      sorted by expert; rows past `sum(group_sizes)` are zero and must map to zero.
 
   Returns:
     `[tokens, d_model]`.
   """
-  experts, gates, valid, tokens = _assignments(choice)
+  num_tokens, k = choice.expert_indices.shape
+  num_rows = num_tokens * k
+  experts, gates, valid, tokens = _assignments(choice)       # [k·tokens], rank-major
   order, _, group_sizes = sort_by_expert(experts, valid, num_experts)
-  sorted_tokens = tokens[order]
-  out = grouped_experts(x[sorted_tokens], group_sizes)
-  weight = jnp.where(valid[order], gates[order], 0.0).astype(out.dtype)
-  return jnp.zeros((x.shape[0], out.shape[-1]), out.dtype).at[sorted_tokens].add(out * weight[:, None])
+  row_of = jnp.zeros((num_rows,), jnp.int32).at[order].set(jnp.arange(num_rows, dtype=jnp.int32))
+  row_of = jnp.where(valid, row_of, num_rows)
+  token_rows = row_of.reshape(k, num_tokens).T                # [tokens, k]
+  row_token = jnp.where(valid[order], tokens[order], num_tokens)
+  rows = take_rows(x, row_token, token_rows)                  # [k·tokens, d], by expert
+  out = grouped_experts(rows, group_sizes)
+  token_gate = jnp.where(choice.valid, choice.gates, 0.0)
+  picked = take_rows(out, token_rows.reshape(-1), inverse_slots(token_rows.reshape(-1), num_rows))
+  return jnp.einsum("tkd,tk->td", picked.reshape(num_tokens, k, -1), token_gate.astype(out.dtype))

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax.dispatch import take_rows
 from moejax.parallel import logical
 
 ACTIVATIONS = ("relu", "gelu", "swiglu", "geglu")
@@ -31,6 +32,19 @@ def hidden_activation(activation: str, pre: jax.Array, gate_pre: jax.Array | Non
   if activation in _GATED:
     return _GATED[activation](gate_pre) * pre
   return _PLAIN[activation](pre)
+
+
+def on_rows(fn, x: jax.Array) -> jax.Array:
+  """`fn` (`[rows, d_in] -> [rows, d_out]`) applied to `x` `[..., d_in]` as one 2-D array;
+  returns `[..., d_out]`.
+
+  A matmul over `[batch, seq, d]` contracts two token axes in its weight gradient, which
+  XLA's CPU backend runs about 2x slower than the same contraction over one flattened
+  axis (a SwiGLU FFN, 4096 tokens, d_model 512, hidden 2048, forward+backward: 454-499 ms
+  against 246-251 ms on 2 cores). Every projection of the model goes through here.
+  """
+  rows = fn(x.reshape(-1, x.shape[-1]))
+  return rows.reshape(*x.shape[:-1], rows.shape[-1])
 
 
 def _expert_init(scale: float = 1.0):
@@ -57,7 +71,9 @@ class FeedForward(nnx.Module):
                            **logical("mlp", "embed"))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = x.astype(self.dtype)
+    return on_rows(self._rows, x.astype(self.dtype))
+
+  def _rows(self, x: jax.Array) -> jax.Array:
     pre = x @ self.w_in[...].astype(self.dtype)
     gate_pre = None if self.w_gate is None else x @ self.w_gate[...].astype(self.dtype)
     return hidden_activation(self.activation, pre, gate_pre) @ self.w_out[...].astype(self.dtype)
@@ -144,8 +160,8 @@ class Experts(nnx.Module):
     rows, d = x.shape
     block = block_size(rows, group_sizes.shape[0])
     slot_row, block_expert, row_slot = block_layout(group_sizes, rows, block)
-    padded = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[slot_row]
-    blocks = padded.reshape(-1, block, d).astype(self.dtype)          # [blocks, block, d]
+    blocks = take_rows(x, slot_row, row_slot[:, None])
+    blocks = blocks.reshape(-1, block, d).astype(self.dtype)           # [blocks, block, d]
     w_in, w_gate, w_out = weights
     # Dropout's scaling (0 or 1/keep) drawn outside the loop: the loop body stays pure.
     keep = dropout(jnp.ones(blocks.shape[:2] + (w_in.shape[-1],), self.dtype))
@@ -160,8 +176,7 @@ class Experts(nnx.Module):
     one_block = jax.checkpoint(one_block,
                                policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
     _, out = jax.lax.scan(one_block, None, (blocks, block_expert, keep))
-    out = jnp.concatenate([out.reshape(-1, d), jnp.zeros((1, d), out.dtype)])
-    return out[row_slot]
+    return take_rows(out.reshape(-1, d), row_slot, slot_row[:, None])
 
 
 def block_size(rows: int, num_experts: int) -> int:

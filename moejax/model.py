@@ -36,7 +36,7 @@ import ml_collections
 from flax import nnx
 
 from moejax.dispatch import DISPATCHES
-from moejax.experts import ACTIVATIONS, FeedForward  # FeedForward is re-exported here.
+from moejax.experts import ACTIVATIONS, FeedForward, on_rows  # FeedForward is re-exported here.
 from moejax.moe import MoeLayer
 from moejax.parallel import logical
 from moejax.routing import ROUTERS
@@ -235,9 +235,9 @@ class CausalSelfAttention(nnx.Module):
       `([batch, seq, d_model], updated cache or None)`.
     """
     batch, seq, _ = x.shape
-    q = self.q_proj(x).reshape(batch, seq, self.num_heads, self.head_dim)
-    k = self.k_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+    q = on_rows(self.q_proj, x).reshape(batch, seq, self.num_heads, self.head_dim)
+    k = on_rows(self.k_proj, x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+    v = on_rows(self.v_proj, x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q = apply_rope(q, positions, self.rope_base)
@@ -252,7 +252,7 @@ class CausalSelfAttention(nnx.Module):
       key_positions = jnp.arange(k.shape[1], dtype=jnp.int32)
     mask = key_positions[None, :] <= positions[:, None]  # [seq, kv_len]
     out = grouped_query_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-    return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim)), cache
+    return on_rows(self.o_proj, out.reshape(batch, seq, self.num_heads * self.head_dim)), cache
 
 
 class DecoderBlock(nnx.Module):
@@ -387,10 +387,11 @@ class TransformerLM(nnx.Module):
         auxes.append(aux)
     h = self.final_norm(x)
     if self.lm_head is None:
-      logits = jnp.einsum("bsd,vd->bsv", h, self.embed.embedding[...].astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+      embedding = self.embed.embedding[...].astype(self.dtype)
+      logits = on_rows(lambda rows: jnp.einsum("nd,vd->nv", rows, embedding,
+                                               preferred_element_type=jnp.float32), h)
     else:
-      logits = self.lm_head(h).astype(jnp.float32)
+      logits = on_rows(self.lm_head, h).astype(jnp.float32)
     aux = self._aggregate_aux(auxes)
     if cache is None:
       return logits, aux

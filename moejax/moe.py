@@ -49,7 +49,10 @@ class MoeLayer(nnx.Module):
     top_k: experts per token (token choice); for expert choice, the average number of
       experts per token that sets the capacity; for `router='dense'` it must equal E.
     router: 'top_k', 'noisy_top_k', 'expert_choice' or 'dense' (see the module table).
-    dispatch: 'einsum', 'sort' or 'dropless' (see `moejax.dispatch`).
+    dispatch: 'auto', 'einsum', 'sort' or 'dropless' (see `moejax.dispatch`). 'auto'
+      computes the capacity function of 'einsum'/'sort' with the form that is faster on
+      the default backend (`moejax.dispatch.resolve_dispatch`); `layer.dispatch` holds the
+      form chosen.
     capacity_factor: capacity = max(min_capacity, ceil(cf · T · k / E)) per routing group
       in training; not used by 'dropless'.
     eval_capacity_factor: the same in eval mode.
@@ -78,7 +81,7 @@ class MoeLayer(nnx.Module):
   """
 
   def __init__(self, *, d_model: int, d_ff: int, num_experts: int, top_k: int = 2,
-               router: str = "top_k", dispatch: str = "sort", capacity_factor: float = 1.25,
+               router: str = "top_k", dispatch: str = "auto", capacity_factor: float = 1.25,
                eval_capacity_factor: float = 2.0, min_capacity: int = 4,
                activation: str = "swiglu", renormalize: bool = False,
                second_expert_policy: str = "all", router_jitter: float = 0.0,
@@ -118,7 +121,8 @@ class MoeLayer(nnx.Module):
                        "size with dispatch 'einsum' or 'sort', or None.")
 
     self.d_model, self.d_ff, self.num_experts, self.top_k = d_model, d_ff, num_experts, top_k
-    self.router, self.dispatch = router, dispatch
+    self.router = router
+    self.dispatch = dispatch_lib.resolve_dispatch(dispatch, jax.default_backend())
     self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
     self.min_capacity, self.renormalize = min_capacity, renormalize
     self.second_expert_policy, self.router_jitter = second_expert_policy, router_jitter
@@ -215,8 +219,12 @@ class MoeLayer(nnx.Module):
         dispatch_mask, combine_mask, kept = masks(grouped_choice)   # [G, S, E, C]
         return self._einsum_dispatch(grouped_x, dispatch_mask, combine_mask) + (kept,)
       slots = jax.vmap(lambda c: dispatch_lib.token_choice_slots(c, E, capacity))
-      slot_token, slot_gate, kept = slots(grouped_choice)           # [G, E·C]
-      return self._sort_dispatch(grouped_x, slot_token, slot_gate) + (kept,)
+      slot_token, _, kept, token_slot = slots(grouped_choice)       # [G, E·C], [G, S, k]
+      token_gate = jnp.where(kept, grouped_choice.gates, 0.0)
+      buffers = jax.vmap(lambda x, s, t: dispatch_lib.dispatch_to_slots(x, s, t, E))(
+          grouped_x.astype(self.dtype), slot_token, token_slot)
+      combine = lambda out: jax.vmap(dispatch_lib.combine_from_slots)(out, token_slot, token_gate)
+      return buffers, combine, kept
 
     out, kept = self._capacity_moe(tokens, choice, dispatch)  # kept [T, k]
     dropped = jnp.sum(choice.valid & ~kept)
@@ -323,7 +331,8 @@ class MoeLayer(nnx.Module):
     return buffers, lambda out: jnp.einsum("gsec,gecd->gsd", combine_mask, out)
 
   def _sort_dispatch(self, grouped_x, slot_token, slot_gate):
-    """`[G, S, d]` with slot tables `[G, E·C]` -> buffers `[G, E, C, d]` and their combine."""
+    """Expert choice: `[G, S, d]` with slot tables `[G, E·C]` -> buffers `[G, E, C, d]` and
+    their combine (a token may sit in any number of slots, so the combine scatter-adds)."""
     group = grouped_x.shape[1]
     E = self.num_experts
     buffers = jax.vmap(lambda x, s: dispatch_lib.gather_to_experts(x, s, E))(grouped_x, slot_token)

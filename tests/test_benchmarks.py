@@ -74,9 +74,9 @@ def test_find_tec_shape():
 def test_csv_is_never_overwritten(tmp_path):
   table = [{c: 1.5 for c in moe_layer.COLUMNS}]
   path = str(tmp_path / "r.csv")
-  assert moe_layer.write_csv(table, path) == path
-  assert moe_layer.write_csv(table, path) == str(tmp_path / "r-1.csv")
-  assert moe_layer.write_csv(table, path) == str(tmp_path / "r-2.csv")
+  assert moe_layer.write_rows(table, moe_layer.COLUMNS, path) == path
+  assert moe_layer.write_rows(table, moe_layer.COLUMNS, path) == str(tmp_path / "r-1.csv")
+  assert moe_layer.write_rows(table, moe_layer.COLUMNS, path) == str(tmp_path / "r-2.csv")
   with open(path) as fh:
     assert fh.readline().strip() == ",".join(moe_layer.COLUMNS)
 
@@ -120,3 +120,29 @@ def test_all_to_all_script_reads_the_minimum_off_a_real_train_step():
   # per device × k=2 × d_model 32 × 4 bytes.
   assert result["minimum_bytes"] == 2 * 2 * 2 * 32 * 2 * 32 * 4
   assert result["measured_bytes"] == result["minimum_bytes"]
+
+
+def test_train_step_benchmark_smoke_reports_throughput_share_and_memory(tmp_path):
+  from experiments.benchmarks import train_step
+  from moejax.model import expert_d_ff_of
+  args = train_step.parse_flags(["--config=configs/tiny.py:smoke", "--reps=2", "--warmup=1",
+                                 f"--out={tmp_path / 'ts.csv'}"])
+  rows, path = train_step.run(args)
+  assert path == str(tmp_path / "ts.csv")
+  by_name = {r["name"]: r for r in rows}
+  assert list(by_name) == ["step", "moe_layers", "dense_step"]
+  step, moe, dense = by_name["step"], by_name["moe_layers"], by_name["dense_step"]
+  tokens = step["batch"] * step["seq_len"]
+  assert step["tokens_per_s"] == pytest.approx(tokens / (step["median_ms"] / 1e3))
+  assert moe["share_of_step"] == pytest.approx(moe["median_ms"] / step["median_ms"])
+  assert step["vs_dense"] == pytest.approx(step["median_ms"] / dense["median_ms"])
+  for r in rows:
+    assert 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+    assert r["peak_mib"] >= r["temp_mib"] > 0
+  # The dense baseline replaces each MoE layer by an FFN of the same active width.
+  config = train_step.load_config_file("configs/tiny.py:smoke")
+  dense_config = train_step.dense_equivalent(config)
+  assert dense_config.model.num_experts == 0
+  assert dense_config.model.d_ff == config.model.top_k * expert_d_ff_of(config.model)
+  with open(path, newline="") as fh:
+    assert len(list(csv.DictReader(fh))) == 3

@@ -42,7 +42,7 @@ def run_reference(layer, x, *, dropless=False, group_size=None):
   return y.reshape(x.shape), dropped
 
 
-@pytest.mark.parametrize("dispatch", ["einsum", "sort", "dropless"])
+@pytest.mark.parametrize("dispatch", ["auto", "einsum", "sort", "dropless"])
 @pytest.mark.parametrize("activation", ["swiglu", "relu", "gelu", "geglu"])
 def test_matches_reference_loop_with_drops(dispatch, activation):
   layer = make_layer(dispatch=dispatch, activation=activation, capacity_factor=0.6, min_capacity=1)
@@ -53,6 +53,15 @@ def test_matches_reference_loop_with_drops(dispatch, activation):
   if dispatch != "dropless":
     assert dropped > 0, "the test should exercise dropping"
   assert float(aux["dropped_fraction"]) == pytest.approx(dropped / (x.shape[0] * x.shape[1] * 2))
+
+
+def test_auto_dispatch_keeps_capacity_and_picks_the_form_per_backend():
+  assert [dispatch_lib.resolve_dispatch("auto", b) for b in ("cpu", "gpu", "tpu")] == \
+      ["sort", "sort", "einsum"]
+  for explicit in ("einsum", "sort", "dropless"):
+    assert dispatch_lib.resolve_dispatch(explicit, "tpu") == explicit
+  assert make_layer(dispatch="auto").dispatch == dispatch_lib.resolve_dispatch(
+      "auto", jax.default_backend())
 
 
 @pytest.mark.parametrize("dispatch", ["einsum", "sort"])
@@ -204,6 +213,35 @@ def test_property_block_layout_places_every_row_once(sizes, spare, block):
     assert block_expert[row_slot[r] // block] == owner[r]
   assert np.all(row_slot[sum(sizes):] == len(slot_row))
   assert np.sum(slot_row < rows) == sum(sizes)
+
+
+@settings(max_examples=25, deadline=None)
+@given(tokens=st.integers(1, 12), k=st.integers(1, 3), slots=st.integers(1, 30),
+       seed=st.integers(0, 1000))
+def test_property_take_rows_gradient_is_the_scatter_add_gradient(tokens, k, slots, seed):
+  """`take_rows` with a token -> slots inverse map against autodiff of a plain gather."""
+  rng = np.random.default_rng(seed)
+  # A random partial injection of the tokens' k assignments into `slots` slots.
+  wanted = rng.permutation(tokens * k)[:slots]
+  slot_of = np.full(tokens * k, slots)
+  slot_of[wanted] = np.arange(len(wanted))
+  rng.shuffle(slot_of[:])
+  token_slot = slot_of.reshape(tokens, k)
+  slot_token = np.full(slots, tokens)
+  for assignment, slot in enumerate(slot_of):
+    if slot < slots:
+      slot_token[slot] = assignment // k
+  x = jnp.asarray(rng.normal(size=(tokens, 3)), jnp.float32)
+  cot = jnp.asarray(rng.normal(size=(slots, 3)), jnp.float32)
+  plain = lambda x: jnp.concatenate([x, jnp.zeros((1, 3))])[slot_token]
+  ours = lambda x: dispatch_lib.take_rows(x, jnp.asarray(slot_token), jnp.asarray(token_slot))
+  np.testing.assert_array_equal(np.asarray(ours(x)), np.asarray(plain(x)))
+  grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * cot))(x)
+  np.testing.assert_allclose(np.asarray(grad(ours)), np.asarray(grad(plain)), rtol=1e-6, atol=1e-6)
+  inverse = np.asarray(dispatch_lib.inverse_slots(jnp.asarray(slot_of), slots))[:, 0]
+  for slot in range(slots):  # hand check of the inverse map
+    filled = np.flatnonzero(slot_of == slot)
+    assert inverse[slot] == (filled[0] if len(filled) else tokens * k)
 
 
 # --------------------------------------------------------------------------- metrics and modes

@@ -18,7 +18,6 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402  (after the device count is set)
-from flax import nnx  # noqa: E402
 
 from moejax import parallel, train  # noqa: E402
 from moejax.model import moe_layer_indices  # noqa: E402

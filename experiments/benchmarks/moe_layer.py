@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import csv
 import dataclasses
 import math
 import os
@@ -73,6 +72,7 @@ from flax import nnx
 
 import moejax
 from moejax import dispatch as dispatch_lib
+from experiments.benchmarks.common import expert_flops, write_rows
 from moejax.experts import FeedForward
 
 PRESETS = {
@@ -192,11 +192,6 @@ def _module_fn(module: nnx.Module, has_aux: bool, mode: str):
 
   fn = loss_fn if mode == "fwd" else jax.value_and_grad(loss_fn, argnums=(0, 1))
   return fn, params
-
-
-def expert_flops(tokens: int, d_model: int, hidden: int) -> float:
-  """Forward FLOPs of a bias-free SwiGLU FFN of `hidden` units over `tokens` rows."""
-  return 3 * 2 * tokens * d_model * hidden
 
 
 def moe_active_flops(tokens: int, d_model: int, d_ff: int, num_experts: int, top_k: int,
@@ -343,30 +338,6 @@ def markdown_table(table: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def unused_path(path: str) -> str:
-  """`path` if no file is there, else `stem-1.csv`, `stem-2.csv`, ...: never overwrite."""
-  if not os.path.exists(path):
-    return path
-  stem, ext = os.path.splitext(path)
-  i = 1
-  while os.path.exists(f"{stem}-{i}{ext}"):
-    i += 1
-  return f"{stem}-{i}{ext}"
-
-
-def write_csv(table: list[dict], path: str) -> str:
-  path = unused_path(path)
-  if os.path.dirname(path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-  # 'x' mode: fail rather than overwrite if another process created the file meanwhile.
-  with open(path, "x", newline="") as fh:
-    writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-    writer.writeheader()
-    for row in table:
-      writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-  return path
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -392,7 +363,7 @@ def run(args: argparse.Namespace, log=print) -> tuple[list[dict], str]:
       row.times.append(time_once(row))
     log(f"  repetition {rep + 1}/{args.reps} done ({time.perf_counter() - wall:.0f}s)")
   table = results(rows)
-  path = write_csv(table, args.out)
+  path = write_rows(table, COLUMNS, args.out)
   log(markdown_table(table))
   log(f"wrote {path}; wall time {time.perf_counter() - wall:.0f}s")
   return table, path
