@@ -167,20 +167,18 @@ def token_choice_slots(choice: TokenChoice, num_experts: int, capacity: int):
 
   Returns:
     slot_token: `[experts * capacity]` token in each slot (`tokens` marks an empty slot).
-    slot_gate: `[experts * capacity]` combine weight of each slot (0 for empty).
     kept: `[tokens, k]` bool, assignments that got a slot.
     token_slot: `[tokens, k]` the slot of each assignment (`experts * capacity` if dropped
       or invalid), the inverse of `slot_token`.
   """
   num_tokens, k = choice.expert_indices.shape
-  experts, gates, valid, tokens = _assignments(choice)
+  experts, _, valid, tokens = _assignments(choice)
   _, positions, _ = sort_by_expert(experts, valid, num_experts)
   kept = valid & (positions < capacity)
   size = num_experts * capacity
   slot = jnp.where(kept, experts * capacity + positions, size)
   slot_token = jnp.full((size,), num_tokens, jnp.int32).at[slot].set(tokens, mode="drop")
-  slot_gate = jnp.zeros((size,), gates.dtype).at[slot].set(gates, mode="drop")
-  return slot_token, slot_gate, kept.reshape(k, num_tokens).T, slot.reshape(k, num_tokens).T
+  return slot_token, kept.reshape(k, num_tokens).T, slot.reshape(k, num_tokens).T
 
 
 def dispatch_to_slots(x: jax.Array, slot_token: jax.Array, token_slot: jax.Array,
@@ -192,13 +190,17 @@ def dispatch_to_slots(x: jax.Array, slot_token: jax.Array, token_slot: jax.Array
 
 def combine_from_slots(expert_out: jax.Array, token_slot: jax.Array,
                        token_gate: jax.Array) -> jax.Array:
-  """`[experts, capacity, d]` -> `[tokens, d]`: each token sums its k slots' outputs
-  weighted by `token_gate` `[tokens, k]` (0 for dropped assignments), by gathers."""
-  flat = expert_out.reshape(-1, expert_out.shape[-1])
-  num_tokens, k = token_slot.shape
-  picked = take_rows(flat, token_slot.reshape(-1), inverse_slots(token_slot.reshape(-1),
-                                                                 flat.shape[0]))
-  picked = picked.reshape(num_tokens, k, -1)
+  """`[experts, capacity, d]` -> `[tokens, d]` (see `gated_sum_of_rows`)."""
+  return gated_sum_of_rows(expert_out.reshape(-1, expert_out.shape[-1]), token_slot, token_gate)
+
+
+def gated_sum_of_rows(rows: jax.Array, token_rows: jax.Array, token_gate: jax.Array) -> jax.Array:
+  """`[n, d]` -> `[tokens, d]`: each token sums its k rows (`token_rows` `[tokens, k]`, `n`
+  = none) weighted by `token_gate` `[tokens, k]`, by gathers forward and backward. Each
+  row belongs to at most one (token, rank)."""
+  num_tokens, k = token_rows.shape
+  flat = token_rows.reshape(-1)
+  picked = take_rows(rows, flat, inverse_slots(flat, rows.shape[0])).reshape(num_tokens, k, -1)
   return jnp.einsum("tkd,tk->td", picked, token_gate.astype(picked.dtype))
 
 
@@ -273,6 +275,4 @@ def dropless(x: jax.Array, choice: TokenChoice, num_experts: int,
   row_token = jnp.where(valid[order], tokens[order], num_tokens)
   rows = take_rows(x, row_token, token_rows)                  # [k·tokens, d], by expert
   out = grouped_experts(rows, group_sizes)
-  token_gate = jnp.where(choice.valid, choice.gates, 0.0)
-  picked = take_rows(out, token_rows.reshape(-1), inverse_slots(token_rows.reshape(-1), num_rows))
-  return jnp.einsum("tkd,tk->td", picked.reshape(num_tokens, k, -1), token_gate.astype(out.dtype))
+  return gated_sum_of_rows(out, token_rows, jnp.where(choice.valid, choice.gates, 0.0))

@@ -219,7 +219,7 @@ class MoeLayer(nnx.Module):
         dispatch_mask, combine_mask, kept = masks(grouped_choice)   # [G, S, E, C]
         return self._einsum_dispatch(grouped_x, dispatch_mask, combine_mask) + (kept,)
       slots = jax.vmap(lambda c: dispatch_lib.token_choice_slots(c, E, capacity))
-      slot_token, _, kept, token_slot = slots(grouped_choice)       # [G, E·C], [G, S, k]
+      slot_token, kept, token_slot = slots(grouped_choice)       # [G, E·C], [G, S, k]
       token_gate = jnp.where(kept, grouped_choice.gates, 0.0)
       buffers = jax.vmap(lambda x, s, t: dispatch_lib.dispatch_to_slots(x, s, t, E))(
           grouped_x.astype(self.dtype), slot_token, token_slot)
