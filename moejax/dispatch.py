@@ -6,7 +6,8 @@ Three dispatch forms; `einsum` and `sort` compute the same function (capacity, d
   einsums (GShard, Lepikhin et al. 2020; Switch; the TPU-friendly form: no gather or
   scatter, positions from a cumulative sum);
 * `sort`: assignments are placed into `[experts, capacity, d_model]` buffers by index
-  (gather), the experts run as one batched matmul, and outputs are scatter-added back;
+  (gather), the experts run on those buffers, and outputs are gathered back (every data
+  movement, forward and backward, is a gather: `take_rows`);
 * `dropless`: no capacity; rows sorted by expert go through a grouped matmul (MegaBlocks,
   Gale et al. 2022; OLMoE's dMoE).
 

@@ -10,28 +10,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax import block_ffn
+from moejax.activations import check_activation, hidden_activation, is_gated
 from moejax.dispatch import take_rows
 from moejax.parallel import logical
-
-ACTIVATIONS = ("relu", "gelu", "swiglu", "geglu")
-_GATED = {"swiglu": jax.nn.silu, "geglu": jax.nn.gelu}
-_PLAIN = {"relu": jax.nn.relu, "gelu": jax.nn.gelu}
-
-
-def check_activation(activation: str) -> None:
-  if activation not in ACTIVATIONS:
-    raise ValueError(f"activation={activation!r} is not supported; allowed: {', '.join(ACTIVATIONS)}.")
-
-
-def is_gated(activation: str) -> bool:
-  return activation in _GATED
-
-
-def hidden_activation(activation: str, pre: jax.Array, gate_pre: jax.Array | None) -> jax.Array:
-  """The FFN hidden layer from its pre-activations: act(pre), or act(gate_pre) · pre if gated."""
-  if activation in _GATED:
-    return _GATED[activation](gate_pre) * pre
-  return _PLAIN[activation](pre)
 
 
 def on_rows(fn, x: jax.Array) -> jax.Array:
@@ -84,7 +66,8 @@ class Experts(nnx.Module):
 
   Two layouts of the routed tokens are supported:
     * `__call__(x)` with `x` `[experts, capacity, d_model]`: one batched matmul per weight
-      (the capacity paths, `einsum` and `sort` dispatch);
+      on GPU and TPU, a loop of 2-D matmuls over the experts on CPU (the capacity paths,
+      `einsum` and `sort` dispatch);
     * `grouped(x, group_sizes)` with `x` `[rows, d_model]` sorted by expert: a grouped
       matmul with no capacity (the `dropless` path, Gale et al. 2022, MegaBlocks).
   """
@@ -117,9 +100,18 @@ class Experts(nnx.Module):
 
   def apply_batched(self, x: jax.Array, weights, dropout) -> jax.Array:
     """`__call__` on explicit `weights` (any number of experts, from `weights()` or a shard of
-    them) with `dropout` a function of the hidden layer."""
+    them) with `dropout` a function of the hidden layer.
+
+    On CPU each expert's buffer is one block of `block_ffn.block_ffn`: XLA's CPU backend runs
+    a loop of 2-D matmuls faster than one batched matmul (forward+backward, E=16/64 experts of
+    512/128 rows: see docs/performance.md)."""
     w_in, w_gate, w_out = weights
     x = x.astype(self.dtype)
+    if jax.default_backend() == "cpu":
+      num_experts = x.shape[0]
+      keep = dropout(jnp.ones(x.shape[:2] + (w_in.shape[-1],), self.dtype))
+      return block_ffn.block_ffn(self.activation, x, jnp.arange(num_experts), num_experts, keep,
+                                 w_in, w_gate, w_out)
     pre = jnp.einsum("ecd,edf->ecf", x, w_in)
     gate_pre = None if w_gate is None else jnp.einsum("ecd,edf->ecf", x, w_gate)
     hidden = dropout(hidden_activation(self.activation, pre, gate_pre))
@@ -153,76 +145,15 @@ class Experts(nnx.Module):
     return jnp.where(in_group[:, None], out, 0)
 
   def _grouped_blocks(self, x, group_sizes, weights, dropout) -> jax.Array:
-    """The CPU grouped matmul: a `lax.scan` over blocks of rows, each reading its expert's
-    weights in place. Indexing the weights inside the loop (rather than gathering a copy
-    per block up front) and rematerialising the weight slices in the backward pass keep
-    memory at the size of the activations."""
+    """The CPU grouped matmul: rows laid out in blocks of one expert each
+    (`block_ffn.block_layout`), then `block_ffn.block_ffn` over the blocks in use."""
     rows, d = x.shape
-    block = block_size(rows, group_sizes.shape[0])
-    slot_row, block_expert, row_slot = block_layout(group_sizes, rows, block)
+    block = block_ffn.block_size(rows, group_sizes.shape[0])
+    slot_row, block_expert, row_slot, used_blocks = block_ffn.block_layout(group_sizes, rows, block)
     blocks = take_rows(x, slot_row, row_slot[:, None])
     blocks = blocks.reshape(-1, block, d).astype(self.dtype)           # [blocks, block, d]
     w_in, w_gate, w_out = weights
-    # Dropout's scaling (0 or 1/keep) drawn outside the loop: the loop body stays pure.
     keep = dropout(jnp.ones(blocks.shape[:2] + (w_in.shape[-1],), self.dtype))
-
-    def one_block(carry, inputs):
-      rows_in, expert, keep_block = inputs
-      pre = rows_in @ w_in[expert]
-      gate_pre = None if w_gate is None else rows_in @ w_gate[expert]
-      hidden = hidden_activation(self.activation, pre, gate_pre) * keep_block
-      return carry, hidden @ w_out[expert]
-
-    one_block = jax.checkpoint(one_block,
-                               policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    _, out = jax.lax.scan(one_block, None, (blocks, block_expert, keep))
+    out = block_ffn.block_ffn(self.activation, blocks, block_expert, used_blocks, keep,
+                              w_in, w_gate, w_out)
     return take_rows(out.reshape(-1, d), row_slot, slot_row[:, None])
-
-
-def block_size(rows: int, num_experts: int) -> int:
-  """Rows per block of the CPU grouped matmul: the largest power of two at most a balanced
-  expert's rows (rows / E), between 8 and 256. Padding wastes under one block per expert;
-  larger blocks make better matmuls (measured on 2 CPU cores: best at E=16 and E=64 for
-  8192 rows)."""
-  target = max(8, rows // num_experts)
-  return int(min(256, 1 << (target.bit_length() - 1)))
-
-
-def block_layout(group_sizes: jax.Array, rows: int, block: int):
-  """Lay `rows` rows sorted by expert into blocks of `block` rows, each owned by one expert.
-
-  Args:
-    group_sizes: `[experts]` rows of each expert; rows past their sum belong to none.
-    rows: total rows (static).
-    block: rows per block (static).
-
-  Returns:
-    slot_row: `[num_blocks * block]` the source row of each padded slot (`rows` = empty).
-    block_expert: `[num_blocks]` the expert owning each block.
-    row_slot: `[rows]` the padded slot of each row (`num_blocks * block` = no slot).
-    num_blocks = ceil(rows / block) + experts, enough for any `group_sizes`.
-  """
-  num_experts = group_sizes.shape[0]
-  num_blocks = -(-rows // block) + num_experts
-  sizes = group_sizes.astype(jnp.int32)
-  padded_sizes = -(-sizes // block) * block
-  ends = jnp.cumsum(sizes)
-  starts = ends - sizes
-  padded_ends = jnp.cumsum(padded_sizes)
-  padded_starts = padded_ends - padded_sizes
-
-  slots = jnp.arange(num_blocks * block)
-  slot_expert = jnp.minimum(jnp.searchsorted(padded_ends, slots, side="right"), num_experts - 1)
-  offset = slots - padded_starts[slot_expert]
-  slot_used = (offset < sizes[slot_expert]) & (slots < padded_ends[-1])
-  slot_row = jnp.where(slot_used, starts[slot_expert] + offset, rows)
-
-  block_expert = slot_expert[::block]
-
-  row_ids = jnp.arange(rows)
-  row_expert = jnp.searchsorted(ends, row_ids, side="right")
-  in_group = row_expert < num_experts
-  row_expert = jnp.minimum(row_expert, num_experts - 1)
-  row_slot = jnp.where(in_group, padded_starts[row_expert] + row_ids - starts[row_expert],
-                       num_blocks * block)
-  return slot_row, block_expert, row_slot

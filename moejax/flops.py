@@ -31,7 +31,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from moejax.experts import is_gated
+from moejax.activations import is_gated
 from moejax.model import expert_d_ff_of, head_dim_of, moe_layer_indices, validate_config
 
 

@@ -35,8 +35,9 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from moejax.activations import ACTIVATIONS
 from moejax.dispatch import DISPATCHES
-from moejax.experts import ACTIVATIONS, FeedForward, on_rows  # FeedForward is re-exported here.
+from moejax.experts import FeedForward, on_rows  # FeedForward is re-exported here.
 from moejax.moe import MoeLayer
 from moejax.parallel import logical
 from moejax.routing import ROUTERS

@@ -23,7 +23,8 @@ from flax import nnx
 from moejax import dispatch as dispatch_lib
 from moejax import parallel
 from moejax import routing
-from moejax.experts import Experts, FeedForward, check_activation
+from moejax.activations import check_activation
+from moejax.experts import Experts, FeedForward
 
 
 def _check_choice(name: str, value, allowed) -> None:

@@ -394,7 +394,7 @@ def capacity_expert_parallel(mesh, body: Callable, tokens: jax.Array, route, exp
   where `body` routes its groups, builds buffers `[groups, E, C, d]`, and calls
   `expert_fn(buffers) -> [groups, E, C, d]`. Here `expert_fn` is: all-to-all over the
   expert axis (each device receives, from every device, the slots of its E/n experts:
-  `[n·groups, E/n, C, d]`), the local experts as one batched matmul, and the all-to-all
+  `[n·groups, E/n, C, d]`), the local experts (`Experts.apply_batched`), and the all-to-all
   back. Expert weights stay sharded (`P('expert')`); gradients flow through the shard_map.
 
   Args:

@@ -18,8 +18,8 @@ def softmax(logits):
   return e / e.sum(-1, keepdims=True)
 
 
-def ffn(x, w_in, w_gate, w_out, activation):
-  """One expert on one token vector `[d]`."""
+def ffn(x, w_in, w_gate, w_out, activation, keep=1.0):
+  """One expert on one token vector `[d]`; `keep` scales the hidden layer (dropout)."""
   pre = x @ w_in
   if activation == "swiglu":
     g = x @ w_gate
@@ -31,7 +31,7 @@ def ffn(x, w_in, w_gate, w_out, activation):
     hidden = np.maximum(pre, 0)
   else:
     hidden = _gelu(pre)
-  return hidden @ w_out
+  return (hidden * keep) @ w_out
 
 
 def _gelu(v):

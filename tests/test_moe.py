@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import moejax
 from moejax import dispatch as dispatch_lib
-from moejax.experts import block_layout
+from moejax.block_ffn import block_layout
 
 import moe_reference as ref
 
@@ -205,7 +205,7 @@ def test_property_queue_positions_by_sort_equal_cumsum(assignments, num_experts,
        block=st.sampled_from([8, 16]))
 def test_property_block_layout_places_every_row_once(sizes, spare, block):
   rows = sum(sizes) + spare
-  slot_row, block_expert, row_slot = block_layout(jnp.asarray(sizes), rows, block)
+  slot_row, block_expert, row_slot, used = block_layout(jnp.asarray(sizes), rows, block)
   slot_row, block_expert, row_slot = map(np.asarray, (slot_row, block_expert, row_slot))
   owner = np.repeat(np.arange(len(sizes)), sizes)
   for r in range(sum(sizes)):
@@ -213,6 +213,8 @@ def test_property_block_layout_places_every_row_once(sizes, spare, block):
     assert block_expert[row_slot[r] // block] == owner[r]
   assert np.all(row_slot[sum(sizes):] == len(slot_row))
   assert np.sum(slot_row < rows) == sum(sizes)
+  assert int(used) == sum(-(-s // block) for s in sizes)   # blocks holding any row
+  assert np.all(slot_row[int(used) * block:] == rows)       # every later slot is empty
 
 
 @settings(max_examples=25, deadline=None)
