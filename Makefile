@@ -24,12 +24,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --durations=15 tests notebooks --nbmake
 
-# The layer against dense and the peers, then the tiny model's training step
-# (docs/performance.md). The PyTorch peer needs the `bench` extra (torch, transformers).
+# The layer against dense and the peers, the experts alone, then the tiny model's
+# training step (docs/performance.md). The PyTorch peer needs the `bench` extra.
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
-	$(PY) -m experiments.benchmarks.moe_layer --out=benchmarks/moe_layer.csv
-	$(PY) -m experiments.benchmarks.mixtral_torch --out=benchmarks/mixtral_torch.csv
+	$(PY) -m experiments.benchmarks.moe_layer --reps=11 --out=benchmarks/moe_layer.csv
+	$(PY) -m experiments.benchmarks.mixtral_torch --reps=15 --out=benchmarks/mixtral_torch.csv
+	$(PY) -m experiments.benchmarks.expert_matmuls --out=benchmarks/expert_matmuls.csv
 	$(PY) -m experiments.benchmarks.train_step --out=benchmarks/train_step.csv
 
 clean:

@@ -43,9 +43,9 @@ def resolve_dispatch(dispatch: str, backend: str) -> str:
   `auto` keeps capacity semantics (the function is that of `einsum` and `sort`; it never
   turns into `dropless`) and picks the faster form:
     * CPU: `sort`. Measured by `experiments/benchmarks/moe_layer.py` (docs/performance.md):
-      `einsum` is 2.4-2.6x slower over one group of 4096 tokens and 1.2-1.8x slower with
-      groups of 128-512, at every shape tried; its `[tokens, experts, capacity]` masks
-      grow quadratically with the group.
+      `einsum` is 2.7-2.9x slower over one group of 4096 tokens and about 1.3x slower
+      with groups of 512 (E = 16 and 64); its `[tokens, experts, capacity]` masks grow
+      quadratically with the group.
     * GPU: `sort` (gathers and scatter-adds are cheap; the one-hot masks are not).
     * TPU: `einsum`, the form GShard, Switch and ST-MoE use there: it is all matmuls,
       which the MXU runs, while gathers and scatters are slow on TPU.

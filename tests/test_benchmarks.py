@@ -4,8 +4,12 @@ in-process and its table holds what the module docstring says."""
 import csv
 import math
 
+import jax
+import numpy as np
 import pytest
+from flax import nnx
 
+import moejax
 from experiments.benchmarks import moe_layer
 
 
@@ -59,6 +63,21 @@ def test_only_the_einsum_rows_hold_a_tokens_experts_capacity_tensor(smoke):
   assert _row(rows, "moe/einsum/g48")["tec_tensor"] == "yes"
   assert _row(rows, "moe/sort")["tec_tensor"] == "no"
   assert _row(rows, "moe/dropless")["tec_tensor"] == "no"
+
+
+def test_row_factor_counts_capacity_slots_and_dropless_blocks_by_hand():
+  T, d, E, k = 96, 16, 8, 2
+  x = jax.random.normal(jax.random.key(0), (T, d))
+  sort = moejax.MoeLayer(d_model=d, d_ff=8, num_experts=E, top_k=k, dispatch="sort",
+                         group_size=48, rngs=nnx.Rngs(0))
+  assert moe_layer.row_factor(sort, x, 13) == 2 * E * 13 / (T * k)   # 2 groups of E·C slots
+  layer = moejax.MoeLayer(d_model=d, d_ff=8, num_experts=E, top_k=k, dispatch="dropless",
+                          rngs=nnx.Rngs(0))
+  logits = np.asarray(x, np.float64) @ np.asarray(layer.router_kernel[...], np.float64)
+  top = np.argsort(-logits, axis=1)[:, :k]
+  counts = np.bincount(top.reshape(-1), minlength=E)
+  block = 16                                                 # T·k / E = 24 -> 16
+  assert moe_layer.row_factor(layer, x, None) == sum(-(-c // block) for c in counts) * block / (T * k)
 
 
 def test_find_tec_shape():
@@ -146,3 +165,20 @@ def test_train_step_benchmark_smoke_reports_throughput_share_and_memory(tmp_path
   assert dense_config.model.d_ff == config.model.top_k * expert_d_ff_of(config.model)
   with open(path, newline="") as fh:
     assert len(list(csv.DictReader(fh))) == 3
+
+
+def test_expert_matmuls_smoke_rows_and_hand_counted_flops(tmp_path):
+  from experiments.benchmarks import expert_matmuls
+  args = expert_matmuls.parse_flags(["--preset=smoke", f"--out={tmp_path / 'e.csv'}"])
+  table, path = expert_matmuls.run(args, log=lambda *_: None)
+  assert path == str(tmp_path / "e.csv")
+  rows = {r["name"]: r for r in table}
+  assert list(rows) == ["matmul", "batched", "block_ffn", "x@w", "dy@wᵀ", "xᵀ@dy"]
+  E, C, d, f = 4, 64 * 2 // 4, 16, 32                         # the smoke preset
+  one = 2 * E * C * d * f
+  for name, matmuls in [("batched", 9), ("block_ffn", 9), ("x@w", 1), ("dy@wᵀ", 1), ("xᵀ@dy", 1)]:
+    r = rows[name]
+    assert (r["num_experts"], r["capacity"]) == (E, C)
+    assert r["gflop"] == pytest.approx(matmuls * one / 1e9)
+    assert r["gflop_per_s"] == pytest.approx(r["gflop"] / (r["median_ms"] / 1e3))
+  assert rows["matmul"]["mfu"] == pytest.approx(1.0)

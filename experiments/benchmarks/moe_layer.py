@@ -38,8 +38,12 @@ Columns (CSV and table):
   * `gflop_per_s` = active_gflop / median time; `mfu` = gflop_per_s / the matmul row's
     gflop_per_s (model-FLOPs utilisation against this machine's measured matmul rate);
   * `xla_gflop`: the FLOPs XLA's cost analysis counts in the compiled program (shows the
-    dispatch overhead: one-hot einsums, block padding, ...; XLA does not count the FLOPs
-    inside loops, so a `lax.scan` implementation would show almost none);
+    dispatch overhead: one-hot einsums, ...; XLA does not count the FLOPs inside loops, so
+    the CPU expert loop, `moejax.block_ffn`, shows almost none);
+  * `row_factor` (table: rows/(T·k)): rows the experts multiply on CPU per routed
+    assignment, i.e. the padding the layer pays on top of the active FLOPs: E·C per
+    routing group for the capacity paths, the blocks in use for `dropless` (its rows
+    padded to whole blocks of one expert each), for the routing of this input;
   * `temp_mib`: temporary buffer size of the compiled program (`memory_analysis()`), a
     cheap proxy of peak memory beyond arguments and outputs;
   * `tec_tensor`: whether the optimised HLO holds a tensor with dims T(or S), E and C
@@ -71,7 +75,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 import moejax
+from moejax import block_ffn
 from moejax import dispatch as dispatch_lib
+from moejax import routing
 from experiments.benchmarks.common import expert_flops, write_rows
 from moejax.experts import FeedForward
 
@@ -90,7 +96,8 @@ PRESETS = {
 
 COLUMNS = ("name", "mode", "dispatch", "num_experts", "top_k", "group_size", "tokens", "d_model",
            "d_ff", "capacity", "reps", "median_ms", "min_ms", "max_ms", "vs_dense", "active_gflop",
-           "gflop_per_s", "mfu", "xla_gflop", "temp_mib", "compile_s", "tec_tensor", "tec_shape")
+           "gflop_per_s", "mfu", "xla_gflop", "row_factor", "temp_mib", "compile_s", "tec_tensor",
+           "tec_shape")
 
 
 @dataclasses.dataclass
@@ -109,6 +116,7 @@ class Row:
   num_experts: int | str = ""
   group_size: int | str = ""
   capacity: int | str = ""
+  row_factor: float | str = ""
   tec_dims: tuple[int, int, int] | None = None   # (S, E, C) to look for in the HLO
   compiled: object = None
   compile_s: float = 0.0
@@ -205,6 +213,23 @@ def dense_active_flops(tokens: int, d_model: int, hidden: int, mode: str) -> flo
   return expert_flops(tokens, d_model, hidden) * (3 if mode == "fwdbwd" else 1)
 
 
+def row_factor(layer: moejax.MoeLayer, x: jax.Array, capacity: int | None) -> float:
+  """Rows the experts multiply on the CPU path per routed assignment (T·k): the capacity
+  buffers (E·C per routing group, empty slots included), or for `dropless` the blocks in
+  use (`block_ffn.block_layout`) for the layer's routing of `x`. 1.0 means no padding."""
+  tokens = x.reshape(-1, x.shape[-1])
+  assignments = tokens.shape[0] * layer.top_k
+  if capacity is not None:
+    groups = tokens.shape[0] // (layer.group_size or tokens.shape[0])
+    return groups * layer.num_experts * capacity / assignments
+  probs = jax.nn.softmax(tokens @ layer.router_kernel[...], axis=-1)
+  choice = routing.top_k_choice(probs, layer.top_k, renormalize=layer.renormalize)
+  sizes = jnp.bincount(choice.expert_indices.reshape(-1), length=layer.num_experts)
+  block = block_ffn.block_size(assignments, layer.num_experts)
+  used_blocks = block_ffn.block_layout(sizes, assignments, block)[3]
+  return int(used_blocks) * block / assignments
+
+
 def build_rows(args: argparse.Namespace) -> list[Row]:
   T = args.batch * args.seq_len
   d, f, k = args.d_model, args.d_ff, args.top_k
@@ -239,7 +264,9 @@ def build_rows(args: argparse.Namespace) -> list[Row]:
         rows.append(Row(name, mode, fn, (params, x), moe_active_flops(T, d, f, E, k, mode),
                         dispatch=dispatch, tokens=T, d_model=d, d_ff=f, top_k=k,
                         num_experts=E, group_size=group or "",
-                        capacity="" if dispatch == "dropless" else C, tec_dims=(S, E, C)))
+                        capacity="" if dispatch == "dropless" else C,
+                        row_factor=row_factor(layer, x, None if dispatch == "dropless" else C),
+                        tec_dims=(S, E, C)))
   return rows
 
 
@@ -303,6 +330,7 @@ def results(rows: list[Row]) -> list[dict]:
         "max_ms": max(r.times) * 1e3, "vs_dense": t / dense if dense else "",
         "active_gflop": r.active_flops / 1e9, "gflop_per_s": r.active_flops / t / 1e9,
         "mfu": r.active_flops / t / rate, "xla_gflop": r.xla_flops / 1e9,
+        "row_factor": r.row_factor,
         "temp_mib": r.temp_bytes / 2 ** 20, "compile_s": r.compile_s,
         "tec_tensor": "" if r.tec_dims is None else ("yes" if r.tec_shape else "no"),
         "tec_shape": r.tec_shape,
@@ -320,9 +348,10 @@ def markdown_table(table: list[dict]) -> str:
   cols = [("row", "name"), ("mode", "mode"), ("E", "num_experts"), ("C", "capacity"),
           ("median ms", "median_ms"), ("min–max ms", None), ("× dense", "vs_dense"),
           ("GFLOP/s", "gflop_per_s"), ("MFU", "mfu"), ("XLA GFLOP", "xla_gflop"),
-          ("active GFLOP", "active_gflop"), ("temp MiB", "temp_mib"), ("[T,E,C]", None)]
+          ("active GFLOP", "active_gflop"), ("rows/(T·k)", "row_factor"), ("temp MiB", "temp_mib"),
+          ("[T,E,C]", None)]
   digits = {"median_ms": 1, "vs_dense": 2, "gflop_per_s": 1, "mfu": 3, "xla_gflop": 1,
-            "active_gflop": 1, "temp_mib": 0}
+            "active_gflop": 1, "row_factor": 2, "temp_mib": 0}
   lines = ["| " + " | ".join(c for c, _ in cols) + " |",
            "|" + "|".join("---" for _ in cols) + "|"]
   for row in table:
