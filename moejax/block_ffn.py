@@ -7,9 +7,12 @@ Gale et al. 2022), and a loop multiplies each block by its expert's weights.
 
 `block_ffn` is that loop, with its own backward pass (`jax.custom_vjp`). Both directions
 are `while` loops over the blocks actually used: a balanced routing uses about
-rows / block of the ceil(rows / block) + E blocks laid out for the worst case. Weight
-gradients accumulate in place, one expert slice per block, and no per-block weight copy or
-`[experts, ...]`-sized temporary is made for them.
+rows / block of the ceil(rows / block) + E blocks laid out for the worst case. The forward
+saves the pre-activations, so the backward recomputes no matmul; weight gradients
+accumulate in place, one expert slice per block, with no per-block `[d_model, d_ff]`
+gradient kept. The capacity paths use it too on CPU, with one block per expert: XLA's CPU
+backend runs this loop at least as fast as one batched matmul
+(`experiments/benchmarks/expert_matmuls.py`).
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from moejax.activations import hidden_activation
 
 def block_size(rows: int, num_experts: int) -> int:
   """Rows per block: the largest power of two at most a balanced expert's rows (rows / E),
-  between 8 and 256. Padding wastes under one block per expert; larger blocks make better
-  matmuls (measured on 2 CPU cores: best at E=16 and E=64 for 8192 rows)."""
+  between 8 and 256. Padding wastes under one block per expert; larger blocks make faster
+  matmuls, smaller ones pad less."""
   target = max(8, rows // num_experts)
   return int(min(256, 1 << (target.bit_length() - 1)))
 
@@ -86,7 +89,8 @@ def block_ffn(activation, blocks, block_expert, used_blocks, keep, w_in, w_gate,
     blocks: `[num_blocks, block, d_model]`.
     block_expert: `[num_blocks]` int, the expert of each block.
     used_blocks: scalar int; blocks from here on are skipped and give zeros.
-    keep: `[num_blocks, block, d_ff]` dropout scaling of the hidden layer (0 or 1/keep_prob).
+    keep: `[num_blocks, block, d_ff]` dropout scaling of the hidden layer (0 or 1/keep_prob),
+      or None for no dropout.
     w_in, w_gate (or None), w_out: `[experts, d_model, d_ff]`, `[experts, d_model, d_ff]`,
       `[experts, d_ff, d_model]`.
 
@@ -119,28 +123,44 @@ def _vary_alike(arrays):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _block_ffn(activation, blocks, block_expert, used_blocks, keep, w_in, w_gate, w_out):
-  return _forward(activation, blocks, block_expert, used_blocks, keep, w_in, w_gate, w_out)[0]
+  return _loop(activation, blocks, block_expert, used_blocks, keep, w_in, w_gate, w_out,
+               save_pre_activations=False)[0]
 
 
 def _forward(activation, blocks, block_expert, used_blocks, keep, w_in, w_gate, w_out):
+  out, pre, gate_pre = _loop(activation, blocks, block_expert, used_blocks, keep, w_in, w_gate,
+                             w_out, save_pre_activations=True)
+  return out, (blocks, block_expert, used_blocks, keep, w_in, w_gate, w_out, pre, gate_pre)
+
+
+def _loop(activation, blocks, block_expert, used_blocks, keep, w_in, w_gate, w_out, *,
+          save_pre_activations: bool):
+  """The forward loop: `(out, pre, gate_pre)`, the pre-activations `[num_blocks, block,
+  d_ff]` (None unless `save_pre_activations`; `gate_pre` None without a gate)."""
   num_blocks, block, _ = blocks.shape
   d_ff = w_in.shape[-1]
+  save_gate = save_pre_activations and w_gate is not None
 
   def body(i, state):
     out, pre, gate_pre = state
     e, x = block_expert[i], blocks[i]
     pre_i = x @ w_in[e]
     gate_i = None if w_gate is None else x @ w_gate[e]
-    out = out.at[i].set((hidden_activation(activation, pre_i, gate_i) * keep[i]) @ w_out[e])
-    pre = pre.at[i].set(pre_i)
-    gate_pre = None if w_gate is None else gate_pre.at[i].set(gate_i)
+    out = out.at[i].set(_hidden(activation, pre_i, gate_i, keep, i) @ w_out[e])
+    pre = pre.at[i].set(pre_i) if save_pre_activations else None
+    gate_pre = gate_pre.at[i].set(gate_i) if save_gate else None
     return out, pre, gate_pre
 
   hidden_zeros = jnp.zeros_like(blocks, shape=(num_blocks, block, d_ff))
-  state = (jnp.zeros_like(blocks), hidden_zeros, None if w_gate is None else hidden_zeros)
-  out, pre, gate_pre = jax.lax.fori_loop(0, used_blocks, body, state)
-  residual = (blocks, block_expert, used_blocks, keep, w_in, w_gate, w_out, pre, gate_pre)
-  return out, residual
+  state = (jnp.zeros_like(blocks), hidden_zeros if save_pre_activations else None,
+           hidden_zeros if save_gate else None)
+  return jax.lax.fori_loop(0, used_blocks, body, state)
+
+
+def _hidden(activation, pre, gate_pre, keep, i):
+  """Block `i`'s hidden layer `[block, d_ff]`, with its dropout scaling if any."""
+  hidden = hidden_activation(activation, pre, gate_pre)
+  return hidden if keep is None else hidden * keep[i]
 
 
 def _backward(activation, residual, d_out):
@@ -149,7 +169,7 @@ def _backward(activation, residual, d_out):
   def body(i, grads):
     d_x, d_in, d_gate, d_wout = grads
     e, x, g = block_expert[i], blocks[i], d_out[i]
-    hidden, hidden_vjp = jax.vjp(lambda p, q: hidden_activation(activation, p, q) * keep[i], pre[i],
+    hidden, hidden_vjp = jax.vjp(lambda p, q: _hidden(activation, p, q, keep, i), pre[i],
                                  None if gate_pre is None else gate_pre[i])
     d_wout = d_wout.at[e].add(_mm(hidden, g, 0, 0))                # [d_ff, d_model]
     d_pre, d_gate_pre = hidden_vjp(_mm(g, w_out[e], 1, 1))         # [block, d_ff]

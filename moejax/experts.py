@@ -96,11 +96,18 @@ class Experts(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """`[experts, capacity, d_model] -> [experts, capacity, d_model]`."""
-    return self.apply_batched(x, self.weights(), self.dropout)
+    return self.apply_batched(x, self.weights(), self.active_dropout())
+
+  def active_dropout(self):
+    """The expert dropout (a function of the hidden layer), or None when it is off (rate 0
+    or deterministic): the expert paths then skip it entirely."""
+    if self.dropout.rate == 0.0 or self.dropout.deterministic:
+      return None
+    return self.dropout
 
   def apply_batched(self, x: jax.Array, weights, dropout) -> jax.Array:
     """`__call__` on explicit `weights` (any number of experts, from `weights()` or a shard of
-    them) with `dropout` a function of the hidden layer.
+    them) with `dropout` a function of the hidden layer, or None for no dropout.
 
     On CPU each expert's buffer is one block of `block_ffn.block_ffn`: XLA's CPU backend runs
     a loop of 2-D matmuls faster than one batched matmul (forward+backward, E=16/64 experts of
@@ -109,12 +116,12 @@ class Experts(nnx.Module):
     x = x.astype(self.dtype)
     if jax.default_backend() == "cpu":
       num_experts = x.shape[0]
-      keep = dropout(jnp.ones(x.shape[:2] + (w_in.shape[-1],), self.dtype))
+      keep = _keep_scale(dropout, x.shape[:2] + (w_in.shape[-1],), self.dtype)
       return block_ffn.block_ffn(self.activation, x, jnp.arange(num_experts), num_experts, keep,
                                  w_in, w_gate, w_out)
     pre = jnp.einsum("ecd,edf->ecf", x, w_in)
     gate_pre = None if w_gate is None else jnp.einsum("ecd,edf->ecf", x, w_gate)
-    hidden = dropout(hidden_activation(self.activation, pre, gate_pre))
+    hidden = _apply(dropout, hidden_activation(self.activation, pre, gate_pre))
     return jnp.einsum("ecf,efd->ecd", hidden, w_out)
 
   def grouped(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -126,7 +133,7 @@ class Experts(nnx.Module):
     padded into fixed-size blocks, each owned by one expert (block-sparse, as MegaBlocks),
     and a loop multiplies every block by its expert's weights.
     """
-    return self.apply_grouped(x, group_sizes, self.weights(), self.dropout)
+    return self.apply_grouped(x, group_sizes, self.weights(), self.active_dropout())
 
   def apply_grouped(self, x: jax.Array, group_sizes: jax.Array, weights, dropout) -> jax.Array:
     """`grouped` on explicit `weights` (`group_sizes` has one entry per expert of `weights`)."""
@@ -139,7 +146,7 @@ class Experts(nnx.Module):
     x = x.astype(self.dtype)
     pre = jax.lax.ragged_dot(x, w_in, group_sizes)
     gate_pre = None if w_gate is None else jax.lax.ragged_dot(x, w_gate, group_sizes)
-    hidden = dropout(hidden_activation(self.activation, pre, gate_pre))
+    hidden = _apply(dropout, hidden_activation(self.activation, pre, gate_pre))
     out = jax.lax.ragged_dot(hidden, w_out, group_sizes)
     in_group = jnp.arange(x.shape[0]) < jnp.sum(group_sizes)
     return jnp.where(in_group[:, None], out, 0)
@@ -153,7 +160,17 @@ class Experts(nnx.Module):
     blocks = take_rows(x, slot_row, row_slot[:, None])
     blocks = blocks.reshape(-1, block, d).astype(self.dtype)           # [blocks, block, d]
     w_in, w_gate, w_out = weights
-    keep = dropout(jnp.ones(blocks.shape[:2] + (w_in.shape[-1],), self.dtype))
+    keep = _keep_scale(dropout, blocks.shape[:2] + (w_in.shape[-1],), self.dtype)
     out = block_ffn.block_ffn(self.activation, blocks, block_expert, used_blocks, keep,
                               w_in, w_gate, w_out)
     return take_rows(out.reshape(-1, d), row_slot, slot_row[:, None])
+
+
+def _apply(dropout, hidden: jax.Array) -> jax.Array:
+  return hidden if dropout is None else dropout(hidden)
+
+
+def _keep_scale(dropout, shape, dtype) -> jax.Array | None:
+  """Dropout's scaling of the hidden layer (0 or 1/keep_prob), drawn outside the expert loop
+  so the loop stays pure; None without dropout."""
+  return None if dropout is None else dropout(jnp.ones(shape, dtype))

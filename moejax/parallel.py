@@ -364,9 +364,9 @@ def local_token_count(mesh, num_tokens: int) -> int:
 
 
 def _device_dropout(dropout: nnx.Dropout, key, mesh):
-  """Expert dropout inside `shard_map`: a key folded with the device's position, or identity."""
+  """Expert dropout inside `shard_map`: a key folded with the device's position, or None."""
   if key is None:
-    return lambda h: h
+    return None
   index = jnp.int32(0)
   for name in batch_axes(mesh):
     index = index * axis_size(mesh, name) + jax.lax.axis_index(name)

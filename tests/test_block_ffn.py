@@ -17,7 +17,8 @@ def _einsum_form(activation, blocks, block_expert, used_blocks, keep, w_in, w_ga
   """The same function written with per-block weight copies and batched einsums."""
   pre = jnp.einsum("bkd,bdf->bkf", blocks, w_in[block_expert])
   gate_pre = None if w_gate is None else jnp.einsum("bkd,bdf->bkf", blocks, w_gate[block_expert])
-  hidden = hidden_activation(activation, pre, gate_pre) * keep
+  hidden = hidden_activation(activation, pre, gate_pre)
+  hidden = hidden if keep is None else hidden * keep
   out = jnp.einsum("bkf,bfd->bkd", hidden, w_out[block_expert])
   used = jnp.arange(blocks.shape[0]) < used_blocks
   return jnp.where(used[:, None, None], out, 0.0)
@@ -35,8 +36,7 @@ def test_property_block_ffn_value_and_gradients(num_blocks, block, experts, acti
   normal = lambda *shape: rng.normal(size=shape).astype(np.float32)
   blocks = normal(num_blocks, block, d_model)
   block_expert = np.sort(rng.integers(0, experts, num_blocks)).astype(np.int32)
-  keep = (rng.random((num_blocks, block, d_ff)) < 0.7) * 2.0 if dropout else np.ones((num_blocks, block, d_ff))
-  keep = keep.astype(np.float32)
+  keep = ((rng.random((num_blocks, block, d_ff)) < 0.7) * 2.0).astype(np.float32) if dropout else None
   w_in, w_out = normal(experts, d_model, d_ff), normal(experts, d_ff, d_model)
   w_gate = normal(experts, d_model, d_ff) if is_gated(activation) else None
   args = (blocks, block_expert, used_blocks, keep, w_in, w_gate, w_out)
@@ -47,7 +47,7 @@ def test_property_block_ffn_value_and_gradients(num_blocks, block, experts, acti
     e = block_expert[b]
     for r in range(block):
       expected[b, r] = ref.ffn(blocks[b, r].astype(np.float64), w_in[e], None if w_gate is None else w_gate[e],
-                               w_out[e], activation, keep[b, r])
+                               w_out[e], activation, 1.0 if keep is None else keep[b, r])
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
   cotangent = normal(*out.shape)
@@ -68,7 +68,7 @@ def test_block_ffn_under_jit_with_traced_used_blocks():
   rng = np.random.default_rng(0)
   blocks = rng.normal(size=(4, 2, 3)).astype(np.float32)
   w_in, w_out = rng.normal(size=(2, 3, 5)).astype(np.float32), rng.normal(size=(2, 5, 3)).astype(np.float32)
-  block_expert, keep = np.array([0, 0, 1, 1], np.int32), np.ones((4, 2, 5), np.float32)
+  block_expert, keep = np.array([0, 0, 1, 1], np.int32), None
   run = jax.jit(lambda used: jax.value_and_grad(
       lambda w: jnp.sum(block_ffn("relu", blocks, block_expert, used, keep, w, None, w_out) ** 2))(w_in))
   for used in range(5):

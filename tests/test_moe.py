@@ -159,7 +159,7 @@ def test_ragged_dot_path_matches_the_cpu_block_path():
   layer = make_layer(num_experts=5)
   rows = jax.random.normal(jax.random.key(3), (23, D_MODEL))
   sizes = jnp.array([7, 0, 9, 1, 4])         # 21 of 23 rows used: the last two belong to none
-  weights, dropout = layer.experts.weights(), layer.experts.dropout
+  weights, dropout = layer.experts.weights(), layer.experts.active_dropout()
   blocks = layer.experts._grouped_blocks(rows, sizes, weights, dropout)
   ragged = layer.experts._grouped_ragged(rows, sizes, weights, dropout)
   np.testing.assert_allclose(np.asarray(blocks), np.asarray(ragged), rtol=1e-5, atol=1e-6)
