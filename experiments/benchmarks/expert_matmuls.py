@@ -69,8 +69,7 @@ def _swiglu_batched(x, w_in, w_gate, w_out):
 
 def _swiglu_loop(x, w_in, w_gate, w_out):
   E = x.shape[0]
-  return block_ffn("swiglu", x, jnp.arange(E), E, jnp.ones(x.shape[:2] + w_in.shape[-1:]),
-                   w_in, w_gate, w_out)
+  return block_ffn("swiglu", x, jnp.arange(E), E, None, w_in, w_gate, w_out)
 
 
 def _fwd_bwd(fn):
