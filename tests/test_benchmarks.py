@@ -173,7 +173,8 @@ def test_expert_matmuls_smoke_rows_and_hand_counted_flops(tmp_path):
   table, path = expert_matmuls.run(args, log=lambda *_: None)
   assert path == str(tmp_path / "e.csv")
   rows = {r["name"]: r for r in table}
-  assert list(rows) == ["matmul", "batched", "block_ffn", "x@w", "dy@wᵀ", "xᵀ@dy"]
+  assert list(rows) == ["matmul", "batched", "block_ffn", "x@w", "dy@wᵀ", "xᵀ@dy", "fresh [E,d,f]×3"]
+  assert rows["fresh [E,d,f]×3"]["gflop"] == 0 and rows["fresh [E,d,f]×3"]["median_ms"] > 0
   E, C, d, f = 4, 64 * 2 // 4, 16, 32                         # the smoke preset
   one = 2 * E * C * d * f
   for name, matmuls in [("batched", 9), ("block_ffn", 9), ("x@w", 1), ("dy@wᵀ", 1), ("xᵀ@dy", 1)]:

@@ -14,6 +14,13 @@ def expert_flops(tokens: int, d_model: int, hidden: int) -> float:
   return 3 * 2 * tokens * d_model * hidden
 
 
+def malloc_tunables() -> str:
+  """The glibc malloc settings the process started with (`GLIBC_TUNABLES`; '' = defaults).
+  They change CPU timings: `glibc.malloc.hugetlb=1` backs large allocations with huge
+  pages, and XLA allocates its large buffers afresh on every call (docs/performance.md)."""
+  return os.environ.get("GLIBC_TUNABLES", "")
+
+
 def unused_path(path: str) -> str:
   """`path` if no file is there, else `stem-1.csv`, `stem-2.csv`, ...: never overwrite."""
   if not os.path.exists(path):

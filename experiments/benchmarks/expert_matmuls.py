@@ -13,10 +13,15 @@ routing, dispatch or combine. Rows, per E (medians of `--reps` interleaved repet
     expert (what it runs on CPU);
   * `x@w`, `dy@wᵀ`, `xᵀ@dy`: a loop over the experts of one of the three matmul shapes a
     block's backward pass does (`[C, d] @ [d, f]`; `[C, f] @ [d, f]ᵀ`; `[C, d]ᵀ @ [C, f]`,
-    the weight gradient, which contracts only C rows).
+    the weight gradient, which contracts only C rows);
+  * `fresh [E,d,f]×3`: writing three new weight-sized arrays (`2·w` for each weight), the
+    memory every backward pass must fill with the weight gradients. No FLOPs are counted;
+    its time is the cost of fresh memory on this machine (page faults of new allocations).
 
 `gflop_per_s` counts the matmul FLOPs of the row (9 matmuls for the fwd+bwd rows, 1 for
 the others), and `mfu` divides it by the rate of a 4096³ matmul timed in the same run.
+`glibc_tunables` (CSV) records the process's `GLIBC_TUNABLES`: `make bench` runs with
+`glibc.malloc.hugetlb=1`, which changes CPU timings (docs/performance.md).
 Writes a CSV (never overwriting) and prints the table.
 """
 
@@ -30,7 +35,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from experiments.benchmarks.common import interleaved_times, write_rows
+from experiments.benchmarks.common import interleaved_times, malloc_tunables, write_rows
 from moejax.block_ffn import block_ffn
 
 PRESETS = {
@@ -40,7 +45,7 @@ PRESETS = {
                   matmul_size=128, reps=1, warmup=1),
 }
 COLUMNS = ("name", "num_experts", "capacity", "reps", "median_ms", "min_ms", "max_ms",
-           "gflop", "gflop_per_s", "mfu")
+           "gflop", "gflop_per_s", "mfu", "glibc_tunables")
 
 
 def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
@@ -94,11 +99,13 @@ def run(args: argparse.Namespace, log=print) -> tuple[list[dict], str]:
         "x@w": (_per_expert(jnp.matmul), (x, w_in), one),
         "dy@wᵀ": (_per_expert(lambda a, b: a @ b.T), (dy, w_out), one),
         "xᵀ@dy": (_per_expert(lambda a, b: a.T @ b), (x, dy_hidden), one),
+        "fresh [E,d,f]×3": (jax.jit(lambda *w: [2.0 * v for v in w]), (w_in, w_gate, w_out), 0.0),
     }
     for name, (fn, fn_args, fl) in rows.items():
       runs[(name, E, C)] = (fn, fn_args)
       flops[(name, E, C)] = fl
-  log(f"jax {jax.__version__} on {jax.default_backend()}; compiling {len(runs)} functions")
+  log(f"jax {jax.__version__} on {jax.default_backend()}; GLIBC_TUNABLES={malloc_tunables()!r}; "
+      f"compiling {len(runs)} functions")
   calls = {key: (lambda fn=fn, a=a: jax.block_until_ready(fn(*a))) for key, (fn, a) in runs.items()}
   times = interleaved_times(calls, reps=args.reps, warmup=args.warmup)
   rate = flops[("matmul", "", "")] / statistics.median(times[("matmul", "", "")])
@@ -109,7 +116,7 @@ def run(args: argparse.Namespace, log=print) -> tuple[list[dict], str]:
     table.append({"name": name, "num_experts": E, "capacity": C, "reps": len(t),
                   "median_ms": median * 1e3, "min_ms": min(t) * 1e3, "max_ms": max(t) * 1e3,
                   "gflop": flops[key] / 1e9, "gflop_per_s": flops[key] / median / 1e9,
-                  "mfu": flops[key] / median / rate})
+                  "mfu": flops[key] / median / rate, "glibc_tunables": malloc_tunables()})
   return table, write_rows(table, COLUMNS, args.out)
 
 

@@ -14,6 +14,8 @@ interleaved repetitions after `--warmup` untimed runs:
   * `mixtral`: `MixtralSparseMoeBlock(MixtralConfig(...))` per `--num_experts` (dropless:
     every token reaches its two experts), `vs_dense` = its time / the dense row's.
 
+`glibc_tunables` (CSV) records the process's `GLIBC_TUNABLES`: `make bench` runs with
+`glibc.malloc.hugetlb=1`, which changes CPU timings (docs/performance.md).
 Writes a CSV (never overwriting: `-1`, `-2`, ... suffixes) and prints the table.
 """
 
@@ -26,10 +28,10 @@ import torch
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-from experiments.benchmarks.common import expert_flops, interleaved_times, write_rows
+from experiments.benchmarks.common import expert_flops, interleaved_times, malloc_tunables, write_rows
 
 COLUMNS = ("name", "num_experts", "threads", "reps", "median_ms", "min_ms", "max_ms",
-           "vs_dense", "gflop_per_s", "mfu", "torch", "transformers")
+           "vs_dense", "gflop_per_s", "mfu", "torch", "transformers", "glibc_tunables")
 
 
 class SwiGLU(torch.nn.Module):
@@ -89,10 +91,10 @@ def main() -> None:
                   "min_ms": min(times[i]) * 1e3, "max_ms": max(times[i]) * 1e3,
                   "vs_dense": med[i] / med[1] if i else "", "gflop_per_s": flops / med[i] / 1e9,
                   "mfu": flops / med[i] / rate, "torch": torch.__version__,
-                  "transformers": transformers.__version__})
+                  "transformers": transformers.__version__, "glibc_tunables": malloc_tunables()})
   path = write_rows(table, COLUMNS, args.out)
   print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"{args.threads} threads")
+        f"{args.threads} threads; GLIBC_TUNABLES={malloc_tunables()!r}")
   print("| row | E | median ms | × dense | GFLOP/s | MFU |\n|---|---|---|---|---|---|")
   for r in table:
     vs = "" if r["vs_dense"] == "" else f"{r['vs_dense']:.2f}"

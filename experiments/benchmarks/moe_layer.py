@@ -49,7 +49,9 @@ Columns (CSV and table):
   * `tec_tensor`: whether the optimised HLO holds a tensor with dims T(or S), E and C
     (the one-hot `[tokens, experts, capacity]` masks of the einsum dispatch), and the first
     such shape. The sort and dropless paths must have none; the run fails (exit code 1,
-    after writing the CSV) if one does, unless `--nocheck_hlo`.
+    after writing the CSV) if one does, unless `--nocheck_hlo`;
+  * `glibc_tunables`: the process's `GLIBC_TUNABLES` (`make bench` runs with
+    `glibc.malloc.hugetlb=1`, which changes CPU timings: docs/performance.md).
 
 The CSV (`--out`, default `moe_layer_benchmark.csv` in the working directory) is never
 overwritten: if the file exists, a suffix `-1`, `-2`, ... is added before `.csv` and the
@@ -78,7 +80,7 @@ import moejax
 from moejax import block_ffn
 from moejax import dispatch as dispatch_lib
 from moejax import routing
-from experiments.benchmarks.common import expert_flops, write_rows
+from experiments.benchmarks.common import expert_flops, malloc_tunables, write_rows
 from moejax.experts import FeedForward
 
 PRESETS = {
@@ -97,7 +99,7 @@ PRESETS = {
 COLUMNS = ("name", "mode", "dispatch", "num_experts", "top_k", "group_size", "tokens", "d_model",
            "d_ff", "capacity", "reps", "median_ms", "min_ms", "max_ms", "vs_dense", "active_gflop",
            "gflop_per_s", "mfu", "xla_gflop", "row_factor", "temp_mib", "compile_s", "tec_tensor",
-           "tec_shape")
+           "tec_shape", "glibc_tunables")
 
 
 @dataclasses.dataclass
@@ -333,7 +335,7 @@ def results(rows: list[Row]) -> list[dict]:
         "row_factor": r.row_factor,
         "temp_mib": r.temp_bytes / 2 ** 20, "compile_s": r.compile_s,
         "tec_tensor": "" if r.tec_dims is None else ("yes" if r.tec_shape else "no"),
-        "tec_shape": r.tec_shape,
+        "tec_shape": r.tec_shape, "glibc_tunables": malloc_tunables(),
     })
   return out
 
@@ -376,7 +378,8 @@ def run(args: argparse.Namespace, log=print) -> tuple[list[dict], str]:
   log(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), "
       f"{os.cpu_count()} CPUs; T={args.batch}x{args.seq_len}={args.batch * args.seq_len} tokens "
       f"(one routing group unless group_size), d_model={args.d_model}, d_ff={args.d_ff}, "
-      f"E={','.join(map(str, args.num_experts))}, k={args.top_k}, cf={args.capacity_factor}")
+      f"E={','.join(map(str, args.num_experts))}, k={args.top_k}, cf={args.capacity_factor}; "
+      f"GLIBC_TUNABLES={malloc_tunables()!r}")
   rows = build_rows(args)
   for row in rows:
     compile_row(row)

@@ -23,6 +23,8 @@ Peak memory per function is XLA's buffer assignment of the compiled program
 process's peak resident set size (`ru_maxrss`, includes JAX itself and every compiled
 program) is printed too.
 
+`glibc_tunables` (CSV) records the process's `GLIBC_TUNABLES`: `make bench` runs with
+`glibc.malloc.hugetlb=1`, which changes CPU timings (docs/performance.md).
 The CSV (`--out`) is never overwritten: an existing path gets a `-1`, `-2`, ... suffix.
 """
 
@@ -40,12 +42,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from experiments.ablations.runner import load_config_file
-from experiments.benchmarks.common import interleaved_times, write_rows
+from experiments.benchmarks.common import interleaved_times, malloc_tunables, write_rows
 from moejax import flops, train
 from moejax.model import TransformerLM, expert_d_ff_of, moe_layer_indices
 
 COLUMNS = ("name", "config", "batch", "seq_len", "reps", "median_ms", "min_ms", "max_ms",
-           "tokens_per_s", "share_of_step", "vs_dense", "peak_mib", "temp_mib", "compile_s")
+           "tokens_per_s", "share_of_step", "vs_dense", "peak_mib", "temp_mib", "compile_s",
+           "glibc_tunables")
 
 
 def peak_bytes(compiled) -> float:
@@ -108,7 +111,8 @@ def run(args) -> tuple[list[dict], str]:
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}); "
         f"{args.config}: {m.num_layers} layers, d_model {m.d_model}, E={m.num_experts} "
         f"k={m.top_k} dispatch={m.dispatch}, batch {tc.batch_size} x {tc.seq_len}; "
-        f"{flops.count_params(m)['active']:,} active parameters")
+        f"{flops.count_params(m)['active']:,} active parameters; "
+        f"GLIBC_TUNABLES={malloc_tunables()!r}")
   with jax.default_device(jax.devices()[0]):
     named = {"step": step_function(config), "moe_layers": moe_layers_function(config),
              "dense_step": step_function(dense_equivalent(config))}
@@ -135,7 +139,7 @@ def run(args) -> tuple[list[dict], str]:
         "vs_dense": med[name] / med["dense_step"] if is_step else "",
         "peak_mib": peak_bytes(compiled[name]) / 2 ** 20,
         "temp_mib": compiled[name].memory_analysis().temp_size_in_bytes / 2 ** 20,
-        "compile_s": compile_s[name]})
+        "compile_s": compile_s[name], "glibc_tunables": malloc_tunables()})
   path = write_rows(rows, COLUMNS, args.out)
   print("| function | median ms | min–max ms | tokens/s | MoE share | × dense | peak MiB |")
   print("|---|---|---|---|---|---|---|")
