@@ -119,10 +119,7 @@ class Experts(nnx.Module):
       keep = _keep_scale(dropout, x.shape[:2] + (w_in.shape[-1],), self.dtype)
       return block_ffn.block_ffn(self.activation, x, jnp.arange(num_experts), num_experts, keep,
                                  w_in, w_gate, w_out)
-    pre = jnp.einsum("ecd,edf->ecf", x, w_in)
-    gate_pre = None if w_gate is None else jnp.einsum("ecd,edf->ecf", x, w_gate)
-    hidden = _apply(dropout, hidden_activation(self.activation, pre, gate_pre))
-    return jnp.einsum("ecf,efd->ecd", hidden, w_out)
+    return batched_ffn(self.activation, x, w_in, w_gate, w_out, dropout)
 
   def grouped(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """`[rows, d_model]` sorted by expert, `group_sizes` `[experts]` -> `[rows, d_model]`.
@@ -164,6 +161,16 @@ class Experts(nnx.Module):
     out = block_ffn.block_ffn(self.activation, blocks, block_expert, used_blocks, keep,
                               w_in, w_gate, w_out)
     return take_rows(out.reshape(-1, d), row_slot, slot_row[:, None])
+
+
+def batched_ffn(activation: str, x: jax.Array, w_in: jax.Array, w_gate: jax.Array | None,
+                w_out: jax.Array, dropout=None) -> jax.Array:
+  """`x` `[experts, capacity, d_model]` through each expert's FFN as one batched einsum per
+  weight (the GPU/TPU form); `dropout` a function of the hidden layer or None."""
+  pre = jnp.einsum("ecd,edf->ecf", x, w_in)
+  gate_pre = None if w_gate is None else jnp.einsum("ecd,edf->ecf", x, w_gate)
+  hidden = _apply(dropout, hidden_activation(activation, pre, gate_pre))
+  return jnp.einsum("ecf,efd->ecd", hidden, w_out)
 
 
 def _apply(dropout, hidden: jax.Array) -> jax.Array:

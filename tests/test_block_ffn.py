@@ -1,14 +1,17 @@
 """The CPU grouped expert FFN (`moejax.block_ffn.block_ffn`) and its hand-written backward
-pass, against a NumPy loop (value) and autodiff of a batched-einsum form (gradients)."""
+pass, against a NumPy loop (value) and autodiff of a batched-einsum form (gradients); the
+GPU/TPU batched form against the same loop."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moejax.activations import ACTIVATIONS, hidden_activation, is_gated
 from moejax.block_ffn import block_ffn
+from moejax.experts import batched_ffn
 
 import moe_reference as ref
 
@@ -79,3 +82,19 @@ def test_block_ffn_under_jit_with_traced_used_blocks():
     np.testing.assert_allclose(np.asarray(grad), np.asarray(want_grad), rtol=1e-4, atol=1e-5)
     if used <= 2:   # expert 1's blocks are skipped: its weights get no gradient
       np.testing.assert_array_equal(np.asarray(grad[1]), 0.0)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_batched_ffn_the_gpu_tpu_form_matches_the_numpy_loop(activation):
+  """`experts.batched_ffn` runs on GPU/TPU only; check it here against the same loop."""
+  rng = np.random.default_rng(1)
+  E, C, d, f = 3, 4, 5, 6
+  x = rng.normal(size=(E, C, d)).astype(np.float32)
+  w_in, w_out = rng.normal(size=(E, d, f)).astype(np.float32), rng.normal(size=(E, f, d)).astype(np.float32)
+  w_gate = rng.normal(size=(E, d, f)).astype(np.float32) if is_gated(activation) else None
+  out = np.asarray(batched_ffn(activation, x, w_in, w_gate, w_out))
+  for e in range(E):
+    for c in range(C):
+      want = ref.ffn(x[e, c].astype(np.float64), w_in[e], None if w_gate is None else w_gate[e],
+                     w_out[e], activation)
+      np.testing.assert_allclose(out[e, c], want, rtol=1e-4, atol=1e-4)

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from experiments.benchmarks.common import interleaved_times, malloc_tunables, write_rows
 from moejax.block_ffn import block_ffn
+from moejax.experts import batched_ffn
 
 PRESETS = {
     "default": dict(tokens=4096, top_k=2, d_model=512, d_ff=1024, num_experts=(16, 64),
@@ -68,8 +69,7 @@ def _per_expert(product):
 
 
 def _swiglu_batched(x, w_in, w_gate, w_out):
-  hidden = jax.nn.silu(jnp.einsum("ecd,edf->ecf", x, w_gate)) * jnp.einsum("ecd,edf->ecf", x, w_in)
-  return jnp.einsum("ecf,efd->ecd", hidden, w_out)
+  return batched_ffn("swiglu", x, w_in, w_gate, w_out)
 
 
 def _swiglu_loop(x, w_in, w_gate, w_out):
