@@ -74,6 +74,13 @@ def block_layout(group_sizes: jax.Array, rows: int, block: int):
   return slot_row, block_expert, row_slot, padded_ends[-1] // block
 
 
+def grouped_layout(group_sizes: jax.Array, rows: int):
+  """`(block, *block_layout(...))` with the block size `block_size` picks for `rows` rows
+  and `group_sizes.shape[0]` experts: the layout the CPU grouped FFN uses."""
+  block = block_size(rows, group_sizes.shape[0])
+  return (block, *block_layout(group_sizes, rows, block))
+
+
 def _mm(a: jax.Array, b: jax.Array, contract_a: int, contract_b: int) -> jax.Array:
   """2-D matmul contracting axis `contract_a` of `a` with axis `contract_b` of `b`, without
   materialising a transpose."""

@@ -150,10 +150,9 @@ class Experts(nnx.Module):
 
   def _grouped_blocks(self, x, group_sizes, weights, dropout) -> jax.Array:
     """The CPU grouped matmul: rows laid out in blocks of one expert each
-    (`block_ffn.block_layout`), then `block_ffn.block_ffn` over the blocks in use."""
+    (`block_ffn.grouped_layout`), then `block_ffn.block_ffn` over the blocks in use."""
     rows, d = x.shape
-    block = block_ffn.block_size(rows, group_sizes.shape[0])
-    slot_row, block_expert, row_slot, used_blocks = block_ffn.block_layout(group_sizes, rows, block)
+    block, slot_row, block_expert, row_slot, used_blocks = block_ffn.grouped_layout(group_sizes, rows)
     blocks = take_rows(x, slot_row, row_slot[:, None])
     blocks = blocks.reshape(-1, block, d).astype(self.dtype)           # [blocks, block, d]
     w_in, w_gate, w_out = weights

@@ -218,7 +218,7 @@ def dense_active_flops(tokens: int, d_model: int, hidden: int, mode: str) -> flo
 def row_factor(layer: moejax.MoeLayer, x: jax.Array, capacity: int | None) -> float:
   """Rows the experts multiply on the CPU path per routed assignment (T·k): the capacity
   buffers (E·C per routing group, empty slots included), or for `dropless` the blocks in
-  use (`block_ffn.block_layout`) for the layer's routing of `x`. 1.0 means no padding."""
+  use (`block_ffn.grouped_layout`) for the layer's routing of `x`. 1.0 means no padding."""
   tokens = x.reshape(-1, x.shape[-1])
   assignments = tokens.shape[0] * layer.top_k
   if capacity is not None:
@@ -227,8 +227,7 @@ def row_factor(layer: moejax.MoeLayer, x: jax.Array, capacity: int | None) -> fl
   probs = jax.nn.softmax(tokens @ layer.router_kernel[...], axis=-1)
   choice = routing.top_k_choice(probs, layer.top_k, renormalize=layer.renormalize)
   sizes = jnp.bincount(choice.expert_indices.reshape(-1), length=layer.num_experts)
-  block = block_ffn.block_size(assignments, layer.num_experts)
-  used_blocks = block_ffn.block_layout(sizes, assignments, block)[3]
+  block, *_, used_blocks = block_ffn.grouped_layout(sizes, assignments)
   return int(used_blocks) * block / assignments
 
 
