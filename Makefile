@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # (docs/performance.md). Other systems ignore it.
 CPU_MALLOC := GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test lint bench clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(CPU_MALLOC) $(PY) -m moejax.main --config=configs/tiny.py --workdir=workdirs/demo
 	$(CPU_MALLOC) $(PY) -m moejax.generate --workdir=workdirs/demo --prompt="ROMEO." --max_new_tokens=300
+
+# One formatter and linter for the whole tree (settings in pyproject.toml).
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --durations=15 tests notebooks --nbmake

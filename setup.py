@@ -3,31 +3,31 @@
 from setuptools import find_packages, setup
 
 setup(
-    name="moejax",
-    version="0.1.0",
-    description="Sparse Mixture-of-Experts transformer language models in JAX and Flax NNX.",
-    long_description=open("README.md", encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=find_packages(include=["moejax", "moejax.*"]),
-    install_requires=[
-        "jax>=0.10",
-        "flax>=0.12",
-        "optax>=0.2.4",
-        "orbax-checkpoint>=0.11",
-        "tensorflow-datasets>=4.9.9",
-        "array-record>=0.7",
-        "ml-collections>=1.0",
-        "grain>=0.2.12",
-        "numpy>=1.26",
-        "absl-py>=2.1",
-        "tqdm>=4.66",
-        "tensorboardX>=2.6",
-        "matplotlib>=3.8",
-    ],
-    extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "nbmake>=1.5", "pytest-xdist>=3.5"],
-        # The Mixtral reference block used by the layer benchmark.
-        "bench": ["torch==2.13.0", "transformers>=4.45"],
-    },
+  name="moejax",
+  version="0.1.0",
+  description="Sparse Mixture-of-Experts transformer language models in JAX and Flax NNX.",
+  long_description=open("README.md", encoding="utf-8").read(),
+  long_description_content_type="text/markdown",
+  python_requires=">=3.10",
+  packages=find_packages(include=["moejax", "moejax.*"]),
+  install_requires=[
+    "jax>=0.10",
+    "flax>=0.12",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11",
+    "tensorflow-datasets>=4.9.9",
+    "array-record>=0.7",
+    "ml-collections>=1.0",
+    "grain>=0.2.12",
+    "numpy>=1.26",
+    "absl-py>=2.1",
+    "tqdm>=4.66",
+    "tensorboardX>=2.6",
+    "matplotlib>=3.8",
+  ],
+  extras_require={
+    "test": ["pytest>=8", "hypothesis>=6.100", "nbmake>=1.5", "pytest-xdist>=3.5", "ruff>=0.6"],
+    # The Mixtral reference block used by the layer benchmark.
+    "bench": ["torch==2.13.0", "transformers>=4.45"],
+  },
 )

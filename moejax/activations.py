@@ -15,7 +15,9 @@ _PLAIN = {"relu": jax.nn.relu, "gelu": jax.nn.gelu}
 
 def check_activation(activation: str) -> None:
   if activation not in ACTIVATIONS:
-    raise ValueError(f"activation={activation!r} is not supported; allowed: {', '.join(ACTIVATIONS)}.")
+    raise ValueError(
+      f"activation={activation!r} is not supported; allowed: {', '.join(ACTIVATIONS)}."
+    )
 
 
 def is_gated(activation: str) -> bool:

@@ -69,8 +69,9 @@ def block_layout(group_sizes: jax.Array, rows: int, block: int):
   row_expert = jnp.searchsorted(ends, row_ids, side="right")
   in_group = row_expert < num_experts
   row_expert = jnp.minimum(row_expert, num_experts - 1)
-  row_slot = jnp.where(in_group, padded_starts[row_expert] + row_ids - starts[row_expert],
-                       num_blocks * block)
+  row_slot = jnp.where(
+    in_group, padded_starts[row_expert] + row_ids - starts[row_expert], num_blocks * block
+  )
   return slot_row, block_expert, row_slot, padded_ends[-1] // block
 
 
@@ -104,8 +105,10 @@ def block_ffn(activation, blocks, block_expert, used_blocks, keep, w_in, w_gate,
   Returns:
     `[num_blocks, block, d_model]`.
   """
-  arrays = [None if a is None else jnp.asarray(a)
-            for a in (blocks, block_expert, used_blocks, keep, w_in, w_gate, w_out)]
+  arrays = [
+    None if a is None else jnp.asarray(a)
+    for a in (blocks, block_expert, used_blocks, keep, w_in, w_gate, w_out)
+  ]
   return _block_ffn(activation, *_vary_alike(arrays))
 
 
@@ -122,26 +125,56 @@ def _vary_alike(arrays):
   transposes the cast into the sum over those axes that a replicated weight's gradient
   needs (e.g. over the data axis for expert weights)."""
   axes = frozenset().union(*(_varying_axes(a) for a in arrays if a is not None))
+
   def vary(a):
     missing = tuple(sorted(axes - _varying_axes(a)))
     return jax.lax.pcast(a, missing, to="varying") if missing else a
+
   return [None if a is None else vary(a) for a in arrays]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _block_ffn(activation, blocks, block_expert, used_blocks, keep, w_in, w_gate, w_out):
-  return _loop(activation, blocks, block_expert, used_blocks, keep, w_in, w_gate, w_out,
-               save_pre_activations=False)[0]
+  return _loop(
+    activation,
+    blocks,
+    block_expert,
+    used_blocks,
+    keep,
+    w_in,
+    w_gate,
+    w_out,
+    save_pre_activations=False,
+  )[0]
 
 
 def _forward(activation, blocks, block_expert, used_blocks, keep, w_in, w_gate, w_out):
-  out, pre, gate_pre = _loop(activation, blocks, block_expert, used_blocks, keep, w_in, w_gate,
-                             w_out, save_pre_activations=True)
+  out, pre, gate_pre = _loop(
+    activation,
+    blocks,
+    block_expert,
+    used_blocks,
+    keep,
+    w_in,
+    w_gate,
+    w_out,
+    save_pre_activations=True,
+  )
   return out, (blocks, block_expert, used_blocks, keep, w_in, w_gate, w_out, pre, gate_pre)
 
 
-def _loop(activation, blocks, block_expert, used_blocks, keep, w_in, w_gate, w_out, *,
-          save_pre_activations: bool):
+def _loop(
+  activation,
+  blocks,
+  block_expert,
+  used_blocks,
+  keep,
+  w_in,
+  w_gate,
+  w_out,
+  *,
+  save_pre_activations: bool,
+):
   """The forward loop: `(out, pre, gate_pre)`, the pre-activations `[num_blocks, block,
   d_ff]` (None unless `save_pre_activations`; `gate_pre` None without a gate)."""
   num_blocks, block, _ = blocks.shape
@@ -159,8 +192,11 @@ def _loop(activation, blocks, block_expert, used_blocks, keep, w_in, w_gate, w_o
     return out, pre, gate_pre
 
   hidden_zeros = jnp.zeros_like(blocks, shape=(num_blocks, block, d_ff))
-  state = (jnp.zeros_like(blocks), hidden_zeros if save_pre_activations else None,
-           hidden_zeros if save_gate else None)
+  state = (
+    jnp.zeros_like(blocks),
+    hidden_zeros if save_pre_activations else None,
+    hidden_zeros if save_gate else None,
+  )
   return jax.lax.fori_loop(0, used_blocks, body, state)
 
 
@@ -176,19 +212,26 @@ def _backward(activation, residual, d_out):
   def body(i, grads):
     d_x, d_in, d_gate, d_wout = grads
     e, x, g = block_expert[i], blocks[i], d_out[i]
-    hidden, hidden_vjp = jax.vjp(lambda p, q: _hidden(activation, p, q, keep, i), pre[i],
-                                 None if gate_pre is None else gate_pre[i])
-    d_wout = d_wout.at[e].add(_mm(hidden, g, 0, 0))                # [d_ff, d_model]
-    d_pre, d_gate_pre = hidden_vjp(_mm(g, w_out[e], 1, 1))         # [block, d_ff]
-    d_in = d_in.at[e].add(_mm(x, d_pre, 0, 0))                     # [d_model, d_ff]
+    hidden, hidden_vjp = jax.vjp(
+      lambda p, q: _hidden(activation, p, q, keep, i),
+      pre[i],
+      None if gate_pre is None else gate_pre[i],
+    )
+    d_wout = d_wout.at[e].add(_mm(hidden, g, 0, 0))  # [d_ff, d_model]
+    d_pre, d_gate_pre = hidden_vjp(_mm(g, w_out[e], 1, 1))  # [block, d_ff]
+    d_in = d_in.at[e].add(_mm(x, d_pre, 0, 0))  # [d_model, d_ff]
     d_x_i = _mm(d_pre, w_in[e], 1, 1)
     if w_gate is not None:
       d_gate = d_gate.at[e].add(_mm(x, d_gate_pre, 0, 0))
       d_x_i = d_x_i + _mm(d_gate_pre, w_gate[e], 1, 1)
     return d_x.at[i].set(d_x_i), d_in, d_gate, d_wout
 
-  grads = (jnp.zeros_like(blocks), jnp.zeros_like(w_in),
-           None if w_gate is None else jnp.zeros_like(w_gate), jnp.zeros_like(w_out))
+  grads = (
+    jnp.zeros_like(blocks),
+    jnp.zeros_like(w_in),
+    None if w_gate is None else jnp.zeros_like(w_gate),
+    jnp.zeros_like(w_out),
+  )
   d_x, d_in, d_gate, d_wout = jax.lax.fori_loop(0, used_blocks, body, grads)
   return d_x, None, None, None, d_in, d_gate, d_wout
 

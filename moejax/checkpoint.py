@@ -37,12 +37,14 @@ def _data_to_keys(tree, template):
     if is_prng_key(like):
       return jax.random.wrap_key_data(value, impl=jax.random.key_impl(like))
     return value
+
   return jax.tree.map(restore, tree, template)
 
 
 def _abstract(tree):
   return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
+  )
 
 
 def _path_name(path) -> str:
@@ -62,36 +64,54 @@ class Checkpointer:
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.unreadable_directory = os.path.abspath(os.path.join(workdir, "checkpoints_unreadable"))
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": ocp.JsonCheckpointHandler(),
-                       "config": ocp.JsonCheckpointHandler()})
+      self.directory,
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+      item_handlers={
+        "state": ocp.StandardCheckpointHandler(),
+        "data": ocp.JsonCheckpointHandler(),
+        "config": ocp.JsonCheckpointHandler(),
+      },
+    )
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state: nnx.State, data_state: dict[str, Any],
-           config: ml_collections.ConfigDict) -> None:
+  def save(
+    self, step: int, state: nnx.State, data_state: dict[str, Any], config: ml_collections.ConfigDict
+  ) -> None:
     pure = _keys_to_data(nnx.to_pure_dict(state))
-    self._manager.save(step, args=ocp.args.Composite(
+    self._manager.save(
+      step,
+      args=ocp.args.Composite(
         state=ocp.args.StandardSave(pure),
         data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(config.to_dict())), force=True)
+        config=ocp.args.JsonSave(config.to_dict()),
+      ),
+      force=True,
+    )
 
   def check_fits(self, state: nnx.State, step: int) -> None:
     """Raises ValueError naming the parameters whose saved shapes differ from `state`'s."""
-    saved = {_path_name(p): tuple(m.shape) for p, m in
-             jax.tree_util.tree_leaves_with_path(self._manager.item_metadata(step)["state"])}
-    wanted = {_path_name(p): tuple(x.shape) for p, x in
-              jax.tree_util.tree_leaves_with_path(_keys_to_data(nnx.to_pure_dict(state)))}
-    differ = [f"{name} {saved.get(name, 'absent')} -> {shape}" for name, shape in wanted.items()
-              if saved.get(name) != shape]
+    saved = {
+      _path_name(p): tuple(m.shape)
+      for p, m in jax.tree_util.tree_leaves_with_path(self._manager.item_metadata(step)["state"])
+    }
+    wanted = {
+      _path_name(p): tuple(x.shape)
+      for p, x in jax.tree_util.tree_leaves_with_path(_keys_to_data(nnx.to_pure_dict(state)))
+    }
+    differ = [
+      f"{name} {saved.get(name, 'absent')} -> {shape}"
+      for name, shape in wanted.items()
+      if saved.get(name) != shape
+    ]
     differ += [f"{name} {shape} -> absent" for name, shape in saved.items() if name not in wanted]
     if differ:
       shown = "; ".join(differ[:6]) + (f"; and {len(differ) - 6} more" if len(differ) > 6 else "")
-      raise ValueError(f"the config does not fit the checkpoint at step {step} in {self.directory} "
-                       f"(saved -> config): {shown}. Use the run's original config or a new --workdir.")
+      raise ValueError(
+        f"the config does not fit the checkpoint at step {step} in {self.directory} "
+        f"(saved -> config): {shown}. Use the run's original config or a new --workdir."
+      )
 
   def restore(self, state: nnx.State, step: int | None = None):
     """Restores into `state` (in place), keeping its structure and shardings.
@@ -101,8 +121,10 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     template = nnx.to_pure_dict(state)
     target = _abstract(_keys_to_data(template))
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+    restored = self._manager.restore(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()),
+    )
     nnx.replace_by_pure_dict(state, _data_to_keys(restored["state"], template))
     return step, state, restored["data"]
 
@@ -126,12 +148,19 @@ class Checkpointer:
         continue
       for bad_step, reason in skipped:
         destination = self._move_aside(bad_step)
-        log.warning("checkpoint at step %d is unreadable (%s); moved it to %s and resumed "
-                    "from step %d", bad_step, reason, destination, step)
+        log.warning(
+          "checkpoint at step %d is unreadable (%s); moved it to %s and resumed from step %d",
+          bad_step,
+          reason,
+          destination,
+          step,
+        )
       return result
-    raise RuntimeError(f"{self.directory} holds checkpoints at steps {steps}, but none can be "
-                       f"read (step {skipped[0][0]}: {skipped[0][1]}). Move them away to start "
-                       "afresh; nothing was changed.")
+    raise RuntimeError(
+      f"{self.directory} holds checkpoints at steps {steps}, but none can be "
+      f"read (step {skipped[0][0]}: {skipped[0][1]}). Move them away to start "
+      "afresh; nothing was changed."
+    )
 
   def _fits_newest_readable(self, state, steps) -> None:
     for step in steps:

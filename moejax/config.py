@@ -21,17 +21,17 @@ def base_config() -> ml_collections.ConfigDict:
   model.d_model = 128
   model.num_heads = 4
   model.num_kv_heads = 4
-  model.head_dim = config_dict.placeholder(int)           # None: d_model // num_heads
-  model.d_ff = 512                                        # dense FFN hidden size
+  model.head_dim = config_dict.placeholder(int)  # None: d_model // num_heads
+  model.d_ff = 512  # dense FFN hidden size
   model.activation = "swiglu"
   model.qk_norm = False
   model.rope_base = 10000.0
   model.tie_embeddings = False
-  model.dtype = "float32"                                 # compute dtype; params float32
+  model.dtype = "float32"  # compute dtype; params float32
   # Mixture of experts (num_experts = 0: the dense baseline).
   model.num_experts = 8
   model.top_k = 2
-  model.expert_d_ff = config_dict.placeholder(int)        # None: d_ff
+  model.expert_d_ff = config_dict.placeholder(int)  # None: d_ff
   model.moe_layer_interval = 1
   model.router = "top_k"
   model.dispatch = "auto"
@@ -43,17 +43,17 @@ def base_config() -> ml_collections.ConfigDict:
   model.router_jitter = 0.0
   model.expert_dropout = 0.0
   model.num_shared_experts = 0
-  model.group_size = config_dict.placeholder(int)         # None: all tokens of a step
+  model.group_size = config_dict.placeholder(int)  # None: all tokens of a step
   model.dense_moe_hybrid = False
-  model.lb_loss_weight = 0.01                             # OLMoE's defaults
+  model.lb_loss_weight = 0.01  # OLMoE's defaults
   model.z_loss_weight = 0.001
 
   config.train = train = ml_collections.ConfigDict()
   train.num_steps = 1000
-  train.batch_size = 32                                   # global, over all processes
+  train.batch_size = 32  # global, over all processes
   train.seq_len = 128
   train.learning_rate = 3e-3
-  train.min_learning_rate_ratio = 0.1                     # cosine decays to lr · ratio
+  train.min_learning_rate_ratio = 0.1  # cosine decays to lr · ratio
   train.warmup_steps = 100
   train.weight_decay = 0.1
   train.adam_b1 = 0.9
@@ -64,17 +64,19 @@ def base_config() -> ml_collections.ConfigDict:
   train.eval_every = 200
   train.checkpoint_every = 200
   train.keep_checkpoints = 3
-  train.nonfinite_policy = "stop"                         # or 'skip' the update
+  train.nonfinite_policy = "stop"  # or 'skip' the update
 
   config.data = default_data_config()
 
   config.mesh = mesh = ml_collections.ConfigDict()
-  mesh.data = -1                                          # -1: the remaining devices
+  mesh.data = -1  # -1: the remaining devices
   mesh.expert = 1
   return config
 
 
-def apply_variant(config: ml_collections.ConfigDict, arg: str, name: str) -> ml_collections.ConfigDict:
+def apply_variant(
+  config: ml_collections.ConfigDict, arg: str, name: str
+) -> ml_collections.ConfigDict:
   """Picks the size of a published-architecture config: ARG 'pod' keeps the published
   shape; 'cpu' (the default) shrinks it to train in minutes on 2 CPU cores on the
   Shakespeare corpus, keeping its routing (router, k, renormalisation, layer layout,

@@ -56,8 +56,9 @@ def resolve_dispatch(dispatch: str, backend: str) -> str:
   return "einsum" if backend == "tpu" else "sort"
 
 
-def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float,
-                    min_capacity: int) -> int:
+def expert_capacity(
+  num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int
+) -> int:
   """Capacity per expert = max(min_capacity, ceil(capacity_factor · T · k / E)), T the group size.
 
   It is capped at T: an expert can never receive a token twice, so a larger buffer would
@@ -159,8 +160,11 @@ def inverse_slots(slot: jax.Array, num_slots: int) -> jax.Array:
   fills each slot, or `m` for an empty slot; the inverse map of `take_rows`. Each slot
   below `num_slots` must be filled at most once (`num_slots` marks "no slot")."""
   m = slot.shape[0]
-  return jnp.full((num_slots,), m, jnp.int32).at[slot].set(
-      jnp.arange(m, dtype=jnp.int32), mode="drop")[:, None]
+  return (
+    jnp.full((num_slots,), m, jnp.int32)
+    .at[slot]
+    .set(jnp.arange(m, dtype=jnp.int32), mode="drop")[:, None]
+  )
 
 
 def token_choice_slots(choice: TokenChoice, num_experts: int, capacity: int):
@@ -182,15 +186,17 @@ def token_choice_slots(choice: TokenChoice, num_experts: int, capacity: int):
   return slot_token, kept.reshape(k, num_tokens).T, slot.reshape(k, num_tokens).T
 
 
-def dispatch_to_slots(x: jax.Array, slot_token: jax.Array, token_slot: jax.Array,
-                      num_experts: int) -> jax.Array:
+def dispatch_to_slots(
+  x: jax.Array, slot_token: jax.Array, token_slot: jax.Array, num_experts: int
+) -> jax.Array:
   """`[tokens, d]` -> `[experts, capacity, d]` by gathers (forward and backward); empty
   slots hold zeros. `slot_token`, `token_slot` from `token_choice_slots`."""
   return take_rows(x, slot_token, token_slot).reshape(num_experts, -1, x.shape[-1])
 
 
-def combine_from_slots(expert_out: jax.Array, token_slot: jax.Array,
-                       token_gate: jax.Array) -> jax.Array:
+def combine_from_slots(
+  expert_out: jax.Array, token_slot: jax.Array, token_gate: jax.Array
+) -> jax.Array:
   """`[experts, capacity, d]` -> `[tokens, d]` (see `gated_sum_of_rows`)."""
   return gated_sum_of_rows(expert_out.reshape(-1, expert_out.shape[-1]), token_slot, token_gate)
 
@@ -216,8 +222,9 @@ def gather_to_experts(x: jax.Array, slot_token: jax.Array, num_experts: int) -> 
   return padded[slot_token].reshape(num_experts, -1, x.shape[-1])
 
 
-def scatter_from_experts(expert_out: jax.Array, slot_token: jax.Array, slot_gate: jax.Array,
-                         num_tokens: int) -> jax.Array:
+def scatter_from_experts(
+  expert_out: jax.Array, slot_token: jax.Array, slot_gate: jax.Array, num_tokens: int
+) -> jax.Array:
   """`[experts, capacity, d]` -> `[tokens, d]`: each token sums its slots' gated outputs."""
   flat = expert_out.reshape(-1, expert_out.shape[-1])
   weighted = flat * slot_gate[:, None].astype(flat.dtype)
@@ -237,8 +244,10 @@ def token_choice_masks(choice: TokenChoice, num_experts: int, capacity: int, dty
   experts, _, valid, _ = _assignments(choice)
   positions = positions_by_cumsum(experts, valid, num_experts).reshape(k, num_tokens).T
   kept = choice.valid & (positions < capacity)
-  expert_hot = jax.nn.one_hot(choice.expert_indices, num_experts, dtype=dtype)   # [t, k, e]
-  slot_hot = jax.nn.one_hot(jnp.where(kept, positions, capacity), capacity, dtype=dtype)  # [t, k, c]
+  expert_hot = jax.nn.one_hot(choice.expert_indices, num_experts, dtype=dtype)  # [t, k, e]
+  slot_hot = jax.nn.one_hot(
+    jnp.where(kept, positions, capacity), capacity, dtype=dtype
+  )  # [t, k, c]
   dispatch = jnp.einsum("tke,tkc->tec", expert_hot, slot_hot)
   combine = jnp.einsum("tke,tkc->tec", expert_hot * choice.gates[..., None].astype(dtype), slot_hot)
   return dispatch, combine, kept
@@ -253,8 +262,12 @@ def expert_choice_masks(choice: ExpertChoice, num_tokens: int, dtype):
 # ----------------------------------------------------------------------------- dropless
 
 
-def dropless(x: jax.Array, choice: TokenChoice, num_experts: int,
-             grouped_experts: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
+def dropless(
+  x: jax.Array,
+  choice: TokenChoice,
+  num_experts: int,
+  grouped_experts: Callable[[jax.Array, jax.Array], jax.Array],
+) -> jax.Array:
   """Every valid assignment is processed: sort rows by expert, grouped matmul, gather back.
 
   Args:
@@ -268,12 +281,12 @@ def dropless(x: jax.Array, choice: TokenChoice, num_experts: int,
   """
   num_tokens, k = choice.expert_indices.shape
   num_rows = num_tokens * k
-  experts, gates, valid, tokens = _assignments(choice)       # [k·tokens], rank-major
+  experts, gates, valid, tokens = _assignments(choice)  # [k·tokens], rank-major
   order, _, group_sizes = sort_by_expert(experts, valid, num_experts)
   row_of = jnp.zeros((num_rows,), jnp.int32).at[order].set(jnp.arange(num_rows, dtype=jnp.int32))
   row_of = jnp.where(valid, row_of, num_rows)
-  token_rows = row_of.reshape(k, num_tokens).T                # [tokens, k]
+  token_rows = row_of.reshape(k, num_tokens).T  # [tokens, k]
   row_token = jnp.where(valid[order], tokens[order], num_tokens)
-  rows = take_rows(x, row_token, token_rows)                  # [k·tokens, d], by expert
+  rows = take_rows(x, row_token, token_rows)  # [k·tokens, d], by expert
   out = grouped_experts(rows, group_sizes)
   return gated_sum_of_rows(out, token_rows, jnp.where(choice.valid, choice.gates, 0.0))

@@ -31,26 +31,32 @@ def on_rows(fn, x: jax.Array) -> jax.Array:
 
 def _expert_init(scale: float = 1.0):
   """Fan-in truncated normal per expert: `[experts, fan_in, fan_out]` with experts a batch axis."""
-  return nnx.initializers.variance_scaling(scale, "fan_in", "truncated_normal",
-                                           in_axis=-2, out_axis=-1, batch_axis=(0,))
+  return nnx.initializers.variance_scaling(
+    scale, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,)
+  )
 
 
 class FeedForward(nnx.Module):
   """Dense FFN `[..., d_model] -> [..., d_model]` (the dense baseline and shared experts)."""
 
-  def __init__(self, d_model: int, d_ff: int, activation: str = "swiglu", *,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self, d_model: int, d_ff: int, activation: str = "swiglu", *, dtype=jnp.float32, rngs: nnx.Rngs
+  ):
     check_activation(activation)
     init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
     self.activation = activation
     self.dtype = dtype
-    self.w_in = nnx.Param(init(rngs.params(), (d_model, d_ff), jnp.float32),
-                          **logical("embed", "mlp"))
-    self.w_gate = (nnx.Param(init(rngs.params(), (d_model, d_ff), jnp.float32),
-                             **logical("embed", "mlp"))
-                   if is_gated(activation) else None)
-    self.w_out = nnx.Param(init(rngs.params(), (d_ff, d_model), jnp.float32),
-                           **logical("mlp", "embed"))
+    self.w_in = nnx.Param(
+      init(rngs.params(), (d_model, d_ff), jnp.float32), **logical("embed", "mlp")
+    )
+    self.w_gate = (
+      nnx.Param(init(rngs.params(), (d_model, d_ff), jnp.float32), **logical("embed", "mlp"))
+      if is_gated(activation)
+      else None
+    )
+    self.w_out = nnx.Param(
+      init(rngs.params(), (d_ff, d_model), jnp.float32), **logical("mlp", "embed")
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return on_rows(self._rows, x.astype(self.dtype))
@@ -72,8 +78,17 @@ class Experts(nnx.Module):
       matmul with no capacity (the `dropless` path, Gale et al. 2022, MegaBlocks).
   """
 
-  def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str = "swiglu", *,
-               dropout_rate: float = 0.0, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    num_experts: int,
+    d_model: int,
+    d_ff: int,
+    activation: str = "swiglu",
+    *,
+    dropout_rate: float = 0.0,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     check_activation(activation)
     init = _expert_init()
     shape_in, shape_out = (num_experts, d_model, d_ff), (num_experts, d_ff, d_model)
@@ -82,8 +97,11 @@ class Experts(nnx.Module):
     self.num_experts = num_experts
     names_in, names_out = logical("expert", "embed", "mlp"), logical("expert", "mlp", "embed")
     self.w_in = nnx.Param(init(rngs.params(), shape_in, jnp.float32), **names_in)
-    self.w_gate = (nnx.Param(init(rngs.params(), shape_in, jnp.float32), **names_in)
-                   if is_gated(activation) else None)
+    self.w_gate = (
+      nnx.Param(init(rngs.params(), shape_in, jnp.float32), **names_in)
+      if is_gated(activation)
+      else None
+    )
     self.w_out = nnx.Param(init(rngs.params(), shape_out, jnp.float32), **names_out)
     # Expert dropout acts on the expert hidden layer (ST-MoE, Zoph et al. 2022, §4.3).
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
@@ -117,8 +135,9 @@ class Experts(nnx.Module):
     if jax.default_backend() == "cpu":
       num_experts = x.shape[0]
       keep = _keep_scale(dropout, x.shape[:2] + (w_in.shape[-1],), self.dtype)
-      return block_ffn.block_ffn(self.activation, x, jnp.arange(num_experts), num_experts, keep,
-                                 w_in, w_gate, w_out)
+      return block_ffn.block_ffn(
+        self.activation, x, jnp.arange(num_experts), num_experts, keep, w_in, w_gate, w_out
+      )
     return batched_ffn(self.activation, x, w_in, w_gate, w_out, dropout)
 
   def grouped(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -152,18 +171,27 @@ class Experts(nnx.Module):
     """The CPU grouped matmul: rows laid out in blocks of one expert each
     (`block_ffn.grouped_layout`), then `block_ffn.block_ffn` over the blocks in use."""
     rows, d = x.shape
-    block, slot_row, block_expert, row_slot, used_blocks = block_ffn.grouped_layout(group_sizes, rows)
+    block, slot_row, block_expert, row_slot, used_blocks = block_ffn.grouped_layout(
+      group_sizes, rows
+    )
     blocks = take_rows(x, slot_row, row_slot[:, None])
-    blocks = blocks.reshape(-1, block, d).astype(self.dtype)           # [blocks, block, d]
+    blocks = blocks.reshape(-1, block, d).astype(self.dtype)  # [blocks, block, d]
     w_in, w_gate, w_out = weights
     keep = _keep_scale(dropout, blocks.shape[:2] + (w_in.shape[-1],), self.dtype)
-    out = block_ffn.block_ffn(self.activation, blocks, block_expert, used_blocks, keep,
-                              w_in, w_gate, w_out)
+    out = block_ffn.block_ffn(
+      self.activation, blocks, block_expert, used_blocks, keep, w_in, w_gate, w_out
+    )
     return take_rows(out.reshape(-1, d), row_slot, slot_row[:, None])
 
 
-def batched_ffn(activation: str, x: jax.Array, w_in: jax.Array, w_gate: jax.Array | None,
-                w_out: jax.Array, dropout=None) -> jax.Array:
+def batched_ffn(
+  activation: str,
+  x: jax.Array,
+  w_in: jax.Array,
+  w_gate: jax.Array | None,
+  w_out: jax.Array,
+  dropout=None,
+) -> jax.Array:
   """`x` `[experts, capacity, d_model]` through each expert's FFN as one batched einsum per
   weight (the GPU/TPU form); `dropout` a function of the hidden layer or None."""
   pre = jnp.einsum("ecd,edf->ecf", x, w_in)

@@ -56,13 +56,13 @@ def _layer_params(config: ml_collections.ConfigDict) -> dict[str, float]:
   d, hd = config.d_model, head_dim_of(config)
   e_ff = expert_d_ff_of(config) if config.num_experts else 0
   return {
-      "attention": d * hd * (2 * config.num_heads + 2 * config.num_kv_heads),
-      "norms": 2 * d + (2 * hd if config.qk_norm else 0),
-      "dense_ffn": _ffn_params(d, config.d_ff, config.activation),
-      # Noisy top-k has a second router matrix, W_noise (Shazeer et al. 2017).
-      "router": d * config.num_experts * (2 if config.router == "noisy_top_k" else 1),
-      "expert": _ffn_params(d, e_ff, config.activation),
-      "shared": _ffn_params(d, config.num_shared_experts * e_ff, config.activation),
+    "attention": d * hd * (2 * config.num_heads + 2 * config.num_kv_heads),
+    "norms": 2 * d + (2 * hd if config.qk_norm else 0),
+    "dense_ffn": _ffn_params(d, config.d_ff, config.activation),
+    # Noisy top-k has a second router matrix, W_noise (Shazeer et al. 2017).
+    "router": d * config.num_experts * (2 if config.router == "noisy_top_k" else 1),
+    "expert": _ffn_params(d, e_ff, config.activation),
+    "shared": _ffn_params(d, config.num_shared_experts * e_ff, config.activation),
   }
 
 
@@ -75,19 +75,24 @@ def _count(config: ml_collections.ConfigDict, routed_experts: float) -> dict[str
   """
   validate_config(config)
   p = _layer_params(config)
-  moe_layers = len(moe_layer_indices(config.num_layers, config.num_experts,
-                                     config.moe_layer_interval))
+  moe_layers = len(
+    moe_layer_indices(config.num_layers, config.num_experts, config.moe_layer_interval)
+  )
   dense_layers = config.num_layers - moe_layers
   moe_ffn = p["router"] + routed_experts * p["expert"] + p["shared"]
   if config.dense_moe_hybrid:
     moe_ffn += p["dense_ffn"]
-  layer_matmul = (config.num_layers * p["attention"] + dense_layers * p["dense_ffn"]
-                  + moe_layers * moe_ffn)
+  layer_matmul = (
+    config.num_layers * p["attention"] + dense_layers * p["dense_ffn"] + moe_layers * moe_ffn
+  )
   norms = config.num_layers * p["norms"] + config.d_model  # + the final RMSNorm
   table = config.vocab_size * config.d_model
   embedding = table if config.tie_embeddings else 2 * table
-  return {"total": layer_matmul + norms + embedding, "embedding": embedding,
-          "matmul": layer_matmul + table}
+  return {
+    "total": layer_matmul + norms + embedding,
+    "embedding": embedding,
+    "matmul": layer_matmul + table,
+  }
 
 
 def count_params(config: ml_collections.ConfigDict) -> dict[str, float]:
@@ -117,8 +122,8 @@ def flops_per_token(config: ml_collections.ConfigDict, seq_len: int) -> dict[str
   d_attn = config.num_heads * head_dim_of(config)
   attention = config.num_layers * 2 * 2 * seq_len * d_attn
   return {
-      "total": 2 * _count(config, config.num_experts)["matmul"] + attention,
-      "active": 2 * _count(config, experts_per_token(config))["matmul"] + attention,
+    "total": 2 * _count(config, config.num_experts)["matmul"] + attention,
+    "active": 2 * _count(config, experts_per_token(config))["matmul"] + attention,
   }
 
 

@@ -54,8 +54,16 @@ def filter_logits(logits: jax.Array, *, temperature: float, top_k: int, top_p: f
   return logits
 
 
-def sample(model, prompt_ids: np.ndarray, *, max_new_tokens: int, temperature: float = 0.8,
-           top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> np.ndarray:
+def sample(
+  model,
+  prompt_ids: np.ndarray,
+  *,
+  max_new_tokens: int,
+  temperature: float = 0.8,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  seed: int = 0,
+) -> np.ndarray:
   """Continues `prompt_ids` (`[prompt_len]` int) by `max_new_tokens` tokens.
 
   Prefills the prompt into a KV cache once, then decodes one token per step with a
@@ -126,15 +134,26 @@ def main(argv) -> None:
   try:
     if not _WORKDIR.value:
       raise ValueError("--workdir is required.")
-    if _MAX_NEW.value < 1 or _TEMPERATURE.value < 0 or not 0 < _TOP_P.value <= 1 or _TOP_K.value < 0:
-      raise ValueError("need --max_new_tokens >= 1, --temperature >= 0, 0 < --top_p <= 1, --top_k >= 0.")
+    if (
+      _MAX_NEW.value < 1 or _TEMPERATURE.value < 0 or not 0 < _TOP_P.value <= 1 or _TOP_K.value < 0
+    ):
+      raise ValueError(
+        "need --max_new_tokens >= 1, --temperature >= 0, 0 < --top_p <= 1, --top_k >= 0."
+      )
     model, _, step = load_model(_WORKDIR.value)
   except (ValueError, FileNotFoundError) as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
   prompt = np.concatenate([[data_lib.BOS_ID], data_lib.encode(_PROMPT.value)])
-  new = sample(model, prompt, max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
-               top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
+  new = sample(
+    model,
+    prompt,
+    max_new_tokens=_MAX_NEW.value,
+    temperature=_TEMPERATURE.value,
+    top_k=_TOP_K.value,
+    top_p=_TOP_P.value,
+    seed=_SEED.value,
+  )
   print(f"--- sample from step {step} ---")
   print(_PROMPT.value + data_lib.decode(new))
 

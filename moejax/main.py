@@ -14,14 +14,18 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, configs/NAME.py[:ARG].",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Experiment config file, configs/NAME.py[:ARG].", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0.")
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, "Multi-host: HOST:PORT of process 0."
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "Initialise jax.distributed from the environment (TPU pods, SLURM).")
+_DISTRIBUTED = flags.DEFINE_bool(
+  "distributed", False, "Initialise jax.distributed from the environment (TPU pods, SLURM)."
+)
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Full tracebacks on errors.")
 
 
@@ -29,14 +33,19 @@ def _initialize_distributed() -> None:
   multi_host = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if any(v is not None for v in multi_host):
     if any(v is None for v in multi_host):
-      raise ValueError("multi-host needs all of --coordinator_address, --num_processes and --process_id.")
+      raise ValueError(
+        "multi-host needs all of --coordinator_address, --num_processes and --process_id."
+      )
     import jax
+
     # Cross-process collectives of the CPU backend (no effect on GPU/TPU computations).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
+    jax.distributed.initialize(
+      _COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value
+    )
   elif _DISTRIBUTED.value:
     import jax
+
     jax.distributed.initialize()
 
 
@@ -47,15 +56,19 @@ def run(argv) -> None:
   _initialize_distributed()
   import jax
   from moejax import data, train
+
   config = _CONFIG.value
   final = train.train_and_evaluate(config, _WORKDIR.value)
   if jax.process_index() == 0 and "eval/bits_per_byte" in final and not final["preempted"]:
-    load = lambda split: data.load_split(config.data.name, split, config.data.data_dir,
-                                         text_key=config.data.text_key)
+    load = lambda split: data.load_split(
+      config.data.name, split, config.data.data_dir, text_key=config.data.text_key
+    )
     baseline = data.unigram_bits_per_byte(load("train"), load(config.data.eval_split))
-    print(f"validation: {final['eval/bits_per_byte']:.3f} bits/byte "
-          f"(unigram baseline {baseline:.3f}); train loss {final['train/loss']:.3f}, "
-          f"{final['train/tokens_per_sec']:.0f} tokens/s")
+    print(
+      f"validation: {final['eval/bits_per_byte']:.3f} bits/byte "
+      f"(unigram baseline {baseline:.3f}); train loss {final['train/loss']:.3f}, "
+      f"{final['train/tokens_per_sec']:.0f} tokens/s"
+    )
 
 
 def parse_flags(argv):
@@ -71,8 +84,9 @@ def parse_flags(argv):
       name = re.search(r"'(\w+)", message)
       arg = next((a for a in argv if name and f".{name.group(1)}=" in a), message)
       hint = re.search(r'Did you mean "(\w+)"', message)
-      message = (f"{arg.split('=')[0]} is not a config key" +
-                 (f"; did you mean {hint.group(1)!r}?" if hint else "; see moejax/config.py for the keys."))
+      message = f"{arg.split('=')[0]} is not a config key" + (
+        f"; did you mean {hint.group(1)!r}?" if hint else "; see moejax/config.py for the keys."
+      )
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 

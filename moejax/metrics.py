@@ -28,6 +28,7 @@ class MetricWriter:
     os.makedirs(workdir, exist_ok=True)
     self._set_aside_records_after(resume_step)
     from tensorboardX import SummaryWriter
+
     self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def _set_aside_records_after(self, step: int) -> None:
@@ -46,8 +47,9 @@ class MetricWriter:
     with open(tmp, "w", encoding="utf-8") as f:
       f.writelines(keep)
     os.replace(tmp, self.path)
-    log.warning("resuming at step %d: moved %d metric records of later steps to %s",
-                step, len(later), aside)
+    log.warning(
+      "resuming at step %d: moved %d metric records of later steps to %s", step, len(later), aside
+    )
 
   def write(self, step: int, record: dict[str, Any]) -> None:
     if not self.enabled:

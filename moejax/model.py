@@ -52,7 +52,9 @@ LayerCache = dict[str, jax.Array]
 # ----------------------------------------------------------------------------- config
 
 
-def moe_layer_indices(num_layers: int, num_experts: int, moe_layer_interval: int) -> tuple[int, ...]:
+def moe_layer_indices(
+  num_layers: int, num_experts: int, moe_layer_interval: int
+) -> tuple[int, ...]:
   """The 0-based indices of the MoE layers: `i` with `(i + 1) % moe_layer_interval == 0`.
 
   Empty when `num_experts == 0` (the dense baseline).
@@ -84,44 +86,70 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.model.{message}")
 
   for key in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "d_ff"):
-    require(isinstance(config[key], int) and config[key] >= 1,
-            f"{key} must be a positive int, got {config[key]!r}")
-  require(config.num_heads % config.num_kv_heads == 0,
-          f"num_kv_heads must divide num_heads={config.num_heads}, got {config.num_kv_heads}")
+    require(
+      isinstance(config[key], int) and config[key] >= 1,
+      f"{key} must be a positive int, got {config[key]!r}",
+    )
+  require(
+    config.num_heads % config.num_kv_heads == 0,
+    f"num_kv_heads must divide num_heads={config.num_heads}, got {config.num_kv_heads}",
+  )
   if config.head_dim is None:
-    require(config.d_model % config.num_heads == 0,
-            f"head_dim=None needs num_heads to divide d_model={config.d_model}, "
-            f"got num_heads={config.num_heads}")
+    require(
+      config.d_model % config.num_heads == 0,
+      f"head_dim=None needs num_heads to divide d_model={config.d_model}, "
+      f"got num_heads={config.num_heads}",
+    )
   else:
-    require(isinstance(config.head_dim, int) and config.head_dim >= 1,
-            f"head_dim must be None or a positive int, got {config.head_dim!r}")
-  require(head_dim_of(config) % 2 == 0,
-          f"head_dim must be even for RoPE, got {head_dim_of(config)}")
+    require(
+      isinstance(config.head_dim, int) and config.head_dim >= 1,
+      f"head_dim must be None or a positive int, got {config.head_dim!r}",
+    )
+  require(
+    head_dim_of(config) % 2 == 0, f"head_dim must be even for RoPE, got {head_dim_of(config)}"
+  )
   require(config.rope_base > 0, f"rope_base must be > 0, got {config.rope_base}")
-  require(config.activation in ACTIVATIONS,
-          f"activation must be one of {ACTIVATIONS}, got {config.activation!r}")
+  require(
+    config.activation in ACTIVATIONS,
+    f"activation must be one of {ACTIVATIONS}, got {config.activation!r}",
+  )
   require(config.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {config.dtype!r}")
-  require(isinstance(config.num_experts, int) and config.num_experts >= 0,
-          f"num_experts must be an int >= 0 (0 = dense), got {config.num_experts!r}")
-  require(isinstance(config.moe_layer_interval, int) and config.moe_layer_interval >= 1,
-          f"moe_layer_interval must be an int >= 1, got {config.moe_layer_interval!r}")
-  require(not config.dense_moe_hybrid or config.num_experts > 0,
-          "dense_moe_hybrid=True needs num_experts > 0")
+  require(
+    isinstance(config.num_experts, int) and config.num_experts >= 0,
+    f"num_experts must be an int >= 0 (0 = dense), got {config.num_experts!r}",
+  )
+  require(
+    isinstance(config.moe_layer_interval, int) and config.moe_layer_interval >= 1,
+    f"moe_layer_interval must be an int >= 1, got {config.moe_layer_interval!r}",
+  )
+  require(
+    not config.dense_moe_hybrid or config.num_experts > 0,
+    "dense_moe_hybrid=True needs num_experts > 0",
+  )
   if config.num_experts > 0:
-    require(config.num_layers >= config.moe_layer_interval,
-            f"num_layers={config.num_layers} must be >= moe_layer_interval="
-            f"{config.moe_layer_interval} so that some layer is MoE")
-    require(config.expert_d_ff is None or (isinstance(config.expert_d_ff, int)
-                                           and config.expert_d_ff >= 1),
-            f"expert_d_ff must be None (= d_ff) or a positive int, got {config.expert_d_ff!r}")
-    require(config.router in ROUTERS,
-            f"router must be one of {ROUTERS}, got {config.router!r}")
-    require(config.dispatch in DISPATCHES,
-            f"dispatch must be one of {DISPATCHES}, got {config.dispatch!r}")
-    require(1 <= config.top_k <= config.num_experts,
-            f"top_k must be in [1, num_experts={config.num_experts}], got {config.top_k}")
-    require(config.num_shared_experts >= 0,
-            f"num_shared_experts must be >= 0, got {config.num_shared_experts}")
+    require(
+      config.num_layers >= config.moe_layer_interval,
+      f"num_layers={config.num_layers} must be >= moe_layer_interval="
+      f"{config.moe_layer_interval} so that some layer is MoE",
+    )
+    require(
+      config.expert_d_ff is None
+      or (isinstance(config.expert_d_ff, int) and config.expert_d_ff >= 1),
+      f"expert_d_ff must be None (= d_ff) or a positive int, got {config.expert_d_ff!r}",
+    )
+    require(config.router in ROUTERS, f"router must be one of {ROUTERS}, got {config.router!r}")
+    require(
+      config.dispatch in DISPATCHES,
+      f"dispatch must be one of {DISPATCHES}, got {config.dispatch!r}",
+    )
+    require(
+      1 <= config.top_k <= config.num_experts,
+      f"top_k must be in [1, num_experts={config.num_experts}], got {config.top_k}",
+    )
+    require(
+      config.num_shared_experts >= 0,
+      f"num_shared_experts must be >= 0, got {config.num_shared_experts}",
+    )
 
 
 # ----------------------------------------------------------------------------- layers
@@ -206,14 +234,25 @@ class CausalSelfAttention(nnx.Module):
   scales `[head_dim]` applied to every query head and every key head before RoPE.
   """
 
-  def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-               rope_base: float, qk_norm: bool, dtype: Any, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    d_model: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    *,
+    rope_base: float,
+    qk_norm: bool,
+    dtype: Any,
+    rngs: nnx.Rngs,
+  ):
     if num_heads % num_kv_heads:
       raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.rope_base = rope_base
     linear = lambda fan_in, fan_out, names: nnx.Linear(
-        fan_in, fan_out, use_bias=False, dtype=dtype, kernel_metadata=logical(*names), rngs=rngs)
+      fan_in, fan_out, use_bias=False, dtype=dtype, kernel_metadata=logical(*names), rngs=rngs
+    )
     self.q_proj = linear(d_model, num_heads * head_dim, ("embed", "heads"))
     self.k_proj = linear(d_model, num_kv_heads * head_dim, ("embed", "kv_heads"))
     self.v_proj = linear(d_model, num_kv_heads * head_dim, ("embed", "kv_heads"))
@@ -221,8 +260,9 @@ class CausalSelfAttention(nnx.Module):
     self.q_norm = RMSNorm(head_dim, axis_name="head_dim") if qk_norm else None
     self.k_norm = RMSNorm(head_dim, axis_name="head_dim") if qk_norm else None
 
-  def __call__(self, x: jax.Array, positions: jax.Array,
-               cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
+  def __call__(
+    self, x: jax.Array, positions: jax.Array, cache: LayerCache | None = None
+  ) -> tuple[jax.Array, LayerCache | None]:
     """Attends every position to itself and to every earlier position.
 
     Args:
@@ -263,8 +303,14 @@ class DecoderBlock(nnx.Module):
   (Snowflake Arctic's dense-MoE hybrid); at least one must be given.
   """
 
-  def __init__(self, d_model: int, attention: CausalSelfAttention, *,
-               dense_ffn: FeedForward | None, moe: MoeLayer | None):
+  def __init__(
+    self,
+    d_model: int,
+    attention: CausalSelfAttention,
+    *,
+    dense_ffn: FeedForward | None,
+    moe: MoeLayer | None,
+  ):
     if dense_ffn is None and moe is None:
       raise ValueError("DecoderBlock needs a dense_ffn, a moe layer, or both")
     self.attn_norm = RMSNorm(d_model)
@@ -273,8 +319,9 @@ class DecoderBlock(nnx.Module):
     self.dense_ffn = dense_ffn
     self.moe = moe
 
-  def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None = None
-               ) -> tuple[jax.Array, dict[str, jax.Array] | None, LayerCache | None]:
+  def __call__(
+    self, x: jax.Array, positions: jax.Array, cache: LayerCache | None = None
+  ) -> tuple[jax.Array, dict[str, jax.Array] | None, LayerCache | None]:
     """`[batch, seq, d_model]` -> (`[batch, seq, d_model]`, the MoE aux dict or None, cache).
 
     See `CausalSelfAttention` for `positions` and `cache`.
@@ -297,14 +344,25 @@ class DecoderBlock(nnx.Module):
 def _make_moe_layer(config: ml_collections.ConfigDict, dtype: Any, rngs: nnx.Rngs) -> MoeLayer:
   """Builds one `moejax.moe.MoeLayer` from the model config."""
   return MoeLayer(
-      d_model=config.d_model, d_ff=expert_d_ff_of(config), num_experts=config.num_experts,
-      top_k=config.top_k, router=config.router, dispatch=config.dispatch,
-      capacity_factor=config.capacity_factor, eval_capacity_factor=config.eval_capacity_factor,
-      min_capacity=config.min_capacity, activation=config.activation,
-      renormalize=config.renormalize, second_expert_policy=config.second_expert_policy,
-      router_jitter=config.router_jitter, expert_dropout=config.expert_dropout,
-      num_shared_experts=config.num_shared_experts, group_size=config.group_size,
-      dtype=dtype, rngs=rngs)
+    d_model=config.d_model,
+    d_ff=expert_d_ff_of(config),
+    num_experts=config.num_experts,
+    top_k=config.top_k,
+    router=config.router,
+    dispatch=config.dispatch,
+    capacity_factor=config.capacity_factor,
+    eval_capacity_factor=config.eval_capacity_factor,
+    min_capacity=config.min_capacity,
+    activation=config.activation,
+    renormalize=config.renormalize,
+    second_expert_policy=config.second_expert_policy,
+    router_jitter=config.router_jitter,
+    expert_dropout=config.expert_dropout,
+    num_shared_experts=config.num_shared_experts,
+    group_size=config.group_size,
+    dtype=dtype,
+    rngs=rngs,
+  )
 
 
 class TransformerLM(nnx.Module):
@@ -324,38 +382,67 @@ class TransformerLM(nnx.Module):
     self.dtype = DTYPES[config.dtype]
     self.num_kv_heads, self.head_dim = config.num_kv_heads, head_dim_of(config)
     self.num_experts = config.num_experts
-    self.moe_layer_indices = moe_layer_indices(config.num_layers, config.num_experts,
-                                               config.moe_layer_interval)
-    self.embed = nnx.Embed(config.vocab_size, config.d_model,
-                           embedding_init=nnx.initializers.normal(EMBEDDING_STDDEV),
-                           embedding_metadata=logical("vocab", "embed"), rngs=rngs)
+    self.moe_layer_indices = moe_layer_indices(
+      config.num_layers, config.num_experts, config.moe_layer_interval
+    )
+    self.embed = nnx.Embed(
+      config.vocab_size,
+      config.d_model,
+      embedding_init=nnx.initializers.normal(EMBEDDING_STDDEV),
+      embedding_metadata=logical("vocab", "embed"),
+      rngs=rngs,
+    )
     layers = []
     for i in range(config.num_layers):
       is_moe = i in self.moe_layer_indices
       attention = CausalSelfAttention(
-          config.d_model, config.num_heads, config.num_kv_heads, self.head_dim,
-          rope_base=config.rope_base, qk_norm=config.qk_norm, dtype=self.dtype, rngs=rngs)
-      dense_ffn = (FeedForward(config.d_model, config.d_ff, config.activation, dtype=self.dtype,
-                               rngs=rngs)
-                   if not is_moe or config.dense_moe_hybrid else None)
+        config.d_model,
+        config.num_heads,
+        config.num_kv_heads,
+        self.head_dim,
+        rope_base=config.rope_base,
+        qk_norm=config.qk_norm,
+        dtype=self.dtype,
+        rngs=rngs,
+      )
+      dense_ffn = (
+        FeedForward(config.d_model, config.d_ff, config.activation, dtype=self.dtype, rngs=rngs)
+        if not is_moe or config.dense_moe_hybrid
+        else None
+      )
       moe = _make_moe_layer(config, self.dtype, rngs) if is_moe else None
       layers.append(DecoderBlock(config.d_model, attention, dense_ffn=dense_ffn, moe=moe))
     self.layers = nnx.List(layers)
     self.final_norm = RMSNorm(config.d_model)
-    self.lm_head = (None if config.tie_embeddings else
-                    nnx.Linear(config.d_model, config.vocab_size, use_bias=False,
-                               dtype=self.dtype, preferred_element_type=jnp.float32,
-                               kernel_metadata=logical("embed", "vocab"), rngs=rngs))
+    self.lm_head = (
+      None
+      if config.tie_embeddings
+      else nnx.Linear(
+        config.d_model,
+        config.vocab_size,
+        use_bias=False,
+        dtype=self.dtype,
+        preferred_element_type=jnp.float32,
+        kernel_metadata=logical("embed", "vocab"),
+        rngs=rngs,
+      )
+    )
 
   def init_cache(self, batch: int, max_len: int) -> tuple[LayerCache, ...]:
     """An empty KV cache: one `{'k', 'v'}` per layer, each `[batch, max_len, kv_heads,
     head_dim]` zeros in the compute dtype. Pass it to `__call__` and thread the result."""
     shape = (batch, max_len, self.num_kv_heads, self.head_dim)
-    return tuple({"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
-                 for _ in self.layers)
+    return tuple(
+      {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)} for _ in self.layers
+    )
 
-  def __call__(self, tokens: jax.Array, *, cache: tuple[LayerCache, ...] | None = None,
-               start: int | jax.Array = 0):
+  def __call__(
+    self,
+    tokens: jax.Array,
+    *,
+    cache: tuple[LayerCache, ...] | None = None,
+    start: int | jax.Array = 0,
+  ):
     """Next-token logits for every position.
 
     Args:
@@ -376,8 +463,9 @@ class TransformerLM(nnx.Module):
     """
     seq = tokens.shape[1]
     if cache is not None and isinstance(start, int) and start + seq > cache[0]["k"].shape[1]:
-      raise ValueError(f"start={start} + seq={seq} exceeds the cache's max_len="
-                       f"{cache[0]['k'].shape[1]}")
+      raise ValueError(
+        f"start={start} + seq={seq} exceeds the cache's max_len={cache[0]['k'].shape[1]}"
+      )
     positions = start + jnp.arange(seq, dtype=jnp.int32)
     x = self.embed(tokens).astype(self.dtype)
     auxes, new_cache = [], []
@@ -389,8 +477,9 @@ class TransformerLM(nnx.Module):
     h = self.final_norm(x)
     if self.lm_head is None:
       embedding = self.embed.embedding[...].astype(self.dtype)
-      logits = on_rows(lambda rows: jnp.einsum("nd,vd->nv", rows, embedding,
-                                               preferred_element_type=jnp.float32), h)
+      logits = on_rows(
+        lambda rows: jnp.einsum("nd,vd->nv", rows, embedding, preferred_element_type=jnp.float32), h
+      )
     else:
       logits = on_rows(self.lm_head, h).astype(jnp.float32)
     aux = self._aggregate_aux(auxes)
@@ -402,9 +491,16 @@ class TransformerLM(nnx.Module):
     """Means of the scalar MoE metrics over MoE layers; per-layer expert loads stacked."""
     if not auxes:
       zero = jnp.zeros((), jnp.float32)
-      return {"lb_loss": zero, "z_loss": zero, "dropped_fraction": zero,
-              "expert_load": jnp.zeros((0, self.num_experts), jnp.float32)}
+      return {
+        "lb_loss": zero,
+        "z_loss": zero,
+        "dropped_fraction": zero,
+        "expert_load": jnp.zeros((0, self.num_experts), jnp.float32),
+      }
     mean = lambda name: jnp.mean(jnp.stack([a[name].astype(jnp.float32) for a in auxes]))
-    return {"lb_loss": mean("lb_loss"), "z_loss": mean("z_loss"),
-            "dropped_fraction": mean("dropped_fraction"),
-            "expert_load": jnp.stack([a["expert_load"] for a in auxes])}
+    return {
+      "lb_loss": mean("lb_loss"),
+      "z_loss": mean("z_loss"),
+      "dropped_fraction": mean("dropped_fraction"),
+      "expert_load": jnp.stack([a["expert_load"] for a in auxes]),
+    }

@@ -29,7 +29,9 @@ from moejax.experts import Experts, FeedForward
 
 def _check_choice(name: str, value, allowed) -> None:
   if value not in allowed:
-    raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(map(repr, allowed))}.")
+    raise ValueError(
+      f"{name}={value!r} is not supported; allowed: {', '.join(map(repr, allowed))}."
+    )
 
 
 class MoeLayer(nnx.Module):
@@ -81,13 +83,28 @@ class MoeLayer(nnx.Module):
   (and so the function computed) do not depend on the mesh.
   """
 
-  def __init__(self, *, d_model: int, d_ff: int, num_experts: int, top_k: int = 2,
-               router: str = "top_k", dispatch: str = "auto", capacity_factor: float = 1.25,
-               eval_capacity_factor: float = 2.0, min_capacity: int = 4,
-               activation: str = "swiglu", renormalize: bool = False,
-               second_expert_policy: str = "all", router_jitter: float = 0.0,
-               expert_dropout: float = 0.0, num_shared_experts: int = 0,
-               group_size: int | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    *,
+    d_model: int,
+    d_ff: int,
+    num_experts: int,
+    top_k: int = 2,
+    router: str = "top_k",
+    dispatch: str = "auto",
+    capacity_factor: float = 1.25,
+    eval_capacity_factor: float = 2.0,
+    min_capacity: int = 4,
+    activation: str = "swiglu",
+    renormalize: bool = False,
+    second_expert_policy: str = "all",
+    router_jitter: float = 0.0,
+    expert_dropout: float = 0.0,
+    num_shared_experts: int = 0,
+    group_size: int | None = None,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     _check_choice("router", router, routing.ROUTERS)
     _check_choice("dispatch", dispatch, dispatch_lib.DISPATCHES)
     _check_choice("second_expert_policy", second_expert_policy, routing.SECOND_EXPERT_POLICIES)
@@ -98,15 +115,21 @@ class MoeLayer(nnx.Module):
     if not 1 <= top_k <= num_experts:
       raise ValueError(f"top_k={top_k} must be between 1 and num_experts={num_experts}.")
     if router == "dense" and top_k != num_experts:
-      raise ValueError(f"router='dense' sends every token to every expert: set top_k=num_experts "
-                       f"({num_experts}), got top_k={top_k}.")
+      raise ValueError(
+        f"router='dense' sends every token to every expert: set top_k=num_experts "
+        f"({num_experts}), got top_k={top_k}."
+      )
     if router == "expert_choice" and dispatch == "dropless":
-      raise ValueError("dispatch='dropless' needs token-choice routing; router='expert_choice' "
-                       "fixes the tokens per expert: use dispatch 'einsum' or 'sort'.")
+      raise ValueError(
+        "dispatch='dropless' needs token-choice routing; router='expert_choice' "
+        "fixes the tokens per expert: use dispatch 'einsum' or 'sort'."
+      )
     if second_expert_policy == "random" and top_k != 2:
       raise ValueError(f"second_expert_policy='random' needs top_k=2, got top_k={top_k}.")
-    for name, value in (("capacity_factor", capacity_factor),
-                        ("eval_capacity_factor", eval_capacity_factor)):
+    for name, value in (
+      ("capacity_factor", capacity_factor),
+      ("eval_capacity_factor", eval_capacity_factor),
+    ):
       if not value > 0:
         raise ValueError(f"{name}={value!r} must be > 0.")
     if min_capacity < 1:
@@ -118,8 +141,10 @@ class MoeLayer(nnx.Module):
     if num_shared_experts < 0:
       raise ValueError(f"num_shared_experts={num_shared_experts} must be >= 0.")
     if group_size is not None and (group_size < 1 or dispatch == "dropless"):
-      raise ValueError(f"group_size={group_size!r}: routing groups set capacity; use a positive "
-                       "size with dispatch 'einsum' or 'sort', or None.")
+      raise ValueError(
+        f"group_size={group_size!r}: routing groups set capacity; use a positive "
+        "size with dispatch 'einsum' or 'sort', or None."
+      )
 
     self.d_model, self.d_ff, self.num_experts, self.top_k = d_model, d_ff, num_experts, top_k
     self.router = router
@@ -141,14 +166,19 @@ class MoeLayer(nnx.Module):
     else:
       # A small router init keeps early routing near uniform (Switch: weights scaled by 0.1).
       init = nnx.initializers.variance_scaling(0.1, "fan_in", "truncated_normal")
-      self.router_kernel = nnx.Param(init(rngs.params(), (d_model, num_experts), jnp.float32),
-                                     **parallel.logical("embed", None))
+      self.router_kernel = nnx.Param(
+        init(rngs.params(), (d_model, num_experts), jnp.float32), **parallel.logical("embed", None)
+      )
       self.noise_kernel = None
     self.router_rng = rngs["router"].fork()
-    self.experts = Experts(num_experts, d_model, d_ff, activation, dropout_rate=expert_dropout,
-                           dtype=dtype, rngs=rngs)
-    self.shared = (FeedForward(d_model, num_shared_experts * d_ff, activation, dtype=dtype, rngs=rngs)
-                   if num_shared_experts else None)
+    self.experts = Experts(
+      num_experts, d_model, d_ff, activation, dropout_rate=expert_dropout, dtype=dtype, rngs=rngs
+    )
+    self.shared = (
+      FeedForward(d_model, num_shared_experts * d_ff, activation, dtype=dtype, rngs=rngs)
+      if num_shared_experts
+      else None
+    )
 
   # --------------------------------------------------------------------------- routing
 
@@ -157,8 +187,12 @@ class MoeLayer(nnx.Module):
     router_in = tokens.astype(jnp.float32)
     if self.router_jitter and not self.deterministic:
       router_in = router_in * jax.random.uniform(
-          self.router_rng(), router_in.shape, jnp.float32,
-          1.0 - self.router_jitter, 1.0 + self.router_jitter)
+        self.router_rng(),
+        router_in.shape,
+        jnp.float32,
+        1.0 - self.router_jitter,
+        1.0 + self.router_jitter,
+      )
     logits = router_in @ self.router_kernel[...]
     if self.noise_kernel is not None and not self.deterministic:
       logits = routing.noisy_logits(logits, router_in @ self.noise_kernel[...], self.router_rng())
@@ -166,14 +200,17 @@ class MoeLayer(nnx.Module):
 
   def _capacity(self, group_tokens: int) -> int:
     factor = self.eval_capacity_factor if self.deterministic else self.capacity_factor
-    return dispatch_lib.expert_capacity(group_tokens, self.num_experts, self.top_k, factor,
-                                        self.min_capacity)
+    return dispatch_lib.expert_capacity(
+      group_tokens, self.num_experts, self.top_k, factor, self.min_capacity
+    )
 
   # --------------------------------------------------------------------------- forward
 
   def __call__(self, x: jax.Array):
     if x.ndim != 3 or x.shape[-1] != self.d_model:
-      raise ValueError(f"MoeLayer input must be [batch, seq, d_model={self.d_model}], got shape {x.shape}.")
+      raise ValueError(
+        f"MoeLayer input must be [batch, seq, d_model={self.d_model}], got shape {x.shape}."
+      )
     batch, seq, d = x.shape
     num_tokens = batch * seq
     group = self.group_size or num_tokens
@@ -181,8 +218,8 @@ class MoeLayer(nnx.Module):
       raise ValueError(f"group_size={self.group_size} must divide batch·seq={num_tokens}.")
     tokens = x.reshape(num_tokens, d)
 
-    logits = self._router_logits(tokens)                          # [T, E]
-    probs = jax.nn.softmax(logits, axis=-1)                       # [T, E]
+    logits = self._router_logits(tokens)  # [T, E]
+    probs = jax.nn.softmax(logits, axis=-1)  # [T, E]
     aux = {"z_loss": routing.router_z_loss(logits)}
 
     if self.router == "expert_choice":
@@ -196,11 +233,17 @@ class MoeLayer(nnx.Module):
 
   def _token_choice(self, tokens, probs):
     E, k = self.num_experts, self.top_k
-    choice = parallel.per_device(lambda p: routing.top_k_choice(p, k, renormalize=self.renormalize),
-                                 parallel.layer_mesh(self.expert_mesh), probs)
-    aux = {"lb_loss": routing.load_balancing_loss(probs, choice.expert_indices, E),
-           "expert_load": jnp.zeros((E,), jnp.float32).at[choice.expert_indices.reshape(-1)]
-                          .add(1.0 / choice.expert_indices.size)}
+    choice = parallel.per_device(
+      lambda p: routing.top_k_choice(p, k, renormalize=self.renormalize),
+      parallel.layer_mesh(self.expert_mesh),
+      probs,
+    )
+    aux = {
+      "lb_loss": routing.load_balancing_loss(probs, choice.expert_indices, E),
+      "expert_load": jnp.zeros((E,), jnp.float32)
+      .at[choice.expert_indices.reshape(-1)]
+      .add(1.0 / choice.expert_indices.size),
+    }
     if self.second_expert_policy == "random" and not self.deterministic:
       choice = routing.random_second_expert(choice, self.router_rng())
 
@@ -209,21 +252,23 @@ class MoeLayer(nnx.Module):
       if mesh is None:
         out = dispatch_lib.dropless(tokens, choice, E, self.experts.grouped)
       else:
-        out = parallel.dropless_expert_parallel(mesh, tokens, choice, self.experts,
-                                                parallel.dropout_key(self.experts))
+        out = parallel.dropless_expert_parallel(
+          mesh, tokens, choice, self.experts, parallel.dropout_key(self.experts)
+        )
       aux["dropped_fraction"] = jnp.zeros((), jnp.float32)
       return out, aux
 
     def dispatch(grouped_x, grouped_choice, capacity):
       if self.dispatch == "einsum":
         masks = jax.vmap(lambda c: dispatch_lib.token_choice_masks(c, E, capacity, self.dtype))
-        dispatch_mask, combine_mask, kept = masks(grouped_choice)   # [G, S, E, C]
+        dispatch_mask, combine_mask, kept = masks(grouped_choice)  # [G, S, E, C]
         return self._einsum_dispatch(grouped_x, dispatch_mask, combine_mask) + (kept,)
       slots = jax.vmap(lambda c: dispatch_lib.token_choice_slots(c, E, capacity))
-      slot_token, kept, token_slot = slots(grouped_choice)       # [G, E·C], [G, S, k]
+      slot_token, kept, token_slot = slots(grouped_choice)  # [G, E·C], [G, S, k]
       token_gate = jnp.where(kept, grouped_choice.gates, 0.0)
       buffers = jax.vmap(lambda x, s, t: dispatch_lib.dispatch_to_slots(x, s, t, E))(
-          grouped_x.astype(self.dtype), slot_token, token_slot)
+        grouped_x.astype(self.dtype), slot_token, token_slot
+      )
       combine = lambda out: jax.vmap(dispatch_lib.combine_from_slots)(out, token_slot, token_gate)
       return buffers, combine, kept
 
@@ -240,22 +285,26 @@ class MoeLayer(nnx.Module):
       choice = jax.vmap(routing.expert_choice, in_axes=(0, None))(grouped_probs, capacity)
       if self.dispatch == "einsum":
         dispatch_mask, combine_mask = jax.vmap(
-            lambda c: dispatch_lib.expert_choice_masks(c, group, self.dtype))(choice)
+          lambda c: dispatch_lib.expert_choice_masks(c, group, self.dtype)
+        )(choice)
         buffers, combine = self._einsum_dispatch(grouped_x, dispatch_mask, combine_mask)
       else:
         slot_token, slot_gate = jax.vmap(dispatch_lib.expert_choice_slots)(choice)
         buffers, combine = self._sort_dispatch(grouped_x, slot_token, slot_gate)
-      taken = jnp.zeros((num_groups, group + 1), bool).at[
-          jnp.arange(num_groups)[:, None], choice.token_indices.reshape(num_groups, -1)].set(True)
+      taken = (
+        jnp.zeros((num_groups, group + 1), bool)
+        .at[jnp.arange(num_groups)[:, None], choice.token_indices.reshape(num_groups, -1)]
+        .set(True)
+      )
       return buffers, combine, taken[:, :group]
 
     out, taken = self._capacity_moe(tokens, probs, dispatch)
     aux = {
-        # Expert choice balances load by construction and has no balancing loss.
-        "lb_loss": jnp.zeros((), jnp.float32),
-        "expert_load": jnp.full((E,), 1.0 / E, jnp.float32),
-        # For expert choice: the share of tokens that no expert took.
-        "dropped_fraction": 1.0 - jnp.mean(taken.astype(jnp.float32)),
+      # Expert choice balances load by construction and has no balancing loss.
+      "lb_loss": jnp.zeros((), jnp.float32),
+      "expert_load": jnp.full((E,), 1.0 / E, jnp.float32),
+      # For expert choice: the share of tokens that no expert took.
+      "dropped_fraction": 1.0 - jnp.mean(taken.astype(jnp.float32)),
     }
     return out, aux
 
@@ -276,11 +325,15 @@ class MoeLayer(nnx.Module):
     if parallel.axis_size(mesh, parallel.EXPERT) > 1:
       local = parallel.local_token_count(mesh, num_tokens)
       if capacity and self.group_size is None:
-        raise ValueError("expert parallelism needs group_size set (tokens per routing group), so "
-                         "that routing groups do not depend on the mesh; got group_size=None.")
+        raise ValueError(
+          "expert parallelism needs group_size set (tokens per routing group), so "
+          "that routing groups do not depend on the mesh; got group_size=None."
+        )
       if capacity and local % self.group_size:
-        raise ValueError(f"expert parallelism: each device's {local} tokens must be a multiple of "
-                         f"group_size={self.group_size}.")
+        raise ValueError(
+          f"expert parallelism: each device's {local} tokens must be a multiple of "
+          f"group_size={self.group_size}."
+        )
       return mesh
     shards = parallel.num_batch_shards(mesh)
     if shards == 1 or num_tokens % shards:
@@ -316,8 +369,9 @@ class MoeLayer(nnx.Module):
     mesh = self._device_mesh(num_tokens)
     if mesh is None:
       return body(tokens, route, self._local_experts)
-    return parallel.capacity_expert_parallel(mesh, body, tokens, route, self.experts,
-                                             parallel.dropout_key(self.experts))
+    return parallel.capacity_expert_parallel(
+      mesh, body, tokens, route, self.experts, parallel.dropout_key(self.experts)
+    )
 
   def _local_experts(self, buffers):
     """`[G, E, C, d]` -> `[G, E, C, d]` through all experts on this device."""
@@ -338,5 +392,6 @@ class MoeLayer(nnx.Module):
     E = self.num_experts
     buffers = jax.vmap(lambda x, s: dispatch_lib.gather_to_experts(x, s, E))(grouped_x, slot_token)
     combine = lambda out: jax.vmap(
-        lambda o, s, g: dispatch_lib.scatter_from_experts(o, s, g, group))(out, slot_token, slot_gate)
+      lambda o, s, g: dispatch_lib.scatter_from_experts(o, s, g, group)
+    )(out, slot_token, slot_gate)
     return buffers, combine

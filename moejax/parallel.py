@@ -69,21 +69,21 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 DATA, EXPERT = "data", "expert"
-MESH_AXES = (DATA, EXPERT)          # outermost first
-BATCH_AXES = (DATA, EXPERT)         # the mesh axes that shard the batch, in this order
+MESH_AXES = (DATA, EXPERT)  # outermost first
+BATCH_AXES = (DATA, EXPERT)  # the mesh axes that shard the batch, in this order
 AXIS_TYPES = (AxisType.Auto, AxisType.Auto)
 
 # The one table from logical axis names to mesh axes (None = replicated). Mesh axes that a
 # mesh lacks are dropped.
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", BATCH_AXES),   # activations: [batch, ...]
-    ("expert", EXPERT),      # stacked expert weights [expert, ...]
-    ("vocab", None),
-    ("embed", None),
-    ("mlp", None),
-    ("heads", None),         # q / o projections, heads·head_dim
-    ("kv_heads", None),      # k / v projections, kv_heads·head_dim
-    ("head_dim", None),      # QK-norm scales
+  ("batch", BATCH_AXES),  # activations: [batch, ...]
+  ("expert", EXPERT),  # stacked expert weights [expert, ...]
+  ("vocab", None),
+  ("embed", None),
+  ("mlp", None),
+  ("heads", None),  # q / o projections, heads·head_dim
+  ("kv_heads", None),  # k / v projections, kv_heads·head_dim
+  ("head_dim", None),  # QK-norm scales
 )
 
 
@@ -106,8 +106,14 @@ def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
     raise ValueError(f"config.mesh has unknown axes {unknown}; supported axes: {MESH_AXES}.")
   sizes = {}
   for name in MESH_AXES:
-    value = mesh_config.get(name, 1) if hasattr(mesh_config, "get") else getattr(mesh_config, name, 1)
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or (value < 1 and value != -1):
+    value = (
+      mesh_config.get(name, 1) if hasattr(mesh_config, "get") else getattr(mesh_config, name, 1)
+    )
+    if (
+      not isinstance(value, (int, np.integer))
+      or isinstance(value, bool)
+      or (value < 1 and value != -1)
+    ):
       raise ValueError(f"config.mesh.{name}={value!r} must be a positive int or -1 (the rest).")
     sizes[name] = int(value)
   free = [name for name, value in sizes.items() if value == -1]
@@ -116,12 +122,15 @@ def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
   fixed = math.prod(v for v in sizes.values() if v != -1)
   if free:
     if num_devices % fixed:
-      raise ValueError(f"config.mesh: the fixed axes (product {fixed}) do not divide the "
-                       f"{num_devices} devices, so {free[0]}=-1 has no size.")
+      raise ValueError(
+        f"config.mesh: the fixed axes (product {fixed}) do not divide the "
+        f"{num_devices} devices, so {free[0]}=-1 has no size."
+      )
     sizes[free[0]] = num_devices // fixed
   elif fixed != num_devices:
-    raise ValueError(f"config.mesh: axis sizes {sizes} multiply to {fixed}, but there are "
-                     f"{num_devices} devices.")
+    raise ValueError(
+      f"config.mesh: axis sizes {sizes} multiply to {fixed}, but there are {num_devices} devices."
+    )
   return sizes
 
 
@@ -136,8 +145,9 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> jax.s
   shape = tuple(sizes[name] for name in MESH_AXES)
   if devices == list(jax.devices()):
     return jax.make_mesh(shape, MESH_AXES, axis_types=AXIS_TYPES)
-  return jax.sharding.Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES,
-                           axis_types=AXIS_TYPES)
+  return jax.sharding.Mesh(
+    np.asarray(devices, dtype=object).reshape(shape), MESH_AXES, axis_types=AXIS_TYPES
+  )
 
 
 def axis_size(mesh, name: str) -> int:
@@ -156,8 +166,14 @@ def num_batch_shards(mesh) -> int:
   return math.prod(axis_size(mesh, a) for a in batch_axes(mesh))
 
 
-def validate_mesh(mesh, *, num_experts: int, global_batch_size: int, seq_len: int | None = None,
-                  group_size: int | None = None) -> None:
+def validate_mesh(
+  mesh,
+  *,
+  num_experts: int,
+  global_batch_size: int,
+  seq_len: int | None = None,
+  group_size: int | None = None,
+) -> None:
   """One-line ValueErrors for a mesh that cannot run this model and batch.
 
   Checks that the expert axis divides `num_experts` (0 = dense: any size), that the
@@ -166,18 +182,23 @@ def validate_mesh(mesh, *, num_experts: int, global_batch_size: int, seq_len: in
   """
   experts = axis_size(mesh, EXPERT)
   if num_experts and num_experts % experts:
-    raise ValueError(f"num_experts={num_experts} is not divisible by the mesh's expert axis "
-                     f"({experts}).")
+    raise ValueError(
+      f"num_experts={num_experts} is not divisible by the mesh's expert axis ({experts})."
+    )
   shards = num_batch_shards(mesh)
   if global_batch_size % shards:
-    raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
-                     f"batch-sharding mesh axes {batch_axes(mesh)} (product {shards}).")
+    raise ValueError(
+      f"global batch size {global_batch_size} is not divisible by the "
+      f"batch-sharding mesh axes {batch_axes(mesh)} (product {shards})."
+    )
   if seq_len is not None and group_size is not None and experts > 1 and num_experts:
     local_tokens = global_batch_size // shards * seq_len
     if local_tokens % group_size:
-      raise ValueError(f"with expert parallelism each device's {local_tokens} tokens "
-                       f"(batch {global_batch_size}/{shards} x seq {seq_len}) must be a "
-                       f"multiple of group_size={group_size}.")
+      raise ValueError(
+        f"with expert parallelism each device's {local_tokens} tokens "
+        f"(batch {global_batch_size}/{shards} x seq {seq_len}) must be a "
+        f"multiple of group_size={group_size}."
+      )
 
 
 # ----------------------------------------------------------------------------- shardings
@@ -197,7 +218,9 @@ def logical_to_mesh(names: Sequence[str | None], mesh, rules=LOGICAL_AXIS_RULES)
     axes = (target,) if isinstance(target, str) else tuple(target or ())
     axes = tuple(a for a in axes if a in mesh.axis_names)
     if used & set(axes):
-      raise ValueError(f"logical axes {tuple(names)} map mesh axis {sorted(used & set(axes))} twice.")
+      raise ValueError(
+        f"logical axes {tuple(names)} map mesh axis {sorted(used & set(axes))} twice."
+      )
     used |= set(axes)
     spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
   return P(*spec)
@@ -208,8 +231,9 @@ def _variable_sharding(var: nnx.Variable, mesh, path: str, require_names: bool) 
   names = var.get_metadata().get("out_sharding") if hasattr(var, "get_metadata") else None
   if not names:
     if require_names and isinstance(var, nnx.Param):
-      raise ValueError(f"parameter {path} has no logical axis names (create it with "
-                       "`**parallel.logical(...)`).")
+      raise ValueError(
+        f"parameter {path} has no logical axis names (create it with `**parallel.logical(...)`)."
+      )
     return NamedSharding(mesh, P())
   shape = getattr(value, "shape", ())
   if len(names) != len(shape):
@@ -218,8 +242,10 @@ def _variable_sharding(var: nnx.Variable, mesh, path: str, require_names: bool) 
   for dim, axes in zip(shape, spec):
     size = math.prod(axis_size(mesh, a) for a in ((axes,) if isinstance(axes, str) else axes or ()))
     if dim % size:
-      raise ValueError(f"{path}: dimension {dim} (axes {tuple(names)}) is not divisible by mesh "
-                       f"axes {axes} of size {size}.")
+      raise ValueError(
+        f"{path}: dimension {dim} (axes {tuple(names)}) is not divisible by mesh "
+        f"axes {axes} of size {size}."
+      )
   return NamedSharding(mesh, spec)
 
 
@@ -272,7 +298,9 @@ def tree_shardings(tree, mesh, params):
   state = nnx.state(params, nnx.Param) if isinstance(params, nnx.Module) else params
   by_path: dict[tuple[str, ...], tuple[tuple[int, ...], NamedSharding]] = {}
   flat, _ = jax.tree_util.tree_flatten_with_path(
-      param_shardings(state, mesh, require_names=False), is_leaf=lambda x: isinstance(x, NamedSharding))
+    param_shardings(state, mesh, require_names=False),
+    is_leaf=lambda x: isinstance(x, NamedSharding),
+  )
   shapes = {_leaf_keys(p): np.shape(v) for p, v in jax.tree_util.tree_flatten_with_path(state)[0]}
   for path, sharding in flat:
     keys = _leaf_keys(path)
@@ -307,8 +335,9 @@ def shard_batch(batch, mesh):
   sharding = batch_sharding(mesh)
   if jax.process_count() == 1:
     return jax.device_put(batch, sharding)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                      batch)
+  return jax.tree.map(
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
+  )
 
 
 # ----------------------------------------------------------------------------- turning EP on
@@ -329,7 +358,9 @@ def layer_mesh(setting):
   """The mesh a MoE layer runs on (None: no mesh). `setting` as in `use_expert_parallel`."""
   if setting is None:
     return None
-  mesh = jax.sharding.get_abstract_mesh() if isinstance(setting, str) and setting == AUTO else setting
+  mesh = (
+    jax.sharding.get_abstract_mesh() if isinstance(setting, str) and setting == AUTO else setting
+  )
   return mesh if mesh is not None and mesh.axis_names else None
 
 
@@ -358,8 +389,10 @@ def local_token_count(mesh, num_tokens: int) -> int:
   """Tokens per device when `num_tokens` are sharded over the batch axes (error if uneven)."""
   shards = num_batch_shards(mesh)
   if num_tokens % shards:
-    raise ValueError(f"expert parallelism: {num_tokens} tokens (batch·seq) do not split over "
-                     f"the batch-sharding mesh axes {batch_axes(mesh)} (product {shards}).")
+    raise ValueError(
+      f"expert parallelism: {num_tokens} tokens (batch·seq) do not split over "
+      f"the batch-sharding mesh axes {batch_axes(mesh)} (product {shards})."
+    )
   return num_tokens // shards
 
 
@@ -385,8 +418,9 @@ def dropout_key(experts) -> jax.Array | None:
 # ----------------------------------------------------------------------------- capacity EP
 
 
-def capacity_expert_parallel(mesh, body: Callable, tokens: jax.Array, route, experts,
-                             key: jax.Array | None = None):
+def capacity_expert_parallel(
+  mesh, body: Callable, tokens: jax.Array, route, experts, key: jax.Array | None = None
+):
   """Runs a capacity-dispatch MoE with the experts sharded over the `expert` mesh axis (if any).
 
   Each device runs `body` on its own tokens (a whole number of routing groups):
@@ -408,8 +442,9 @@ def capacity_expert_parallel(mesh, body: Callable, tokens: jax.Array, route, exp
   weights = experts.weights()
   batch = P(batch_axes(mesh))
   # n = 1 (data axes only): every device runs all experts on its own groups, no exchange.
-  exchange = (lambda a, split, concat: jax.lax.all_to_all(a, EXPERT, split, concat, tiled=True)
-              if n > 1 else a)
+  exchange = lambda a, split, concat: (
+    jax.lax.all_to_all(a, EXPERT, split, concat, tiled=True) if n > 1 else a
+  )
 
   def shard_body(tokens, route, weights, key):
     dropout = _device_dropout(experts.dropout, key, mesh)
@@ -417,25 +452,27 @@ def capacity_expert_parallel(mesh, body: Callable, tokens: jax.Array, route, exp
     def expert_fn(buffers):
       groups, num_experts, capacity, d = buffers.shape
       local = num_experts // n
-      received = exchange(buffers, 1, 0)                                  # [n·G, E/n, C, d]
+      received = exchange(buffers, 1, 0)  # [n·G, E/n, C, d]
       x = jnp.transpose(received, (1, 0, 2, 3)).reshape(local, n * groups * capacity, d)
       y = experts.apply_batched(x, weights, dropout)
       y = jnp.transpose(y.reshape(local, n * groups, capacity, d), (1, 0, 2, 3))
-      return exchange(y, 0, 1)                                            # [G, E, C, d]
+      return exchange(y, 0, 1)  # [G, E, C, d]
 
     return body(tokens, route, expert_fn)
 
   expert_spec = P(EXPERT) if n > 1 else P()
-  fn = jax.shard_map(shard_body, mesh=mesh, in_specs=(batch, batch, expert_spec, P()),
-                     out_specs=batch)
+  fn = jax.shard_map(
+    shard_body, mesh=mesh, in_specs=(batch, batch, expert_spec, P()), out_specs=batch
+  )
   return fn(tokens, route, weights, key)
 
 
 # ----------------------------------------------------------------------------- dropless EP
 
 
-def dropless_expert_parallel(mesh, tokens: jax.Array, choice, experts,
-                             key: jax.Array | None = None) -> jax.Array:
+def dropless_expert_parallel(
+  mesh, tokens: jax.Array, choice, experts, key: jax.Array | None = None
+) -> jax.Array:
   """Dropless token-choice MoE with the experts sharded over the `expert` mesh axis (if any).
 
   Every device sorts its own assignments by expert and sends each expert-device a
@@ -468,28 +505,31 @@ def dropless_expert_parallel(mesh, tokens: jax.Array, choice, experts,
   # With no expert axis (n = 1) the exchange is the identity and every device runs all
   # experts on its own tokens: dropless is per token, so data parallelism needs no
   # communication at all.
-  exchange = ((lambda a: jax.lax.all_to_all(a, EXPERT, 0, 0, tiled=True)) if n > 1
-              else (lambda a: a))
+  exchange = (lambda a: jax.lax.all_to_all(a, EXPERT, 0, 0, tiled=True)) if n > 1 else (lambda a: a)
 
   def shard_body(x, choice, weights, key):
     dropout = _device_dropout(experts.dropout, key, mesh)
     t, d = x.shape
     k = choice.expert_indices.shape[1]
     block = t * min(k, local)
-    expert_of, gates, valid, token_of = dispatch_lib.assignment_lists(choice)   # [t·k]
+    expert_of, gates, valid, token_of = dispatch_lib.assignment_lists(choice)  # [t·k]
     order, positions, counts = dispatch_lib.sort_by_expert(expert_of, valid, num_experts)
     starts = jnp.cumsum(counts) - counts
     dest = expert_of // local
     rank = starts[expert_of] + positions - starts[dest * local]
-    slot = jnp.where(valid, dest * block + rank, n * block)                      # [t·k]
+    slot = jnp.where(valid, dest * block + rank, n * block)  # [t·k]
     assignments = expert_of.shape[0]
-    slot_assignment = jnp.full((n * block,), assignments, jnp.int32).at[slot].set(
-        jnp.arange(assignments, dtype=jnp.int32), mode="drop")
+    slot_assignment = (
+      jnp.full((n * block,), assignments, jnp.int32)
+      .at[slot]
+      .set(jnp.arange(assignments, dtype=jnp.int32), mode="drop")
+    )
     rows = jnp.concatenate([x.astype(experts.dtype), jnp.zeros((1, d), experts.dtype)])
     token_padded = jnp.concatenate([token_of, jnp.array([t], jnp.int32)])
-    send = rows[token_padded[slot_assignment]]                                   # [n·B, d]
-    send_expert = jnp.full((n * block,), local, jnp.int32).at[slot].set(
-        expert_of % local, mode="drop")
+    send = rows[token_padded[slot_assignment]]  # [n·B, d]
+    send_expert = (
+      jnp.full((n * block,), local, jnp.int32).at[slot].set(expert_of % local, mode="drop")
+    )
 
     received = exchange(send.reshape(n, block, d))
     received_expert = exchange(send_expert.reshape(n, block))
@@ -501,23 +541,45 @@ def dropless_expert_parallel(mesh, tokens: jax.Array, choice, experts,
     back = exchange(y.reshape(n, block, d))
 
     back = jnp.concatenate([back.reshape(n * block, d), jnp.zeros((1, d), back.dtype)])
-    out_rows = back[slot]                                                        # [t·k, d]
+    out_rows = back[slot]  # [t·k, d]
     weight = jnp.where(valid, gates, 0.0).astype(out_rows.dtype)
     # Added in expert order, as the single-device `dispatch.dropless` does.
-    return jnp.zeros((t, d), out_rows.dtype).at[token_of[order]].add(
-        out_rows[order] * weight[order][:, None])
+    return (
+      jnp.zeros((t, d), out_rows.dtype)
+      .at[token_of[order]]
+      .add(out_rows[order] * weight[order][:, None])
+    )
 
   expert_spec = P(EXPERT) if n > 1 else P()
-  fn = jax.shard_map(shard_body, mesh=mesh, in_specs=(batch, batch, expert_spec, P()),
-                     out_specs=batch)
+  fn = jax.shard_map(
+    shard_body, mesh=mesh, in_specs=(batch, batch, expert_spec, P()), out_specs=batch
+  )
   return fn(tokens, choice, weights, key)
 
 
 # ----------------------------------------------------------------------------- HLO accounting
 
-_DTYPE_BYTES = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
-                "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-                "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_DTYPE_BYTES = {
+  "pred": 1,
+  "s4": 1,
+  "u4": 1,
+  "s8": 1,
+  "u8": 1,
+  "f8e4m3fn": 1,
+  "f8e5m2": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+  "c64": 8,
+  "c128": 16,
+}
 _SHAPE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 
 

@@ -50,8 +50,9 @@ class ExpertChoice:
   gates: jax.Array
 
 
-def load_balancing_loss(router_probs: jax.Array, expert_indices: jax.Array,
-                        num_experts: int) -> jax.Array:
+def load_balancing_loss(
+  router_probs: jax.Array, expert_indices: jax.Array, num_experts: int
+) -> jax.Array:
   """Auxiliary load-balancing loss E · Σᵢ fᵢ · Pᵢ (Switch Transformer, Fedus et al. 2021, eq. 4).
 
   fᵢ is the share of the T·k token→expert assignments (before capacity) that go to expert
@@ -102,8 +103,9 @@ def top_k_choice(router_probs: jax.Array, k: int, *, renormalize: bool) -> Token
   gates, indices = jax.lax.top_k(router_probs, k)
   if renormalize:
     gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
-  return TokenChoice(expert_indices=indices.astype(jnp.int32), gates=gates,
-                     valid=jnp.ones(indices.shape, bool))
+  return TokenChoice(
+    expert_indices=indices.astype(jnp.int32), gates=gates, valid=jnp.ones(indices.shape, bool)
+  )
 
 
 def random_second_expert(choice: TokenChoice, key: jax.Array) -> TokenChoice:

@@ -42,16 +42,24 @@ def make_optimizer(train_config: ml_collections.ConfigDict):
   """
   tc = train_config
   if tc.warmup_steps >= tc.num_steps:
-    raise ValueError(f"train.warmup_steps={tc.warmup_steps} must be < train.num_steps={tc.num_steps}.")
+    raise ValueError(
+      f"train.warmup_steps={tc.warmup_steps} must be < train.num_steps={tc.num_steps}."
+    )
   schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=tc.learning_rate, warmup_steps=tc.warmup_steps,
-      decay_steps=tc.num_steps, end_value=tc.learning_rate * tc.min_learning_rate_ratio)
+    init_value=0.0,
+    peak_value=tc.learning_rate,
+    warmup_steps=tc.warmup_steps,
+    decay_steps=tc.num_steps,
+    end_value=tc.learning_rate * tc.min_learning_rate_ratio,
+  )
   # Norm scales are vectors; the model has no biases. Only matrices get weight decay.
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   tx = optax.chain(
-      optax.clip_by_global_norm(tc.grad_clip_norm),
-      optax.adamw(schedule, b1=tc.adam_b1, b2=tc.adam_b2, weight_decay=tc.weight_decay,
-                  mask=decay_mask))
+    optax.clip_by_global_norm(tc.grad_clip_norm),
+    optax.adamw(
+      schedule, b1=tc.adam_b1, b2=tc.adam_b2, weight_decay=tc.weight_decay, mask=decay_mask
+    ),
+  )
   return tx, schedule
 
 
@@ -111,17 +119,26 @@ def make_steps(graphdef, model_config: ml_collections.ConfigDict):
 
     (loss, (ce, aux)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     optimizer.update(model, grads)
-    metrics = {"loss": loss, "ce_loss": ce, "lb_loss": aux["lb_loss"], "z_loss": aux["z_loss"],
-               "dropped_fraction": aux["dropped_fraction"], "expert_load": aux["expert_load"],
-               "grad_norm": optax.tree.norm(grads)}
-    params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p))
-                                       for p in jax.tree.leaves(nnx.state(model, nnx.Param))]))
+    metrics = {
+      "loss": loss,
+      "ce_loss": ce,
+      "lb_loss": aux["lb_loss"],
+      "z_loss": aux["z_loss"],
+      "dropped_fraction": aux["dropped_fraction"],
+      "expert_load": aux["expert_load"],
+      "grad_norm": optax.tree.norm(grads),
+    }
+    params_finite = jnp.all(
+      jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(nnx.state(model, nnx.Param))])
+    )
     bad = [~jnp.isfinite(metrics[name]) for name in _LOSS_TERMS[:-1]] + [~params_finite]
     metrics["nonfinite"] = sum(b.astype(jnp.int32) << i for i, b in enumerate(bad))
     new_leaves, treedef = jax.tree.flatten(nnx.state((model, optimizer)))
     keep_old = metrics["nonfinite"] > 0
-    leaves = [new if checkpoint_lib.is_prng_key(new) else jnp.where(keep_old, old, new)
-              for new, old in zip(new_leaves, old_leaves)]
+    leaves = [
+      new if checkpoint_lib.is_prng_key(new) else jnp.where(keep_old, old, new)
+      for new, old in zip(new_leaves, old_leaves)
+    ]
     return jax.tree.unflatten(treedef, leaves), metrics
 
   def eval_step(state, batch):
@@ -130,10 +147,13 @@ def make_steps(graphdef, model_config: ml_collections.ConfigDict):
     logits, aux = model(batch["inputs"])
     ce = cross_entropy(logits, batch["targets"])
     is_byte = batch["targets"] < 256
-    return {"ce_sum": jnp.sum(ce), "tokens": jnp.asarray(ce.size, jnp.float32),
-            "byte_ce_sum": jnp.sum(jnp.where(is_byte, ce, 0.0)),
-            "bytes": jnp.sum(is_byte).astype(jnp.float32),
-            "dropped_fraction": aux["dropped_fraction"]}
+    return {
+      "ce_sum": jnp.sum(ce),
+      "tokens": jnp.asarray(ce.size, jnp.float32),
+      "byte_ce_sum": jnp.sum(jnp.where(is_byte, ce, 0.0)),
+      "bytes": jnp.sum(is_byte).astype(jnp.float32),
+      "dropped_fraction": aux["dropped_fraction"],
+    }
 
   return train_step, eval_step
 
@@ -149,9 +169,11 @@ def evaluate(eval_step, state, batches) -> dict[str, float]:
   for batch in batches:
     for name, value in jax.device_get(eval_step(state, batch)).items():
       totals[name] = totals.get(name, 0.0) + float(value)
-  return {"eval/loss": totals["ce_sum"] / totals["tokens"],
-          "eval/bits_per_byte": totals["byte_ce_sum"] / totals["bytes"] / math.log(2),
-          "eval/dropped_fraction": totals["dropped_fraction"] / len(batches)}
+  return {
+    "eval/loss": totals["ce_sum"] / totals["tokens"],
+    "eval/bits_per_byte": totals["byte_ce_sum"] / totals["bytes"] / math.log(2),
+    "eval/dropped_fraction": totals["dropped_fraction"] / len(batches),
+  }
 
 
 def _train_record(metrics: dict[str, Any], moe_layers: tuple[int, ...]) -> dict[str, Any]:
@@ -165,13 +187,22 @@ NONFINITE_POLICIES = ("stop", "skip")
 
 
 def validate_train_config(tc: ml_collections.ConfigDict) -> None:
-  for key in ("num_steps", "batch_size", "seq_len", "log_every", "eval_every", "checkpoint_every",
-              "keep_checkpoints"):
+  for key in (
+    "num_steps",
+    "batch_size",
+    "seq_len",
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+  ):
     if not isinstance(tc[key], int) or tc[key] < 1:
       raise ValueError(f"config.train.{key}={tc[key]!r} must be a positive integer.")
   if tc.nonfinite_policy not in NONFINITE_POLICIES:
-    raise ValueError(f"config.train.nonfinite_policy={tc.nonfinite_policy!r}; allowed: "
-                     f"{', '.join(NONFINITE_POLICIES)}.")
+    raise ValueError(
+      f"config.train.nonfinite_policy={tc.nonfinite_policy!r}; allowed: "
+      f"{', '.join(NONFINITE_POLICIES)}."
+    )
   if not tc.learning_rate > 0:
     raise ValueError(f"config.train.learning_rate={tc.learning_rate!r} must be > 0.")
 
@@ -183,12 +214,14 @@ def check_workdir(workdir: str) -> None:
     with tempfile.NamedTemporaryFile(dir=workdir):
       pass
   except OSError as error:
-    raise PermissionError(f"workdir {workdir!r} is not writable ({error.strerror}); "
-                          "pass a --workdir you can write to.") from None
+    raise PermissionError(
+      f"workdir {workdir!r} is not writable ({error.strerror}); pass a --workdir you can write to."
+    ) from None
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       show_progress: bool = True) -> dict[str, Any]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, show_progress: bool = True
+) -> dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its newest intact checkpoint if there is one.
 
   SIGTERM or SIGINT ends the run after the current step with a checkpoint (all processes
@@ -204,8 +237,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   m = config.model
   mesh = parallel.make_mesh(config.mesh)
-  parallel.validate_mesh(mesh, num_experts=m.num_experts, global_batch_size=tc.batch_size,
-                         seq_len=tc.seq_len, group_size=m.group_size)
+  parallel.validate_mesh(
+    mesh,
+    num_experts=m.num_experts,
+    global_batch_size=tc.batch_size,
+    seq_len=tc.seq_len,
+    group_size=m.group_size,
+  )
 
   graphdef, state, state_shardings = init_state(config, mesh)
   _, schedule = make_optimizer(tc)
@@ -215,8 +253,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       data_lib.prepare(config.data.name, config.data.data_dir)
     multihost_utils.sync_global_devices("moejax: dataset prepared")
   train_iter, eval_batches = data_lib.build_datasets(
-      config.data, global_batch_size=tc.batch_size, seq_len=tc.seq_len, seed=tc.seed,
-      shard_index=process, shard_count=num_processes)
+    config.data,
+    global_batch_size=tc.batch_size,
+    seq_len=tc.seq_len,
+    seed=tc.seed,
+    shard_index=process,
+    shard_count=num_processes,
+  )
 
   checkpoints = checkpoint_lib.Checkpointer(workdir, keep=tc.keep_checkpoints)
   start_step, state, data_state = checkpoints.restore_newest_intact(state)
@@ -228,10 +271,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer = MetricWriter(workdir, enabled=process == 0, resume_step=start_step)
   train_step, eval_step = make_steps(graphdef, config.model)
   batch_sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-  train_step = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
-                       out_shardings=(state_shardings, replicated), donate_argnums=0)
-  eval_step = jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding),
-                      out_shardings=replicated)
+  train_step = jax.jit(
+    train_step,
+    in_shardings=(state_shardings, batch_sharding),
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=0,
+  )
+  eval_step = jax.jit(
+    eval_step, in_shardings=(state_shardings, batch_sharding), out_shardings=replicated
+  )
   eval_batches = [parallel.shard_batch(b, mesh) for b in eval_batches]
 
   tokens_per_step = tc.batch_size * tc.seq_len
@@ -239,8 +287,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   last_eval: dict[str, Any] = {}
   skipped = 0
   interval_start, interval_steps = time.perf_counter(), 0
-  progress = tqdm(total=tc.num_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                  disable=not (show_progress and process == 0))
+  progress = tqdm(
+    total=tc.num_steps,
+    initial=start_step,
+    unit="step",
+    dynamic_ncols=True,
+    disable=not (show_progress and process == 0),
+  )
   step, saved_step = start_step, start_step
   # Traced under the mesh, MoE layers exchange tokens with all-to-alls over its expert axis.
   with PreemptionWatch(num_processes) as preemption, jax.set_mesh(mesh):
@@ -255,9 +308,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           terms = ", ".join(nonfinite_terms(bad))
           if tc.nonfinite_policy == "stop":
             raise FloatingPointError(
-                f"step {step}: non-finite {terms}; the update was not applied and the run "
-                f"stopped (checkpoints up to step {saved_step} are intact; "
-                "--config.train.nonfinite_policy=skip skips such steps instead).")
+              f"step {step}: non-finite {terms}; the update was not applied and the run "
+              f"stopped (checkpoints up to step {saved_step} are intact; "
+              "--config.train.nonfinite_policy=skip skips such steps instead)."
+            )
           skipped += 1
           log.warning("step %d: non-finite %s; update skipped (%d so far)", step, terms, skipped)
         if step % tc.log_every == 0 or step == tc.num_steps:
@@ -273,8 +327,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if step % tc.eval_every == 0 or step == tc.num_steps:
           last_eval = evaluate(eval_step, state, eval_batches)
           writer.write(step, last_eval)
-          progress.write(f"step {step}: eval loss {last_eval['eval/loss']:.4f}, "
-                         f"{last_eval['eval/bits_per_byte']:.4f} bits/byte")
+          progress.write(
+            f"step {step}: eval loss {last_eval['eval/loss']:.4f}, "
+            f"{last_eval['eval/bits_per_byte']:.4f} bits/byte"
+          )
           interval_start = time.perf_counter()
         stop = preemption.requested()
         if step % tc.checkpoint_every == 0 or step == tc.num_steps or stop:
@@ -282,8 +338,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           saved_step = step
         progress.update(1)
         if stop:
-          progress.write(f"stopped by a signal at step {step}; checkpoint saved. "
-                         "Rerun the same command to resume.")
+          progress.write(
+            f"stopped by a signal at step {step}; checkpoint saved. "
+            "Rerun the same command to resume."
+          )
           break
     finally:
       progress.close()

@@ -42,16 +42,30 @@ def _gelu(v):
 def layer_params(layer):
   """float64 NumPy copies of a MoeLayer's weights."""
   get = lambda p: None if p is None else np.asarray(p[...], np.float64)
-  return dict(router=get(layer.router_kernel), w_in=get(layer.experts.w_in),
-              w_gate=get(layer.experts.w_gate), w_out=get(layer.experts.w_out))
+  return dict(
+    router=get(layer.router_kernel),
+    w_in=get(layer.experts.w_in),
+    w_gate=get(layer.experts.w_gate),
+    w_out=get(layer.experts.w_out),
+  )
 
 
 def capacity(group, num_experts, k, factor, min_capacity):
   return min(group, max(min_capacity, math.ceil(factor * group * k / num_experts)))
 
 
-def token_choice(x, params, *, num_experts, top_k, activation, renormalize=False,
-                 capacity_per_expert=None, group_size=None, probs_fn=softmax):
+def token_choice(
+  x,
+  params,
+  *,
+  num_experts,
+  top_k,
+  activation,
+  renormalize=False,
+  capacity_per_expert=None,
+  group_size=None,
+  probs_fn=softmax,
+):
   """Reference token-choice MoE. `x` `[tokens, d]`; capacity None means dropless.
 
   Returns (y `[tokens, d]`, number of dropped assignments).
@@ -91,9 +105,10 @@ def expert_choice(x, params, *, num_experts, capacity_per_expert, activation, gr
   y = np.zeros((tokens, d))
   for start in range(0, tokens, group_size):
     for e in range(num_experts):
-      column = probs[start:start + group_size, e]
+      column = probs[start : start + group_size, e]
       for t in np.argsort(-column, kind="stable")[:capacity_per_expert]:
         w_gate = None if params["w_gate"] is None else params["w_gate"][e]
-        y[start + t] += column[t] * ffn(x[start + t], params["w_in"][e], w_gate,
-                                        params["w_out"][e], activation)
+        y[start + t] += column[t] * ffn(
+          x[start + t], params["w_in"][e], w_gate, params["w_out"][e], activation
+        )
   return y

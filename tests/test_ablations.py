@@ -94,8 +94,11 @@ def test_ffn_accounting_matches_a_direct_count(name):
     assert (ffn["total"], ffn["active"]) == _direct_ffn(m), arm.name
     # What is not FFN is attention, norms, embeddings and the router.
     params = flops.count_params(m)
-    router = m.d_model * m.num_experts * len(
-        moe_layer_indices(m.num_layers, m.num_experts, m.moe_layer_interval))
+    router = (
+      m.d_model
+      * m.num_experts
+      * len(moe_layer_indices(m.num_layers, m.num_experts, m.moe_layer_interval))
+    )
     assert params["total"] - ffn["total"] == params["active"] - ffn["active"]
     # ... and equals a dense model's count less its (width-1) FFNs.
     dense = copy.deepcopy(m)
@@ -158,8 +161,14 @@ def _run_cli(name, *args):
   """`python -m experiments.ablations.NAME ARGS` on one CPU device (the test process has 8
   simulated ones, over which training would shard even the smoke models)."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  return subprocess.run([sys.executable, "-m", f"experiments.ablations.{name}", *args],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", f"experiments.ablations.{name}", *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -191,8 +200,13 @@ def test_smoke_ablation_end_to_end_and_rerun_skips(name, tmp_path, monkeypatch):
     assert int(row["tokens"]) == tokens
     ffn = runner.ffn_params(config.model)
     assert (int(row["ffn_total"]), int(row["ffn_active"])) == (ffn["total"], ffn["active"])
-    for key in ("final_train_loss", "final_eval_loss", "final_eval_bits_per_byte",
-                "tokens_per_sec", "train_dropped_fraction"):
+    for key in (
+      "final_train_loss",
+      "final_eval_loss",
+      "final_eval_bits_per_byte",
+      "tokens_per_sec",
+      "train_dropped_fraction",
+    ):
       assert math.isfinite(float(row[key])), key
     if config.model.num_experts:
       assert 1.0 <= float(row["expert_load_imbalance"]) <= config.model.num_experts
@@ -213,8 +227,14 @@ def test_smoke_ablation_end_to_end_and_rerun_skips(name, tmp_path, monkeypatch):
   assert _files(workdir) == before
   # A different config in the same workdir is refused, naming the key.
   with pytest.raises(ValueError, match=r"different config \(train.num_steps: 4 there, 5 now"):
-    runner.run_ablation(ablation, "smoke", workdir, base_overrides={"train.num_steps": 5},
-                        show_progress=False, log=lambda _: None)
+    runner.run_ablation(
+      ablation,
+      "smoke",
+      workdir,
+      base_overrides={"train.num_steps": 5},
+      show_progress=False,
+      log=lambda _: None,
+    )
   with pytest.raises(ValueError, match="holds the 'smoke' preset"):
     runner.run_ablation(ablation, "cpu", workdir, show_progress=False, log=lambda _: None)
   assert _files(workdir) == before
@@ -231,8 +251,9 @@ def _check_resume(ablation, workdir, arm, rows):
   log = lambda _: None
   # Killed after its last step but before the marker: recognised, not retrained.
   os.remove(os.path.join(run_dir, "done.json"))
-  assert runner.run_ablation(ablation, "smoke", workdir, show_progress=False,
-                             log=log)["trained"] == []
+  assert (
+    runner.run_ablation(ablation, "smoke", workdir, show_progress=False, log=log)["trained"] == []
+  )
   assert os.path.exists(os.path.join(run_dir, "done.json"))
   # Killed after step 2 (its checkpoint kept, the final one lost): resumes from step 2.
   os.remove(os.path.join(run_dir, "done.json"))
@@ -254,10 +275,14 @@ def _check_resume(ablation, workdir, arm, rows):
 
 def _one_arm_ablation():
   return runner.Ablation(
-      name="one", title="one arm", base=presets.base_config,
-      arms=lambda preset: [runner.Arm("dense", {"model.num_experts": 0})],
-      constraints=(), seeds={"smoke": (0,), "cpu": (0,), "pod": (0,)},
-      pod_config=presets.POD_CONFIG)
+    name="one",
+    title="one arm",
+    base=presets.base_config,
+    arms=lambda preset: [runner.Arm("dense", {"model.num_experts": 0})],
+    constraints=(),
+    seeds={"smoke": (0,), "cpu": (0,), "pod": (0,)},
+    pod_config=presets.POD_CONFIG,
+  )
 
 
 def test_an_interrupted_run_stops_the_runner_unfinished(tmp_path, monkeypatch, capsys):
@@ -322,7 +347,7 @@ def test_pod_preset_prints_one_reproducing_command_per_arm_and_seed(name, capsys
     config = runner.load_config_file(ablation.pod_config)
     for word in words:
       if word.startswith("--config."):
-        key, value = word[len("--config."):].split("=", 1)
+        key, value = word[len("--config.") :].split("=", 1)
         section, leaf = key.split(".")
         config[section][leaf] = _parse_value(value, config[section][leaf])
     assert config.to_dict() == runner.arm_config(ablation, "pod", arm, seed).to_dict()

@@ -44,22 +44,24 @@ def test_smoke_has_a_row_per_dispatch_with_finite_positive_times(smoke):
 
 def test_mfu_and_ratio_are_recomputed_from_the_row(smoke):
   _, rows = smoke
-  n = 128                                                     # the smoke matmul size
+  n = 128  # the smoke matmul size
   matmul, dense, sort = _row(rows, "matmul"), _row(rows, "dense"), _row(rows, "moe/sort")
-  rate = 2 * n ** 3 / (float(matmul["median_ms"]) / 1e3)      # FLOP/s of the matmul
+  rate = 2 * n**3 / (float(matmul["median_ms"]) / 1e3)  # FLOP/s of the matmul
   T, d, f, E, k = 96, 16, 40, 8, 2
-  active = 3 * (3 * 2 * T * k * d * f + 2 * T * d * E)       # experts + router, fwd+bwd
+  active = 3 * (3 * 2 * T * k * d * f + 2 * T * d * E)  # experts + router, fwd+bwd
   seconds = float(sort["median_ms"]) / 1e3
   assert float(sort["active_gflop"]) == pytest.approx(active / 1e9, rel=1e-5)
   assert float(sort["mfu"]) == pytest.approx(active / seconds / rate, rel=1e-4)
-  assert float(sort["vs_dense"]) == pytest.approx(seconds * 1e3 / float(dense["median_ms"]), rel=1e-4)
+  assert float(sort["vs_dense"]) == pytest.approx(
+    seconds * 1e3 / float(dense["median_ms"]), rel=1e-4
+  )
   assert float(dense["active_gflop"]) == pytest.approx(3 * 3 * 2 * T * d * k * f / 1e9, rel=1e-5)
   assert float(matmul["mfu"]) == pytest.approx(1.0)
 
 
 def test_only_the_einsum_rows_hold_a_tokens_experts_capacity_tensor(smoke):
   _, rows = smoke
-  assert _row(rows, "moe/einsum")["tec_shape"] == "f32[96,8,24]"   # C = ceil(96·2/8)
+  assert _row(rows, "moe/einsum")["tec_shape"] == "f32[96,8,24]"  # C = ceil(96·2/8)
   assert _row(rows, "moe/einsum/g48")["tec_tensor"] == "yes"
   assert _row(rows, "moe/sort")["tec_tensor"] == "no"
   assert _row(rows, "moe/dropless")["tec_tensor"] == "no"
@@ -68,21 +70,27 @@ def test_only_the_einsum_rows_hold_a_tokens_experts_capacity_tensor(smoke):
 def test_row_factor_counts_capacity_slots_and_dropless_blocks_by_hand():
   T, d, E, k = 96, 16, 8, 2
   x = jax.random.normal(jax.random.key(0), (T, d))
-  sort = moejax.MoeLayer(d_model=d, d_ff=8, num_experts=E, top_k=k, dispatch="sort",
-                         group_size=48, rngs=nnx.Rngs(0))
-  assert moe_layer.row_factor(sort, x, 13) == 2 * E * 13 / (T * k)   # 2 groups of E·C slots
-  layer = moejax.MoeLayer(d_model=d, d_ff=8, num_experts=E, top_k=k, dispatch="dropless",
-                          rngs=nnx.Rngs(0))
+  sort = moejax.MoeLayer(
+    d_model=d, d_ff=8, num_experts=E, top_k=k, dispatch="sort", group_size=48, rngs=nnx.Rngs(0)
+  )
+  assert moe_layer.row_factor(sort, x, 13) == 2 * E * 13 / (T * k)  # 2 groups of E·C slots
+  layer = moejax.MoeLayer(
+    d_model=d, d_ff=8, num_experts=E, top_k=k, dispatch="dropless", rngs=nnx.Rngs(0)
+  )
   logits = np.asarray(x, np.float64) @ np.asarray(layer.router_kernel[...], np.float64)
   top = np.argsort(-logits, axis=1)[:, :k]
   counts = np.bincount(top.reshape(-1), minlength=E)
-  block = 16                                                 # T·k / E = 24 -> 16
-  assert moe_layer.row_factor(layer, x, None) == sum(-(-c // block) for c in counts) * block / (T * k)
+  block = 16  # T·k / E = 24 -> 16
+  assert moe_layer.row_factor(layer, x, None) == sum(-(-c // block) for c in counts) * block / (
+    T * k
+  )
 
 
 def test_find_tec_shape():
-  hlo = ("%w = f32[16,512,1024]{2,1,0} parameter(0)\n"
-         "%m = f32[1,4096,16,512]{3,2,1,0} fusion(%a), kind=kLoop\n")
+  hlo = (
+    "%w = f32[16,512,1024]{2,1,0} parameter(0)\n"
+    "%m = f32[1,4096,16,512]{3,2,1,0} fusion(%a), kind=kLoop\n"
+  )
   assert moe_layer.find_tec_shape(hlo, 4096, 16, 512) == "f32[1,4096,16,512]"
   assert moe_layer.find_tec_shape(hlo, 4096, 64, 128) == ""
   # Repeated dims must be present as many times as asked for.
@@ -112,11 +120,15 @@ def test_flags_fill_from_the_preset_and_override():
 
 def test_results_keep_rows_of_the_same_name_apart():
   """Rows that differ only in E share a name; each keeps its own median."""
-  row = lambda name, E, times, flops: moe_layer.Row(name, "fwdbwd", None, (), flops,
-                                                      num_experts=E, times=times)
-  rows = [moe_layer.Row("matmul", "fwd", None, (), 8e9, times=[2.0, 1.0, 3.0]),
-          row("dense", "", [1.0], 4e9), row("moe/sort", 16, [0.5, 0.7, 0.6], 6e9),
-          row("moe/sort", 64, [3.0, 2.0, 4.0], 6e9)]
+  row = lambda name, E, times, flops: moe_layer.Row(
+    name, "fwdbwd", None, (), flops, num_experts=E, times=times
+  )
+  rows = [
+    moe_layer.Row("matmul", "fwd", None, (), 8e9, times=[2.0, 1.0, 3.0]),
+    row("dense", "", [1.0], 4e9),
+    row("moe/sort", 16, [0.5, 0.7, 0.6], 6e9),
+    row("moe/sort", 64, [3.0, 2.0, 4.0], 6e9),
+  ]
   table = moe_layer.results(rows)
   e16, e64 = table[2], table[3]
   assert (e16["median_ms"], e64["median_ms"]) == (pytest.approx(600), pytest.approx(3000))
@@ -127,6 +139,7 @@ def test_results_keep_rows_of_the_same_name_apart():
 
 def test_all_to_all_script_reads_the_minimum_off_a_real_train_step():
   from experiments.benchmarks import all_to_all
+
   config = all_to_all.load_config("configs/tiny.py")
   m = config.model
   m.num_layers, m.d_model, m.num_heads, m.num_kv_heads = 2, 32, 2, 2
@@ -144,8 +157,10 @@ def test_all_to_all_script_reads_the_minimum_off_a_real_train_step():
 def test_train_step_benchmark_smoke_reports_throughput_share_and_memory(tmp_path):
   from experiments.benchmarks import train_step
   from moejax.model import expert_d_ff_of
-  args = train_step.parse_flags(["--config=configs/tiny.py:smoke", "--reps=2", "--warmup=1",
-                                 f"--out={tmp_path / 'ts.csv'}"])
+
+  args = train_step.parse_flags(
+    ["--config=configs/tiny.py:smoke", "--reps=2", "--warmup=1", f"--out={tmp_path / 'ts.csv'}"]
+  )
   rows, path = train_step.run(args)
   assert path == str(tmp_path / "ts.csv")
   by_name = {r["name"]: r for r in rows}
@@ -169,13 +184,22 @@ def test_train_step_benchmark_smoke_reports_throughput_share_and_memory(tmp_path
 
 def test_expert_matmuls_smoke_rows_and_hand_counted_flops(tmp_path):
   from experiments.benchmarks import expert_matmuls
+
   args = expert_matmuls.parse_flags(["--preset=smoke", f"--out={tmp_path / 'e.csv'}"])
   table, path = expert_matmuls.run(args, log=lambda *_: None)
   assert path == str(tmp_path / "e.csv")
   rows = {r["name"]: r for r in table}
-  assert list(rows) == ["matmul", "batched", "block_ffn", "x@w", "dy@wᵀ", "xᵀ@dy", "fresh [E,d,f]×3"]
+  assert list(rows) == [
+    "matmul",
+    "batched",
+    "block_ffn",
+    "x@w",
+    "dy@wᵀ",
+    "xᵀ@dy",
+    "fresh [E,d,f]×3",
+  ]
   assert rows["fresh [E,d,f]×3"]["gflop"] == 0 and rows["fresh [E,d,f]×3"]["median_ms"] > 0
-  E, C, d, f = 4, 64 * 2 // 4, 16, 32                         # the smoke preset
+  E, C, d, f = 4, 64 * 2 // 4, 16, 32  # the smoke preset
   one = 2 * E * C * d * f
   for name, matmuls in [("batched", 9), ("block_ffn", 9), ("x@w", 1), ("dy@wᵀ", 1), ("xᵀ@dy", 1)]:
     r = rows[name]

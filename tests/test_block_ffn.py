@@ -28,18 +28,27 @@ def _einsum_form(activation, blocks, block_expert, used_blocks, keep, w_in, w_ga
 
 
 @settings(max_examples=12, deadline=None)
-@given(num_blocks=st.integers(1, 5), block=st.sampled_from([1, 3, 8]), experts=st.integers(1, 4),
-       activation=st.sampled_from(ACTIVATIONS), dropout=st.booleans(), seed=st.integers(0, 1000),
-       data=st.data())
-def test_property_block_ffn_value_and_gradients(num_blocks, block, experts, activation, dropout,
-                                                seed, data):
+@given(
+  num_blocks=st.integers(1, 5),
+  block=st.sampled_from([1, 3, 8]),
+  experts=st.integers(1, 4),
+  activation=st.sampled_from(ACTIVATIONS),
+  dropout=st.booleans(),
+  seed=st.integers(0, 1000),
+  data=st.data(),
+)
+def test_property_block_ffn_value_and_gradients(
+  num_blocks, block, experts, activation, dropout, seed, data
+):
   used_blocks = data.draw(st.integers(0, num_blocks), label="used_blocks")
   d_model, d_ff = 4, 6
   rng = np.random.default_rng(seed)
   normal = lambda *shape: rng.normal(size=shape).astype(np.float32)
   blocks = normal(num_blocks, block, d_model)
   block_expert = np.sort(rng.integers(0, experts, num_blocks)).astype(np.int32)
-  keep = ((rng.random((num_blocks, block, d_ff)) < 0.7) * 2.0).astype(np.float32) if dropout else None
+  keep = (
+    ((rng.random((num_blocks, block, d_ff)) < 0.7) * 2.0).astype(np.float32) if dropout else None
+  )
   w_in, w_out = normal(experts, d_model, d_ff), normal(experts, d_ff, d_model)
   w_gate = normal(experts, d_model, d_ff) if is_gated(activation) else None
   args = (blocks, block_expert, used_blocks, keep, w_in, w_gate, w_out)
@@ -49,16 +58,25 @@ def test_property_block_ffn_value_and_gradients(num_blocks, block, experts, acti
   for b in range(used_blocks):
     e = block_expert[b]
     for r in range(block):
-      expected[b, r] = ref.ffn(blocks[b, r].astype(np.float64), w_in[e], None if w_gate is None else w_gate[e],
-                               w_out[e], activation, 1.0 if keep is None else keep[b, r])
+      expected[b, r] = ref.ffn(
+        blocks[b, r].astype(np.float64),
+        w_in[e],
+        None if w_gate is None else w_gate[e],
+        w_out[e],
+        activation,
+        1.0 if keep is None else keep[b, r],
+      )
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
   cotangent = normal(*out.shape)
+
   def loss(fn):
     def f(blocks, w_in, w_gate, w_out):
       y = fn(activation, blocks, block_expert, used_blocks, keep, w_in, w_gate, w_out)
       return jnp.sum(y * cotangent)
+
     return jax.grad(f, argnums=(0, 1, 2, 3))(blocks, w_in, w_gate, w_out)
+
   for got, want in zip(loss(block_ffn), loss(_einsum_form)):
     if want is None:
       assert got is None
@@ -70,17 +88,24 @@ def test_block_ffn_under_jit_with_traced_used_blocks():
   """`used_blocks` is a traced value inside `jax.jit` (the dropless path computes it)."""
   rng = np.random.default_rng(0)
   blocks = rng.normal(size=(4, 2, 3)).astype(np.float32)
-  w_in, w_out = rng.normal(size=(2, 3, 5)).astype(np.float32), rng.normal(size=(2, 5, 3)).astype(np.float32)
+  w_in, w_out = (
+    rng.normal(size=(2, 3, 5)).astype(np.float32),
+    rng.normal(size=(2, 5, 3)).astype(np.float32),
+  )
   block_expert, keep = np.array([0, 0, 1, 1], np.int32), None
-  run = jax.jit(lambda used: jax.value_and_grad(
-      lambda w: jnp.sum(block_ffn("relu", blocks, block_expert, used, keep, w, None, w_out) ** 2))(w_in))
+  run = jax.jit(
+    lambda used: jax.value_and_grad(
+      lambda w: jnp.sum(block_ffn("relu", blocks, block_expert, used, keep, w, None, w_out) ** 2)
+    )(w_in)
+  )
   for used in range(5):
     value, grad = run(used)
-    want_value, want_grad = jax.value_and_grad(lambda w: jnp.sum(
-        _einsum_form("relu", blocks, block_expert, used, keep, w, None, w_out) ** 2))(w_in)
+    want_value, want_grad = jax.value_and_grad(
+      lambda w: jnp.sum(_einsum_form("relu", blocks, block_expert, used, keep, w, None, w_out) ** 2)
+    )(w_in)
     np.testing.assert_allclose(float(value), float(want_value), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(grad), np.asarray(want_grad), rtol=1e-4, atol=1e-5)
-    if used <= 2:   # expert 1's blocks are skipped: its weights get no gradient
+    if used <= 2:  # expert 1's blocks are skipped: its weights get no gradient
       np.testing.assert_array_equal(np.asarray(grad[1]), 0.0)
 
 
@@ -90,11 +115,19 @@ def test_batched_ffn_the_gpu_tpu_form_matches_the_numpy_loop(activation):
   rng = np.random.default_rng(1)
   E, C, d, f = 3, 4, 5, 6
   x = rng.normal(size=(E, C, d)).astype(np.float32)
-  w_in, w_out = rng.normal(size=(E, d, f)).astype(np.float32), rng.normal(size=(E, f, d)).astype(np.float32)
+  w_in, w_out = (
+    rng.normal(size=(E, d, f)).astype(np.float32),
+    rng.normal(size=(E, f, d)).astype(np.float32),
+  )
   w_gate = rng.normal(size=(E, d, f)).astype(np.float32) if is_gated(activation) else None
   out = np.asarray(batched_ffn(activation, x, w_in, w_gate, w_out))
   for e in range(E):
     for c in range(C):
-      want = ref.ffn(x[e, c].astype(np.float64), w_in[e], None if w_gate is None else w_gate[e],
-                     w_out[e], activation)
+      want = ref.ffn(
+        x[e, c].astype(np.float64),
+        w_in[e],
+        None if w_gate is None else w_gate[e],
+        w_out[e],
+        activation,
+      )
       np.testing.assert_allclose(out[e, c], want, rtol=1e-4, atol=1e-4)

@@ -23,7 +23,9 @@ def load(name, arg):
 
 
 def test_the_documented_configs_exist():
-  assert {"tiny", "switch_base", "st_moe", "glam", "mixtral", "olmoe", "arctic", "dense"} <= set(NAMES)
+  assert {"tiny", "switch_base", "st_moe", "glam", "mixtral", "olmoe", "arctic", "dense"} <= set(
+    NAMES
+  )
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "tiny"])
@@ -40,7 +42,9 @@ def test_smoke_variant_takes_a_training_step(name):
   model, optimizer, _ = train.build(config)
   graphdef, state = nnx.split((model, optimizer))
   train_step, _ = train.make_steps(graphdef, config.model)
-  tokens = np.random.default_rng(0).integers(0, 256, (config.train.batch_size, config.train.seq_len + 1))
+  tokens = np.random.default_rng(0).integers(
+    0, 256, (config.train.batch_size, config.train.seq_len + 1)
+  )
   batch = {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32)}
   _, metrics = jax.jit(train_step)(state, batch)
   assert np.isfinite(float(metrics["loss"]))
@@ -49,10 +53,13 @@ def test_smoke_variant_takes_a_training_step(name):
 
 # Published totals and active parameters, with their vocabularies' embeddings (untied,
 # input and output) taken out: moejax's configs are byte-level (vocab 260).
-@pytest.mark.parametrize("name,total,active,vocab", [
-    ("mixtral", 46.7e9, 12.9e9, 32000),       # Jiang et al. 2024
-    ("olmoe", 6.92e9, 1.28e9, 50304),         # Muennighoff et al. 2024
-])
+@pytest.mark.parametrize(
+  "name,total,active,vocab",
+  [
+    ("mixtral", 46.7e9, 12.9e9, 32000),  # Jiang et al. 2024
+    ("olmoe", 6.92e9, 1.28e9, 50304),  # Muennighoff et al. 2024
+  ],
+)
 def test_pod_shapes_match_published_parameter_counts(name, total, active, vocab):
   config = load(name, "pod")
   counts = flops.count_params(config.model)

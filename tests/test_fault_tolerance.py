@@ -22,8 +22,12 @@ from test_train import REPO, smoke_config
 
 def comparable(workdir):
   """{(step, name): value} of a run's metrics, leaving out wall-clock throughput."""
-  return {(r["step"], k): v for r in read_metrics(workdir) for k, v in r.items()
-          if k.startswith(("train/", "eval/")) and k != "train/tokens_per_sec"}
+  return {
+    (r["step"], k): v
+    for r in read_metrics(workdir)
+    for k, v in r.items()
+    if k.startswith(("train/", "eval/")) and k != "train/tokens_per_sec"
+  }
 
 
 def assert_same_run(got, expected):
@@ -32,16 +36,28 @@ def assert_same_run(got, expected):
     np.testing.assert_allclose(got[key], value, rtol=1e-6, err_msg=str(key))
 
 
-CLI_OVERRIDES = ["--config.train.checkpoint_every=3", "--config.train.log_every=1",
-                 "--config.train.eval_every=6", "--config.train.keep_checkpoints=10"]
+CLI_OVERRIDES = [
+  "--config.train.checkpoint_every=3",
+  "--config.train.log_every=1",
+  "--config.train.eval_every=6",
+  "--config.train.keep_checkpoints=10",
+]
 
 
 def cli(workdir, *extra, wait=True):
-  command = [sys.executable, "-m", "moejax.main", "--config=configs/tiny.py:smoke",
-             f"--workdir={workdir}", *CLI_OVERRIDES, *extra]
+  command = [
+    sys.executable,
+    "-m",
+    "moejax.main",
+    "--config=configs/tiny.py:smoke",
+    f"--workdir={workdir}",
+    *CLI_OVERRIDES,
+    *extra,
+  ]
   if not wait:
-    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+      command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
   return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
@@ -94,8 +110,9 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(reference, tmp_pa
   for step in ("12",):
     shutil.rmtree(workdir / "checkpoints" / step)
   (workdir / "checkpoints" / "9" / "state" / "manifest.ocdbt").write_text("corrupted")
-  config = smoke_config(**{"train.num_steps": 12, "train.checkpoint_every": 3,
-                           "train.eval_every": 6})
+  config = smoke_config(
+    **{"train.num_steps": 12, "train.checkpoint_every": 3, "train.eval_every": 6}
+  )
   with caplog.at_level(logging.WARNING):
     train.train_and_evaluate(config, str(workdir), show_progress=False)
   warning = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
@@ -110,8 +127,9 @@ def test_unreadable_checkpoints_never_restart_from_scratch(reference, tmp_path):
     (tmp_path / "checkpoints" / step / "state" / "manifest.ocdbt").write_text("corrupted")
   before = sorted(os.listdir(tmp_path / "checkpoints"))
   with pytest.raises(RuntimeError, match="none can be read"):
-    train.train_and_evaluate(smoke_config(**{"train.num_steps": 12}), str(tmp_path),
-                             show_progress=False)
+    train.train_and_evaluate(
+      smoke_config(**{"train.num_steps": 12}), str(tmp_path), show_progress=False
+    )
   assert sorted(os.listdir(tmp_path / "checkpoints")) == before
   assert not os.path.exists(tmp_path / "metrics.jsonl")
 
@@ -130,9 +148,12 @@ def test_a_config_that_does_not_fit_names_the_parameters_and_touches_nothing(ref
 
 
 def test_nonfinite_loss_stops_with_the_step_and_term(tmp_path):
-  config = smoke_config(**{"train.num_steps": 8, "train.learning_rate": 1e30,
-                           "train.checkpoint_every": 1})
-  with pytest.raises(FloatingPointError, match=r"step (\d+): non-finite .*(ce_loss|grad_norm)") as info:
+  config = smoke_config(
+    **{"train.num_steps": 8, "train.learning_rate": 1e30, "train.checkpoint_every": 1}
+  )
+  with pytest.raises(
+    FloatingPointError, match=r"step (\d+): non-finite .*(ce_loss|grad_norm)"
+  ) as info:
     train.train_and_evaluate(config, str(tmp_path), show_progress=False)
   bad_step = int(info.value.args[0].split()[1].rstrip(":"))
   records = read_metrics(str(tmp_path))
@@ -142,8 +163,9 @@ def test_nonfinite_loss_stops_with_the_step_and_term(tmp_path):
 
 
 def test_nonfinite_policy_skip_keeps_training_finite(tmp_path):
-  config = smoke_config(**{"train.num_steps": 8, "train.learning_rate": 1e30,
-                           "train.nonfinite_policy": "skip"})
+  config = smoke_config(
+    **{"train.num_steps": 8, "train.learning_rate": 1e30, "train.nonfinite_policy": "skip"}
+  )
   final = train.train_and_evaluate(config, str(tmp_path), show_progress=False)
   assert final["train/skipped_steps"] > 0
   model, _, step = generate.load_model(str(tmp_path))
@@ -159,19 +181,28 @@ def test_same_seed_same_metrics(reference, tmp_path):
   assert got == expected, "bitwise identical on one machine"
 
 
-@pytest.mark.parametrize("args,needle,code", [
+@pytest.mark.parametrize(
+  "args,needle,code",
+  [
     (["--workdir={file}/sub"], "not writable", 1),
     (["--config.data.name=lm1b", "--config.data.data_dir={tmp}/nodata"], "tfds build lm1b", 1),
     (["--config.train.nonfinite_policy=ignore"], "nonfinite_policy", 2),
     (["--config.train.batch_size=0"], "batch_size", 2),
-])
+  ],
+)
 def test_bad_input_exits_nonzero_with_one_line(args, needle, code, tmp_path):
   a_file = tmp_path / "a_file"
   a_file.write_text("keep me")
   workdir = tmp_path / "w"
   extra = [a.format(file=a_file, tmp=tmp_path) for a in args]
-  command = [sys.executable, "-m", "moejax.main", "--config=configs/tiny.py:smoke",
-             f"--workdir={workdir}", *extra]
+  command = [
+    sys.executable,
+    "-m",
+    "moejax.main",
+    "--config=configs/tiny.py:smoke",
+    f"--workdir={workdir}",
+    *extra,
+  ]
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == code, result.stderr[-2000:]
   errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]

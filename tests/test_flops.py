@@ -11,33 +11,58 @@ from moejax.model import TransformerLM
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
   """A dense 2-layer model with every key the model reads; overrides replace defaults."""
-  config = ml_collections.ConfigDict(dict(
-      vocab_size=260, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=None,
-      d_ff=64, activation="swiglu", num_experts=0, top_k=2, expert_d_ff=32,
-      moe_layer_interval=1, router="top_k", dispatch="dropless", capacity_factor=1.25,
-      eval_capacity_factor=2.0, min_capacity=4, renormalize=False, second_expert_policy="all",
-      router_jitter=0.0, expert_dropout=0.0, num_shared_experts=0, group_size=None,
-      dense_moe_hybrid=False, qk_norm=True, rope_base=10_000.0, tie_embeddings=False,
-      dtype="float32", lb_loss_weight=0.01, z_loss_weight=1e-3))
+  config = ml_collections.ConfigDict(
+    dict(
+      vocab_size=260,
+      num_layers=2,
+      d_model=32,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=None,
+      d_ff=64,
+      activation="swiglu",
+      num_experts=0,
+      top_k=2,
+      expert_d_ff=32,
+      moe_layer_interval=1,
+      router="top_k",
+      dispatch="dropless",
+      capacity_factor=1.25,
+      eval_capacity_factor=2.0,
+      min_capacity=4,
+      renormalize=False,
+      second_expert_policy="all",
+      router_jitter=0.0,
+      expert_dropout=0.0,
+      num_shared_experts=0,
+      group_size=None,
+      dense_moe_hybrid=False,
+      qk_norm=True,
+      rope_base=10_000.0,
+      tie_embeddings=False,
+      dtype="float32",
+      lb_loss_weight=0.01,
+      z_loss_weight=1e-3,
+    )
+  )
   config.update(overrides)
   return config
 
 
 MOE = dict(num_experts=4, top_k=2)
 CONFIGS = {
-    "dense": {},
-    "dense-tied-relu-no-qknorm": dict(tie_embeddings=True, activation="relu", qk_norm=False),
-    "dense-head-dim-mqa": dict(head_dim=12, num_kv_heads=1, activation="geglu"),
-    "moe-every-layer": MOE,
-    "moe-every-other-layer": dict(MOE, num_layers=4, moe_layer_interval=2),
-    "moe-one-in-four-tied": dict(MOE, num_layers=4, moe_layer_interval=4, tie_embeddings=True),
-    "moe-shared-experts": dict(MOE, num_shared_experts=2),
-    "moe-hybrid": dict(MOE, num_layers=4, moe_layer_interval=2, dense_moe_hybrid=True),
-    "moe-noisy-gelu": dict(MOE, router="noisy_top_k", activation="gelu"),
-    "moe-expert-choice-bf16": dict(MOE, router="expert_choice", dispatch="sort",
-                                   dtype="bfloat16"),
-    "moe-dense-router": dict(num_experts=4, top_k=4, router="dense"),
-    "moe-expert-d-ff-default": dict(MOE, expert_d_ff=None),
+  "dense": {},
+  "dense-tied-relu-no-qknorm": dict(tie_embeddings=True, activation="relu", qk_norm=False),
+  "dense-head-dim-mqa": dict(head_dim=12, num_kv_heads=1, activation="geglu"),
+  "moe-every-layer": MOE,
+  "moe-every-other-layer": dict(MOE, num_layers=4, moe_layer_interval=2),
+  "moe-one-in-four-tied": dict(MOE, num_layers=4, moe_layer_interval=4, tie_embeddings=True),
+  "moe-shared-experts": dict(MOE, num_shared_experts=2),
+  "moe-hybrid": dict(MOE, num_layers=4, moe_layer_interval=2, dense_moe_hybrid=True),
+  "moe-noisy-gelu": dict(MOE, router="noisy_top_k", activation="gelu"),
+  "moe-expert-choice-bf16": dict(MOE, router="expert_choice", dispatch="sort", dtype="bfloat16"),
+  "moe-dense-router": dict(num_experts=4, top_k=4, router="dense"),
+  "moe-expert-d-ff-default": dict(MOE, expert_d_ff=None),
 }
 
 
@@ -58,18 +83,28 @@ def test_hand_count_of_a_tiny_moe_model():
   """2 layers, d_model=8, 2 heads of 4 with 1 KV head, QK-norm, vocab 10, untied, SwiGLU;
   layer 0 dense (d_ff=16), layer 1 MoE (interval 2) with E=4 experts of d_ff=6, top-2,
   one shared expert."""
-  config = tiny_config(vocab_size=10, d_model=8, num_heads=2, num_kv_heads=1, d_ff=16,
-                       num_experts=4, top_k=2, expert_d_ff=6, moe_layer_interval=2,
-                       num_shared_experts=1)
-  embedding = 10 * 8 + 8 * 10                        # table + lm_head        = 160
-  attention = 8 * 8 + 8 * 4 + 8 * 4 + 8 * 8          # q, k, v, o             = 192
-  norms = 8 + 8 + 4 + 4                              # 2 RMSNorms, q/k norms  = 24
-  dense_ffn = 3 * 8 * 16                             # gate, up, down         = 384
-  expert = 3 * 8 * 6                                 # one expert             = 144
-  router, shared = 8 * 4, 3 * 8 * 6                  #                          32, 144
+  config = tiny_config(
+    vocab_size=10,
+    d_model=8,
+    num_heads=2,
+    num_kv_heads=1,
+    d_ff=16,
+    num_experts=4,
+    top_k=2,
+    expert_d_ff=6,
+    moe_layer_interval=2,
+    num_shared_experts=1,
+  )
+  embedding = 10 * 8 + 8 * 10  # table + lm_head        = 160
+  attention = 8 * 8 + 8 * 4 + 8 * 4 + 8 * 8  # q, k, v, o             = 192
+  norms = 8 + 8 + 4 + 4  # 2 RMSNorms, q/k norms  = 24
+  dense_ffn = 3 * 8 * 16  # gate, up, down         = 384
+  expert = 3 * 8 * 6  # one expert             = 144
+  router, shared = 8 * 4, 3 * 8 * 6  #                          32, 144
   final_norm = 8
-  total = (embedding + 2 * (attention + norms) + dense_ffn + router + 4 * expert + shared
-           + final_norm)
+  total = (
+    embedding + 2 * (attention + norms) + dense_ffn + router + 4 * expert + shared + final_norm
+  )
   active = total - 2 * expert
   assert (total, active) == (1736, 1448)
   assert flops.count_params(config) == {"total": total, "active": active, "embedding": embedding}
@@ -82,8 +117,9 @@ def test_hand_count_of_a_tiny_moe_model():
   matmul_active = 2 * attention + dense_ffn + router + 2 * expert + shared + 10 * 8
   attention_flops = 2 * 2 * 2 * seq * 8
   assert flops.flops_per_token(config, seq) == {
-      "active": 2 * matmul_active + attention_flops,
-      "total": 2 * (matmul_active + 2 * expert) + attention_flops}
+    "active": 2 * matmul_active + attention_flops,
+    "total": 2 * (matmul_active + 2 * expert) + attention_flops,
+  }
 
 
 def test_tied_embedding_counted_once():
@@ -93,7 +129,8 @@ def test_tied_embedding_counted_once():
   assert untied["total"] - tied["total"] == 260 * 32
   # The output projection costs the same FLOPs either way.
   assert flops.flops_per_token(tiny_config(), 8) == flops.flops_per_token(
-      tiny_config(tie_embeddings=True), 8)
+    tiny_config(tie_embeddings=True), 8
+  )
 
 
 def test_dense_model_active_equals_total():
@@ -114,8 +151,14 @@ def test_active_params_grow_with_top_k(top_k):
 
 
 def test_expert_choice_uses_capacity_factor_times_top_k_experts_per_token():
-  config = tiny_config(num_experts=8, top_k=1, router="expert_choice", dispatch="sort",
-                       capacity_factor=2.0, expert_d_ff=16)
+  config = tiny_config(
+    num_experts=8,
+    top_k=1,
+    router="expert_choice",
+    dispatch="sort",
+    capacity_factor=2.0,
+    expert_d_ff=16,
+  )
   assert flops.experts_per_token(config) == 2.0
   counts = flops.count_params(config)
   assert counts["total"] - counts["active"] == 2 * (8 - 2) * 3 * 32 * 16

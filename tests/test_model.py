@@ -16,14 +16,40 @@ VOCAB, BATCH, SEQ = 260, 2, 12
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
   """A dense 2-layer model with every key the model reads; overrides replace defaults."""
-  config = ml_collections.ConfigDict(dict(
-      vocab_size=VOCAB, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=None,
-      d_ff=64, activation="swiglu", num_experts=0, top_k=2, expert_d_ff=32,
-      moe_layer_interval=1, router="top_k", dispatch="dropless", capacity_factor=1.25,
-      eval_capacity_factor=2.0, min_capacity=4, renormalize=False, second_expert_policy="all",
-      router_jitter=0.0, expert_dropout=0.0, num_shared_experts=0, group_size=None,
-      dense_moe_hybrid=False, qk_norm=True, rope_base=10_000.0, tie_embeddings=False,
-      dtype="float32", lb_loss_weight=0.01, z_loss_weight=1e-3))
+  config = ml_collections.ConfigDict(
+    dict(
+      vocab_size=VOCAB,
+      num_layers=2,
+      d_model=32,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=None,
+      d_ff=64,
+      activation="swiglu",
+      num_experts=0,
+      top_k=2,
+      expert_d_ff=32,
+      moe_layer_interval=1,
+      router="top_k",
+      dispatch="dropless",
+      capacity_factor=1.25,
+      eval_capacity_factor=2.0,
+      min_capacity=4,
+      renormalize=False,
+      second_expert_policy="all",
+      router_jitter=0.0,
+      expert_dropout=0.0,
+      num_shared_experts=0,
+      group_size=None,
+      dense_moe_hybrid=False,
+      qk_norm=True,
+      rope_base=10_000.0,
+      tie_embeddings=False,
+      dtype="float32",
+      lb_loss_weight=0.01,
+      z_loss_weight=1e-3,
+    )
+  )
   config.update(overrides)
   return config
 
@@ -38,8 +64,11 @@ def tokens(seed=0, batch=BATCH, seq=SEQ):
 # ----------------------------------------------------------------------------- shapes
 
 
-@pytest.mark.parametrize("overrides", [{}, MOE, dict(MOE, dtype="bfloat16", tie_embeddings=True)],
-                         ids=["dense", "moe", "moe-bf16-tied"])
+@pytest.mark.parametrize(
+  "overrides",
+  [{}, MOE, dict(MOE, dtype="bfloat16", tie_embeddings=True)],
+  ids=["dense", "moe", "moe-bf16-tied"],
+)
 def test_forward_shapes_and_aux(overrides):
   config = tiny_config(**overrides)
   model = TransformerLM(config, rngs=nnx.Rngs(0))
@@ -70,18 +99,24 @@ def test_aux_is_the_mean_over_moe_layers():
     per_layer.append(layer_aux)
   for name in ("lb_loss", "z_loss", "dropped_fraction"):
     np.testing.assert_allclose(aux[name], np.mean([a[name] for a in per_layer]), rtol=1e-6)
-  np.testing.assert_allclose(aux["expert_load"], np.stack([a["expert_load"] for a in per_layer]),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    aux["expert_load"], np.stack([a["expert_load"] for a in per_layer]), rtol=1e-6
+  )
 
 
 # ----------------------------------------------------------------------------- causality
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(num_kv_heads=1, qk_norm=False),
-                                       dict(MOE, dispatch="dropless"),
-                                       dict(MOE, dispatch="dropless", dense_moe_hybrid=True,
-                                            moe_layer_interval=2)],
-                         ids=["dense", "dense-mqa", "moe-dropless", "hybrid-dropless"])
+@pytest.mark.parametrize(
+  "overrides",
+  [
+    {},
+    dict(num_kv_heads=1, qk_norm=False),
+    dict(MOE, dispatch="dropless"),
+    dict(MOE, dispatch="dropless", dense_moe_hybrid=True, moe_layer_interval=2),
+  ],
+  ids=["dense", "dense-mqa", "moe-dropless", "hybrid-dropless"],
+)
 def test_causality(overrides):
   """Changing the tokens after position t never changes the logits at positions <= t.
 
@@ -93,18 +128,21 @@ def test_causality(overrides):
   x = tokens(2)
   logits, _ = model(x)
   for t in (0, 5, SEQ - 2):
-    changed = x.at[:, t + 1:].set(tokens(3)[:, t + 1:])
+    changed = x.at[:, t + 1 :].set(tokens(3)[:, t + 1 :])
     assert bool(jnp.any(changed != x))
     changed_logits, _ = model(changed)
-    np.testing.assert_allclose(changed_logits[:, :t + 1], logits[:, :t + 1], atol=1e-5, rtol=1e-5)
-    assert not np.allclose(changed_logits[:, t + 1:], logits[:, t + 1:])
+    np.testing.assert_allclose(changed_logits[:, : t + 1], logits[:, : t + 1], atol=1e-5, rtol=1e-5)
+    assert not np.allclose(changed_logits[:, t + 1 :], logits[:, t + 1 :])
 
 
 # ----------------------------------------------------------------------------- KV cache
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(MOE, dispatch="dropless", tie_embeddings=True)],
-                         ids=["dense", "moe-dropless"])
+@pytest.mark.parametrize(
+  "overrides",
+  [{}, dict(MOE, dispatch="dropless", tie_embeddings=True)],
+  ids=["dense", "moe-dropless"],
+)
 def test_kv_cache_decoding_matches_full_forward(overrides):
   """Prefill 5 tokens, then decode one token at a time with a jitted step (traced start)."""
   model = TransformerLM(tiny_config(**overrides), rngs=nnx.Rngs(2))
@@ -123,7 +161,7 @@ def test_kv_cache_decoding_matches_full_forward(overrides):
   logits, _, cache = model(x[:, :prompt], cache=cache, start=0)
   decoded = [logits]
   for pos in range(prompt, SEQ):
-    logits, cache = step(model, x[:, pos:pos + 1], cache, jnp.int32(pos))
+    logits, cache = step(model, x[:, pos : pos + 1], cache, jnp.int32(pos))
     decoded.append(logits)
   np.testing.assert_allclose(jnp.concatenate(decoded, axis=1), full_logits, atol=1e-5, rtol=1e-5)
 
@@ -136,8 +174,9 @@ def test_kv_cache_chunked_prefill_matches_full_forward():
   cache = model.init_cache(BATCH, SEQ)
   first, _, cache = model(x[:, :7], cache=cache, start=0)
   second, _, cache = model(x[:, 7:], cache=cache, start=7)
-  np.testing.assert_allclose(jnp.concatenate([first, second], axis=1), full_logits,
-                             atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(
+    jnp.concatenate([first, second], axis=1), full_logits, atol=1e-5, rtol=1e-5
+  )
 
 
 def test_writing_past_the_cache_is_an_error():
@@ -203,7 +242,7 @@ def test_rms_norm():
   norm = model_lib.RMSNorm(6)
   x = jax.random.normal(jax.random.key(3), (2, 6)) * 5.0
   y = norm(x)
-  np.testing.assert_allclose(jnp.sqrt(jnp.mean(y ** 2, axis=-1)), 1.0, rtol=1e-4)
+  np.testing.assert_allclose(jnp.sqrt(jnp.mean(y**2, axis=-1)), 1.0, rtol=1e-4)
   assert norm(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
 
 
@@ -258,7 +297,9 @@ def test_eval_and_train_toggle_the_moe_layers():
 # ----------------------------------------------------------------------------- config
 
 
-@pytest.mark.parametrize("overrides,key", [
+@pytest.mark.parametrize(
+  "overrides,key",
+  [
     (dict(num_heads=4, num_kv_heads=3), "num_kv_heads"),
     (dict(num_heads=5, num_kv_heads=5, head_dim=None), "head_dim"),
     (dict(head_dim=7), "head_dim"),
@@ -273,7 +314,8 @@ def test_eval_and_train_toggle_the_moe_layers():
     (dict(MOE, router="hash"), "router"),
     (dict(MOE, dispatch="magic"), "dispatch"),
     (dict(dense_moe_hybrid=True), "dense_moe_hybrid"),
-])
+  ],
+)
 def test_config_validation(overrides, key):
   with pytest.raises(ValueError, match=rf"config\.model\.{key}") as error:
     TransformerLM(tiny_config(**overrides), rngs=nnx.Rngs(0))
@@ -282,5 +324,4 @@ def test_config_validation(overrides, key):
 
 def test_dense_config_ignores_moe_keys():
   """A dense model (num_experts=0) builds whatever the MoE-only keys hold."""
-  TransformerLM(tiny_config(top_k=99, router="unused", moe_layer_interval=7),
-                rngs=nnx.Rngs(0))
+  TransformerLM(tiny_config(top_k=99, router="unused", moe_layer_interval=7), rngs=nnx.Rngs(0))

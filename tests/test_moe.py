@@ -34,11 +34,23 @@ def run_reference(layer, x, *, dropless=False, group_size=None):
   params = ref.layer_params(layer)
   tokens = np.asarray(x, np.float64).reshape(-1, D_MODEL)
   group = group_size or tokens.shape[0]
-  cap = None if dropless else ref.capacity(group, layer.num_experts, layer.top_k,
-                                           layer.capacity_factor, layer.min_capacity)
-  y, dropped = ref.token_choice(tokens, params, num_experts=layer.num_experts, top_k=layer.top_k,
-                                activation=layer.experts.activation, renormalize=layer.renormalize,
-                                capacity_per_expert=cap, group_size=group_size)
+  cap = (
+    None
+    if dropless
+    else ref.capacity(
+      group, layer.num_experts, layer.top_k, layer.capacity_factor, layer.min_capacity
+    )
+  )
+  y, dropped = ref.token_choice(
+    tokens,
+    params,
+    num_experts=layer.num_experts,
+    top_k=layer.top_k,
+    activation=layer.experts.activation,
+    renormalize=layer.renormalize,
+    capacity_per_expert=cap,
+    group_size=group_size,
+  )
   return y.reshape(x.shape), dropped
 
 
@@ -56,12 +68,16 @@ def test_matches_reference_loop_with_drops(dispatch, activation):
 
 
 def test_auto_dispatch_keeps_capacity_and_picks_the_form_per_backend():
-  assert [dispatch_lib.resolve_dispatch("auto", b) for b in ("cpu", "gpu", "tpu")] == \
-      ["sort", "sort", "einsum"]
+  assert [dispatch_lib.resolve_dispatch("auto", b) for b in ("cpu", "gpu", "tpu")] == [
+    "sort",
+    "sort",
+    "einsum",
+  ]
   for explicit in ("einsum", "sort", "dropless"):
     assert dispatch_lib.resolve_dispatch(explicit, "tpu") == explicit
   assert make_layer(dispatch="auto").dispatch == dispatch_lib.resolve_dispatch(
-      "auto", jax.default_backend())
+    "auto", jax.default_backend()
+  )
 
 
 @pytest.mark.parametrize("dispatch", ["einsum", "sort"])
@@ -81,8 +97,14 @@ def test_expert_choice_matches_reference(dispatch):
   y, aux = layer(x)
   tokens = np.asarray(x, np.float64).reshape(-1, D_MODEL)
   cap = ref.capacity(10, 4, 2, 1.0, layer.min_capacity)
-  expected = ref.expert_choice(tokens, ref.layer_params(layer), num_experts=4,
-                               capacity_per_expert=cap, activation="swiglu", group_size=10)
+  expected = ref.expert_choice(
+    tokens,
+    ref.layer_params(layer),
+    num_experts=4,
+    capacity_per_expert=cap,
+    activation="swiglu",
+    group_size=10,
+  )
   np.testing.assert_allclose(np.asarray(y).reshape(-1, D_MODEL), expected, rtol=1e-4, atol=1e-5)
   assert float(aux["lb_loss"]) == 0.0
   assert 0.0 <= float(aux["dropped_fraction"]) < 1.0
@@ -95,9 +117,16 @@ def test_dense_router_is_the_softmax_mixture():
   params = ref.layer_params(layer)
   tokens = np.asarray(x, np.float64).reshape(-1, D_MODEL)
   probs = ref.softmax(tokens @ params["router"])
-  expected = sum(probs[:, e:e + 1] * np.stack([
-      ref.ffn(t, params["w_in"][e], params["w_gate"][e], params["w_out"][e], "swiglu") for t in tokens])
-      for e in range(4))
+  expected = sum(
+    probs[:, e : e + 1]
+    * np.stack(
+      [
+        ref.ffn(t, params["w_in"][e], params["w_gate"][e], params["w_out"][e], "swiglu")
+        for t in tokens
+      ]
+    )
+    for e in range(4)
+  )
   np.testing.assert_allclose(np.asarray(y).reshape(-1, D_MODEL), expected, rtol=1e-4, atol=1e-5)
   assert float(aux["dropped_fraction"]) == 0.0
 
@@ -147,8 +176,10 @@ def test_einsum_and_sort_agree_in_value_and_gradient(capacity_factor):
 
 def test_all_dispatches_agree_in_gradient_without_drops():
   x = inputs()
-  grads = {d: _loss_and_grads(make_layer(dispatch=d, capacity_factor=4.0), x)
-           for d in ("einsum", "sort", "dropless")}
+  grads = {
+    d: _loss_and_grads(make_layer(dispatch=d, capacity_factor=4.0), x)
+    for d in ("einsum", "sort", "dropless")
+  }
   for d in ("sort", "dropless"):
     np.testing.assert_allclose(float(grads[d][0]), float(grads["einsum"][0]), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(grads[d][1]), jax.tree.leaves(grads["einsum"][1])):
@@ -158,7 +189,7 @@ def test_all_dispatches_agree_in_gradient_without_drops():
 def test_ragged_dot_path_matches_the_cpu_block_path():
   layer = make_layer(num_experts=5)
   rows = jax.random.normal(jax.random.key(3), (23, D_MODEL))
-  sizes = jnp.array([7, 0, 9, 1, 4])         # 21 of 23 rows used: the last two belong to none
+  sizes = jnp.array([7, 0, 9, 1, 4])  # 21 of 23 rows used: the last two belong to none
   weights, dropout = layer.experts.weights(), layer.experts.active_dropout()
   blocks = layer.experts._grouped_blocks(rows, sizes, weights, dropout)
   ragged = layer.experts._grouped_ragged(rows, sizes, weights, dropout)
@@ -170,13 +201,26 @@ def test_ragged_dot_path_matches_the_cpu_block_path():
 
 
 @settings(max_examples=10, deadline=None)
-@given(batch=st.integers(1, 3), seq=st.integers(1, 9), num_experts=st.integers(1, 6),
-       k=st.integers(1, 3), capacity_factor=st.sampled_from([0.3, 0.5, 1.0, 1.5, 3.0]),
-       dispatch=st.sampled_from(["einsum", "sort", "dropless"]), seed=st.integers(0, 1000))
-def test_property_layer_matches_reference(batch, seq, num_experts, k, capacity_factor, dispatch, seed):
+@given(
+  batch=st.integers(1, 3),
+  seq=st.integers(1, 9),
+  num_experts=st.integers(1, 6),
+  k=st.integers(1, 3),
+  capacity_factor=st.sampled_from([0.3, 0.5, 1.0, 1.5, 3.0]),
+  dispatch=st.sampled_from(["einsum", "sort", "dropless"]),
+  seed=st.integers(0, 1000),
+)
+def test_property_layer_matches_reference(
+  batch, seq, num_experts, k, capacity_factor, dispatch, seed
+):
   k = min(k, num_experts)
-  layer = make_layer(num_experts=num_experts, top_k=k, dispatch=dispatch,
-                     capacity_factor=capacity_factor, min_capacity=1)
+  layer = make_layer(
+    num_experts=num_experts,
+    top_k=k,
+    dispatch=dispatch,
+    capacity_factor=capacity_factor,
+    min_capacity=1,
+  )
   x = inputs(batch, seq, seed)
   y, aux = layer(x)
   expected, dropped = run_reference(layer, x, dropless=dispatch == "dropless")
@@ -191,18 +235,27 @@ def test_property_queue_positions_by_sort_equal_cumsum(assignments, num_experts,
   rng = np.random.default_rng(seed)
   experts = rng.integers(0, num_experts, assignments)
   valid = rng.random(assignments) < 0.8
-  _, by_sort, sizes = dispatch_lib.sort_by_expert(jnp.asarray(experts), jnp.asarray(valid), num_experts)
-  by_cumsum = dispatch_lib.positions_by_cumsum(jnp.asarray(experts), jnp.asarray(valid), num_experts)
+  _, by_sort, sizes = dispatch_lib.sort_by_expert(
+    jnp.asarray(experts), jnp.asarray(valid), num_experts
+  )
+  by_cumsum = dispatch_lib.positions_by_cumsum(
+    jnp.asarray(experts), jnp.asarray(valid), num_experts
+  )
   # Hand count: the position is the number of earlier valid assignments to the same expert.
   expected = [np.sum((experts[:i] == experts[i]) & valid[:i]) for i in range(assignments)]
   np.testing.assert_array_equal(np.asarray(by_sort)[valid], np.asarray(expected)[valid])
   np.testing.assert_array_equal(np.asarray(by_cumsum)[valid], np.asarray(expected)[valid])
-  np.testing.assert_array_equal(np.asarray(sizes), np.bincount(experts[valid], minlength=num_experts))
+  np.testing.assert_array_equal(
+    np.asarray(sizes), np.bincount(experts[valid], minlength=num_experts)
+  )
 
 
 @settings(max_examples=25, deadline=None)
-@given(sizes=st.lists(st.integers(0, 20), min_size=1, max_size=6), spare=st.integers(0, 5),
-       block=st.sampled_from([8, 16]))
+@given(
+  sizes=st.lists(st.integers(0, 20), min_size=1, max_size=6),
+  spare=st.integers(0, 5),
+  block=st.sampled_from([8, 16]),
+)
 def test_property_block_layout_places_every_row_once(sizes, spare, block):
   rows = sum(sizes) + spare
   slot_row, block_expert, row_slot, used = block_layout(jnp.asarray(sizes), rows, block)
@@ -211,15 +264,19 @@ def test_property_block_layout_places_every_row_once(sizes, spare, block):
   for r in range(sum(sizes)):
     assert slot_row[row_slot[r]] == r
     assert block_expert[row_slot[r] // block] == owner[r]
-  assert np.all(row_slot[sum(sizes):] == len(slot_row))
+  assert np.all(row_slot[sum(sizes) :] == len(slot_row))
   assert np.sum(slot_row < rows) == sum(sizes)
-  assert int(used) == sum(-(-s // block) for s in sizes)   # blocks holding any row
-  assert np.all(slot_row[int(used) * block:] == rows)       # every later slot is empty
+  assert int(used) == sum(-(-s // block) for s in sizes)  # blocks holding any row
+  assert np.all(slot_row[int(used) * block :] == rows)  # every later slot is empty
 
 
 @settings(max_examples=25, deadline=None)
-@given(tokens=st.integers(1, 12), k=st.integers(1, 3), slots=st.integers(1, 30),
-       seed=st.integers(0, 1000))
+@given(
+  tokens=st.integers(1, 12),
+  k=st.integers(1, 3),
+  slots=st.integers(1, 30),
+  seed=st.integers(0, 1000),
+)
 def test_property_take_rows_gradient_is_the_scatter_add_gradient(tokens, k, slots, seed):
   """`take_rows` with a token -> slots inverse map against autodiff of a plain gather."""
   rng = np.random.default_rng(seed)
@@ -262,10 +319,13 @@ def test_expert_load_counts_assignments_before_capacity():
   layer = make_layer(dispatch="sort", capacity_factor=0.3, min_capacity=1)
   x = inputs()
   _, aux = layer(x)
-  probs = ref.softmax(np.asarray(x, np.float64).reshape(-1, D_MODEL) @ ref.layer_params(layer)["router"])
+  probs = ref.softmax(
+    np.asarray(x, np.float64).reshape(-1, D_MODEL) @ ref.layer_params(layer)["router"]
+  )
   chosen = np.argsort(-probs, -1)[:, :2].reshape(-1)
-  np.testing.assert_allclose(np.asarray(aux["expert_load"]), np.bincount(chosen, minlength=4) / chosen.size,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(aux["expert_load"]), np.bincount(chosen, minlength=4) / chosen.size, rtol=1e-6
+  )
 
 
 def test_eval_mode_uses_eval_capacity_and_train_mode_restores_it():
@@ -281,8 +341,15 @@ def test_eval_mode_uses_eval_capacity_and_train_mode_restores_it():
   assert float(again["dropped_fraction"]) == float(train_aux["dropped_fraction"])
 
 
-@pytest.mark.parametrize("setting", [dict(router="noisy_top_k"), dict(router_jitter=0.2),
-                                     dict(second_expert_policy="random"), dict(expert_dropout=0.5)])
+@pytest.mark.parametrize(
+  "setting",
+  [
+    dict(router="noisy_top_k"),
+    dict(router_jitter=0.2),
+    dict(second_expert_policy="random"),
+    dict(expert_dropout=0.5),
+  ],
+)
 def test_stochastic_options_act_in_training_only(setting):
   x = inputs()
   plain = make_layer(dispatch="dropless")
@@ -291,7 +358,9 @@ def test_stochastic_options_act_in_training_only(setting):
   nnx.update(layer.experts, nnx.state(plain.experts, nnx.Param))
   train_a, _ = layer(x)
   train_b, _ = layer(x)
-  assert not np.allclose(np.asarray(train_a), np.asarray(train_b)), "training draws fresh randomness"
+  assert not np.allclose(np.asarray(train_a), np.asarray(train_b)), (
+    "training draws fresh randomness"
+  )
   layer.eval()
   eval_a, _ = layer(x)
   eval_b, _ = layer(x)
@@ -337,16 +406,23 @@ def test_layer_jits_and_differentiates_under_nnx_jit():
 # --------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("kwargs,needle", [
-    (dict(top_k=0), "top_k"), (dict(top_k=5), "top_k"), (dict(capacity_factor=0), "capacity_factor"),
-    (dict(eval_capacity_factor=-1.0), "eval_capacity_factor"), (dict(router="hash"), "router"),
-    (dict(dispatch="scatter"), "dispatch"), (dict(activation="tanh"), "activation"),
+@pytest.mark.parametrize(
+  "kwargs,needle",
+  [
+    (dict(top_k=0), "top_k"),
+    (dict(top_k=5), "top_k"),
+    (dict(capacity_factor=0), "capacity_factor"),
+    (dict(eval_capacity_factor=-1.0), "eval_capacity_factor"),
+    (dict(router="hash"), "router"),
+    (dict(dispatch="scatter"), "dispatch"),
+    (dict(activation="tanh"), "activation"),
     (dict(router="dense", top_k=2), "top_k=num_experts"),
     (dict(router="expert_choice", dispatch="dropless"), "dropless"),
     (dict(second_expert_policy="random", top_k=1), "second_expert_policy"),
     (dict(second_expert_policy="sometimes"), "second_expert_policy"),
     (dict(group_size=4, dispatch="dropless"), "group_size"),
-])
+  ],
+)
 def test_bad_settings_raise_one_clear_line(kwargs, needle):
   with pytest.raises(ValueError, match=needle) as info:
     make_layer(**kwargs)

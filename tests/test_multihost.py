@@ -11,9 +11,15 @@ from moejax.metrics import read_metrics
 
 from test_train import REPO
 
-ARGS = ["--config=configs/tiny.py:smoke", "--config.mesh.expert=4", "--config.model.group_size=32",
-        "--config.train.num_steps=4", "--config.train.log_every=1", "--config.train.eval_every=4",
-        "--config.train.checkpoint_every=2"]
+ARGS = [
+  "--config=configs/tiny.py:smoke",
+  "--config.mesh.expert=4",
+  "--config.model.group_size=32",
+  "--config.train.num_steps=4",
+  "--config.train.log_every=1",
+  "--config.train.eval_every=4",
+  "--config.train.checkpoint_every=2",
+]
 
 
 def _env(devices):
@@ -31,17 +37,38 @@ def _free_port():
 
 def test_two_processes_reproduce_one_process(tmp_path):
   single = tmp_path / "single"
-  result = subprocess.run([sys.executable, "-m", "moejax.main", f"--workdir={single}", *ARGS],
-                          cwd=REPO, env=_env(8), capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+    [sys.executable, "-m", "moejax.main", f"--workdir={single}", *ARGS],
+    cwd=REPO,
+    env=_env(8),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
 
   multi = tmp_path / "multi"
   port = _free_port()
-  processes = [subprocess.Popen(
-      [sys.executable, "-m", "moejax.main", f"--workdir={multi}", *ARGS,
-       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=REPO, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
+  processes = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "moejax.main",
+        f"--workdir={multi}",
+        *ARGS,
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ],
+      cwd=REPO,
+      env=_env(4),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outputs = [p.communicate(timeout=300) for p in processes]
   for p, (_, err) in zip(processes, outputs):
     assert p.returncode == 0, err[-3000:]

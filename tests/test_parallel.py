@@ -31,14 +31,38 @@ GRAD_TOL = 1e-5
 
 
 def model_config(dispatch: str) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      vocab_size=VOCAB, num_layers=2, d_model=D_MODEL, num_heads=4, num_kv_heads=2,
-      head_dim=None, d_ff=64, activation="swiglu", num_experts=E, top_k=K, expert_d_ff=D_FF,
-      moe_layer_interval=1, router="top_k", dispatch=dispatch, capacity_factor=1.25,
-      eval_capacity_factor=2.0, min_capacity=1, renormalize=False, second_expert_policy="all",
-      router_jitter=0.0, expert_dropout=0.0, num_shared_experts=0,
-      group_size=None if dispatch == "dropless" else GROUP, dense_moe_hybrid=False,
-      qk_norm=True, rope_base=10_000.0, tie_embeddings=False, dtype="float32"))
+  return ml_collections.ConfigDict(
+    dict(
+      vocab_size=VOCAB,
+      num_layers=2,
+      d_model=D_MODEL,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=None,
+      d_ff=64,
+      activation="swiglu",
+      num_experts=E,
+      top_k=K,
+      expert_d_ff=D_FF,
+      moe_layer_interval=1,
+      router="top_k",
+      dispatch=dispatch,
+      capacity_factor=1.25,
+      eval_capacity_factor=2.0,
+      min_capacity=1,
+      renormalize=False,
+      second_expert_policy="all",
+      router_jitter=0.0,
+      expert_dropout=0.0,
+      num_shared_experts=0,
+      group_size=None if dispatch == "dropless" else GROUP,
+      dense_moe_hybrid=False,
+      qk_norm=True,
+      rope_base=10_000.0,
+      tie_embeddings=False,
+      dtype="float32",
+    )
+  )
 
 
 def mesh_config(data, expert) -> ml_collections.ConfigDict:
@@ -46,7 +70,7 @@ def mesh_config(data, expert) -> ml_collections.ConfigDict:
 
 
 def make_mesh(data, expert):
-  return parallel.make_mesh(mesh_config(data, expert), jax.devices()[:data * expert])
+  return parallel.make_mesh(mesh_config(data, expert), jax.devices()[: data * expert])
 
 
 def batch_tokens():
@@ -67,6 +91,7 @@ def loss_and_grad_fn(graphdef):
     ce = -jnp.mean(jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1))
     loss = ce + LB_WEIGHT * aux["lb_loss"] + Z_WEIGHT * aux["z_loss"]
     return loss, {k: aux[k] for k in ("lb_loss", "z_loss", "dropped_fraction")}
+
   return jax.value_and_grad(loss_fn, has_aux=True)
 
 
@@ -83,8 +108,9 @@ def reference(dispatch):
 
 
 def flat(tree):
-  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in
-          jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 # ----------------------------------------------------------------------------- the equivalence
@@ -99,15 +125,19 @@ def test_sharded_train_step_matches_one_device(dispatch, shape):
   mesh = make_mesh(data, expert)
   param_sh, rest_sh = parallel.param_shardings(params, mesh), parallel.param_shardings(rest, mesh)
   replicated = parallel.replicated(mesh)
-  step = jax.jit(loss_and_grad_fn(graphdef),
-                 in_shardings=(param_sh, rest_sh, parallel.batch_sharding(mesh)),
-                 out_shardings=((replicated, replicated), param_sh))
+  step = jax.jit(
+    loss_and_grad_fn(graphdef),
+    in_shardings=(param_sh, rest_sh, parallel.batch_sharding(mesh)),
+    out_shardings=((replicated, replicated), param_sh),
+  )
   tokens = batch_tokens()
   with jax.set_mesh(mesh):
-    compiled = step.lower(params, rest, tokens).compile()                # one compile
-    (loss, metrics), grads = compiled(jax.device_put(params, param_sh),
-                                      jax.device_put(rest, rest_sh),
-                                      parallel.shard_batch(tokens, mesh))
+    compiled = step.lower(params, rest, tokens).compile()  # one compile
+    (loss, metrics), grads = compiled(
+      jax.device_put(params, param_sh),
+      jax.device_put(rest, rest_sh),
+      parallel.shard_batch(tokens, mesh),
+    )
 
   # Same function: loss, metrics, gradients.
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
@@ -161,16 +191,25 @@ def normalize(spec):
 
 
 def flat_shardings(grads):
-  return {jax.tree_util.keystr(p): v.sharding for p, v in
-          jax.tree_util.tree_flatten_with_path(grads)[0]}
+  return {
+    jax.tree_util.keystr(p): v.sharding for p, v in jax.tree_util.tree_flatten_with_path(grads)[0]
+  }
 
 
 # ----------------------------------------------------------------------------- the layer
 
 
 def make_layer(**kwargs):
-  defaults = dict(d_model=16, d_ff=16, num_experts=8, top_k=2, group_size=8, min_capacity=1,
-                  capacity_factor=1.0, rngs=nnx.Rngs(0))
+  defaults = dict(
+    d_model=16,
+    d_ff=16,
+    num_experts=8,
+    top_k=2,
+    group_size=8,
+    min_capacity=1,
+    capacity_factor=1.0,
+    rngs=nnx.Rngs(0),
+  )
   defaults.update(kwargs)
   layer = MoeLayer(**defaults)
   layer.router_kernel[...] = jax.random.normal(jax.random.key(7), layer.router_kernel.shape)
@@ -188,17 +227,19 @@ def layer_value_and_grad(layer):
 
   def f(params, x):
     (value, dropped), grads = jax.value_and_grad(
-        lambda p, x: layer_loss(nnx.merge(graphdef, p, rest), x), argnums=(0, 1),
-        has_aux=True)(params, x)
+      lambda p, x: layer_loss(nnx.merge(graphdef, p, rest), x), argnums=(0, 1), has_aux=True
+    )(params, x)
     return value, dropped, grads
+
   return f, params
 
 
-@pytest.mark.parametrize("router,dispatch", [("top_k", "einsum"), ("expert_choice", "sort"),
-                                             ("expert_choice", "einsum")])
+@pytest.mark.parametrize(
+  "router,dispatch", [("top_k", "einsum"), ("expert_choice", "sort"), ("expert_choice", "einsum")]
+)
 def test_layer_dispatch_forms_match_under_expert_parallelism(router, dispatch):
   layer = make_layer(router=router, dispatch=dispatch, capacity_factor=0.5)
-  x = jax.random.normal(jax.random.key(0), (8, 8, 16))     # 8 tokens (one group) per device
+  x = jax.random.normal(jax.random.key(0), (8, 8, 16))  # 8 tokens (one group) per device
   step, state = layer_value_and_grad(layer)
   ref_value, ref_dropped, ref_grads = jax.jit(step)(state, x)
   assert 0 < ref_dropped < 1
@@ -210,8 +251,9 @@ def test_layer_dispatch_forms_match_under_expert_parallelism(router, dispatch):
   np.testing.assert_allclose(value, ref_value, rtol=1e-5)
   np.testing.assert_allclose(dropped, ref_dropped, rtol=1e-6)
   for path, ref in flat(ref_grads).items():
-    np.testing.assert_allclose(flat(grads)[path], ref, rtol=1e-4, atol=1e-5 * np.max(np.abs(ref)),
-                               err_msg=path)
+    np.testing.assert_allclose(
+      flat(grads)[path], ref, rtol=1e-4, atol=1e-5 * np.max(np.abs(ref)), err_msg=path
+    )
 
 
 def test_explicit_mesh_attribute_turns_expert_parallelism_on_and_off():
@@ -219,30 +261,34 @@ def test_explicit_mesh_attribute_turns_expert_parallelism_on_and_off():
   mesh = make_mesh(1, 8)
   layer = make_layer(dispatch="sort")
   ref, _ = layer(x)
-  parallel.use_expert_parallel(layer, mesh)          # no ambient mesh needed
+  parallel.use_expert_parallel(layer, mesh)  # no ambient mesh needed
   fn = jax.jit(lambda x: layer(x)[0])
   assert "all-to-all" in fn.lower(x).compile().as_text()
   np.testing.assert_allclose(fn(x), ref, rtol=1e-5, atol=1e-6)
-  parallel.use_expert_parallel(layer, None)          # never, even under a mesh
+  parallel.use_expert_parallel(layer, None)  # never, even under a mesh
   with jax.set_mesh(mesh):
     assert "all-to-all" not in jax.jit(lambda x: layer(x)[0]).lower(x).compile().as_text()
 
 
 def test_expert_dropout_runs_under_expert_parallelism():
-  layer = make_layer(dispatch="dropless", group_size=None, expert_dropout=0.5,
-                     rngs=nnx.Rngs(params=0, dropout=1, router=2))
+  layer = make_layer(
+    dispatch="dropless",
+    group_size=None,
+    expert_dropout=0.5,
+    rngs=nnx.Rngs(params=0, dropout=1, router=2),
+  )
   x = jax.random.normal(jax.random.key(0), (8, 4, 16))
   apply = nnx.jit(lambda m, x: m(x)[0])
   with jax.set_mesh(make_mesh(2, 4)):
     y1, y2 = apply(layer, x), apply(layer, x)
     layer.eval()
     y_eval = apply(layer, x)
-  assert bool(jnp.all(jnp.isfinite(y1))) and not np.allclose(y1, y2)   # a fresh mask each call
+  assert bool(jnp.all(jnp.isfinite(y1))) and not np.allclose(y1, y2)  # a fresh mask each call
   np.testing.assert_allclose(y_eval, apply(layer, x), rtol=1e-5, atol=1e-6)  # eval: no dropout
 
 
 def test_layer_errors_under_expert_parallelism():
-  x = jax.random.normal(jax.random.key(0), (8, 4, 16))    # 4 tokens per device on 2x4
+  x = jax.random.normal(jax.random.key(0), (8, 4, 16))  # 4 tokens per device on 2x4
   with jax.set_mesh(make_mesh(2, 4)):
     with pytest.raises(ValueError, match="needs group_size"):
       make_layer(dispatch="sort", group_size=None)(x)
@@ -262,22 +308,25 @@ def test_make_mesh_layout_and_axis_types():
   assert mesh.axis_types == (AxisType.Auto, AxisType.Auto)
   devices = jax.devices()[::-1]
   mesh = parallel.make_mesh(mesh_config(2, -1), devices)
-  assert [d.id for d in mesh.devices[0]] == [d.id for d in devices[:4]]   # expert innermost
+  assert [d.id for d in mesh.devices[0]] == [d.id for d in devices[:4]]  # expert innermost
   # Auto axes: a plain jit propagates input shardings; no type-level sharding.
   x = jax.device_put(jnp.ones((8, 4)), parallel.batch_sharding(mesh))
   assert x.sharding.spec == P(("data", "expert"))
   with jax.set_mesh(mesh):
     y = jax.jit(lambda x: x.reshape(32) * 2)(x)
-    assert jax.typeof(y).sharding.spec == P(None)   # Auto: not in the type
+    assert jax.typeof(y).sharding.spec == P(None)  # Auto: not in the type
 
 
-@pytest.mark.parametrize("config,message", [
+@pytest.mark.parametrize(
+  "config,message",
+  [
     (dict(data=2, expert=2), "multiply to 4, but there are 8 devices"),
     (dict(data=-1, expert=-1), "at most one axis may be -1"),
     (dict(data=3, expert=-1), "do not divide the 8 devices"),
     (dict(data=0, expert=8), "must be a positive int or -1"),
     (dict(data=1, expert=8, tensor=1), "unknown axes"),
-])
+  ],
+)
 def test_mesh_config_errors(config, message):
   with pytest.raises(ValueError, match=message):
     parallel.make_mesh(ml_collections.ConfigDict(config))
@@ -286,7 +335,7 @@ def test_mesh_config_errors(config, message):
 def test_validate_mesh():
   mesh = parallel.make_mesh(mesh_config(2, 4))
   parallel.validate_mesh(mesh, num_experts=8, global_batch_size=16, seq_len=16, group_size=32)
-  parallel.validate_mesh(mesh, num_experts=0, global_batch_size=8)       # dense: any expert axis
+  parallel.validate_mesh(mesh, num_experts=0, global_batch_size=8)  # dense: any expert axis
   with pytest.raises(ValueError, match="num_experts=6 is not divisible by the mesh's expert axis"):
     parallel.validate_mesh(mesh, num_experts=6, global_batch_size=16)
   with pytest.raises(ValueError, match="global batch size 12 is not divisible"):
@@ -305,8 +354,9 @@ def test_param_shardings_names_every_param_and_follows_optimizer_state():
       assert var.get_metadata().get("out_sharding"), path
   mesh = parallel.make_mesh(mesh_config(2, 4))
   shardings = parallel.param_shardings(model, mesh)
-  specs = {jax.tree_util.keystr(p): s.spec for p, s in
-           jax.tree_util.tree_flatten_with_path(shardings)[0]}
+  specs = {
+    jax.tree_util.keystr(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]
+  }
   assert specs["['layers'][0]['moe']['experts']['w_in'].value"] == P("expert", None, None)
   assert specs["['embed']['embedding'].value"] == P(None, None)
   assert specs["['layers'][1]['moe']['router_kernel'].value"] == P(None, None)
@@ -315,8 +365,12 @@ def test_param_shardings_names_every_param_and_follows_optimizer_state():
 
   # nnx.Optimizer copies the names to its state.
   optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
-  opt_specs = [(jax.tree_util.keystr(p), s.spec) for p, s in jax.tree_util.tree_flatten_with_path(
-      parallel.param_shardings(nnx.state(optimizer), mesh))[0]]
+  opt_specs = [
+    (jax.tree_util.keystr(p), s.spec)
+    for p, s in jax.tree_util.tree_flatten_with_path(
+      parallel.param_shardings(nnx.state(optimizer), mesh)
+    )[0]
+  ]
   expert_specs = [s for p, s in opt_specs if "experts" in p]
   assert len(expert_specs) == 12 and all(s == P("expert", None, None) for s in expert_specs)
 
@@ -335,14 +389,18 @@ def test_param_shardings_names_every_param_and_follows_optimizer_state():
 
 def test_param_shardings_rejects_unnamed_params_and_bad_shapes():
   mesh = parallel.make_mesh(mesh_config(1, 8))
+
   class Bare(nnx.Module):
     def __init__(self):
       self.w = nnx.Param(jnp.zeros((3, 3)))
+
   with pytest.raises(ValueError, match="has no logical axis names"):
     parallel.param_shardings(Bare(), mesh)
+
   class Odd(nnx.Module):
     def __init__(self):
       self.w = nnx.Param(jnp.zeros((6, 3)), **parallel.logical("expert", "embed"))
+
   with pytest.raises(ValueError, match="not divisible by mesh axes expert of size 8"):
     parallel.param_shardings(Odd(), mesh)
   assert parallel.logical_to_mesh(("batch", "embed"), mesh) == P(("data", "expert"), None)
@@ -355,16 +413,20 @@ def test_all_to_all_bytes_of_a_known_program():
   mesh = jax.make_mesh((4,), ("expert",), axis_types=(AxisType.Auto,), devices=jax.devices()[:4])
 
   def body(a, b):
-    return (jax.lax.all_to_all(a, "expert", 0, 0, tiled=True),
-            jax.lax.all_to_all(b, "expert", 1, 0, tiled=True))
+    return (
+      jax.lax.all_to_all(a, "expert", 0, 0, tiled=True),
+      jax.lax.all_to_all(b, "expert", 1, 0, tiled=True),
+    )
 
   fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("expert"), out_specs=P("expert")))
-  a = jnp.ones((4 * 8, 6), jnp.float32)      # per device f32[8, 6]: 192 bytes
-  b = jnp.ones((4 * 4, 12), jnp.int32)       # per device s32[4, 12]: 192 bytes
-  hlo = fn.lower(a, b).compile().as_text()   # (XLA:CPU would send bf16 as f32: not used here)
+  a = jnp.ones((4 * 8, 6), jnp.float32)  # per device f32[8, 6]: 192 bytes
+  b = jnp.ones((4 * 4, 12), jnp.int32)  # per device s32[4, 12]: 192 bytes
+  hlo = fn.lower(a, b).compile().as_text()  # (XLA:CPU would send bf16 as f32: not used here)
   assert parallel.all_to_all_bytes(hlo) == 8 * 6 * 4 + 4 * 12 * 4
-  text = ("  %x = f32[2,3]{1,0} all-to-all(f32[2,3]{1,0} %p), dimensions={0}\n"
-          "  %t = (bf16[4]{0}, s32[5]{0}) all-to-all(bf16[4]{0} %a, s32[5]{0} %b)\n"
-          "  %g = f32[8]{0} all-gather(f32[2]{0} %p), dimensions={0}, metadata={op_name=\"all-to-all\"}\n")
+  text = (
+    "  %x = f32[2,3]{1,0} all-to-all(f32[2,3]{1,0} %p), dimensions={0}\n"
+    "  %t = (bf16[4]{0}, s32[5]{0}) all-to-all(bf16[4]{0} %a, s32[5]{0} %b)\n"
+    "  %g = f32[8]{0} all-gather(f32[2]{0} %p), dimensions={0}, metadata={op_name=\"all-to-all\"}\n"
+  )
   assert parallel.all_to_all_bytes(text) == 24 + 8 + 20
   assert parallel.collective_shapes(text, "all-gather") == [("f32", (8,))]

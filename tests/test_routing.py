@@ -22,14 +22,20 @@ def _numpy_lb(probs, indices, num_experts):
 
 
 @settings(max_examples=30, deadline=None)
-@given(tokens=st.integers(1, 40), num_experts=st.integers(1, 9), k=st.integers(1, 4),
-       seed=st.integers(0, 2**16))
+@given(
+  tokens=st.integers(1, 40),
+  num_experts=st.integers(1, 9),
+  k=st.integers(1, 4),
+  seed=st.integers(0, 2**16),
+)
 def test_load_balancing_loss_matches_numpy(tokens, num_experts, k, seed):
   k = min(k, num_experts)
   rng = np.random.default_rng(seed)
   probs = softmax(rng.normal(size=(2, tokens, num_experts)))
   indices = np.argsort(-probs, -1)[..., :k]
-  got = moejax.load_balancing_loss(jnp.asarray(probs, jnp.float32), jnp.asarray(indices), num_experts)
+  got = moejax.load_balancing_loss(
+    jnp.asarray(probs, jnp.float32), jnp.asarray(indices), num_experts
+  )
   np.testing.assert_allclose(float(got), _numpy_lb(probs, indices, num_experts), rtol=1e-5)
 
 
@@ -39,7 +45,9 @@ def test_load_balancing_loss_is_one_when_uniform(num_experts, k):
   probs = jnp.full((tokens, num_experts), 1.0 / num_experts)
   # Each expert gets exactly tokens·k/E assignments: token t takes experts t, t+1, ..., t+k-1.
   indices = (jnp.arange(tokens)[:, None] + jnp.arange(k)[None]) % num_experts
-  assert float(moejax.load_balancing_loss(probs, indices, num_experts)) == pytest.approx(1.0, rel=1e-6)
+  assert float(moejax.load_balancing_loss(probs, indices, num_experts)) == pytest.approx(
+    1.0, rel=1e-6
+  )
 
 
 def test_load_balancing_loss_grows_when_collapsed():
@@ -84,8 +92,9 @@ def test_random_second_expert_keeps_at_the_gshard_rate():
   assert np.asarray(kept[:, 0]).all()
   assert np.mean(np.asarray(kept[:, 1])) == pytest.approx(expected_rate, abs=0.01)
   # Tokens whose two gates are equal always keep their second expert.
-  equal = routing.TokenChoice(expert_indices=jnp.array([[0, 1]]), gates=jnp.array([[0.4, 0.4]]),
-                              valid=jnp.ones((1, 2), bool))
+  equal = routing.TokenChoice(
+    expert_indices=jnp.array([[0, 1]]), gates=jnp.array([[0.4, 0.4]]), valid=jnp.ones((1, 2), bool)
+  )
   assert bool(routing.random_second_expert(equal, jax.random.key(1)).valid[0, 1])
 
 

@@ -23,6 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def smoke_config(**overrides):
   sys.path.insert(0, os.path.join(REPO, "configs"))
   import importlib
+
   tiny = importlib.import_module("tiny")
   config = tiny.get_config("smoke")
   config.train.num_steps, config.train.checkpoint_every, config.train.keep_checkpoints = 8, 2, 10
@@ -50,8 +51,14 @@ def test_metrics_file_has_the_documented_records(trained):
   assert [r["step"] for r in train_records] == list(range(1, 9))
   assert [r["step"] for r in eval_records] == [4, 8]
   for r in train_records:
-    for name in ("train/ce_loss", "train/lb_loss", "train/z_loss", "train/dropped_fraction",
-                 "train/tokens_per_sec", "train/learning_rate"):
+    for name in (
+      "train/ce_loss",
+      "train/lb_loss",
+      "train/z_loss",
+      "train/dropped_fraction",
+      "train/tokens_per_sec",
+      "train/learning_rate",
+    ):
       assert np.isfinite(r[name]), name
     # The objective is CE + 0.01·LB + 0.001·Z (OLMoE's weights, the defaults).
     expected = r["train/ce_loss"] + 0.01 * r["train/lb_loss"] + 0.001 * r["train/z_loss"]
@@ -71,7 +78,11 @@ def test_metrics_file_has_the_documented_records(trained):
 def test_learning_rate_follows_warmup_then_cosine(trained):
   workdir, config, _ = trained
   lr = [r["train/learning_rate"] for r in read_metrics(workdir) if "train/learning_rate" in r]
-  peak, warmup, steps = config.train.learning_rate, config.train.warmup_steps, config.train.num_steps
+  peak, warmup, steps = (
+    config.train.learning_rate,
+    config.train.warmup_steps,
+    config.train.num_steps,
+  )
   floor = peak * config.train.min_learning_rate_ratio
   for step, value in enumerate(lr):  # the rate used by update number `step`
     if step < warmup:
@@ -92,12 +103,16 @@ def test_weight_decay_skips_vectors():
   for _ in range(3):
     optimizer.update(model, zero_grads)
   after = nnx.state(model, nnx.Param)
-  for (path, was), now in zip(jax.tree_util.tree_leaves_with_path(before), jax.tree_util.tree_leaves(after)):
+  for (path, was), now in zip(
+    jax.tree_util.tree_leaves_with_path(before), jax.tree_util.tree_leaves(after)
+  ):
     assert bool(np.any(np.asarray(was) != np.asarray(now))) == (np.ndim(was) >= 2), path
 
 
 def test_keeps_the_last_checkpoints(tmp_path):
-  config = smoke_config(**{"train.num_steps": 6, "train.keep_checkpoints": 2, "train.eval_every": 6})
+  config = smoke_config(
+    **{"train.num_steps": 6, "train.keep_checkpoints": 2, "train.eval_every": 6}
+  )
   train.train_and_evaluate(config, str(tmp_path), show_progress=False)
   steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
   assert steps == [4, 6]
@@ -111,10 +126,18 @@ def test_resume_reproduces_the_uninterrupted_run(trained, tmp_path):
   for step in ("6", "8"):
     shutil.rmtree(os.path.join(copy, "checkpoints", step))
   train.train_and_evaluate(config, copy, show_progress=False)
-  original = {(r["step"], k): v for r in read_metrics(workdir) for k, v in r.items()
-              if k.startswith(("train/", "eval/")) and k != "train/tokens_per_sec"}
-  resumed = {(r["step"], k): v for r in read_metrics(copy) for k, v in r.items()
-             if k.startswith(("train/", "eval/")) and k != "train/tokens_per_sec"}
+  original = {
+    (r["step"], k): v
+    for r in read_metrics(workdir)
+    for k, v in r.items()
+    if k.startswith(("train/", "eval/")) and k != "train/tokens_per_sec"
+  }
+  resumed = {
+    (r["step"], k): v
+    for r in read_metrics(copy)
+    for k, v in r.items()
+    if k.startswith(("train/", "eval/")) and k != "train/tokens_per_sec"
+  }
   assert original.keys() == resumed.keys()
   for key, value in original.items():
     np.testing.assert_allclose(resumed[key], value, rtol=1e-6, err_msg=str(key))
@@ -124,18 +147,24 @@ def test_resume_reproduces_the_uninterrupted_run(trained, tmp_path):
 
 
 def _cli(*args, timeout=240):
-  return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
-                        timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+  )
 
 
-@pytest.mark.parametrize("override,needle", [
+@pytest.mark.parametrize(
+  "override,needle",
+  [
     ("--config.train.bogus=1", "--config.train.bogus is not a config key"),
     ("--config.model.routr=top_k", "did you mean 'router'"),
     ("--config.train.num_steps=abc", "num_steps"),
     ("--config.model.router=hash", "config.model.router must be one of"),
-])
+  ],
+)
 def test_cli_rejects_bad_overrides_with_one_line(override, needle, tmp_path):
-  result = _cli("moejax.main", "--config=configs/tiny.py:smoke", f"--workdir={tmp_path}/w", override)
+  result = _cli(
+    "moejax.main", "--config=configs/tiny.py:smoke", f"--workdir={tmp_path}/w", override
+  )
   assert result.returncode == 2
   errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and needle in errors[0], result.stderr[-2000:]
@@ -145,8 +174,13 @@ def test_cli_rejects_bad_overrides_with_one_line(override, needle, tmp_path):
 
 def test_cli_overrides_reach_the_run_and_generation_works(tmp_path):
   workdir = tmp_path / "cli"
-  result = _cli("moejax.main", "--config=configs/tiny.py:smoke", f"--workdir={workdir}",
-                "--config.train.num_steps=3", "--config.model.dispatch=dropless")
+  result = _cli(
+    "moejax.main",
+    "--config=configs/tiny.py:smoke",
+    f"--workdir={workdir}",
+    "--config.train.num_steps=3",
+    "--config.model.dispatch=dropless",
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   records = read_metrics(str(workdir))
   assert max(r["step"] for r in records) == 3

@@ -19,8 +19,11 @@ def run(argv: list[str]) -> int:
       code = max(code, main(get(name), argv))
       print()
     return code
-  print(f"usage: python -m experiments.ablations NAME [flags] | --describe [--preset=P]; "
-        f"NAME one of {', '.join(NAMES)}", file=sys.stderr)
+  print(
+    f"usage: python -m experiments.ablations NAME [flags] | --describe [--preset=P]; "
+    f"NAME one of {', '.join(NAMES)}",
+    file=sys.stderr,
+  )
   return 2
 
 

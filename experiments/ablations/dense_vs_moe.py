@@ -34,26 +34,42 @@ def base(preset: str):
 def arms(preset: str) -> list[Arm]:
   e, k, f = SHAPE[preset]
   return [
-      Arm("moe", {"model.num_experts": e, "model.top_k": k, "model.expert_d_ff": f,
-                  "model.moe_layer_interval": 1},
-          f"MoE: top-{k} of {e} experts of hidden {f} in every layer"),
-      Arm("dense_eq_flops", {"model.num_experts": 0, "model.d_ff": k * f},
-          f"dense FFN of hidden {k * f}: the MoE's active FLOPs"),
-      Arm("dense_eq_params", {"model.num_experts": 0, "model.d_ff": e * f},
-          f"dense FFN of hidden {e * f}: the MoE's total FFN parameters (first seed only)",
-          max_seeds=1),
+    Arm(
+      "moe",
+      {
+        "model.num_experts": e,
+        "model.top_k": k,
+        "model.expert_d_ff": f,
+        "model.moe_layer_interval": 1,
+      },
+      f"MoE: top-{k} of {e} experts of hidden {f} in every layer",
+    ),
+    Arm(
+      "dense_eq_flops",
+      {"model.num_experts": 0, "model.d_ff": k * f},
+      f"dense FFN of hidden {k * f}: the MoE's active FLOPs",
+    ),
+    Arm(
+      "dense_eq_params",
+      {"model.num_experts": 0, "model.d_ff": e * f},
+      f"dense FFN of hidden {e * f}: the MoE's total FFN parameters (first seed only)",
+      max_seeds=1,
+    ),
   ]
 
 
 ABLATION = Ablation(
-    name="dense_vs_moe",
-    title="Dense vs MoE at equal training compute",
-    base=base, arms=arms,
-    constraints=(Constraint("train_flops", arms=("moe", "dense_eq_flops")),
-                 Constraint("ffn_total", arms=("moe", "dense_eq_params")),
-                 Constraint("tokens", 0.0)),
-    seeds={"smoke": (0,), "cpu": (0, 1), "pod": (0,)},
-    pod_config=presets.POD_CONFIG,
+  name="dense_vs_moe",
+  title="Dense vs MoE at equal training compute",
+  base=base,
+  arms=arms,
+  constraints=(
+    Constraint("train_flops", arms=("moe", "dense_eq_flops")),
+    Constraint("ffn_total", arms=("moe", "dense_eq_params")),
+    Constraint("tokens", 0.0),
+  ),
+  seeds={"smoke": (0,), "cpu": (0, 1), "pod": (0,)},
+  pod_config=presets.POD_CONFIG,
 )
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ from experiments.ablations import presets
 from experiments.ablations.runner import Ablation, Arm, Constraint, main
 
 SHAPE = {  # (experts E of the every-layer arm, top-k, expert hidden f, layers)
-    "smoke": (8, 2, 32, 4),
-    "cpu": (8, 2, 256, 4),
-    "pod": (64, 8, 1024, 16),
+  "smoke": (8, 2, 32, 4),
+  "cpu": (8, 2, 256, 4),
+  "pod": (64, 8, 1024, 16),
 }
 INTERVALS = (1, 2, 4)
 CPU_STEPS = 450
@@ -41,21 +41,31 @@ def arms(preset: str) -> list[Arm]:
   out = []
   for n in INTERVALS:
     experts = n * e - (n - 1) * k
-    out.append(Arm(f"every_{n}",
-                   {"model.moe_layer_interval": n, "model.num_experts": experts,
-                    "model.top_k": k, "model.expert_d_ff": f, "model.d_ff": k * f},
-                   f"MoE every {'layer' if n == 1 else f'{n} layers'}: top-{k} of {experts} "
-                   f"experts of hidden {f}; dense FFN {k * f}"))
+    out.append(
+      Arm(
+        f"every_{n}",
+        {
+          "model.moe_layer_interval": n,
+          "model.num_experts": experts,
+          "model.top_k": k,
+          "model.expert_d_ff": f,
+          "model.d_ff": k * f,
+        },
+        f"MoE every {'layer' if n == 1 else f'{n} layers'}: top-{k} of {experts} "
+        f"experts of hidden {f}; dense FFN {k * f}",
+      )
+    )
   return out
 
 
 ABLATION = Ablation(
-    name="frequency",
-    title="MoE-layer frequency at fixed total and active FFN parameters (Arctic)",
-    base=base, arms=arms,
-    constraints=(Constraint("ffn_total"), Constraint("ffn_active"), Constraint("tokens", 0.0)),
-    seeds={"smoke": (0,), "cpu": (0, 1), "pod": (0,)},
-    pod_config=presets.POD_CONFIG,
+  name="frequency",
+  title="MoE-layer frequency at fixed total and active FFN parameters (Arctic)",
+  base=base,
+  arms=arms,
+  constraints=(Constraint("ffn_total"), Constraint("ffn_active"), Constraint("tokens", 0.0)),
+  seeds={"smoke": (0,), "cpu": (0, 1), "pod": (0,)},
+  pod_config=presets.POD_CONFIG,
 )
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import sys
 from experiments.ablations import presets
 from experiments.ablations.runner import Ablation, Arm, Constraint, main
 
-BASE_WIDTH = {"smoke": 32, "cpu": 512, "pod": 8192}   # f: the hidden of one of 8 experts
+BASE_WIDTH = {"smoke": 32, "cpu": 512, "pod": 8192}  # f: the hidden of one of 8 experts
 GRANULARITIES = (1, 2, 4, 8)
 CPU_STEPS = 300
 
@@ -28,20 +28,29 @@ def base(preset: str):
 
 def arms(preset: str) -> list[Arm]:
   f = BASE_WIDTH[preset]
-  return [Arm(f"e{8 * g}_k{g}",
-              {"model.num_experts": 8 * g, "model.top_k": g, "model.expert_d_ff": f // g,
-               "model.moe_layer_interval": 1},
-              f"granularity {g}: top-{g} of {8 * g} experts of hidden {f // g}")
-          for g in GRANULARITIES]
+  return [
+    Arm(
+      f"e{8 * g}_k{g}",
+      {
+        "model.num_experts": 8 * g,
+        "model.top_k": g,
+        "model.expert_d_ff": f // g,
+        "model.moe_layer_interval": 1,
+      },
+      f"granularity {g}: top-{g} of {8 * g} experts of hidden {f // g}",
+    )
+    for g in GRANULARITIES
+  ]
 
 
 ABLATION = Ablation(
-    name="granularity",
-    title="Expert granularity at fixed active and total expert parameters (OLMoE)",
-    base=base, arms=arms,
-    constraints=(Constraint("ffn_active"), Constraint("ffn_total"), Constraint("tokens", 0.0)),
-    seeds={"smoke": (0,), "cpu": (0, 1), "pod": (0,)},
-    pod_config=presets.POD_CONFIG,
+  name="granularity",
+  title="Expert granularity at fixed active and total expert parameters (OLMoE)",
+  base=base,
+  arms=arms,
+  constraints=(Constraint("ffn_active"), Constraint("ffn_total"), Constraint("tokens", 0.0)),
+  seeds={"smoke": (0,), "cpu": (0, 1), "pod": (0,)},
+  pod_config=presets.POD_CONFIG,
 )
 
 if __name__ == "__main__":

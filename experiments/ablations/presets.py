@@ -19,7 +19,9 @@ from experiments.ablations.runner import load_config_file
 POD_CONFIG = "configs/olmoe.py:pod"
 
 
-def base_config(preset: str, *, cpu_steps: int = 600, cpu_warmup: int = 60) -> ml_collections.ConfigDict:
+def base_config(
+  preset: str, *, cpu_steps: int = 600, cpu_warmup: int = 60
+) -> ml_collections.ConfigDict:
   if preset == "smoke":
     config = load_config_file("configs/tiny.py:smoke")
     t = config.train

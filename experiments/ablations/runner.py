@@ -68,26 +68,27 @@ class Arm:
   """One arm: a directory-safe `name`, dotted config `overrides`, a one-line `note`;
   `max_seeds` (None: all) runs only the first that many of the seeds (for a costly
   optional arm)."""
+
   name: str
   overrides: Mapping[str, Any]
   note: str = ""
   max_seeds: int | None = None
 
   def seeds_of(self, seeds: Sequence[int]) -> tuple[int, ...]:
-    return tuple(seeds)[:self.max_seeds] if self.max_seeds is not None else tuple(seeds)
+    return tuple(seeds)[: self.max_seeds] if self.max_seeds is not None else tuple(seeds)
 
 
 # What a constraint can compare, and how each is computed (all from moejax.flops):
 QUANTITIES = {
-    "ffn_active": "active expert/FFN parameters (routed experts used per token, shared "
-                  "experts, dense FFNs; router excluded)",
-    "ffn_total": "total expert/FFN parameters (all routed experts, shared experts, dense "
-                 "FFNs; router excluded)",
-    "params_active": "active parameters of the whole model",
-    "params_total": "total parameters of the whole model",
-    "flops_per_token": "forward FLOPs per token of the whole model (active)",
-    "train_flops": "training FLOPs of the whole run (3 x forward FLOPs/token x tokens)",
-    "tokens": "training tokens (steps x batch x seq_len)",
+  "ffn_active": "active expert/FFN parameters (routed experts used per token, shared "
+  "experts, dense FFNs; router excluded)",
+  "ffn_total": "total expert/FFN parameters (all routed experts, shared experts, dense "
+  "FFNs; router excluded)",
+  "params_active": "active parameters of the whole model",
+  "params_total": "total parameters of the whole model",
+  "flops_per_token": "forward FLOPs per token of the whole model (active)",
+  "train_flops": "training FLOPs of the whole run (3 x forward FLOPs/token x tokens)",
+  "tokens": "training tokens (steps x batch x seq_len)",
 }
 
 
@@ -95,6 +96,7 @@ QUANTITIES = {
 class Constraint:
   """`quantity` (a key of QUANTITIES) must agree within `tolerance` (relative) across
   `arms` (None: every arm), against the first of them (the reference arm)."""
+
   quantity: str
   tolerance: float = DEFAULT_TOLERANCE
   arms: tuple[str, ...] | None = None
@@ -109,6 +111,7 @@ class Constraint:
 class Ablation:
   """An ablation: `base(preset)` -> config, `arms(preset)` -> arms, the constraints the
   arms must meet, default seeds per preset and the config file the pod commands use."""
+
   name: str
   title: str
   base: Callable[[str], ml_collections.ConfigDict]
@@ -142,8 +145,9 @@ def _dotted_keys(config: ml_collections.ConfigDict, prefix: str = "") -> dict[st
   return out
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any],
-                    where: str = "") -> ml_collections.ConfigDict:
+def apply_overrides(
+  config: ml_collections.ConfigDict, overrides: Mapping[str, Any], where: str = ""
+) -> ml_collections.ConfigDict:
   """Sets dotted keys on `config` in place (type-checked by ml_collections); returns it."""
   for key, value in overrides.items():
     *parents, leaf = key.split(".")
@@ -161,8 +165,13 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
   return config
 
 
-def arm_config(ablation: Ablation, preset: str, arm: Arm, seed: int = 0,
-               base_overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+def arm_config(
+  ablation: Ablation,
+  preset: str,
+  arm: Arm,
+  seed: int = 0,
+  base_overrides: Mapping[str, Any] | None = None,
+) -> ml_collections.ConfigDict:
   """The full config of `arm` at `preset` and `seed`: base, then `base_overrides` (the
   CLI's `--set`), then the arm's overrides, then `train.seed`."""
   config = ablation.base(preset)
@@ -224,9 +233,13 @@ def accounting(config: ml_collections.ConfigDict) -> dict[str, Any]:
   fwd = flops.flops_per_token(m, t.seq_len)["active"]
   tokens = t.num_steps * t.batch_size * t.seq_len
   return {
-      "params_active": params["active"], "params_total": params["total"],
-      "ffn_active": ffn["active"], "ffn_total": ffn["total"],
-      "flops_per_token": fwd, "train_flops": 3 * fwd * tokens, "tokens": tokens,
+    "params_active": params["active"],
+    "params_total": params["total"],
+    "ffn_active": ffn["active"],
+    "ffn_total": ffn["total"],
+    "flops_per_token": fwd,
+    "train_flops": 3 * fwd * tokens,
+    "tokens": tokens,
   }
 
 
@@ -238,8 +251,12 @@ def _fmt_number(x: float) -> str:
   return f"{int(x):,}"
 
 
-def check_constraints(ablation: Ablation, preset: str, rows: Mapping[str, Mapping[str, Any]],
-                      constraints: Sequence[Constraint] | None = None) -> list[str]:
+def check_constraints(
+  ablation: Ablation,
+  preset: str,
+  rows: Mapping[str, Mapping[str, Any]],
+  constraints: Sequence[Constraint] | None = None,
+) -> list[str]:
   """Raises ConstraintError (one line, naming the arm and the numbers) if an arm breaks a
   constraint; returns one line per constraint with its largest deviation otherwise.
 
@@ -252,8 +269,10 @@ def check_constraints(ablation: Ablation, preset: str, rows: Mapping[str, Mappin
     names = list(rows) if c.arms is None else list(c.arms)
     missing = [n for n in names if n not in rows]
     if missing:
-      raise ValueError(f"{ablation.name}/{preset}: constraint on {c.quantity} names arms "
-                       f"{missing} that the {preset} preset does not have")
+      raise ValueError(
+        f"{ablation.name}/{preset}: constraint on {c.quantity} names arms "
+        f"{missing} that the {preset} preset does not have"
+      )
     ref_name = names[0]
     ref = rows[ref_name][c.quantity]
     worst = 0.0
@@ -262,12 +281,15 @@ def check_constraints(ablation: Ablation, preset: str, rows: Mapping[str, Mappin
       rel = (value - ref) / ref
       if abs(rel) > c.tolerance + 1e-12:
         raise ConstraintError(
-            f"{ablation.name}/{preset}: arm {name!r} breaks the constraint on {c.quantity}: "
-            f"{_fmt_number(value)} vs {_fmt_number(ref)} for reference arm {ref_name!r} "
-            f"({rel:+.2%}; tolerance ±{c.tolerance:.0%}) [{QUANTITIES[c.quantity]}]")
+          f"{ablation.name}/{preset}: arm {name!r} breaks the constraint on {c.quantity}: "
+          f"{_fmt_number(value)} vs {_fmt_number(ref)} for reference arm {ref_name!r} "
+          f"({rel:+.2%}; tolerance ±{c.tolerance:.0%}) [{QUANTITIES[c.quantity]}]"
+        )
       worst = max(worst, abs(rel))
-    lines.append(f"{c.quantity}: {c.describe()}; largest deviation {worst:.3%} "
-                 f"(reference `{ref_name}` = {_fmt_number(ref)})")
+    lines.append(
+      f"{c.quantity}: {c.describe()}; largest deviation {worst:.3%} "
+      f"(reference `{ref_name}` = {_fmt_number(ref)})"
+    )
   return lines
 
 
@@ -351,6 +373,7 @@ def _read_records(run_dir: str) -> list[dict[str, Any]]:
   if not os.path.exists(path):
     return []
   from moejax.metrics import read_metrics
+
   return read_metrics(run_dir)
 
 
@@ -366,7 +389,8 @@ def arm_status(run_dir: str, config: ml_collections.ConfigDict) -> str:
     return "new"
   steps = config.train.num_steps
   if steps in _checkpoint_steps(run_dir) and any(
-      r["step"] == steps and "eval/loss" in r for r in _read_records(run_dir)):
+    r["step"] == steps and "eval/loss" in r for r in _read_records(run_dir)
+  ):
     return "finished_unmarked"
   return "partial"
 
@@ -379,11 +403,15 @@ def _check_run_dir(run_dir: str, spec: dict[str, Any]) -> None:
     diffs = _config_diff(old.get("config", {}), spec["config"])
     if diffs:
       shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
-      raise ValueError(f"{run_dir} holds a run of a different config ({shown}); "
-                       "rerun with the original settings or pass another --workdir")
+      raise ValueError(
+        f"{run_dir} holds a run of a different config ({shown}); "
+        "rerun with the original settings or pass another --workdir"
+      )
   elif os.path.isdir(run_dir) and os.listdir(run_dir):
-    raise ValueError(f"{run_dir} holds files but no arm.json (not a run of this runner); "
-                     "move it away or pass another --workdir")
+    raise ValueError(
+      f"{run_dir} holds files but no arm.json (not a run of this runner); "
+      "move it away or pass another --workdir"
+    )
 
 
 def _check_workdir(workdir: str, ablation: Ablation, preset: str, create: bool) -> None:
@@ -392,9 +420,11 @@ def _check_workdir(workdir: str, ablation: Ablation, preset: str, create: bool) 
   if os.path.exists(path):
     have = _read_json(path)
     if {k: have.get(k) for k in want} != want:
-      raise ValueError(f"{workdir} holds the {have.get('preset')!r} preset of ablation "
-                       f"{have.get('ablation')!r}, not {preset!r} of {ablation.name!r}; "
-                       "pass another --workdir")
+      raise ValueError(
+        f"{workdir} holds the {have.get('preset')!r} preset of ablation "
+        f"{have.get('ablation')!r}, not {preset!r} of {ablation.name!r}; "
+        "pass another --workdir"
+      )
   elif create:
     os.makedirs(workdir, exist_ok=True)
     _write_json_atomic(path, want)
@@ -404,6 +434,7 @@ def _check_workdir(workdir: str, ablation: Ablation, preset: str, create: bool) 
 def _workdir_lock(workdir: str):
   """An advisory lock so that two runners never train in the same workdir at once."""
   import fcntl
+
   path = os.path.join(workdir, ".runner.lock")
   with open(path, "a") as f:
     try:
@@ -424,6 +455,7 @@ def compile_mode(preset: str):
     yield
     return
   import jax
+
   previous = bool(jax.config.values.get("jax_disable_most_optimizations", False))
   jax.config.update("jax_disable_most_optimizations", True)
   try:
@@ -451,8 +483,9 @@ def summarize_run(run_dir: str, num_steps: int, num_experts: int) -> dict[str, A
     raise ValueError(f"{run_dir}/metrics.jsonl has no train or no eval records")
   window = _final_window(train_records, num_steps)
   mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
-  speeds = [r["train/tokens_per_sec"] for r in train_records[1:]] or \
-           [r["train/tokens_per_sec"] for r in train_records]  # the first includes compiling
+  speeds = [r["train/tokens_per_sec"] for r in train_records[1:]] or [
+    r["train/tokens_per_sec"] for r in train_records
+  ]  # the first includes compiling
   imbalance = []
   for r in window:
     loads = [v for k, v in r.items() if k.startswith("train/expert_load/layer_")]
@@ -460,22 +493,29 @@ def summarize_run(run_dir: str, num_steps: int, num_experts: int) -> dict[str, A
       imbalance.append(mean([max(load) * len(load) for load in loads]))
   last_eval = eval_records[-1]
   return {
-      "final_step": train_records[-1]["step"],
-      "final_train_loss": mean([r["train/loss"] for r in window]),
-      "final_train_ce_loss": mean([r["train/ce_loss"] for r in window]),
-      "final_eval_loss": last_eval["eval/loss"],
-      "final_eval_bits_per_byte": last_eval["eval/bits_per_byte"],
-      "tokens_per_sec": statistics.median(speeds),
-      "train_dropped_fraction": mean([r.get("train/dropped_fraction", 0.0) for r in window]),
-      "eval_dropped_fraction": last_eval.get("eval/dropped_fraction", 0.0),
-      "expert_load_imbalance": mean(imbalance) if num_experts else float("nan"),
+    "final_step": train_records[-1]["step"],
+    "final_train_loss": mean([r["train/loss"] for r in window]),
+    "final_train_ce_loss": mean([r["train/ce_loss"] for r in window]),
+    "final_eval_loss": last_eval["eval/loss"],
+    "final_eval_bits_per_byte": last_eval["eval/bits_per_byte"],
+    "tokens_per_sec": statistics.median(speeds),
+    "train_dropped_fraction": mean([r.get("train/dropped_fraction", 0.0) for r in window]),
+    "eval_dropped_fraction": last_eval.get("eval/dropped_fraction", 0.0),
+    "expert_load_imbalance": mean(imbalance) if num_experts else float("nan"),
   }
 
 
-def run_ablation(ablation: Ablation, preset: str, workdir: str, *,
-                 seeds: Sequence[int] | None = None, arms: Sequence[str] | None = None,
-                 base_overrides: Mapping[str, Any] | None = None, show_progress: bool = True,
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_ablation(
+  ablation: Ablation,
+  preset: str,
+  workdir: str,
+  *,
+  seeds: Sequence[int] | None = None,
+  arms: Sequence[str] | None = None,
+  base_overrides: Mapping[str, Any] | None = None,
+  show_progress: bool = True,
+  log: Callable[[str], None] = print,
+) -> dict[str, Any]:
   """Checks the constraints, trains every arm/seed not yet finished (one after another),
   then writes results.csv, summary.md and the plots of all finished arms/seeds.
 
@@ -483,8 +523,10 @@ def run_ablation(ablation: Ablation, preset: str, workdir: str, *,
   'interrupted': bool}.
   """
   if preset == "pod":
-    raise ValueError("the pod preset does not train here; it prints the commands "
-                     "(python -m experiments.ablations.NAME --preset=pod --workdir=...)")
+    raise ValueError(
+      "the pod preset does not train here; it prints the commands "
+      "(python -m experiments.ablations.NAME --preset=pod --workdir=...)"
+    )
   all_arms, configs, _, constraint_lines = checked_arms(ablation, preset, base_overrides)
   for line in constraint_lines:
     log(f"constraint ok: {line}")
@@ -492,11 +534,14 @@ def run_ablation(ablation: Ablation, preset: str, workdir: str, *,
   chosen = all_arms if arms is None else [a for a in all_arms if a.name in arms]
   unknown = sorted(set(arms or ()) - {a.name for a in all_arms})
   if unknown:
-    raise ValueError(f"{ablation.name}/{preset} has no arm(s) {unknown}; arms: "
-                     f"{', '.join(a.name for a in all_arms)}")
+    raise ValueError(
+      f"{ablation.name}/{preset} has no arm(s) {unknown}; arms: "
+      f"{', '.join(a.name for a in all_arms)}"
+    )
   _check_workdir(workdir, ablation, preset, create=True)
 
   from moejax import train  # deferred: the accounting above needs no jax backend
+
   trained, skipped, interrupted, compiling_entered = [], [], False, False
   with _workdir_lock(workdir), contextlib.ExitStack() as compiling:
     jobs = [(a, s) for a in chosen for s in a.seeds_of(seeds)]
@@ -504,9 +549,15 @@ def run_ablation(ablation: Ablation, preset: str, workdir: str, *,
     for arm, seed in jobs:  # refuse mismatching run directories before training anything
       run_dir = run_dir_of(workdir, arm.name, seed)
       config = arm_config(ablation, preset, arm, seed, base_overrides)
-      spec = {"ablation": ablation.name, "preset": preset, "arm": arm.name, "seed": seed,
-              "overrides": dict(arm.overrides), "base_overrides": dict(base_overrides or {}),
-              "config": _json_roundtrip(config.to_dict())}
+      spec = {
+        "ablation": ablation.name,
+        "preset": preset,
+        "arm": arm.name,
+        "seed": seed,
+        "overrides": dict(arm.overrides),
+        "base_overrides": dict(base_overrides or {}),
+        "config": _json_roundtrip(config.to_dict()),
+      }
       _check_run_dir(run_dir, spec)
       specs[arm.name, seed] = (run_dir, config, spec)
     for i, (arm, seed) in enumerate(jobs, 1):
@@ -519,8 +570,10 @@ def run_ablation(ablation: Ablation, preset: str, workdir: str, *,
         continue
       if status == "finished_unmarked":
         log(f"{tag}: final checkpoint and eval found without done.json; marked done, skipped")
-        _write_json_atomic(os.path.join(run_dir, "done.json"),
-                           {"recovered": True, "num_steps": config.train.num_steps})
+        _write_json_atomic(
+          os.path.join(run_dir, "done.json"),
+          {"recovered": True, "num_steps": config.train.num_steps},
+        )
         skipped.append((arm.name, seed))
         continue
       if not compiling_entered:  # once, and only when something is trained
@@ -529,8 +582,10 @@ def run_ablation(ablation: Ablation, preset: str, workdir: str, *,
       os.makedirs(run_dir, exist_ok=True)
       if not os.path.exists(os.path.join(run_dir, "arm.json")):
         _write_json_atomic(os.path.join(run_dir, "arm.json"), spec)
-      log(f"{tag}: {'resuming' if status == 'partial' else 'training'} "
-          f"{config.train.num_steps} steps in {run_dir}")
+      log(
+        f"{tag}: {'resuming' if status == 'partial' else 'training'} "
+        f"{config.train.num_steps} steps in {run_dir}"
+      )
       start = time.perf_counter()
       final = train.train_and_evaluate(config, run_dir, show_progress=show_progress)
       wall = time.perf_counter() - start
@@ -538,35 +593,75 @@ def run_ablation(ablation: Ablation, preset: str, workdir: str, *,
         log(f"{tag}: interrupted; rerun the same command to resume")
         interrupted = True
         break
-      _write_json_atomic(os.path.join(run_dir, "done.json"), {
-          "num_steps": config.train.num_steps, "wall_s": wall,
+      _write_json_atomic(
+        os.path.join(run_dir, "done.json"),
+        {
+          "num_steps": config.train.num_steps,
+          "wall_s": wall,
           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-          "final": {k: v for k, v in final.items() if isinstance(v, (int, float))}})
+          "final": {k: v for k, v in final.items() if isinstance(v, (int, float))},
+        },
+      )
       trained.append((arm.name, seed))
-      log(f"{tag}: done in {wall:.0f}s: eval {final.get('eval/bits_per_byte', float('nan')):.4f} "
-          "bits/byte")
-    rows = collect_results(ablation, preset, workdir, base_overrides=base_overrides, log=log,
-                           constraint_lines=constraint_lines)
+      log(
+        f"{tag}: done in {wall:.0f}s: eval {final.get('eval/bits_per_byte', float('nan')):.4f} "
+        "bits/byte"
+      )
+    rows = collect_results(
+      ablation,
+      preset,
+      workdir,
+      base_overrides=base_overrides,
+      log=log,
+      constraint_lines=constraint_lines,
+    )
   return {"rows": rows, "trained": trained, "skipped": skipped, "interrupted": interrupted}
 
 
 # ----------------------------------------------------------------------------- results
 
 RESULT_COLUMNS = (
-    "ablation", "preset", "arm", "seed", "overrides",
-    "num_layers", "d_model", "num_experts", "top_k", "expert_d_ff", "moe_layer_interval",
-    "d_ff", "params_active", "params_total", "ffn_active", "ffn_total",
-    "flops_per_token", "train_flops", "tokens", "steps",
-    "final_train_loss", "final_train_ce_loss", "final_eval_loss", "final_eval_bits_per_byte",
-    "tokens_per_sec", "train_dropped_fraction", "eval_dropped_fraction",
-    "expert_load_imbalance", "wall_s",
+  "ablation",
+  "preset",
+  "arm",
+  "seed",
+  "overrides",
+  "num_layers",
+  "d_model",
+  "num_experts",
+  "top_k",
+  "expert_d_ff",
+  "moe_layer_interval",
+  "d_ff",
+  "params_active",
+  "params_total",
+  "ffn_active",
+  "ffn_total",
+  "flops_per_token",
+  "train_flops",
+  "tokens",
+  "steps",
+  "final_train_loss",
+  "final_train_ce_loss",
+  "final_eval_loss",
+  "final_eval_bits_per_byte",
+  "tokens_per_sec",
+  "train_dropped_fraction",
+  "eval_dropped_fraction",
+  "expert_load_imbalance",
+  "wall_s",
 )
 
 
-def collect_results(ablation: Ablation, preset: str, workdir: str, *,
-                    base_overrides: Mapping[str, Any] | None = None,
-                    log: Callable[[str], None] = print,
-                    constraint_lines: Sequence[str] | None = None) -> list[dict[str, Any]]:
+def collect_results(
+  ablation: Ablation,
+  preset: str,
+  workdir: str,
+  *,
+  base_overrides: Mapping[str, Any] | None = None,
+  log: Callable[[str], None] = print,
+  constraint_lines: Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
   """Rows of every finished arm/seed under `workdir` (any seeds found), written to
   results.csv, summary.md and the plots (see `write_keeping_previous`)."""
   arms, _, _, lines = checked_arms(ablation, preset, base_overrides)
@@ -574,8 +669,11 @@ def collect_results(ablation: Ablation, preset: str, workdir: str, *,
   rows, curves, pending = [], {}, []
   for arm in arms:
     arm_dir = os.path.join(workdir, arm.name)
-    seeds = sorted(int(n[5:]) for n in (os.listdir(arm_dir) if os.path.isdir(arm_dir) else [])
-                   if re.fullmatch(r"seed_\d+", n))
+    seeds = sorted(
+      int(n[5:])
+      for n in (os.listdir(arm_dir) if os.path.isdir(arm_dir) else [])
+      if re.fullmatch(r"seed_\d+", n)
+    )
     for seed in seeds:
       run_dir = run_dir_of(workdir, arm.name, seed)
       if not os.path.exists(os.path.join(run_dir, "done.json")):
@@ -591,21 +689,29 @@ def collect_results(ablation: Ablation, preset: str, workdir: str, *,
         pending.append(f"{arm.name}/seed_{seed} (unreadable metrics)")
         continue
       row = {
-          "ablation": ablation.name, "preset": preset, "arm": arm.name, "seed": seed,
-          "overrides": json.dumps(dict(arm.overrides), sort_keys=True),
-          "num_layers": m.num_layers, "d_model": m.d_model, "num_experts": m.num_experts,
-          "top_k": m.top_k if m.num_experts else 0,
-          "expert_d_ff": expert_d_ff_of(m) if m.num_experts else 0,
-          "moe_layer_interval": m.moe_layer_interval if m.num_experts else 0,
-          "d_ff": m.d_ff, **accounting(config), "steps": t.num_steps,
-          **outcome,
-          "wall_s": done.get("wall_s", float("nan")),
+        "ablation": ablation.name,
+        "preset": preset,
+        "arm": arm.name,
+        "seed": seed,
+        "overrides": json.dumps(dict(arm.overrides), sort_keys=True),
+        "num_layers": m.num_layers,
+        "d_model": m.d_model,
+        "num_experts": m.num_experts,
+        "top_k": m.top_k if m.num_experts else 0,
+        "expert_d_ff": expert_d_ff_of(m) if m.num_experts else 0,
+        "moe_layer_interval": m.moe_layer_interval if m.num_experts else 0,
+        "d_ff": m.d_ff,
+        **accounting(config),
+        "steps": t.num_steps,
+        **outcome,
+        "wall_s": done.get("wall_s", float("nan")),
       }
       rows.append({k: row[k] for k in RESULT_COLUMNS})
       records = _read_records(run_dir)
       curves[arm.name, seed] = (
-          [(r["step"], r["eval/bits_per_byte"]) for r in records if "eval/bits_per_byte" in r],
-          [(r["step"], r["train/loss"]) for r in records if "train/loss" in r])
+        [(r["step"], r["eval/bits_per_byte"]) for r in records if "eval/bits_per_byte" in r],
+        [(r["step"], r["train/loss"]) for r in records if "train/loss" in r],
+      )
   if not rows:
     log(f"no finished runs under {workdir} yet")
     return rows
@@ -614,14 +720,19 @@ def collect_results(ablation: Ablation, preset: str, workdir: str, *,
   writer.writeheader()
   for row in rows:
     writer.writerow({k: _csv_value(v) for k, v in row.items()})
-  files = {"results.csv": out.getvalue().encode(),
-           "summary.md": summary_markdown(ablation, preset, arms, rows, constraint_lines,
-                                          pending).encode()}
+  files = {
+    "results.csv": out.getvalue().encode(),
+    "summary.md": summary_markdown(
+      ablation, preset, arms, rows, constraint_lines, pending
+    ).encode(),
+  }
   files.update(plot_curves(ablation, preset, arms, curves))
   for name, data in files.items():
     write_keeping_previous(os.path.join(workdir, name), data, log=log)
-  log(f"results: {os.path.join(workdir, 'results.csv')} ({len(rows)} runs), summary.md, "
-      "eval_bits_per_byte.png, train_loss.png")
+  log(
+    f"results: {os.path.join(workdir, 'results.csv')} ({len(rows)} runs), summary.md, "
+    "eval_bits_per_byte.png, train_loss.png"
+  )
   return rows
 
 
@@ -649,18 +760,28 @@ def _human(n: float) -> str:
   return f"{n:.3g}"
 
 
-def summary_markdown(ablation: Ablation, preset: str, arms: Sequence[Arm],
-                     rows: Sequence[Mapping[str, Any]], constraint_lines: Sequence[str],
-                     pending: Sequence[str]) -> str:
+def summary_markdown(
+  ablation: Ablation,
+  preset: str,
+  arms: Sequence[Arm],
+  rows: Sequence[Mapping[str, Any]],
+  constraint_lines: Sequence[str],
+  pending: Sequence[str],
+) -> str:
   lines = [f"# {ablation.title} ({ablation.name}, preset `{preset}`)", ""]
   lines += ["Constraints (checked with `moejax.flops` before training):", ""]
   lines += [f"- {c}" for c in constraint_lines] + [""]
-  lines += ["Mean ± sample std over seeds. Final train loss: mean over the last 10% of steps; "
-            "eval: the last evaluation; imbalance: max expert share × E, mean over MoE layers "
-            "and the last 10% of steps (1.0 = uniform); tokens/s: median over log intervals.", ""]
-  header = ("| arm | what | E | k | expert d_ff | MoE every | active params | total params | "
-            "FFN active | FFN total | fwd FLOPs/token | seeds | eval bits/byte | eval loss | "
-            "train loss | tokens/s | dropped (train) | imbalance |")
+  lines += [
+    "Mean ± sample std over seeds. Final train loss: mean over the last 10% of steps; "
+    "eval: the last evaluation; imbalance: max expert share × E, mean over MoE layers "
+    "and the last 10% of steps (1.0 = uniform); tokens/s: median over log intervals.",
+    "",
+  ]
+  header = (
+    "| arm | what | E | k | expert d_ff | MoE every | active params | total params | "
+    "FFN active | FFN total | fwd FLOPs/token | seeds | eval bits/byte | eval loss | "
+    "train loss | tokens/s | dropped (train) | imbalance |"
+  )
   lines += [header, "|" + "---|" * (header.count("|") - 1)]
   for arm in arms:
     rs = [r for r in rows if r["arm"] == arm.name]
@@ -670,26 +791,35 @@ def summary_markdown(ablation: Ablation, preset: str, arms: Sequence[Arm],
     col = lambda key, fmt: _mean_std([r[key] for r in rs], fmt)
     moe = r0["num_experts"] > 0
     lines.append(
-        f"| `{arm.name}` | {arm.note} | {r0['num_experts'] if moe else '–'} | "
-        f"{r0['top_k'] if moe else '–'} | {r0['expert_d_ff'] if moe else '–'} | "
-        f"{r0['moe_layer_interval'] if moe else '–'} | {_human(r0['params_active'])} | "
-        f"{_human(r0['params_total'])} | {_human(r0['ffn_active'])} | {_human(r0['ffn_total'])} | "
-        f"{_human(r0['flops_per_token'])} | {len(rs)} | {col('final_eval_bits_per_byte', '.4f')} | "
-        f"{col('final_eval_loss', '.4f')} | {col('final_train_loss', '.4f')} | "
-        f"{col('tokens_per_sec', '.0f')} | {col('train_dropped_fraction', '.3f')} | "
-        f"{col('expert_load_imbalance', '.2f') if moe else '–'} |")
+      f"| `{arm.name}` | {arm.note} | {r0['num_experts'] if moe else '–'} | "
+      f"{r0['top_k'] if moe else '–'} | {r0['expert_d_ff'] if moe else '–'} | "
+      f"{r0['moe_layer_interval'] if moe else '–'} | {_human(r0['params_active'])} | "
+      f"{_human(r0['params_total'])} | {_human(r0['ffn_active'])} | {_human(r0['ffn_total'])} | "
+      f"{_human(r0['flops_per_token'])} | {len(rs)} | {col('final_eval_bits_per_byte', '.4f')} | "
+      f"{col('final_eval_loss', '.4f')} | {col('final_train_loss', '.4f')} | "
+      f"{col('tokens_per_sec', '.0f')} | {col('train_dropped_fraction', '.3f')} | "
+      f"{col('expert_load_imbalance', '.2f') if moe else '–'} |"
+    )
   missing = [a.name for a in arms if not any(r["arm"] == a.name for r in rows)]
   lines.append("")
   if missing or pending:
     lines.append(f"Not finished yet: {', '.join(missing + list(pending))}.")
     lines.append("")
-  lines += ["![eval bits per byte](eval_bits_per_byte.png)", "",
-            "![train loss](train_loss.png)", ""]
+  lines += [
+    "![eval bits per byte](eval_bits_per_byte.png)",
+    "",
+    "![train loss](train_loss.png)",
+    "",
+  ]
   return "\n".join(lines)
 
 
-def plot_curves(ablation: Ablation, preset: str, arms: Sequence[Arm],
-                curves: Mapping[tuple[str, int], tuple[list, list]]) -> dict[str, bytes]:
+def plot_curves(
+  ablation: Ablation,
+  preset: str,
+  arms: Sequence[Arm],
+  curves: Mapping[tuple[str, int], tuple[list, list]],
+) -> dict[str, bytes]:
   """PNG bytes of eval bits/byte and train loss vs step, one line per arm (the mean over
   seeds; the band spans the seeds' min to max)."""
   # Figure objects of their own: no pyplot state, no backend switch for the caller.
@@ -697,8 +827,9 @@ def plot_curves(ablation: Ablation, preset: str, arms: Sequence[Arm],
   from matplotlib.figure import Figure
 
   out = {}
-  for index, (name, label) in enumerate((("eval_bits_per_byte", "eval bits per byte"),
-                                         ("train_loss", "train loss (nats/token)"))):
+  for index, (name, label) in enumerate(
+    (("eval_bits_per_byte", "eval bits per byte"), ("train_loss", "train loss (nats/token)"))
+  ):
     fig = Figure(figsize=(6.4, 4.2), dpi=100)
     ax = fig.subplots()
     for color, arm in zip(colormaps["tab10"].colors * 3, arms):
@@ -707,12 +838,22 @@ def plot_curves(ablation: Ablation, preset: str, arms: Sequence[Arm],
         continue
       steps = sorted(set.intersection(*(set(s) for s in series)))
       mean = [statistics.mean(s[x] for s in series) for x in steps]
-      ax.plot(steps, mean, color=color, label=f"{arm.name} ({len(series)} seed"
-              f"{'s' if len(series) > 1 else ''})", marker="o" if index == 0 else None,
-              markersize=3)
+      ax.plot(
+        steps,
+        mean,
+        color=color,
+        label=f"{arm.name} ({len(series)} seed{'s' if len(series) > 1 else ''})",
+        marker="o" if index == 0 else None,
+        markersize=3,
+      )
       if len(series) > 1:
-        ax.fill_between(steps, [min(s[x] for s in series) for x in steps],
-                        [max(s[x] for s in series) for x in steps], color=color, alpha=0.2)
+        ax.fill_between(
+          steps,
+          [min(s[x] for s in series) for x in steps],
+          [max(s[x] for s in series) for x in steps],
+          color=color,
+          alpha=0.2,
+        )
     ax.set_xlabel("step")
     ax.set_ylabel(label)
     ax.set_title(f"{ablation.title} ({preset})")
@@ -736,8 +877,9 @@ def _cli_value(value) -> str:
   return shlex.quote(str(value))
 
 
-def pod_overrides(ablation: Ablation, arm: Arm, seed: int,
-                  base_overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def pod_overrides(
+  ablation: Ablation, arm: Arm, seed: int, base_overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
   """The `--config.KEY=VALUE` overrides that turn `ablation.pod_config` into the arm's
   pod config (every key that differs)."""
   want = _dotted_keys(arm_config(ablation, "pod", arm, seed, base_overrides))
@@ -748,33 +890,51 @@ def pod_overrides(ablation: Ablation, arm: Arm, seed: int,
   diff = {k: want[k] for k in want if want[k] != have[k] or k == "train.seed"}
   nones = [k for k, v in diff.items() if v is None]
   if nones:
-    raise ValueError(f"{ablation.name}/pod arm {arm.name!r} sets {nones} to None, which "
-                     "cannot be passed as --config.KEY=VALUE")
+    raise ValueError(
+      f"{ablation.name}/pod arm {arm.name!r} sets {nones} to None, which "
+      "cannot be passed as --config.KEY=VALUE"
+    )
   return diff
 
 
-def pod_commands(ablation: Ablation, workdir: str, seeds: Sequence[int],
-                 base_overrides: Mapping[str, Any] | None = None) -> list[str]:
+def pod_commands(
+  ablation: Ablation,
+  workdir: str,
+  seeds: Sequence[int],
+  base_overrides: Mapping[str, Any] | None = None,
+) -> list[str]:
   arms, _, _, _ = checked_arms(ablation, "pod", base_overrides)
   commands = []
   for arm in arms:
     for seed in arm.seeds_of(seeds):
-      flags = " ".join(f"--config.{k}={_cli_value(v)}"
-                       for k, v in pod_overrides(ablation, arm, seed, base_overrides).items())
-      commands.append(f"python -m moejax.main --config={ablation.pod_config} "
-                      f"--workdir={workdir.rstrip('/')}/{arm.name}/seed_{seed} --distributed "
-                      f"{flags}".rstrip())
+      flags = " ".join(
+        f"--config.{k}={_cli_value(v)}"
+        for k, v in pod_overrides(ablation, arm, seed, base_overrides).items()
+      )
+      commands.append(
+        f"python -m moejax.main --config={ablation.pod_config} "
+        f"--workdir={workdir.rstrip('/')}/{arm.name}/seed_{seed} --distributed "
+        f"{flags}".rstrip()
+      )
   return commands
 
 
 # ----------------------------------------------------------------------------- estimate
 
 
-def estimate(ablation: Ablation, preset: str, *, seeds: Sequence[int] | None = None,
-             arms: Sequence[str] | None = None, steps: int = 10,
-             base_overrides: Mapping[str, Any] | None = None,
-             startup_s: float = 6.0, checkpoint_s: float = 2.0, loop_overhead: float = 1.1,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
+def estimate(
+  ablation: Ablation,
+  preset: str,
+  *,
+  seeds: Sequence[int] | None = None,
+  arms: Sequence[str] | None = None,
+  steps: int = 10,
+  base_overrides: Mapping[str, Any] | None = None,
+  startup_s: float = 6.0,
+  checkpoint_s: float = 2.0,
+  loop_overhead: float = 1.1,
+  log: Callable[[str], None] = print,
+) -> dict[str, Any]:
   """Times `steps` train steps (after one warm-up) and one eval batch of each arm on
   synthetic tokens, and projects the wall time of the whole ablation at `preset`: per
   run, `startup_s` (data, model init) + compile + `loop_overhead`·num_steps·step (the
@@ -816,39 +976,59 @@ def estimate(ablation: Ablation, preset: str, *, seeds: Sequence[int] | None = N
       eval_s = time.perf_counter() - start
       evals = t.num_steps // t.eval_every + (t.num_steps % t.eval_every > 0)
       checkpoints = t.num_steps // t.checkpoint_every + (t.num_steps % t.checkpoint_every > 0)
-      run_s = (startup_s + compile_s + loop_overhead * t.num_steps * step_s
-               + evals * config.data.eval_batches * eval_s + checkpoints * checkpoint_s)
-      per_arm[arm.name] = {"steps_per_s": 1 / step_s, "compile_s": compile_s,
-                           "eval_batch_s": eval_s, "run_s": run_s,
-                           "tokens_per_s": t.batch_size * t.seq_len / step_s}
+      run_s = (
+        startup_s
+        + compile_s
+        + loop_overhead * t.num_steps * step_s
+        + evals * config.data.eval_batches * eval_s
+        + checkpoints * checkpoint_s
+      )
+      per_arm[arm.name] = {
+        "steps_per_s": 1 / step_s,
+        "compile_s": compile_s,
+        "eval_batch_s": eval_s,
+        "run_s": run_s,
+        "tokens_per_s": t.batch_size * t.seq_len / step_s,
+      }
       runs = len(arm.seeds_of(seeds))
       total += run_s * runs
-      log(f"{ablation.name}/{preset} {arm.name}: {1 / step_s:.2f} steps/s "
-          f"({t.batch_size * t.seq_len / step_s:.0f} tokens/s), compile {compile_s:.1f}s, "
-          f"eval batch {eval_s:.2f}s -> {run_s / 60:.1f} min per run ({t.num_steps} steps) "
-          f"x {runs} seed{'s' if runs > 1 else ''}")
-  log(f"{ablation.name}/{preset}: projected {total / 60:.1f} min for {len(chosen)} arms, "
-      f"seeds {seeds}")
+      log(
+        f"{ablation.name}/{preset} {arm.name}: {1 / step_s:.2f} steps/s "
+        f"({t.batch_size * t.seq_len / step_s:.0f} tokens/s), compile {compile_s:.1f}s, "
+        f"eval batch {eval_s:.2f}s -> {run_s / 60:.1f} min per run ({t.num_steps} steps) "
+        f"x {runs} seed{'s' if runs > 1 else ''}"
+      )
+  log(
+    f"{ablation.name}/{preset}: projected {total / 60:.1f} min for {len(chosen)} arms, "
+    f"seeds {seeds}"
+  )
   return {"per_arm": per_arm, "total_s": total, "seeds": seeds}
 
 
 # ----------------------------------------------------------------------------- CLI
 
 
-def describe(ablation: Ablation, preset: str, base_overrides=None,
-             log: Callable[[str], None] = print) -> None:
+def describe(
+  ablation: Ablation, preset: str, base_overrides=None, log: Callable[[str], None] = print
+) -> None:
   arms, configs, rows, _ = checked_arms(ablation, preset, base_overrides)
   t = next(iter(configs.values())).train
-  log(f"{ablation.title} ({ablation.name}), preset {preset}: {t.num_steps} steps x "
-      f"{t.batch_size} x {t.seq_len} tokens, seeds {ablation.seeds[preset]}")
-  log(f"{'arm':<16} {'active':>13} {'total':>13} {'FFN active':>13} {'FFN total':>13} "
-      f"{'fwd FLOPs/tok':>14}  overrides")
+  log(
+    f"{ablation.title} ({ablation.name}), preset {preset}: {t.num_steps} steps x "
+    f"{t.batch_size} x {t.seq_len} tokens, seeds {ablation.seeds[preset]}"
+  )
+  log(
+    f"{'arm':<16} {'active':>13} {'total':>13} {'FFN active':>13} {'FFN total':>13} "
+    f"{'fwd FLOPs/tok':>14}  overrides"
+  )
   for arm in arms:
     r = rows[arm.name]
     seeds = "" if arm.max_seeds is None else f"  (first {arm.max_seeds} seed(s) only)"
-    log(f"{arm.name:<16} {_fmt_number(r['params_active']):>13} {_fmt_number(r['params_total']):>13} "
-        f"{_fmt_number(r['ffn_active']):>13} {_fmt_number(r['ffn_total']):>13} "
-        f"{_fmt_number(r['flops_per_token']):>14}  {json.dumps(dict(arm.overrides))}{seeds}")
+    log(
+      f"{arm.name:<16} {_fmt_number(r['params_active']):>13} {_fmt_number(r['params_total']):>13} "
+      f"{_fmt_number(r['ffn_active']):>13} {_fmt_number(r['ffn_total']):>13} "
+      f"{_fmt_number(r['flops_per_token']):>14}  {json.dumps(dict(arm.overrides))}{seeds}"
+    )
   for line in check_constraints(ablation, preset, rows):
     log(f"constraint ok: {line}")
 
@@ -869,23 +1049,40 @@ def _parse_set(items: Iterable[str]) -> dict[str, Any]:
 
 def main(ablation: Ablation, argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      prog=f"python -m experiments.ablations.{ablation.name}",
-      description=f"{ablation.title}. Runs every arm/seed in WORKDIR/ARM/seed_S (skipping "
-                  "finished ones), then writes results.csv, summary.md and plots.")
+    prog=f"python -m experiments.ablations.{ablation.name}",
+    description=f"{ablation.title}. Runs every arm/seed in WORKDIR/ARM/seed_S (skipping "
+    "finished ones), then writes results.csv, summary.md and plots.",
+  )
   parser.add_argument("--preset", choices=PRESETS, default="cpu")
-  parser.add_argument("--workdir", help="the ablation's directory (pod: the prefix of the "
-                                        "printed --workdir of each run)")
+  parser.add_argument(
+    "--workdir",
+    help="the ablation's directory (pod: the prefix of the printed --workdir of each run)",
+  )
   parser.add_argument("--seeds", help="comma-separated seeds (default: the preset's)")
   parser.add_argument("--arms", help="comma-separated subset of arms (default: all)")
-  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a config key of every arm, e.g. data.data_dir=/data")
-  parser.add_argument("--describe", action="store_true",
-                      help="print the arms, their parameter/FLOP counts and the constraint check")
-  parser.add_argument("--estimate", action="store_true",
-                      help="time a few steps of each arm and project the total wall time")
+  parser.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="override a config key of every arm, e.g. data.data_dir=/data",
+  )
+  parser.add_argument(
+    "--describe",
+    action="store_true",
+    help="print the arms, their parameter/FLOP counts and the constraint check",
+  )
+  parser.add_argument(
+    "--estimate",
+    action="store_true",
+    help="time a few steps of each arm and project the total wall time",
+  )
   parser.add_argument("--estimate_steps", type=int, default=10)
-  parser.add_argument("--collect_only", action="store_true",
-                      help="only rewrite results.csv, summary.md and plots from finished runs")
+  parser.add_argument(
+    "--collect_only",
+    action="store_true",
+    help="only rewrite results.csv, summary.md and plots from finished runs",
+  )
   parser.add_argument("--quiet", action="store_true", help="no progress bars")
   args = parser.parse_args(argv)
   try:
@@ -896,24 +1093,38 @@ def main(ablation: Ablation, argv: Sequence[str] | None = None) -> int:
       describe(ablation, args.preset, base_overrides)
       return 0
     if args.estimate:
-      estimate(ablation, args.preset, seeds=seeds, arms=arms, steps=args.estimate_steps,
-               base_overrides=base_overrides)
+      estimate(
+        ablation,
+        args.preset,
+        seeds=seeds,
+        arms=arms,
+        steps=args.estimate_steps,
+        base_overrides=base_overrides,
+      )
       return 0
     if not args.workdir:
       raise ValueError("--workdir is required")
     if args.preset == "pod":
       if arms:
         raise ValueError("--arms is not supported with --preset=pod")
-      for command in pod_commands(ablation, args.workdir, seeds or ablation.seeds["pod"],
-                                  base_overrides):
+      for command in pod_commands(
+        ablation, args.workdir, seeds or ablation.seeds["pod"], base_overrides
+      ):
         print(command)
       return 0
     if args.collect_only:
       _check_workdir(args.workdir, ablation, args.preset, create=False)
       collect_results(ablation, args.preset, args.workdir, base_overrides=base_overrides)
       return 0
-    result = run_ablation(ablation, args.preset, args.workdir, seeds=seeds, arms=arms,
-                          base_overrides=base_overrides, show_progress=not args.quiet)
+    result = run_ablation(
+      ablation,
+      args.preset,
+      args.workdir,
+      seeds=seeds,
+      arms=arms,
+      base_overrides=base_overrides,
+      show_progress=not args.quiet,
+    )
     return 130 if result["interrupted"] else 0
   except (ValueError, KeyError, TypeError, RuntimeError, OSError, FloatingPointError) as error:
     message = " ".join(str(error).strip("'\"").split())

@@ -19,7 +19,7 @@ import sys
 from experiments.ablations import presets
 from experiments.ablations.runner import Ablation, Arm, Constraint, main
 
-BASE_WIDTH = {"smoke": 12, "cpu": 192, "pod": 3072}   # f; divisible by 6
+BASE_WIDTH = {"smoke": 12, "cpu": 192, "pod": 3072}  # f; divisible by 6
 TOP_KS = (1, 2, 3, 4)
 CPU_STEPS = 400
 
@@ -30,20 +30,29 @@ def base(preset: str):
 
 def arms(preset: str) -> list[Arm]:
   f = BASE_WIDTH[preset]
-  return [Arm(f"e{8 * k}_k{k}",
-              {"model.num_experts": 8 * k, "model.top_k": k, "model.expert_d_ff": 2 * f // k,
-               "model.moe_layer_interval": 1},
-              f"top-{k} of {8 * k} experts of hidden {2 * f // k}")
-          for k in TOP_KS]
+  return [
+    Arm(
+      f"e{8 * k}_k{k}",
+      {
+        "model.num_experts": 8 * k,
+        "model.top_k": k,
+        "model.expert_d_ff": 2 * f // k,
+        "model.moe_layer_interval": 1,
+      },
+      f"top-{k} of {8 * k} experts of hidden {2 * f // k}",
+    )
+    for k in TOP_KS
+  ]
 
 
 ABLATION = Ablation(
-    name="top_k",
-    title="Top-k at fixed active and total expert parameters (Arctic)",
-    base=base, arms=arms,
-    constraints=(Constraint("ffn_active"), Constraint("ffn_total"), Constraint("tokens", 0.0)),
-    seeds={"smoke": (0,), "cpu": (0, 1), "pod": (0,)},
-    pod_config=presets.POD_CONFIG,
+  name="top_k",
+  title="Top-k at fixed active and total expert parameters (Arctic)",
+  base=base,
+  arms=arms,
+  constraints=(Constraint("ffn_active"), Constraint("ffn_total"), Constraint("tokens", 0.0)),
+  seeds={"smoke": (0,), "cpu": (0, 1), "pod": (0,)},
+  pod_config=presets.POD_CONFIG,
 )
 
 if __name__ == "__main__":

@@ -34,24 +34,39 @@ def measure(config) -> dict[str, float]:
   """Compiles the train step of `config` on its mesh; returns measured and minimum bytes."""
   mesh = parallel.make_mesh(config.mesh)
   m, tc = config.model, config.train
-  parallel.validate_mesh(mesh, num_experts=m.num_experts, global_batch_size=tc.batch_size,
-                         seq_len=tc.seq_len, group_size=m.group_size)
+  parallel.validate_mesh(
+    mesh,
+    num_experts=m.num_experts,
+    global_batch_size=tc.batch_size,
+    seq_len=tc.seq_len,
+    group_size=m.group_size,
+  )
   graphdef, state, shardings = train.init_state(config, mesh)
   train_step, _ = train.make_steps(graphdef, m)
   batch_sharding = parallel.batch_sharding(mesh)
-  step = jax.jit(train_step, in_shardings=(shardings, batch_sharding),
-                 out_shardings=(shardings, parallel.replicated(mesh)))
-  batch = jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len), jax.numpy.int32, sharding=batch_sharding)
+  step = jax.jit(
+    train_step,
+    in_shardings=(shardings, batch_sharding),
+    out_shardings=(shardings, parallel.replicated(mesh)),
+  )
+  batch = jax.ShapeDtypeStruct(
+    (tc.batch_size, tc.seq_len), jax.numpy.int32, sharding=batch_sharding
+  )
   with jax.set_mesh(mesh):
     hlo = step.lower(state, {"inputs": batch, "targets": batch}).compile().as_text()
   measured = parallel.all_to_all_bytes(hlo)
   device_tokens = tc.batch_size * tc.seq_len // parallel.num_batch_shards(mesh)
   layers = len(moe_layer_indices(m.num_layers, m.num_experts, m.moe_layer_interval))
   bytes_per_element = 2 if m.dtype == "bfloat16" else 4
-  minimum = (2 * 2 * m.top_k * m.capacity_factor * device_tokens * m.d_model
-             * bytes_per_element * layers)
-  return {"measured_bytes": measured, "minimum_bytes": minimum, "moe_layers": layers,
-          "device_tokens": device_tokens}
+  minimum = (
+    2 * 2 * m.top_k * m.capacity_factor * device_tokens * m.d_model * bytes_per_element * layers
+  )
+  return {
+    "measured_bytes": measured,
+    "minimum_bytes": minimum,
+    "moe_layers": layers,
+    "device_tokens": device_tokens,
+  }
 
 
 def main() -> None:
@@ -68,12 +83,16 @@ def main() -> None:
   config.model.capacity_factor, config.model.dispatch = args.capacity_factor, args.dispatch
   config.model.group_size = None if args.dispatch == "dropless" else args.group_size
   result = measure(config)
-  print(f"mesh (data={args.data}, expert={args.expert}), {result['moe_layers']} MoE layers, "
-        f"{result['device_tokens']} tokens per device, dispatch={args.dispatch}, "
-        f"cf={args.capacity_factor}")
-  print(f"all-to-all bytes per device per step: {result['measured_bytes']:,} measured, "
-        f"{result['minimum_bytes']:,.0f} minimum (2·2·k·cf·tokens·d_model·bytes·layers), "
-        f"ratio {result['measured_bytes'] / result['minimum_bytes']:.3f}")
+  print(
+    f"mesh (data={args.data}, expert={args.expert}), {result['moe_layers']} MoE layers, "
+    f"{result['device_tokens']} tokens per device, dispatch={args.dispatch}, "
+    f"cf={args.capacity_factor}"
+  )
+  print(
+    f"all-to-all bytes per device per step: {result['measured_bytes']:,} measured, "
+    f"{result['minimum_bytes']:,.0f} minimum (2·2·k·cf·tokens·d_model·bytes·layers), "
+    f"ratio {result['measured_bytes'] / result['minimum_bytes']:.3f}"
+  )
 
 
 if __name__ == "__main__":

@@ -46,8 +46,9 @@ def write_rows(rows: list[dict], columns: Sequence[str], path: str) -> str:
   return path
 
 
-def interleaved_times(runs: Mapping[Hashable, Callable[[], object]], *, reps: int, warmup: int,
-                      seed: int = 0) -> dict[Hashable, list[float]]:
+def interleaved_times(
+  runs: Mapping[Hashable, Callable[[], object]], *, reps: int, warmup: int, seed: int = 0
+) -> dict[Hashable, list[float]]:
   """Seconds per call of each `runs[name]()` (which must block until its work is done):
   `warmup` untimed calls each, then `reps` repetitions that call every function once in
   a freshly shuffled order, so a noisy neighbour slows every row alike."""

@@ -40,13 +40,33 @@ from moejax.block_ffn import block_ffn
 from moejax.experts import batched_ffn
 
 PRESETS = {
-    "default": dict(tokens=4096, top_k=2, d_model=512, d_ff=1024, num_experts=(16, 64),
-                    matmul_size=4096, reps=7, warmup=2),
-    "smoke": dict(tokens=64, top_k=2, d_model=16, d_ff=32, num_experts=(4,),
-                  matmul_size=128, reps=1, warmup=1),
+  "default": dict(
+    tokens=4096,
+    top_k=2,
+    d_model=512,
+    d_ff=1024,
+    num_experts=(16, 64),
+    matmul_size=4096,
+    reps=7,
+    warmup=2,
+  ),
+  "smoke": dict(
+    tokens=64, top_k=2, d_model=16, d_ff=32, num_experts=(4,), matmul_size=128, reps=1, warmup=1
+  ),
 }
-COLUMNS = ("name", "num_experts", "capacity", "reps", "median_ms", "min_ms", "max_ms",
-           "gflop", "gflop_per_s", "mfu", "glibc_tunables")
+COLUMNS = (
+  "name",
+  "num_experts",
+  "capacity",
+  "reps",
+  "median_ms",
+  "min_ms",
+  "max_ms",
+  "gflop",
+  "gflop_per_s",
+  "mfu",
+  "glibc_tunables",
+)
 
 
 def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
@@ -87,25 +107,30 @@ def run(args: argparse.Namespace, log=print) -> tuple[list[dict], str]:
   normal = lambda *shape: jax.random.normal(next(keys), shape, jnp.float32) * shape[-2] ** -0.5
   n = args.matmul_size
   square = (normal(n, n), normal(n, n))
-  runs, flops = {("matmul", "", ""): (jax.jit(jnp.matmul), square)}, {("matmul", "", ""): 2.0 * n ** 3}
+  runs, flops = (
+    {("matmul", "", ""): (jax.jit(jnp.matmul), square)},
+    {("matmul", "", ""): 2.0 * n**3},
+  )
   for E in args.num_experts:
     C = args.tokens * args.top_k // E
     x, dy_hidden, dy = normal(E, C, d), normal(E, C, f), normal(E, C, d)
     w_in, w_gate, w_out = normal(E, d, f), normal(E, d, f), normal(E, f, d)
     one = 2.0 * E * C * d * f
     rows = {
-        "batched": (_fwd_bwd(_swiglu_batched), (x, w_in, w_gate, w_out), 9 * one),
-        "block_ffn": (_fwd_bwd(_swiglu_loop), (x, w_in, w_gate, w_out), 9 * one),
-        "x@w": (_per_expert(jnp.matmul), (x, w_in), one),
-        "dy@wᵀ": (_per_expert(lambda a, b: a @ b.T), (dy, w_out), one),
-        "xᵀ@dy": (_per_expert(lambda a, b: a.T @ b), (x, dy_hidden), one),
-        "fresh [E,d,f]×3": (jax.jit(lambda *w: [2.0 * v for v in w]), (w_in, w_gate, w_out), 0.0),
+      "batched": (_fwd_bwd(_swiglu_batched), (x, w_in, w_gate, w_out), 9 * one),
+      "block_ffn": (_fwd_bwd(_swiglu_loop), (x, w_in, w_gate, w_out), 9 * one),
+      "x@w": (_per_expert(jnp.matmul), (x, w_in), one),
+      "dy@wᵀ": (_per_expert(lambda a, b: a @ b.T), (dy, w_out), one),
+      "xᵀ@dy": (_per_expert(lambda a, b: a.T @ b), (x, dy_hidden), one),
+      "fresh [E,d,f]×3": (jax.jit(lambda *w: [2.0 * v for v in w]), (w_in, w_gate, w_out), 0.0),
     }
     for name, (fn, fn_args, fl) in rows.items():
       runs[(name, E, C)] = (fn, fn_args)
       flops[(name, E, C)] = fl
-  log(f"jax {jax.__version__} on {jax.default_backend()}; GLIBC_TUNABLES={malloc_tunables()!r}; "
-      f"compiling {len(runs)} functions")
+  log(
+    f"jax {jax.__version__} on {jax.default_backend()}; GLIBC_TUNABLES={malloc_tunables()!r}; "
+    f"compiling {len(runs)} functions"
+  )
   calls = {key: (lambda fn=fn, a=a: jax.block_until_ready(fn(*a))) for key, (fn, a) in runs.items()}
   times = interleaved_times(calls, reps=args.reps, warmup=args.warmup)
   rate = flops[("matmul", "", "")] / statistics.median(times[("matmul", "", "")])
@@ -113,18 +138,34 @@ def run(args: argparse.Namespace, log=print) -> tuple[list[dict], str]:
   for key, t in times.items():
     name, E, C = key
     median = statistics.median(t)
-    table.append({"name": name, "num_experts": E, "capacity": C, "reps": len(t),
-                  "median_ms": median * 1e3, "min_ms": min(t) * 1e3, "max_ms": max(t) * 1e3,
-                  "gflop": flops[key] / 1e9, "gflop_per_s": flops[key] / median / 1e9,
-                  "mfu": flops[key] / median / rate, "glibc_tunables": malloc_tunables()})
+    table.append(
+      {
+        "name": name,
+        "num_experts": E,
+        "capacity": C,
+        "reps": len(t),
+        "median_ms": median * 1e3,
+        "min_ms": min(t) * 1e3,
+        "max_ms": max(t) * 1e3,
+        "gflop": flops[key] / 1e9,
+        "gflop_per_s": flops[key] / median / 1e9,
+        "mfu": flops[key] / median / rate,
+        "glibc_tunables": malloc_tunables(),
+      }
+    )
   return table, write_rows(table, COLUMNS, args.out)
 
 
 def markdown_table(table: list[dict]) -> str:
-  lines = ["| row | E | C | median ms | min–max ms | GFLOP/s | MFU |", "|---|---|---|---|---|---|---|"]
+  lines = [
+    "| row | E | C | median ms | min–max ms | GFLOP/s | MFU |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for r in table:
-    lines.append(f"| {r['name']} | {r['num_experts']} | {r['capacity']} | {r['median_ms']:.1f} | "
-                 f"{r['min_ms']:.1f}–{r['max_ms']:.1f} | {r['gflop_per_s']:.1f} | {r['mfu']:.3f} |")
+    lines.append(
+      f"| {r['name']} | {r['num_experts']} | {r['capacity']} | {r['median_ms']:.1f} | "
+      f"{r['min_ms']:.1f}–{r['max_ms']:.1f} | {r['gflop_per_s']:.1f} | {r['mfu']:.3f} |"
+    )
   return "\n".join(lines)
 
 

@@ -28,10 +28,28 @@ import torch
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-from experiments.benchmarks.common import expert_flops, interleaved_times, malloc_tunables, write_rows
+from experiments.benchmarks.common import (
+  expert_flops,
+  interleaved_times,
+  malloc_tunables,
+  write_rows,
+)
 
-COLUMNS = ("name", "num_experts", "threads", "reps", "median_ms", "min_ms", "max_ms",
-           "vs_dense", "gflop_per_s", "mfu", "torch", "transformers", "glibc_tunables")
+COLUMNS = (
+  "name",
+  "num_experts",
+  "threads",
+  "reps",
+  "median_ms",
+  "min_ms",
+  "max_ms",
+  "vs_dense",
+  "gflop_per_s",
+  "mfu",
+  "torch",
+  "transformers",
+  "glibc_tunables",
+)
 
 
 class SwiGLU(torch.nn.Module):
@@ -47,6 +65,7 @@ class SwiGLU(torch.nn.Module):
 
 def main() -> None:
   import transformers
+
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--num_experts", default="16,64")
   p.add_argument("--threads", type=int, default=2)
@@ -67,39 +86,63 @@ def main() -> None:
       inp = x.clone().requires_grad_(True)
       out = module(inp)
       out = out[0] if isinstance(out, tuple) else out
-      (out ** 2).sum().backward()
+      (out**2).sum().backward()
       module.zero_grad(set_to_none=True)
+
     return run
 
-  rows = [("matmul", "", lambda: torch.matmul(a, b), 2.0 * n ** 3),
-          ("dense", "", fwd_bwd(SwiGLU(d, k * f)), 3 * expert_flops(tokens, d, k * f))]
+  rows = [
+    ("matmul", "", lambda: torch.matmul(a, b), 2.0 * n**3),
+    ("dense", "", fwd_bwd(SwiGLU(d, k * f)), 3 * expert_flops(tokens, d, k * f)),
+  ]
   for num_experts in (int(v) for v in args.num_experts.split(",")):
-    config = MixtralConfig(hidden_size=d, intermediate_size=f, num_local_experts=num_experts,
-                           num_experts_per_tok=k, hidden_act="silu")
+    config = MixtralConfig(
+      hidden_size=d,
+      intermediate_size=f,
+      num_local_experts=num_experts,
+      num_experts_per_tok=k,
+      hidden_act="silu",
+    )
     block = MixtralSparseMoeBlock(config).train()
     flops = 3 * (expert_flops(tokens, d, k * f) + 2 * tokens * d * num_experts)
     rows.append(("mixtral", num_experts, fwd_bwd(block), flops))
 
-  times = interleaved_times({i: row[2] for i, row in enumerate(rows)}, reps=args.reps,
-                            warmup=args.warmup)
+  times = interleaved_times(
+    {i: row[2] for i, row in enumerate(rows)}, reps=args.reps, warmup=args.warmup
+  )
   med = {i: statistics.median(t) for i, t in times.items()}
   rate = rows[0][3] / med[0]
   table = []
   for i, (name, experts, _, flops) in enumerate(rows):
-    table.append({"name": name, "num_experts": experts, "threads": args.threads,
-                  "reps": args.reps, "median_ms": med[i] * 1e3,
-                  "min_ms": min(times[i]) * 1e3, "max_ms": max(times[i]) * 1e3,
-                  "vs_dense": med[i] / med[1] if i else "", "gflop_per_s": flops / med[i] / 1e9,
-                  "mfu": flops / med[i] / rate, "torch": torch.__version__,
-                  "transformers": transformers.__version__, "glibc_tunables": malloc_tunables()})
+    table.append(
+      {
+        "name": name,
+        "num_experts": experts,
+        "threads": args.threads,
+        "reps": args.reps,
+        "median_ms": med[i] * 1e3,
+        "min_ms": min(times[i]) * 1e3,
+        "max_ms": max(times[i]) * 1e3,
+        "vs_dense": med[i] / med[1] if i else "",
+        "gflop_per_s": flops / med[i] / 1e9,
+        "mfu": flops / med[i] / rate,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "glibc_tunables": malloc_tunables(),
+      }
+    )
   path = write_rows(table, COLUMNS, args.out)
-  print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"{args.threads} threads; GLIBC_TUNABLES={malloc_tunables()!r}")
+  print(
+    f"torch {torch.__version__}, transformers {transformers.__version__}, "
+    f"{args.threads} threads; GLIBC_TUNABLES={malloc_tunables()!r}"
+  )
   print("| row | E | median ms | × dense | GFLOP/s | MFU |\n|---|---|---|---|---|---|")
   for r in table:
     vs = "" if r["vs_dense"] == "" else f"{r['vs_dense']:.2f}"
-    print(f"| {r['name']} | {r['num_experts']} | {r['median_ms']:.1f} | {vs} | "
-          f"{r['gflop_per_s']:.1f} | {r['mfu']:.3f} |")
+    print(
+      f"| {r['name']} | {r['num_experts']} | {r['median_ms']:.1f} | {vs} | "
+      f"{r['gflop_per_s']:.1f} | {r['mfu']:.3f} |"
+    )
   print(f"wrote {path}")
 
 

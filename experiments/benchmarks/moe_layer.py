@@ -84,27 +84,73 @@ from experiments.benchmarks.common import expert_flops, malloc_tunables, write_r
 from moejax.experts import FeedForward
 
 PRESETS = {
-    "default": dict(batch=8, seq_len=512, d_model=512, d_ff=1024, num_experts=(16, 64), top_k=2,
-                    dispatches=("einsum", "sort", "dropless"), group_sizes=(512,),
-                    grouped_dispatches=("einsum",), capacity_factor=1.0, matmul_size=4096,
-                    reps=7, warmup=2),
-    # Every size distinct (T=96, S=48, E=8, C=24 or 12, d_model=16, d_ff=40, k=2), so that
-    # the [T, E, C] search of the HLO cannot match a weight or activation by coincidence.
-    "smoke": dict(batch=2, seq_len=48, d_model=16, d_ff=40, num_experts=(8,), top_k=2,
-                  dispatches=("einsum", "sort", "dropless"), group_sizes=(48,),
-                  grouped_dispatches=("einsum",), capacity_factor=1.0, matmul_size=128,
-                  reps=1, warmup=1),
+  "default": dict(
+    batch=8,
+    seq_len=512,
+    d_model=512,
+    d_ff=1024,
+    num_experts=(16, 64),
+    top_k=2,
+    dispatches=("einsum", "sort", "dropless"),
+    group_sizes=(512,),
+    grouped_dispatches=("einsum",),
+    capacity_factor=1.0,
+    matmul_size=4096,
+    reps=7,
+    warmup=2,
+  ),
+  # Every size distinct (T=96, S=48, E=8, C=24 or 12, d_model=16, d_ff=40, k=2), so that
+  # the [T, E, C] search of the HLO cannot match a weight or activation by coincidence.
+  "smoke": dict(
+    batch=2,
+    seq_len=48,
+    d_model=16,
+    d_ff=40,
+    num_experts=(8,),
+    top_k=2,
+    dispatches=("einsum", "sort", "dropless"),
+    group_sizes=(48,),
+    grouped_dispatches=("einsum",),
+    capacity_factor=1.0,
+    matmul_size=128,
+    reps=1,
+    warmup=1,
+  ),
 }
 
-COLUMNS = ("name", "mode", "dispatch", "num_experts", "top_k", "group_size", "tokens", "d_model",
-           "d_ff", "capacity", "reps", "median_ms", "min_ms", "max_ms", "vs_dense", "active_gflop",
-           "gflop_per_s", "mfu", "xla_gflop", "row_factor", "temp_mib", "compile_s", "tec_tensor",
-           "tec_shape", "glibc_tunables")
+COLUMNS = (
+  "name",
+  "mode",
+  "dispatch",
+  "num_experts",
+  "top_k",
+  "group_size",
+  "tokens",
+  "d_model",
+  "d_ff",
+  "capacity",
+  "reps",
+  "median_ms",
+  "min_ms",
+  "max_ms",
+  "vs_dense",
+  "active_gflop",
+  "gflop_per_s",
+  "mfu",
+  "xla_gflop",
+  "row_factor",
+  "temp_mib",
+  "compile_s",
+  "tec_tensor",
+  "tec_shape",
+  "glibc_tunables",
+)
 
 
 @dataclasses.dataclass
 class Row:
   """One benchmarked function and its results."""
+
   name: str
   mode: str
   fn: Callable
@@ -119,7 +165,7 @@ class Row:
   group_size: int | str = ""
   capacity: int | str = ""
   row_factor: float | str = ""
-  tec_dims: tuple[int, int, int] | None = None   # (S, E, C) to look for in the HLO
+  tec_dims: tuple[int, int, int] | None = None  # (S, E, C) to look for in the HLO
   compiled: object = None
   compile_s: float = 0.0
   xla_flops: float = float("nan")
@@ -141,9 +187,11 @@ def _str_list(text: str) -> tuple[str, ...]:
 
 def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
   """Flags; any flag left unset takes its value from `--preset`."""
-  p = argparse.ArgumentParser(prog="python -m experiments.benchmarks.moe_layer",
-                              description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    prog="python -m experiments.benchmarks.moe_layer",
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   p.add_argument("--preset", choices=sorted(PRESETS), default="default")
   p.add_argument("--batch", type=int)
   p.add_argument("--seq_len", type=int)
@@ -152,23 +200,44 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--num_experts", type=_int_list, help="comma-separated, e.g. 16,64")
   p.add_argument("--top_k", type=int)
   p.add_argument("--dispatches", type=_str_list, help="subset of einsum,sort,dropless")
-  p.add_argument("--group_sizes", type=_int_list,
-                 help="extra rows with group_size set (tokens per routing group); '' for none")
-  p.add_argument("--grouped_dispatches", type=_str_list,
-                 help="dispatches that get the --group_sizes rows (einsum and/or sort)")
+  p.add_argument(
+    "--group_sizes",
+    type=_int_list,
+    help="extra rows with group_size set (tokens per routing group); '' for none",
+  )
+  p.add_argument(
+    "--grouped_dispatches",
+    type=_str_list,
+    help="dispatches that get the --group_sizes rows (einsum and/or sort)",
+  )
   p.add_argument("--capacity_factor", type=float)
   p.add_argument("--matmul_size", type=int, help="N of the N×N×N float32 rate matmul")
   p.add_argument("--reps", type=int, help="interleaved timed repetitions per row")
   p.add_argument("--warmup", type=int, help="untimed runs per row after compiling")
-  p.add_argument("--modes", type=_str_list, default=("fwdbwd",),
-                 help="fwdbwd (value_and_grad) and/or fwd (loss only)")
-  p.add_argument("--no_dense", dest="dense", action="store_false",
-                 help="skip the dense row (vs_dense is then empty)")
+  p.add_argument(
+    "--modes",
+    type=_str_list,
+    default=("fwdbwd",),
+    help="fwdbwd (value_and_grad) and/or fwd (loss only)",
+  )
+  p.add_argument(
+    "--no_dense",
+    dest="dense",
+    action="store_false",
+    help="skip the dense row (vs_dense is then empty)",
+  )
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default="moe_layer_benchmark.csv",
-                 help="CSV path; an existing file is never overwritten (a suffix is added)")
-  p.add_argument("--nocheck_hlo", dest="check_hlo", action="store_false",
-                 help="do not fail (exit 1) when a sort/dropless row's HLO holds a [T, E, C] tensor")
+  p.add_argument(
+    "--out",
+    default="moe_layer_benchmark.csv",
+    help="CSV path; an existing file is never overwritten (a suffix is added)",
+  )
+  p.add_argument(
+    "--nocheck_hlo",
+    dest="check_hlo",
+    action="store_false",
+    help="do not fail (exit 1) when a sort/dropless row's HLO holds a [T, E, C] tensor",
+  )
   args = p.parse_args(list(argv))
   for key, value in PRESETS[args.preset].items():
     if getattr(args, key) is None:
@@ -204,8 +273,9 @@ def _module_fn(module: nnx.Module, has_aux: bool, mode: str):
   return fn, params
 
 
-def moe_active_flops(tokens: int, d_model: int, d_ff: int, num_experts: int, top_k: int,
-                     mode: str) -> float:
+def moe_active_flops(
+  tokens: int, d_model: int, d_ff: int, num_experts: int, top_k: int, mode: str
+) -> float:
   """Active FLOPs of the MoE layer: k experts per token plus the router; ×3 with backward."""
   forward = expert_flops(tokens, d_model, top_k * d_ff) + 2 * tokens * d_model * num_experts
   return forward * (3 if mode == "fwdbwd" else 1)
@@ -241,33 +311,64 @@ def build_rows(args: argparse.Namespace) -> list[Row]:
   n = args.matmul_size
   a = jax.random.normal(key_a, (n, n), jnp.float32)
   b = jax.random.normal(key_b, (n, n), jnp.float32)
-  rows.append(Row("matmul", "fwd", jnp.matmul, (a, b), 2.0 * n ** 3))
+  rows.append(Row("matmul", "fwd", jnp.matmul, (a, b), 2.0 * n**3))
 
   for mode in args.modes:
     if args.dense:
       ffn = FeedForward(d, k * f, "swiglu", rngs=nnx.Rngs(args.seed))
       fn, params = _module_fn(ffn, has_aux=False, mode=mode)
-      rows.append(Row("dense", mode, fn, (params, x), dense_active_flops(T, d, k * f, mode),
-                      tokens=T, d_model=d, d_ff=k * f))
+      rows.append(
+        Row(
+          "dense",
+          mode,
+          fn,
+          (params, x),
+          dense_active_flops(T, d, k * f, mode),
+          tokens=T,
+          d_model=d,
+          d_ff=k * f,
+        )
+      )
 
     for E in args.num_experts:
       variants = [(dispatch, None) for dispatch in args.dispatches]
       variants += [(dispatch, g) for dispatch in args.grouped_dispatches for g in args.group_sizes]
       for dispatch, group in variants:
-        layer = moejax.MoeLayer(d_model=d, d_ff=f, num_experts=E, top_k=k, router="top_k",
-                                dispatch=dispatch, capacity_factor=args.capacity_factor,
-                                activation="swiglu", group_size=group,
-                                rngs=nnx.Rngs(args.seed))
+        layer = moejax.MoeLayer(
+          d_model=d,
+          d_ff=f,
+          num_experts=E,
+          top_k=k,
+          router="top_k",
+          dispatch=dispatch,
+          capacity_factor=args.capacity_factor,
+          activation="swiglu",
+          group_size=group,
+          rngs=nnx.Rngs(args.seed),
+        )
         fn, params = _module_fn(layer, has_aux=True, mode=mode)
         S = group or T
         C = dispatch_lib.expert_capacity(S, E, k, args.capacity_factor, layer.min_capacity)
         name = f"moe/{dispatch}" + (f"/g{group}" if group else "")
-        rows.append(Row(name, mode, fn, (params, x), moe_active_flops(T, d, f, E, k, mode),
-                        dispatch=dispatch, tokens=T, d_model=d, d_ff=f, top_k=k,
-                        num_experts=E, group_size=group or "",
-                        capacity="" if dispatch == "dropless" else C,
-                        row_factor=row_factor(layer, x, None if dispatch == "dropless" else C),
-                        tec_dims=(S, E, C)))
+        rows.append(
+          Row(
+            name,
+            mode,
+            fn,
+            (params, x),
+            moe_active_flops(T, d, f, E, k, mode),
+            dispatch=dispatch,
+            tokens=T,
+            d_model=d,
+            d_ff=f,
+            top_k=k,
+            num_experts=E,
+            group_size=group or "",
+            capacity="" if dispatch == "dropless" else C,
+            row_factor=row_factor(layer, x, None if dispatch == "dropless" else C),
+            tec_dims=(S, E, C),
+          )
+        )
   return rows
 
 
@@ -323,19 +424,35 @@ def results(rows: list[Row]) -> list[dict]:
   for r in rows:
     t = statistics.median(r.times)
     dense = dense_time.get(r.mode)
-    out.append({
-        "name": r.name, "mode": r.mode, "dispatch": r.dispatch, "num_experts": r.num_experts,
-        "top_k": r.top_k, "group_size": r.group_size, "tokens": r.tokens,
-        "d_model": r.d_model, "d_ff": r.d_ff, "capacity": r.capacity,
-        "reps": len(r.times), "median_ms": t * 1e3, "min_ms": min(r.times) * 1e3,
-        "max_ms": max(r.times) * 1e3, "vs_dense": t / dense if dense else "",
-        "active_gflop": r.active_flops / 1e9, "gflop_per_s": r.active_flops / t / 1e9,
-        "mfu": r.active_flops / t / rate, "xla_gflop": r.xla_flops / 1e9,
+    out.append(
+      {
+        "name": r.name,
+        "mode": r.mode,
+        "dispatch": r.dispatch,
+        "num_experts": r.num_experts,
+        "top_k": r.top_k,
+        "group_size": r.group_size,
+        "tokens": r.tokens,
+        "d_model": r.d_model,
+        "d_ff": r.d_ff,
+        "capacity": r.capacity,
+        "reps": len(r.times),
+        "median_ms": t * 1e3,
+        "min_ms": min(r.times) * 1e3,
+        "max_ms": max(r.times) * 1e3,
+        "vs_dense": t / dense if dense else "",
+        "active_gflop": r.active_flops / 1e9,
+        "gflop_per_s": r.active_flops / t / 1e9,
+        "mfu": r.active_flops / t / rate,
+        "xla_gflop": r.xla_flops / 1e9,
         "row_factor": r.row_factor,
-        "temp_mib": r.temp_bytes / 2 ** 20, "compile_s": r.compile_s,
+        "temp_mib": r.temp_bytes / 2**20,
+        "compile_s": r.compile_s,
         "tec_tensor": "" if r.tec_dims is None else ("yes" if r.tec_shape else "no"),
-        "tec_shape": r.tec_shape, "glibc_tunables": malloc_tunables(),
-    })
+        "tec_shape": r.tec_shape,
+        "glibc_tunables": malloc_tunables(),
+      }
+    )
   return out
 
 
@@ -346,15 +463,33 @@ def _fmt(value, digits: int) -> str:
 
 
 def markdown_table(table: list[dict]) -> str:
-  cols = [("row", "name"), ("mode", "mode"), ("E", "num_experts"), ("C", "capacity"),
-          ("median ms", "median_ms"), ("min–max ms", None), ("× dense", "vs_dense"),
-          ("GFLOP/s", "gflop_per_s"), ("MFU", "mfu"), ("XLA GFLOP", "xla_gflop"),
-          ("active GFLOP", "active_gflop"), ("rows/(T·k)", "row_factor"), ("temp MiB", "temp_mib"),
-          ("[T,E,C]", None)]
-  digits = {"median_ms": 1, "vs_dense": 2, "gflop_per_s": 1, "mfu": 3, "xla_gflop": 1,
-            "active_gflop": 1, "row_factor": 2, "temp_mib": 0}
-  lines = ["| " + " | ".join(c for c, _ in cols) + " |",
-           "|" + "|".join("---" for _ in cols) + "|"]
+  cols = [
+    ("row", "name"),
+    ("mode", "mode"),
+    ("E", "num_experts"),
+    ("C", "capacity"),
+    ("median ms", "median_ms"),
+    ("min–max ms", None),
+    ("× dense", "vs_dense"),
+    ("GFLOP/s", "gflop_per_s"),
+    ("MFU", "mfu"),
+    ("XLA GFLOP", "xla_gflop"),
+    ("active GFLOP", "active_gflop"),
+    ("rows/(T·k)", "row_factor"),
+    ("temp MiB", "temp_mib"),
+    ("[T,E,C]", None),
+  ]
+  digits = {
+    "median_ms": 1,
+    "vs_dense": 2,
+    "gflop_per_s": 1,
+    "mfu": 3,
+    "xla_gflop": 1,
+    "active_gflop": 1,
+    "row_factor": 2,
+    "temp_mib": 0,
+  }
+  lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
   for row in table:
     cells = []
     for title, key in cols:
@@ -374,16 +509,20 @@ def markdown_table(table: list[dict]) -> str:
 def run(args: argparse.Namespace, log=print) -> tuple[list[dict], str]:
   """Builds, compiles, warms up and times every row; returns the table and the CSV path."""
   wall = time.perf_counter()
-  log(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), "
-      f"{os.cpu_count()} CPUs; T={args.batch}x{args.seq_len}={args.batch * args.seq_len} tokens "
-      f"(one routing group unless group_size), d_model={args.d_model}, d_ff={args.d_ff}, "
-      f"E={','.join(map(str, args.num_experts))}, k={args.top_k}, cf={args.capacity_factor}; "
-      f"GLIBC_TUNABLES={malloc_tunables()!r}")
+  log(
+    f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+    f"{os.cpu_count()} CPUs; T={args.batch}x{args.seq_len}={args.batch * args.seq_len} tokens "
+    f"(one routing group unless group_size), d_model={args.d_model}, d_ff={args.d_ff}, "
+    f"E={','.join(map(str, args.num_experts))}, k={args.top_k}, cf={args.capacity_factor}; "
+    f"GLIBC_TUNABLES={malloc_tunables()!r}"
+  )
   rows = build_rows(args)
   for row in rows:
     compile_row(row)
-    log(f"  compiled {row.name:<18} {row.mode:<6} E={row.num_experts!s:<3} "
-        f"in {row.compile_s:5.1f}s  temp {row.temp_bytes / 2 ** 20:8.1f} MiB")
+    log(
+      f"  compiled {row.name:<18} {row.mode:<6} E={row.num_experts!s:<3} "
+      f"in {row.compile_s:5.1f}s  temp {row.temp_bytes / 2**20:8.1f} MiB"
+    )
     for _ in range(args.warmup):
       time_once(row)
   order = random.Random(args.seed)
@@ -401,8 +540,11 @@ def run(args: argparse.Namespace, log=print) -> tuple[list[dict], str]:
 
 
 def tec_violations(table: list[dict]) -> list[str]:
-  return [f"{r['name']} E={r['num_experts']}: {r['tec_shape']}" for r in table
-          if r["dispatch"] in ("sort", "dropless") and r["tec_tensor"] == "yes"]
+  return [
+    f"{r['name']} E={r['num_experts']}: {r['tec_shape']}"
+    for r in table
+    if r["dispatch"] in ("sort", "dropless") and r["tec_tensor"] == "yes"
+  ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -46,16 +46,31 @@ from experiments.benchmarks.common import interleaved_times, malloc_tunables, wr
 from moejax import flops, train
 from moejax.model import TransformerLM, expert_d_ff_of, moe_layer_indices
 
-COLUMNS = ("name", "config", "batch", "seq_len", "reps", "median_ms", "min_ms", "max_ms",
-           "tokens_per_s", "share_of_step", "vs_dense", "peak_mib", "temp_mib", "compile_s",
-           "glibc_tunables")
+COLUMNS = (
+  "name",
+  "config",
+  "batch",
+  "seq_len",
+  "reps",
+  "median_ms",
+  "min_ms",
+  "max_ms",
+  "tokens_per_s",
+  "share_of_step",
+  "vs_dense",
+  "peak_mib",
+  "temp_mib",
+  "compile_s",
+  "glibc_tunables",
+)
 
 
 def peak_bytes(compiled) -> float:
   """Arguments + outputs + temporaries - aliased bytes of a compiled program."""
   m = compiled.memory_analysis()
-  return float(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-               - m.alias_size_in_bytes)
+  return float(
+    m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+  )
 
 
 def dense_equivalent(config):
@@ -85,8 +100,12 @@ def moe_layers_function(config):
   """`(jitted fwd+bwd of the MoE layers alone, (params, inputs))`."""
   model = TransformerLM(config.model, rngs=nnx.Rngs(config.train.seed))
   model.train()
-  layers = [model.layers[i].moe for i in moe_layer_indices(
-      config.model.num_layers, config.model.num_experts, config.model.moe_layer_interval)]
+  layers = [
+    model.layers[i].moe
+    for i in moe_layer_indices(
+      config.model.num_layers, config.model.num_experts, config.model.moe_layer_interval
+    )
+  ]
   splits = [nnx.split(layer, nnx.Param, ...) for layer in layers]
   params = tuple(p for _, p, _ in splits)
   m, tc = config.model, config.train
@@ -96,8 +115,9 @@ def moe_layers_function(config):
     total = 0.0
     for (graphdef, _, rest), layer_params, x in zip(splits, params, xs):
       y, aux = nnx.merge(graphdef, layer_params, rest)(x)
-      total += jnp.sum(jnp.square(y)) + m.lb_loss_weight * aux["lb_loss"] \
-          + m.z_loss_weight * aux["z_loss"]
+      total += (
+        jnp.sum(jnp.square(y)) + m.lb_loss_weight * aux["lb_loss"] + m.z_loss_weight * aux["z_loss"]
+      )
     return total
 
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), (params, xs)
@@ -108,21 +128,28 @@ def run(args) -> tuple[list[dict], str]:
   tc, m = config.train, config.model
   if m.num_experts == 0:
     raise SystemExit(f"{args.config} has no MoE layers (model.num_experts=0)")
-  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}); "
-        f"{args.config}: {m.num_layers} layers, d_model {m.d_model}, E={m.num_experts} "
-        f"k={m.top_k} dispatch={m.dispatch}, batch {tc.batch_size} x {tc.seq_len}; "
-        f"{flops.count_params(m)['active']:,} active parameters; "
-        f"GLIBC_TUNABLES={malloc_tunables()!r}")
+  print(
+    f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}); "
+    f"{args.config}: {m.num_layers} layers, d_model {m.d_model}, E={m.num_experts} "
+    f"k={m.top_k} dispatch={m.dispatch}, batch {tc.batch_size} x {tc.seq_len}; "
+    f"{flops.count_params(m)['active']:,} active parameters; "
+    f"GLIBC_TUNABLES={malloc_tunables()!r}"
+  )
   with jax.default_device(jax.devices()[0]):
-    named = {"step": step_function(config), "moe_layers": moe_layers_function(config),
-             "dense_step": step_function(dense_equivalent(config))}
+    named = {
+      "step": step_function(config),
+      "moe_layers": moe_layers_function(config),
+      "dense_step": step_function(dense_equivalent(config)),
+    }
     compiled, compile_s = {}, {}
     for name, (fn, call_args) in named.items():
       start = time.perf_counter()
       compiled[name] = fn.lower(*call_args).compile()
       compile_s[name] = time.perf_counter() - start
-    runs = {name: (lambda name=name: jax.block_until_ready(compiled[name](*named[name][1])))
-            for name in named}
+    runs = {
+      name: (lambda name=name: jax.block_until_ready(compiled[name](*named[name][1])))
+      for name in named
+    }
     times = interleaved_times(runs, reps=args.reps, warmup=args.warmup)
 
   med = {name: statistics.median(t) for name, t in times.items()}
@@ -130,37 +157,52 @@ def run(args) -> tuple[list[dict], str]:
   rows = []
   for name in named:
     is_step = name != "moe_layers"
-    rows.append({
-        "name": name, "config": args.config, "batch": tc.batch_size, "seq_len": tc.seq_len,
-        "reps": args.reps, "median_ms": med[name] * 1e3, "min_ms": min(times[name]) * 1e3,
+    rows.append(
+      {
+        "name": name,
+        "config": args.config,
+        "batch": tc.batch_size,
+        "seq_len": tc.seq_len,
+        "reps": args.reps,
+        "median_ms": med[name] * 1e3,
+        "min_ms": min(times[name]) * 1e3,
         "max_ms": max(times[name]) * 1e3,
         "tokens_per_s": tokens / med[name] if is_step else "",
         "share_of_step": med[name] / med["step"] if name == "moe_layers" else "",
         "vs_dense": med[name] / med["dense_step"] if is_step else "",
-        "peak_mib": peak_bytes(compiled[name]) / 2 ** 20,
-        "temp_mib": compiled[name].memory_analysis().temp_size_in_bytes / 2 ** 20,
-        "compile_s": compile_s[name], "glibc_tunables": malloc_tunables()})
+        "peak_mib": peak_bytes(compiled[name]) / 2**20,
+        "temp_mib": compiled[name].memory_analysis().temp_size_in_bytes / 2**20,
+        "compile_s": compile_s[name],
+        "glibc_tunables": malloc_tunables(),
+      }
+    )
   path = write_rows(rows, COLUMNS, args.out)
   print("| function | median ms | min–max ms | tokens/s | MoE share | × dense | peak MiB |")
   print("|---|---|---|---|---|---|---|")
   for r in rows:
     cell = lambda v, f: "" if v == "" else format(v, f)
-    print(f"| {r['name']} | {r['median_ms']:.1f} | {r['min_ms']:.1f}–{r['max_ms']:.1f} | "
-          f"{cell(r['tokens_per_s'], ',.0f')} | {cell(r['share_of_step'], '.2f')} | "
-          f"{cell(r['vs_dense'], '.2f')} | {r['peak_mib']:.0f} |")
-  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10
+    print(
+      f"| {r['name']} | {r['median_ms']:.1f} | {r['min_ms']:.1f}–{r['max_ms']:.1f} | "
+      f"{cell(r['tokens_per_s'], ',.0f')} | {cell(r['share_of_step'], '.2f')} | "
+      f"{cell(r['vs_dense'], '.2f')} | {r['peak_mib']:.0f} |"
+    )
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
   print(f"process peak resident memory {rss:.0f} MiB; wrote {path}")
   return rows, path
 
 
 def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m experiments.benchmarks.train_step",
-                              description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(
+    prog="python -m experiments.benchmarks.train_step", description=__doc__.split("\n\n")[0]
+  )
   p.add_argument("--config", default="configs/tiny.py", help="configs/NAME.py[:ARG]")
   p.add_argument("--reps", type=int, default=15, help="interleaved timed repetitions")
   p.add_argument("--warmup", type=int, default=3, help="untimed runs after compiling")
-  p.add_argument("--out", default="train_step_benchmark.csv",
-                 help="CSV path; an existing file is never overwritten (a suffix is added)")
+  p.add_argument(
+    "--out",
+    default="train_step_benchmark.csv",
+    help="CSV path; an existing file is never overwritten (a suffix is added)",
+  )
   args = p.parse_args(list(argv))
   if args.reps < 1 or args.warmup < 0:
     p.error("--reps must be >= 1 and --warmup >= 0")

@@ -20,139 +20,137 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 
 
 def _per_process_batch_size(global_batch_size: int, shard_index: int, shard_count: int) -> int:
-    if shard_count < 1:
-        raise ValueError(f"shard_count must be >= 1, got {shard_count}")
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
-    if global_batch_size < 1 or global_batch_size % shard_count:
-        raise ValueError(
-            f"global_batch_size ({global_batch_size}) must be a positive multiple of "
-            f"shard_count ({shard_count})"
-        )
-    return global_batch_size // shard_count
+  if shard_count < 1:
+    raise ValueError(f"shard_count must be >= 1, got {shard_count}")
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
+  if global_batch_size < 1 or global_batch_size % shard_count:
+    raise ValueError(
+      f"global_batch_size ({global_batch_size}) must be a positive multiple of "
+      f"shard_count ({shard_count})"
+    )
+  return global_batch_size // shard_count
 
 
 def make_train_iterator(
-    windows: np.ndarray,
-    *,
-    global_batch_size: int,
-    seed: int,
-    shard_index: int = 0,
-    shard_count: int = 1,
+  windows: np.ndarray,
+  *,
+  global_batch_size: int,
+  seed: int,
+  shard_index: int = 0,
+  shard_count: int = 1,
 ) -> grain.DatasetIterator:
-    """Infinite, deterministic, checkpointable iterator over this process's batches.
+  """Infinite, deterministic, checkpointable iterator over this process's batches.
 
-    Args:
-      windows: int32 `[num_windows, seq_len + 1]`, from `pack_documents`.
-      global_batch_size: rows per step summed over all processes.
-      seed: shuffle seed; every epoch visits all windows in a new order.
-      shard_index, shard_count: this process and the number of processes.
+  Args:
+    windows: int32 `[num_windows, seq_len + 1]`, from `pack_documents`.
+    global_batch_size: rows per step summed over all processes.
+    seed: shuffle seed; every epoch visits all windows in a new order.
+    shard_index, shard_count: this process and the number of processes.
 
-    Returns:
-      A grain iterator of `{'inputs', 'targets'}` int32
-      `[global_batch_size // shard_count, seq_len]`. `get_state()` returns a
-      small dict; `set_state(state)` on a fresh iterator (same arguments)
-      resumes with exactly the batches that followed `state`.
-    """
-    batch_size = _per_process_batch_size(global_batch_size, shard_index, shard_count)
-    if len(windows) == 0:
-        raise ValueError("make_train_iterator: no windows (train split shorter than seq_len + 1)")
-    dataset = (
-        grain.MapDataset.source(windows)
-        .shuffle(seed=seed)
-        .repeat()  # each epoch is reshuffled with a seed derived from the epoch
-        .batch(batch_size, drop_remainder=True)[shard_index::shard_count]
-        .map(split_inputs_targets)
-    )
-    return iter(dataset.to_iter_dataset(_READ_OPTIONS))
+  Returns:
+    A grain iterator of `{'inputs', 'targets'}` int32
+    `[global_batch_size // shard_count, seq_len]`. `get_state()` returns a
+    small dict; `set_state(state)` on a fresh iterator (same arguments)
+    resumes with exactly the batches that followed `state`.
+  """
+  batch_size = _per_process_batch_size(global_batch_size, shard_index, shard_count)
+  if len(windows) == 0:
+    raise ValueError("make_train_iterator: no windows (train split shorter than seq_len + 1)")
+  dataset = (
+    grain.MapDataset.source(windows)
+    .shuffle(seed=seed)
+    .repeat()  # each epoch is reshuffled with a seed derived from the epoch
+    .batch(batch_size, drop_remainder=True)[shard_index::shard_count]
+    .map(split_inputs_targets)
+  )
+  return iter(dataset.to_iter_dataset(_READ_OPTIONS))
 
 
 def make_eval_batches(
-    windows: np.ndarray,
-    *,
-    global_batch_size: int,
-    shard_index: int = 0,
-    shard_count: int = 1,
-    max_batches: int | None = None,
+  windows: np.ndarray,
+  *,
+  global_batch_size: int,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  max_batches: int | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """This process's share of the eval batches, in window order (no shuffle).
+  """This process's share of the eval batches, in window order (no shuffle).
 
-    Covers the first `num_batches * global_batch_size` windows, where
-    `num_batches = len(windows) // global_batch_size`, capped at `max_batches`;
-    the last partial global batch is dropped so every batch has the same shape.
+  Covers the first `num_batches * global_batch_size` windows, where
+  `num_batches = len(windows) // global_batch_size`, capped at `max_batches`;
+  the last partial global batch is dropped so every batch has the same shape.
 
-    Returns:
-      A list of `{'inputs', 'targets'}` int32 `[global_batch_size // shard_count,
-      seq_len]`, the same length on every process.
-    """
-    batch_size = _per_process_batch_size(global_batch_size, shard_index, shard_count)
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
-    num_batches = len(windows) // global_batch_size
-    if num_batches < 1:
-        raise ValueError(
-            f"make_eval_batches: {len(windows)} eval windows, fewer than one global "
-            f"batch of {global_batch_size}"
-        )
-    if max_batches is not None:
-        num_batches = min(num_batches, max_batches)
-    blocks = windows[: num_batches * global_batch_size].reshape(
-        num_batches, shard_count, batch_size, windows.shape[-1]
+  Returns:
+    A list of `{'inputs', 'targets'}` int32 `[global_batch_size // shard_count,
+    seq_len]`, the same length on every process.
+  """
+  batch_size = _per_process_batch_size(global_batch_size, shard_index, shard_count)
+  if max_batches is not None and max_batches < 1:
+    raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
+  num_batches = len(windows) // global_batch_size
+  if num_batches < 1:
+    raise ValueError(
+      f"make_eval_batches: {len(windows)} eval windows, fewer than one global "
+      f"batch of {global_batch_size}"
     )
-    return [split_inputs_targets(block) for block in blocks[:, shard_index]]
+  if max_batches is not None:
+    num_batches = min(num_batches, max_batches)
+  blocks = windows[: num_batches * global_batch_size].reshape(
+    num_batches, shard_count, batch_size, windows.shape[-1]
+  )
+  return [split_inputs_targets(block) for block in blocks[:, shard_index]]
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-    """The `config.data` fields read by `build_datasets`, with their defaults."""
-    return ml_collections.ConfigDict(
-        {
-            "name": SHAKESPEARE_NAME,  # TFDS dataset name, e.g. 'lm1b', 'c4/en'
-            "data_dir": ml_collections.config_dict.placeholder(str),  # None: default
-            "text_key": "text",  # the feature holding the document text
-            "eval_split": "validation",  # lm1b has only 'train' and 'test'
-            "eval_batches": 16,  # max global eval batches per evaluation
-        }
-    )
+  """The `config.data` fields read by `build_datasets`, with their defaults."""
+  return ml_collections.ConfigDict(
+    {
+      "name": SHAKESPEARE_NAME,  # TFDS dataset name, e.g. 'lm1b', 'c4/en'
+      "data_dir": ml_collections.config_dict.placeholder(str),  # None: default
+      "text_key": "text",  # the feature holding the document text
+      "eval_split": "validation",  # lm1b has only 'train' and 'test'
+      "eval_batches": 16,  # max global eval batches per evaluation
+    }
+  )
 
 
 def build_datasets(
-    data_config: ml_collections.ConfigDict,
-    *,
-    global_batch_size: int,
-    seq_len: int,
-    seed: int,
-    shard_index: int = 0,
-    shard_count: int = 1,
+  data_config: ml_collections.ConfigDict,
+  *,
+  global_batch_size: int,
+  seq_len: int,
+  seed: int,
+  shard_index: int = 0,
+  shard_count: int = 1,
 ) -> tuple[grain.DatasetIterator, list[dict[str, np.ndarray]]]:
-    """Returns (train iterator, eval batches) for this process.
+  """Returns (train iterator, eval batches) for this process.
 
-    `data_config` has the fields of `default_data_config()`. The train iterator
-    is `make_train_iterator` over the `train` split; the eval batches are
-    `make_eval_batches` over `data_config.eval_split`, at most
-    `data_config.eval_batches` of them. Both yield per-process batches
-    `[global_batch_size // shard_count, seq_len]`.
-    """
-    if data_config.eval_batches < 1:
-        raise ValueError(f"data.eval_batches must be >= 1, got {data_config.eval_batches}")
+  `data_config` has the fields of `default_data_config()`. The train iterator
+  is `make_train_iterator` over the `train` split; the eval batches are
+  `make_eval_batches` over `data_config.eval_split`, at most
+  `data_config.eval_batches` of them. Both yield per-process batches
+  `[global_batch_size // shard_count, seq_len]`.
+  """
+  if data_config.eval_batches < 1:
+    raise ValueError(f"data.eval_batches must be >= 1, got {data_config.eval_batches}")
 
-    def windows(split: str) -> np.ndarray:
-        texts = load_split(
-            data_config.name, split, data_config.data_dir, text_key=data_config.text_key
-        )
-        return pack_documents(texts, seq_len)
+  def windows(split: str) -> np.ndarray:
+    texts = load_split(data_config.name, split, data_config.data_dir, text_key=data_config.text_key)
+    return pack_documents(texts, seq_len)
 
-    train = make_train_iterator(
-        windows("train"),
-        global_batch_size=global_batch_size,
-        seed=seed,
-        shard_index=shard_index,
-        shard_count=shard_count,
-    )
-    eval_batches = make_eval_batches(
-        windows(data_config.eval_split),
-        global_batch_size=global_batch_size,
-        shard_index=shard_index,
-        shard_count=shard_count,
-        max_batches=data_config.eval_batches,
-    )
-    return train, eval_batches
+  train = make_train_iterator(
+    windows("train"),
+    global_batch_size=global_batch_size,
+    seed=seed,
+    shard_index=shard_index,
+    shard_count=shard_count,
+  )
+  eval_batches = make_eval_batches(
+    windows(data_config.eval_split),
+    global_batch_size=global_batch_size,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    max_batches=data_config.eval_batches,
+  )
+  return train, eval_batches

