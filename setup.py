@@ -9,7 +9,9 @@ setup(
   long_description=open("README.md", encoding="utf-8").read(),
   long_description_content_type="text/markdown",
   python_requires=">=3.10",
-  packages=find_packages(include=["moejax", "moejax.*"]),
+  packages=find_packages(include=["moejax", "moejax.*"]) + ["moejax.configs"],
+  # The experiment files in configs/ ship with the package as moejax.configs.
+  package_dir={"moejax.configs": "configs"},
   install_requires=[
     "jax>=0.10",
     "flax>=0.12",

@@ -15,6 +15,8 @@ import sys
 
 import pytest
 
+from moejax.config import load_config
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # `pytest` (not `python -m pytest`) does not put the repo on the path
   sys.path.insert(0, REPO)
@@ -344,7 +346,7 @@ def test_pod_preset_prints_one_reproducing_command_per_arm_and_seed(name, capsys
     assert words[:3] == ["python", "-m", "moejax.main"]
     assert f"--config={ablation.pod_config}" in words
     assert f"--workdir={prefix}/{arm.name}/seed_{seed}" in words
-    config = runner.load_config_file(ablation.pod_config)
+    config = load_config(ablation.pod_config)
     for word in words:
       if word.startswith("--config."):
         key, value = word[len("--config.") :].split("=", 1)

@@ -7,6 +7,8 @@ import math
 import jax
 import numpy as np
 import pytest
+
+from moejax.config import load_config
 from flax import nnx
 
 import moejax
@@ -140,7 +142,7 @@ def test_results_keep_rows_of_the_same_name_apart():
 def test_all_to_all_script_reads_the_minimum_off_a_real_train_step():
   from experiments.benchmarks import all_to_all
 
-  config = all_to_all.load_config("configs/tiny.py")
+  config = load_config("configs/tiny.py")
   m = config.model
   m.num_layers, m.d_model, m.num_heads, m.num_kv_heads = 2, 32, 2, 2
   config.model.d_ff, config.model.expert_d_ff = 64, 32
@@ -174,7 +176,7 @@ def test_train_step_benchmark_smoke_reports_throughput_share_and_memory(tmp_path
     assert 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"]
     assert r["peak_mib"] >= r["temp_mib"] > 0
   # The dense baseline replaces each MoE layer by an FFN of the same active width.
-  config = train_step.load_config_file("configs/tiny.py:smoke")
+  config = load_config("configs/tiny.py:smoke")
   dense_config = train_step.dense_equivalent(config)
   assert dense_config.model.num_experts == 0
   assert dense_config.model.d_ff == config.model.top_k * expert_d_ff_of(config.model)

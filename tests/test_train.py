@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from moejax import generate, train
+from moejax.config import load_config
 from moejax.metrics import read_metrics
 from moejax.moe import MoeLayer
 
@@ -21,11 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def smoke_config(**overrides):
-  sys.path.insert(0, os.path.join(REPO, "configs"))
-  import importlib
-
-  tiny = importlib.import_module("tiny")
-  config = tiny.get_config("smoke")
+  config = load_config("configs/tiny.py:smoke")
   config.train.num_steps, config.train.checkpoint_every, config.train.keep_checkpoints = 8, 2, 10
   config.train.log_every, config.train.eval_every = 1, 4
   for key, value in overrides.items():

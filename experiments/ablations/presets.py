@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.ablations.runner import load_config_file
+from moejax.config import load_config
 
 POD_CONFIG = "configs/olmoe.py:pod"
 
@@ -23,19 +23,19 @@ def base_config(
   preset: str, *, cpu_steps: int = 600, cpu_warmup: int = 60
 ) -> ml_collections.ConfigDict:
   if preset == "smoke":
-    config = load_config_file("configs/tiny.py:smoke")
+    config = load_config("configs/tiny.py:smoke")
     t = config.train
     t.num_steps, t.warmup_steps = 4, 1
     t.log_every, t.eval_every, t.checkpoint_every, t.keep_checkpoints = 1, 2, 2, 2
     config.data.eval_batches = 1
     return config
   if preset == "cpu":
-    config = load_config_file("configs/tiny.py")
+    config = load_config("configs/tiny.py")
     t = config.train
     t.num_steps, t.warmup_steps = cpu_steps, cpu_warmup
     t.log_every, t.eval_every, t.checkpoint_every, t.keep_checkpoints = 10, 50, 100, 2
     config.data.eval_batches = 8
     return config
   if preset == "pod":
-    return load_config_file(POD_CONFIG)
+    return load_config(POD_CONFIG)
   raise ValueError(f"preset {preset!r} is not one of 'smoke', 'cpu', 'pod'")

@@ -34,7 +34,6 @@ import contextlib
 import copy
 import csv
 import dataclasses
-import importlib.util
 import io
 import json
 import math
@@ -49,6 +48,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import ml_collections
 
 from moejax import flops
+from moejax.config import apply_overrides, flatten, load_config
 from moejax.model import expert_d_ff_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -122,47 +122,6 @@ class Ablation:
 
 
 # ----------------------------------------------------------------------------- configs
-
-
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """`configs/NAME.py[:ARG]` (relative to the repository) -> its `get_config(ARG)`."""
-  path, _, arg = spec.partition(":")
-  full = path if os.path.isabs(path) else os.path.join(REPO, path)
-  name = os.path.splitext(os.path.basename(full))[0]
-  module_spec = importlib.util.spec_from_file_location(f"_ablation_config_{name}", full)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
-def _dotted_keys(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      out.update(_dotted_keys(value, f"{prefix}{key}."))
-    else:
-      out[prefix + key] = value
-  return out
-
-
-def apply_overrides(
-  config: ml_collections.ConfigDict, overrides: Mapping[str, Any], where: str = ""
-) -> ml_collections.ConfigDict:
-  """Sets dotted keys on `config` in place (type-checked by ml_collections); returns it."""
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents:
-      if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-        raise KeyError(f"{where}{key!r} is not a config key")
-      node = node[part]
-    if leaf not in node:
-      raise KeyError(f"{where}{key!r} is not a config key")
-    try:
-      node[leaf] = value
-    except TypeError as error:
-      raise TypeError(f"{where}{key}={value!r}: {' '.join(str(error).split())}") from None
-  return config
 
 
 def arm_config(
@@ -882,8 +841,8 @@ def pod_overrides(
 ) -> dict[str, Any]:
   """The `--config.KEY=VALUE` overrides that turn `ablation.pod_config` into the arm's
   pod config (every key that differs)."""
-  want = _dotted_keys(arm_config(ablation, "pod", arm, seed, base_overrides))
-  have = _dotted_keys(load_config_file(ablation.pod_config))
+  want = flatten(arm_config(ablation, "pod", arm, seed, base_overrides))
+  have = flatten(load_config(ablation.pod_config))
   if set(want) != set(have):
     raise ValueError(f"{ablation.name}: pod config keys differ from {ablation.pod_config}")
   # The seed always, for the record; then every key that differs.

@@ -12,7 +12,6 @@ layer; the backward pass exchanges the same again.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -20,14 +19,8 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import jax  # noqa: E402  (after the device count is set)
 
 from moejax import parallel, train  # noqa: E402
+from moejax.config import load_config  # noqa: E402
 from moejax.model import moe_layer_indices  # noqa: E402
-
-
-def load_config(path: str):
-  spec = importlib.util.spec_from_file_location("config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("")
 
 
 def measure(config) -> dict[str, float]:

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from experiments.ablations.runner import load_config_file
+from moejax.config import load_config
 from experiments.benchmarks.common import interleaved_times, malloc_tunables, write_rows
 from moejax import flops, train
 from moejax.model import TransformerLM, expert_d_ff_of, moe_layer_indices
@@ -124,7 +124,7 @@ def moe_layers_function(config):
 
 
 def run(args) -> tuple[list[dict], str]:
-  config = load_config_file(args.config)
+  config = load_config(args.config)
   tc, m = config.train, config.model
   if m.num_experts == 0:
     raise SystemExit(f"{args.config} has no MoE layers (model.num_experts=0)")
