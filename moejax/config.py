@@ -19,64 +19,66 @@ from moejax.data import VOCAB_SIZE, default_data_config
 
 
 def base_config() -> ml_collections.ConfigDict:
+  """Every config key with its default; each key's trailing comment says what it is."""
   config = ml_collections.ConfigDict()
 
   config.model = model = ml_collections.ConfigDict()
-  model.vocab_size = VOCAB_SIZE
-  model.num_layers = 4
-  model.d_model = 128
-  model.num_heads = 4
-  model.num_kv_heads = 4
-  model.head_dim = config_dict.placeholder(int)  # None: d_model // num_heads
-  model.d_ff = 512  # dense FFN hidden size
-  model.activation = "swiglu"
-  model.qk_norm = False
-  model.rope_base = 10000.0
-  model.tie_embeddings = False
-  model.dtype = "float32"  # compute dtype; params float32
-  # Mixture of experts (num_experts = 0: the dense baseline).
-  model.num_experts = 8
-  model.top_k = 2
-  model.expert_d_ff = config_dict.placeholder(int)  # None: d_ff
-  model.moe_layer_interval = 1
-  model.router = "top_k"
-  model.dispatch = "auto"
-  model.capacity_factor = 1.25
-  model.eval_capacity_factor = 2.0
-  model.min_capacity = 4
-  model.renormalize = False
-  model.second_expert_policy = "all"
-  model.router_jitter = 0.0
-  model.expert_dropout = 0.0
-  model.num_shared_experts = 0
-  model.group_size = config_dict.placeholder(int)  # None: all tokens of a step
-  model.dense_moe_hybrid = False
-  model.lb_loss_weight = 0.01  # OLMoE's defaults
-  model.z_loss_weight = 0.001
+  model.vocab_size = VOCAB_SIZE  # byte tokenizer: 256 bytes + PAD, BOS, EOS
+  model.num_layers = 4  # decoder blocks
+  model.d_model = 128  # residual stream width
+  model.num_heads = 4  # query heads
+  model.num_kv_heads = 4  # key/value heads (GQA); must divide num_heads
+  model.head_dim = config_dict.placeholder(int)  # per-head width; None: d_model // num_heads
+  model.d_ff = 512  # hidden size of the dense FFNs
+  model.activation = "swiglu"  # FFN/expert activation: relu, gelu, swiglu, geglu
+  model.qk_norm = False  # RMSNorm on each query and key head before RoPE
+  model.rope_base = 10000.0  # RoPE base (theta)
+  model.tie_embeddings = False  # output projection reuses the token embedding
+  model.dtype = "float32"  # compute dtype (float32, bfloat16); parameters stay float32
+  model.num_experts = 8  # routed experts per MoE layer; 0: the dense baseline
+  model.top_k = 2  # experts per token (token choice); = num_experts for router 'dense'
+  model.expert_d_ff = config_dict.placeholder(int)  # hidden size of each expert; None: d_ff
+  model.moe_layer_interval = 1  # layer i is MoE iff (i + 1) % interval == 0
+  model.router = "top_k"  # top_k, noisy_top_k, expert_choice, dense
+  model.dispatch = "auto"  # einsum, sort, dropless; auto: einsum on TPU, sort elsewhere
+  model.expert_impl = "auto"  # block_loop, grouped_matmul; auto: block_loop on CPU
+  model.capacity_factor = 1.25  # capacity = cf · group tokens · top_k / num_experts (T·k/E)
+  model.eval_capacity_factor = 2.0  # the capacity factor in eval mode
+  model.min_capacity = 4  # floor of the capacity per expert and routing group
+  model.renormalize = False  # rescale the top-k gates to sum to 1 (Mixtral)
+  model.second_expert_policy = "all"  # all, random (GShard: 2nd expert kept w.p. min(1, 2·g2))
+  model.router_jitter = 0.0  # Switch: router input scaled by U(1-eps, 1+eps) in training
+  model.expert_dropout = 0.0  # dropout rate on the expert hidden layer (ST-MoE)
+  model.num_shared_experts = 0  # experts every token uses, one dense FFN of n · expert_d_ff
+  model.group_size = config_dict.placeholder(int)  # tokens per routing group; None: a sequence
+  model.dropless_buffer_factor = 2.0  # dropless expert parallelism: receive rows / own rows
+  model.dense_moe_hybrid = False  # MoE layers keep a dense FFN beside the experts (Arctic)
+  model.lb_loss_weight = 0.01  # load-balancing loss weight, per MoE layer (summed over layers)
+  model.z_loss_weight = 0.001  # router z-loss weight, per MoE layer (summed over layers)
 
   config.train = train = ml_collections.ConfigDict()
-  train.num_steps = 1000
-  train.batch_size = 32  # global, over all processes
-  train.seq_len = 128
-  train.learning_rate = 3e-3
-  train.min_learning_rate_ratio = 0.1  # cosine decays to lr · ratio
-  train.warmup_steps = 100
-  train.weight_decay = 0.1
-  train.adam_b1 = 0.9
-  train.adam_b2 = 0.95
-  train.grad_clip_norm = 1.0
-  train.seed = 0
-  train.log_every = 20
-  train.eval_every = 200
-  train.checkpoint_every = 200
-  train.keep_checkpoints = 3
-  train.nonfinite_policy = "stop"  # or 'skip' the update
+  train.num_steps = 1000  # optimizer steps
+  train.batch_size = 32  # sequences per step, global over all processes
+  train.seq_len = 128  # tokens per sequence
+  train.learning_rate = 3e-3  # peak AdamW learning rate
+  train.min_learning_rate_ratio = 0.1  # cosine decays to learning_rate · ratio
+  train.warmup_steps = 100  # linear warmup from 0
+  train.weight_decay = 0.1  # AdamW decoupled weight decay, on matrices only
+  train.adam_b1 = 0.9  # AdamW beta1
+  train.adam_b2 = 0.95  # AdamW beta2
+  train.grad_clip_norm = 1.0  # global gradient-norm clipping
+  train.seed = 0  # parameter init, router and dropout streams, data order
+  train.log_every = 20  # steps between train metric records
+  train.eval_every = 200  # steps between evaluations (and at the end)
+  train.checkpoint_every = 200  # steps between checkpoints (and at the end)
+  train.keep_checkpoints = 3  # newest checkpoints kept
+  train.nonfinite_policy = "stop"  # a NaN/Inf update: stop the run, or skip the update
 
   config.data = default_data_config()
 
   config.mesh = mesh = ml_collections.ConfigDict()
-  mesh.data = -1  # -1: the remaining devices
-  mesh.expert = 1
+  mesh.data = -1  # data-parallel devices; -1: the remaining devices
+  mesh.expert = 1  # expert-parallel devices (innermost); shards the experts
   return config
 
 

@@ -9,6 +9,7 @@ prompt's prefill routes every token as decoding it token by token would.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import jax
@@ -79,7 +80,9 @@ def sample(
   model.eval()
   for _, module in nnx.iter_modules(model):
     if isinstance(module, MoeLayer):
-      module.eval_capacity_factor = module.num_experts / module.top_k
+      module.config = dataclasses.replace(
+        module.config, eval_capacity_factor=module.num_experts / module.top_k
+      )
   graphdef, state = nnx.split(model)
   prompt = jnp.asarray(prompt_ids, jnp.int32)[None]
   max_len = prompt.shape[1] + max_new_tokens

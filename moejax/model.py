@@ -36,11 +36,9 @@ import ml_collections
 from flax import nnx
 
 from moejax.activations import ACTIVATIONS
-from moejax.dispatch import DISPATCHES
-from moejax.experts import FeedForward, on_rows  # FeedForward is re-exported here.
-from moejax.moe import MoeLayer
-from moejax.parallel import logical
-from moejax.routing import ROUTERS
+from moejax.ffn import FeedForward, on_rows
+from moejax.moe import MoeConfig, MoeLayer
+from moejax.sharding import logical
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 EMBEDDING_STDDEV = 0.02
@@ -77,8 +75,8 @@ def expert_d_ff_of(config: ml_collections.ConfigDict) -> int:
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises a one-line ValueError naming the first bad key of a model config.
 
-  Checks what the model itself relies on; the MoE layer checks its own options (router,
-  dispatch, capacity, ...) when it is built.
+  Checks what the model itself relies on; the MoE options are checked once, by
+  `MoeConfig` (`moe_config`).
   """
 
   def require(ok: bool, message: str) -> None:
@@ -132,24 +130,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       f"num_layers={config.num_layers} must be >= moe_layer_interval="
       f"{config.moe_layer_interval} so that some layer is MoE",
     )
-    require(
-      config.expert_d_ff is None
-      or (isinstance(config.expert_d_ff, int) and config.expert_d_ff >= 1),
-      f"expert_d_ff must be None (= d_ff) or a positive int, got {config.expert_d_ff!r}",
-    )
-    require(config.router in ROUTERS, f"router must be one of {ROUTERS}, got {config.router!r}")
-    require(
-      config.dispatch in DISPATCHES,
-      f"dispatch must be one of {DISPATCHES}, got {config.dispatch!r}",
-    )
-    require(
-      1 <= config.top_k <= config.num_experts,
-      f"top_k must be in [1, num_experts={config.num_experts}], got {config.top_k}",
-    )
-    require(
-      config.num_shared_experts >= 0,
-      f"num_shared_experts must be >= 0, got {config.num_shared_experts}",
-    )
+    moe_config(config)
+
+
+def moe_config(config: ml_collections.ConfigDict) -> MoeConfig:
+  """The `MoeConfig` of a model config with experts; its one-line errors name the key."""
+  try:
+    return MoeConfig.from_model_config(config)
+  except (ValueError, TypeError) as error:
+    raise ValueError(f"config.model.{error}") from None
 
 
 # ----------------------------------------------------------------------------- layers
@@ -341,35 +330,12 @@ class DecoderBlock(nnx.Module):
 # ----------------------------------------------------------------------------- the model
 
 
-def _make_moe_layer(config: ml_collections.ConfigDict, dtype: Any, rngs: nnx.Rngs) -> MoeLayer:
-  """Builds one `moejax.moe.MoeLayer` from the model config."""
-  return MoeLayer(
-    d_model=config.d_model,
-    d_ff=expert_d_ff_of(config),
-    num_experts=config.num_experts,
-    top_k=config.top_k,
-    router=config.router,
-    dispatch=config.dispatch,
-    capacity_factor=config.capacity_factor,
-    eval_capacity_factor=config.eval_capacity_factor,
-    min_capacity=config.min_capacity,
-    activation=config.activation,
-    renormalize=config.renormalize,
-    second_expert_policy=config.second_expert_policy,
-    router_jitter=config.router_jitter,
-    expert_dropout=config.expert_dropout,
-    num_shared_experts=config.num_shared_experts,
-    group_size=config.group_size,
-    dtype=dtype,
-    rngs=rngs,
-  )
-
-
 class TransformerLM(nnx.Module):
   """Decoder-only LM: embed -> `num_layers` `DecoderBlock`s -> RMSNorm -> logits.
 
-  Built from a model `ConfigDict` (keys in `validate_config` and `_make_moe_layer`; see the
-  module docstring for the MoE layer layout). The token embedding `[vocab, d_model]` is
+  Built from a model `ConfigDict` (keys in `moejax/config.py`; see the module docstring
+  for the MoE layer layout), for one device (`mesh=None`) or for `mesh`, which its MoE
+  layers run expert-parallel on (`moejax.moe.expert_parallel`). The token embedding `[vocab, d_model]` is
   drawn from N(0, 0.02²); with `tie_embeddings` the logits reuse it, otherwise an
   `lm_head` `[d_model, vocab]` (fan-in scaled) is added.
 
@@ -377,7 +343,7 @@ class TransformerLM(nnx.Module):
     moe_layer_indices: tuple of the 0-based indices of the MoE layers.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+  def __init__(self, config: ml_collections.ConfigDict, *, mesh=None, rngs: nnx.Rngs):
     validate_config(config)
     self.dtype = DTYPES[config.dtype]
     self.num_kv_heads, self.head_dim = config.num_kv_heads, head_dim_of(config)
@@ -410,7 +376,11 @@ class TransformerLM(nnx.Module):
         if not is_moe or config.dense_moe_hybrid
         else None
       )
-      moe = _make_moe_layer(config, self.dtype, rngs) if is_moe else None
+      moe = (
+        MoeLayer(moe_config(config), d_model=config.d_model, dtype=self.dtype, mesh=mesh, rngs=rngs)
+        if is_moe
+        else None
+      )
       layers.append(DecoderBlock(config.d_model, attention, dense_ffn=dense_ffn, moe=moe))
     self.layers = nnx.List(layers)
     self.final_norm = RMSNorm(config.d_model)
@@ -459,7 +429,7 @@ class TransformerLM(nnx.Module):
       logits is `[batch, seq, vocab]` float32 and aux aggregates the MoE layers:
       `lb_loss`, `z_loss`, `dropped_fraction`: float32 scalars, the mean over MoE layers
       (0.0 for a dense model); `expert_load`: `[num_moe_layers, num_experts]` (shape
-      `[0, 0]` for a dense model).
+      `[0, 0]` for a dense model); `routing`: one dict per MoE layer (see `MoeLayer`).
     """
     seq = tokens.shape[1]
     if cache is not None and isinstance(start, int) and start + seq > cache[0]["k"].shape[1]:
@@ -488,7 +458,8 @@ class TransformerLM(nnx.Module):
     return logits, aux, tuple(new_cache)
 
   def _aggregate_aux(self, auxes: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
-    """Means of the scalar MoE metrics over MoE layers; per-layer expert loads stacked."""
+    """Means of the scalar MoE metrics over MoE layers; per-layer expert loads stacked;
+    each MoE layer's routing (`MoeLayer`'s `aux['routing']`) in a tuple."""
     if not auxes:
       zero = jnp.zeros((), jnp.float32)
       return {
@@ -496,6 +467,7 @@ class TransformerLM(nnx.Module):
         "z_loss": zero,
         "dropped_fraction": zero,
         "expert_load": jnp.zeros((0, self.num_experts), jnp.float32),
+        "routing": (),
       }
     mean = lambda name: jnp.mean(jnp.stack([a[name].astype(jnp.float32) for a in auxes]))
     return {
@@ -503,4 +475,5 @@ class TransformerLM(nnx.Module):
       "z_loss": mean("z_loss"),
       "dropped_fraction": mean("dropped_fraction"),
       "expert_load": jnp.stack([a["expert_load"] for a in auxes]),
+      "routing": tuple(a["routing"] for a in auxes),
     }

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from moejax import checkpoint as checkpoint_lib
 from moejax import data as data_lib
-from moejax import parallel
+from moejax import sharding
 from moejax.metrics import MetricWriter
 from moejax.model import TransformerLM, moe_layer_indices
 
@@ -63,9 +63,10 @@ def make_optimizer(train_config: ml_collections.ConfigDict):
   return tx, schedule
 
 
-def build(config: ml_collections.ConfigDict):
-  """(model, optimizer, learning-rate schedule), initialised from `config.train.seed`."""
-  model = TransformerLM(config.model, rngs=nnx.Rngs(config.train.seed))
+def build(config: ml_collections.ConfigDict, mesh=None):
+  """(model, optimizer, learning-rate schedule), initialised from `config.train.seed`; the
+  model runs on `mesh` (None: one device's program)."""
+  model = TransformerLM(config.model, mesh=mesh, rngs=nnx.Rngs(config.train.seed))
   tx, schedule = make_optimizer(config.train)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   return model, optimizer, schedule
@@ -79,9 +80,9 @@ def init_state(config: ml_collections.ConfigDict, mesh):
 
   Returns (graphdef, state, state shardings).
   """
-  pair = lambda: build(config)[:2]
+  pair = lambda: build(config, mesh)[:2]
   graphdef, abstract = nnx.split(nnx.eval_shape(pair))
-  shardings = parallel.param_shardings(abstract, mesh)
+  shardings = sharding.param_shardings(abstract, mesh)
   state = jax.jit(lambda: nnx.state(pair()), out_shardings=shardings)()
   return graphdef, state, shardings
 
@@ -99,12 +100,19 @@ _LOSS_TERMS = ("ce_loss", "lb_loss", "z_loss", "grad_norm", "updated_params")
 def make_steps(graphdef, model_config: ml_collections.ConfigDict):
   """The pure train and eval step functions over the `(model, optimizer)` state.
 
+  The loss is CE + Σ over MoE layers of (lb_loss_weight · LB + z_loss_weight · Z): each
+  MoE layer gets the same balancing pressure however many there are (Switch, ST-MoE and
+  Megatron-Core add each layer's auxiliary loss); the `lb_loss`/`z_loss` metrics are the
+  per-layer means.
+
   The train step applies an update only when every loss term and the gradient norm are
   finite; otherwise parameters and optimizer state stay as they were (the RNG streams
   still advance) and `metrics['nonfinite']` names the bad terms as a bit mask over
   `_LOSS_TERMS`.
   """
-  lb_weight, z_weight = model_config.lb_loss_weight, model_config.z_loss_weight
+  m = model_config
+  num_moe_layers = len(moe_layer_indices(m.num_layers, m.num_experts, m.moe_layer_interval))
+  lb_weight, z_weight = num_moe_layers * m.lb_loss_weight, num_moe_layers * m.z_loss_weight
 
   def train_step(state, batch):
     old_leaves = jax.tree.leaves(state)  # merge may share Variables with `state`
@@ -236,8 +244,8 @@ def train_and_evaluate(
   process, num_processes = jax.process_index(), jax.process_count()
 
   m = config.model
-  mesh = parallel.make_mesh(config.mesh)
-  parallel.validate_mesh(
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.validate_mesh(
     mesh,
     num_experts=m.num_experts,
     global_batch_size=tc.batch_size,
@@ -270,7 +278,7 @@ def train_and_evaluate(
   moe_layers = moe_layer_indices(m.num_layers, m.num_experts, m.moe_layer_interval)
   writer = MetricWriter(workdir, enabled=process == 0, resume_step=start_step)
   train_step, eval_step = make_steps(graphdef, config.model)
-  batch_sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+  batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   train_step = jax.jit(
     train_step,
     in_shardings=(state_shardings, batch_sharding),
@@ -280,7 +288,7 @@ def train_and_evaluate(
   eval_step = jax.jit(
     eval_step, in_shardings=(state_shardings, batch_sharding), out_shardings=replicated
   )
-  eval_batches = [parallel.shard_batch(b, mesh) for b in eval_batches]
+  eval_batches = [sharding.shard_batch(b, mesh) for b in eval_batches]
 
   tokens_per_step = tc.batch_size * tc.seq_len
   last_train: dict[str, Any] = {}
@@ -295,12 +303,11 @@ def train_and_evaluate(
     disable=not (show_progress and process == 0),
   )
   step, saved_step = start_step, start_step
-  # Traced under the mesh, MoE layers exchange tokens with all-to-alls over its expert axis.
-  with PreemptionWatch(num_processes) as preemption, jax.set_mesh(mesh):
+  with PreemptionWatch(num_processes) as preemption:
     try:
       while step < tc.num_steps:
         step += 1
-        batch = parallel.shard_batch(next(train_iter), mesh)
+        batch = sharding.shard_batch(next(train_iter), mesh)
         state, metrics = train_step(state, batch)
         interval_steps += 1
         bad = int(metrics["nonfinite"])

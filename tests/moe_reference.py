@@ -112,3 +112,39 @@ def expert_choice(x, params, *, num_experts, capacity_per_expert, activation, gr
           x[start + t], params["w_in"][e], w_gate, params["w_out"][e], activation
         )
   return y
+
+
+def dispatch_combine(x, expert_indices, gates, valid, expert_fn, capacity=None):
+  """Reference token-choice dispatch and combine of one routing group, routing given.
+
+  `x` `[tokens, d]`; `expert_indices`, `gates`, `valid` `[tokens, k]`; `expert_fn(e, v)` an
+  expert on one vector. Every rank-1 assignment is queued before any rank-2 one, then
+  token order; `capacity` None means no limit. Returns (y `[tokens, d]`, kept `[tokens, k]`).
+  """
+  tokens, k = expert_indices.shape
+  y = np.zeros_like(x, dtype=np.float64)
+  kept = np.zeros((tokens, k), bool)
+  used = {}
+  for rank in range(k):
+    for t in range(tokens):
+      if not valid[t, rank]:
+        continue
+      e = int(expert_indices[t, rank])
+      if capacity is not None and used.get(e, 0) >= capacity:
+        continue
+      used[e] = used.get(e, 0) + 1
+      kept[t, rank] = True
+      y[t] += gates[t, rank] * expert_fn(e, x[t])
+  return y, kept
+
+
+def expert_choice_dispatch_combine(x, token_indices, gates, expert_fn):
+  """Reference expert-choice dispatch and combine of one group: expert `e` takes the tokens
+  `token_indices[e]` `[capacity]` with weights `gates[e]`. Returns (y, taken `[tokens]`)."""
+  y = np.zeros_like(x, dtype=np.float64)
+  taken = np.zeros(x.shape[0], bool)
+  for e in range(token_indices.shape[0]):
+    for t, g in zip(token_indices[e], gates[e]):
+      y[t] += g * expert_fn(e, x[t])
+      taken[t] = True
+  return y, taken

@@ -11,7 +11,7 @@ import pytest
 from moejax.config import load_config
 from flax import nnx
 
-import moejax
+from moejax.moe import MoeConfig, MoeLayer
 from experiments.benchmarks import moe_layer
 
 
@@ -72,12 +72,14 @@ def test_only_the_einsum_rows_hold_a_tokens_experts_capacity_tensor(smoke):
 def test_row_factor_counts_capacity_slots_and_dropless_blocks_by_hand():
   T, d, E, k = 96, 16, 8, 2
   x = jax.random.normal(jax.random.key(0), (T, d))
-  sort = moejax.MoeLayer(
-    d_model=d, d_ff=8, num_experts=E, top_k=k, dispatch="sort", group_size=48, rngs=nnx.Rngs(0)
+  sort = MoeLayer(
+    MoeConfig(num_experts=E, d_ff=8, top_k=k, dispatch="sort", group_size=48),
+    d_model=d,
+    rngs=nnx.Rngs(0),
   )
   assert moe_layer.row_factor(sort, x, 13) == 2 * E * 13 / (T * k)  # 2 groups of E·C slots
-  layer = moejax.MoeLayer(
-    d_model=d, d_ff=8, num_experts=E, top_k=k, dispatch="dropless", rngs=nnx.Rngs(0)
+  layer = MoeLayer(
+    MoeConfig(num_experts=E, d_ff=8, top_k=k, dispatch="dropless"), d_model=d, rngs=nnx.Rngs(0)
   )
   logits = np.asarray(x, np.float64) @ np.asarray(layer.router_kernel[...], np.float64)
   top = np.argsort(-logits, axis=1)[:, :k]

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moejax.activations import ACTIVATIONS, hidden_activation, is_gated
-from moejax.block_ffn import block_ffn
-from moejax.experts import batched_ffn
+from moejax.moe.block_ffn import block_ffn, block_layout
+from moejax.moe.experts import batched_ffn
 
 import moe_reference as ref
 
@@ -131,3 +131,23 @@ def test_batched_ffn_the_gpu_tpu_form_matches_the_numpy_loop(activation):
         activation,
       )
       np.testing.assert_allclose(out[e, c], want, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+  sizes=st.lists(st.integers(0, 20), min_size=1, max_size=6),
+  spare=st.integers(0, 5),
+  block=st.sampled_from([8, 16]),
+)
+def test_property_block_layout_places_every_row_once(sizes, spare, block):
+  rows = sum(sizes) + spare
+  slot_row, block_expert, row_slot, used = block_layout(jnp.asarray(sizes), rows, block)
+  slot_row, block_expert, row_slot = map(np.asarray, (slot_row, block_expert, row_slot))
+  owner = np.repeat(np.arange(len(sizes)), sizes)
+  for r in range(sum(sizes)):
+    assert slot_row[row_slot[r]] == r
+    assert block_expert[row_slot[r] // block] == owner[r]
+  assert np.all(row_slot[sum(sizes) :] == len(slot_row))
+  assert np.sum(slot_row < rows) == sum(sizes)
+  assert int(used) == sum(-(-s // block) for s in sizes)  # blocks holding any row
+  assert np.all(slot_row[int(used) * block :] == rows)  # every later slot is empty

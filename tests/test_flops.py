@@ -1,52 +1,12 @@
 """Tests of moejax.flops: the analytic counts against built models and against hand counts."""
 
-import ml_collections
 import pytest
 
 from flax import nnx
 
 from moejax import flops
+from small_models import dense_model_config as tiny_config
 from moejax.model import TransformerLM
-
-
-def tiny_config(**overrides) -> ml_collections.ConfigDict:
-  """A dense 2-layer model with every key the model reads; overrides replace defaults."""
-  config = ml_collections.ConfigDict(
-    dict(
-      vocab_size=260,
-      num_layers=2,
-      d_model=32,
-      num_heads=4,
-      num_kv_heads=2,
-      head_dim=None,
-      d_ff=64,
-      activation="swiglu",
-      num_experts=0,
-      top_k=2,
-      expert_d_ff=32,
-      moe_layer_interval=1,
-      router="top_k",
-      dispatch="dropless",
-      capacity_factor=1.25,
-      eval_capacity_factor=2.0,
-      min_capacity=4,
-      renormalize=False,
-      second_expert_policy="all",
-      router_jitter=0.0,
-      expert_dropout=0.0,
-      num_shared_experts=0,
-      group_size=None,
-      dense_moe_hybrid=False,
-      qk_norm=True,
-      rope_base=10_000.0,
-      tie_embeddings=False,
-      dtype="float32",
-      lb_loss_weight=0.01,
-      z_loss_weight=1e-3,
-    )
-  )
-  config.update(overrides)
-  return config
 
 
 MOE = dict(num_experts=4, top_k=2)

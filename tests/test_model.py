@@ -1,6 +1,5 @@
 """Tests of moejax.model: shapes, causality, KV-cache decoding, GQA, RoPE, MoE layout, config."""
 
-import ml_collections
 import numpy as np
 import pytest
 
@@ -10,48 +9,9 @@ from flax import nnx
 
 from moejax import model as model_lib
 from moejax.model import TransformerLM, apply_rope, grouped_query_attention
+from small_models import dense_model_config as tiny_config
 
 VOCAB, BATCH, SEQ = 260, 2, 12
-
-
-def tiny_config(**overrides) -> ml_collections.ConfigDict:
-  """A dense 2-layer model with every key the model reads; overrides replace defaults."""
-  config = ml_collections.ConfigDict(
-    dict(
-      vocab_size=VOCAB,
-      num_layers=2,
-      d_model=32,
-      num_heads=4,
-      num_kv_heads=2,
-      head_dim=None,
-      d_ff=64,
-      activation="swiglu",
-      num_experts=0,
-      top_k=2,
-      expert_d_ff=32,
-      moe_layer_interval=1,
-      router="top_k",
-      dispatch="dropless",
-      capacity_factor=1.25,
-      eval_capacity_factor=2.0,
-      min_capacity=4,
-      renormalize=False,
-      second_expert_policy="all",
-      router_jitter=0.0,
-      expert_dropout=0.0,
-      num_shared_experts=0,
-      group_size=None,
-      dense_moe_hybrid=False,
-      qk_norm=True,
-      rope_base=10_000.0,
-      tie_embeddings=False,
-      dtype="float32",
-      lb_loss_weight=0.01,
-      z_loss_weight=1e-3,
-    )
-  )
-  config.update(overrides)
-  return config
 
 
 MOE = dict(num_experts=4, top_k=2)
@@ -75,11 +35,15 @@ def test_forward_shapes_and_aux(overrides):
   logits, aux = model(tokens())
   assert logits.shape == (BATCH, SEQ, VOCAB) and logits.dtype == jnp.float32
   assert bool(jnp.all(jnp.isfinite(logits)))
-  assert set(aux) == {"lb_loss", "z_loss", "dropped_fraction", "expert_load"}
+  assert set(aux) == {"lb_loss", "z_loss", "dropped_fraction", "expert_load", "routing"}
   for name in ("lb_loss", "z_loss", "dropped_fraction"):
     assert aux[name].shape == ()
   num_moe = len(model.moe_layer_indices)
   assert aux["expert_load"].shape == (num_moe, config.num_experts)
+  assert len(aux["routing"]) == num_moe
+  for routing in aux["routing"]:
+    assert routing["probs"].shape == (BATCH * SEQ, config.num_experts)
+    assert routing["expert_indices"].shape == routing["kept"].shape == (BATCH * SEQ, config.top_k)
   if num_moe == 0:
     assert float(aux["lb_loss"]) == float(aux["z_loss"]) == float(aux["dropped_fraction"]) == 0.0
   else:

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moejax
-from moejax import routing
+from moejax.moe import routing
 
 from moe_reference import softmax
 

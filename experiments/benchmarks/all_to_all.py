@@ -18,16 +18,16 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402  (after the device count is set)
 
-from moejax import parallel, train  # noqa: E402
+from moejax import hlo, sharding, train  # noqa: E402
 from moejax.config import load_config  # noqa: E402
 from moejax.model import moe_layer_indices  # noqa: E402
 
 
 def measure(config) -> dict[str, float]:
   """Compiles the train step of `config` on its mesh; returns measured and minimum bytes."""
-  mesh = parallel.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh)
   m, tc = config.model, config.train
-  parallel.validate_mesh(
+  sharding.validate_mesh(
     mesh,
     num_experts=m.num_experts,
     global_batch_size=tc.batch_size,
@@ -36,19 +36,18 @@ def measure(config) -> dict[str, float]:
   )
   graphdef, state, shardings = train.init_state(config, mesh)
   train_step, _ = train.make_steps(graphdef, m)
-  batch_sharding = parallel.batch_sharding(mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
   step = jax.jit(
     train_step,
     in_shardings=(shardings, batch_sharding),
-    out_shardings=(shardings, parallel.replicated(mesh)),
+    out_shardings=(shardings, sharding.replicated(mesh)),
   )
   batch = jax.ShapeDtypeStruct(
     (tc.batch_size, tc.seq_len), jax.numpy.int32, sharding=batch_sharding
   )
-  with jax.set_mesh(mesh):
-    hlo = step.lower(state, {"inputs": batch, "targets": batch}).compile().as_text()
-  measured = parallel.all_to_all_bytes(hlo)
-  device_tokens = tc.batch_size * tc.seq_len // parallel.num_batch_shards(mesh)
+  hlo_text = step.lower(state, {"inputs": batch, "targets": batch}).compile().as_text()
+  measured = hlo.all_to_all_bytes(hlo_text)
+  device_tokens = tc.batch_size * tc.seq_len // sharding.num_batch_shards(mesh)
   layers = len(moe_layer_indices(m.num_layers, m.num_experts, m.moe_layer_interval))
   bytes_per_element = 2 if m.dtype == "bfloat16" else 4
   minimum = (

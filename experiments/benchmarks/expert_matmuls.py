@@ -9,7 +9,7 @@ routing, dispatch or combine. Rows, per E (medians of `--reps` interleaved repet
 
   * `batched`: forward + backward of the three batched einsums `[E, C, d] × [E, d, f]`
     (what `Experts.apply_batched` runs on GPU and TPU);
-  * `block_ffn`: forward + backward of `moejax.block_ffn.block_ffn`, one block per
+  * `block_ffn`: forward + backward of `moejax.moe.block_ffn.block_ffn`, one block per
     expert (what it runs on CPU);
   * `x@w`, `dy@wᵀ`, `xᵀ@dy`: a loop over the experts of one of the three matmul shapes a
     block's backward pass does (`[C, d] @ [d, f]`; `[C, f] @ [d, f]ᵀ`; `[C, d]ᵀ @ [C, f]`,
@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 
 from experiments.benchmarks.common import interleaved_times, malloc_tunables, write_rows
-from moejax.block_ffn import block_ffn
-from moejax.experts import batched_ffn
+from moejax.moe.block_ffn import block_ffn
+from moejax.moe.experts import batched_ffn
 
 PRESETS = {
   "default": dict(

@@ -17,11 +17,12 @@ Rows:
   * `matmul`: a square float32 `[N, N] @ [N, N]` (`--matmul_size`, 2·N³ FLOPs). Its
     median rate is this machine's matmul rate, measured in the same process; every
     row's utilisation is relative to it.
-  * `dense`: `moejax.experts.FeedForward(d_model, top_k · d_ff, 'swiglu')`, a dense FFN
+  * `dense`: `moejax.ffn.FeedForward(d_model, top_k · d_ff, 'swiglu')`, a dense FFN
     with the same active expert parameters as the MoE layer.
-  * `moe/<dispatch>`: `moejax.MoeLayer(router='top_k', activation='swiglu',
-    capacity_factor=--capacity_factor)` for each dispatch and each `--num_experts`;
-    `moe/einsum/g<S>` rows set `group_size=S` (routing and capacity per group of S tokens).
+  * `moe/<dispatch>`: `MoeLayer(MoeConfig(router='top_k', activation='swiglu',
+    capacity_factor=--capacity_factor))` for each dispatch and each `--num_experts`; the
+    capacity rows route all T tokens as one group (`group_size=T`), `moe/einsum/g<S>`
+    rows set `group_size=S` (routing and capacity per group of S tokens).
 
 Shapes: the input is `[--batch, --seq_len, d_model]` (default 8 × 512 = 4096 tokens).
 The layer routes all batch·seq tokens of a call as ONE routing group unless `group_size`
@@ -39,7 +40,7 @@ Columns (CSV and table):
     gflop_per_s (model-FLOPs utilisation against this machine's measured matmul rate);
   * `xla_gflop`: the FLOPs XLA's cost analysis counts in the compiled program (shows the
     dispatch overhead: one-hot einsums, ...; XLA does not count the FLOPs inside loops, so
-    the CPU expert loop, `moejax.block_ffn`, shows almost none);
+    the CPU expert loop, `moejax.moe.block_ffn`, shows almost none);
   * `row_factor` (table: rows/(T·k)): rows the experts multiply on CPU per routed
     assignment, i.e. the padding the layer pays on top of the active FLOPs: E·C per
     routing group for the capacity paths, the blocks in use for `dropless` (its rows
@@ -76,12 +77,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import moejax
-from moejax import block_ffn
-from moejax import dispatch as dispatch_lib
-from moejax import routing
 from experiments.benchmarks.common import expert_flops, malloc_tunables, write_rows
-from moejax.experts import FeedForward
+from moejax.ffn import FeedForward
+from moejax.moe import MoeConfig, MoeLayer, block_ffn, routing
+from moejax.moe.config import DISPATCHES
+from moejax.moe.dispatch import expert_capacity
 
 PRESETS = {
   "default": dict(
@@ -243,8 +243,8 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
     if getattr(args, key) is None:
       setattr(args, key, value)
   for dispatch in args.dispatches + args.grouped_dispatches:
-    if dispatch not in dispatch_lib.DISPATCHES:
-      p.error(f"unknown dispatch {dispatch!r}; allowed: {', '.join(dispatch_lib.DISPATCHES)}")
+    if dispatch not in DISPATCHES:
+      p.error(f"unknown dispatch {dispatch!r}; allowed: {', '.join(DISPATCHES)}")
   if "dropless" in args.grouped_dispatches and args.group_sizes:
     p.error("dropless has no routing groups; drop it from --grouped_dispatches")
   for mode in args.modes:
@@ -285,17 +285,17 @@ def dense_active_flops(tokens: int, d_model: int, hidden: int, mode: str) -> flo
   return expert_flops(tokens, d_model, hidden) * (3 if mode == "fwdbwd" else 1)
 
 
-def row_factor(layer: moejax.MoeLayer, x: jax.Array, capacity: int | None) -> float:
+def row_factor(layer: MoeLayer, x: jax.Array, capacity: int | None) -> float:
   """Rows the experts multiply on the CPU path per routed assignment (T·k): the capacity
   buffers (E·C per routing group, empty slots included), or for `dropless` the blocks in
   use (`block_ffn.grouped_layout`) for the layer's routing of `x`. 1.0 means no padding."""
   tokens = x.reshape(-1, x.shape[-1])
   assignments = tokens.shape[0] * layer.top_k
   if capacity is not None:
-    groups = tokens.shape[0] // (layer.group_size or tokens.shape[0])
+    groups = tokens.shape[0] // (layer.config.group_size or x.shape[1])
     return groups * layer.num_experts * capacity / assignments
   probs = jax.nn.softmax(tokens @ layer.router_kernel[...], axis=-1)
-  choice = routing.top_k_choice(probs, layer.top_k, renormalize=layer.renormalize)
+  choice = routing.top_k_choice(probs, layer.top_k, renormalize=layer.config.renormalize)
   sizes = jnp.bincount(choice.expert_indices.reshape(-1), length=layer.num_experts)
   block, *_, used_blocks = block_ffn.grouped_layout(sizes, assignments)
   return int(used_blocks) * block / assignments
@@ -334,21 +334,22 @@ def build_rows(args: argparse.Namespace) -> list[Row]:
       variants = [(dispatch, None) for dispatch in args.dispatches]
       variants += [(dispatch, g) for dispatch in args.grouped_dispatches for g in args.group_sizes]
       for dispatch, group in variants:
-        layer = moejax.MoeLayer(
-          d_model=d,
-          d_ff=f,
+        # Without a group size the capacity rows route all T tokens as one group.
+        S = None if dispatch == "dropless" else group or T
+        config = MoeConfig(
           num_experts=E,
+          d_ff=f,
           top_k=k,
           router="top_k",
           dispatch=dispatch,
           capacity_factor=args.capacity_factor,
           activation="swiglu",
-          group_size=group,
-          rngs=nnx.Rngs(args.seed),
+          group_size=S,
         )
+        layer = MoeLayer(config, d_model=d, rngs=nnx.Rngs(args.seed))
         fn, params = _module_fn(layer, has_aux=True, mode=mode)
-        S = group or T
-        C = dispatch_lib.expert_capacity(S, E, k, args.capacity_factor, layer.min_capacity)
+        S = S or T
+        C = expert_capacity(S, E, k, args.capacity_factor, config.min_capacity)
         name = f"moe/{dispatch}" + (f"/g{group}" if group else "")
         rows.append(
           Row(

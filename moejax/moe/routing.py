@@ -8,7 +8,8 @@ decision exist:
 * expert choice (`ExpertChoice`, Zhou et al. 2022, "Mixture-of-Experts with Expert
   Choice Routing"): every expert picks its top-C tokens of a routing group.
 
-All router math runs in float32, whatever the layer's compute dtype.
+All router math runs in float32, whatever the layer's compute dtype. Every function here
+acts on one routing group (`[tokens, ...]`); the layer vmaps them over groups.
 """
 
 from __future__ import annotations
@@ -16,9 +17,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import struct
-
-ROUTERS = ("top_k", "noisy_top_k", "expert_choice", "dense")
-SECOND_EXPERT_POLICIES = ("all", "random")
 
 
 @struct.dataclass
@@ -154,3 +152,30 @@ def noisy_logits(clean_logits: jax.Array, noise_logits: jax.Array, key: jax.Arra
   """
   noise = jax.random.normal(key, clean_logits.shape, jnp.float32)
   return clean_logits + noise * jax.nn.softplus(noise_logits)
+
+
+def router_logits(
+  tokens: jax.Array,
+  router_kernel: jax.Array,
+  *,
+  noise_kernel: jax.Array | None = None,
+  jitter: float = 0.0,
+  key: jax.Array | None = None,
+) -> jax.Array:
+  """Router logits `[..., experts]` float32 of `tokens` `[..., d_model]`.
+
+  With `jitter` > 0 and a `key`, the router input (only) is scaled by U(1-eps, 1+eps)
+  (Switch Transformer, Fedus et al. 2021, §2.4); with a `noise_kernel` and a `key`, the
+  logits get Shazeer et al.'s tunable noise (`noisy_logits`). Without a key both are off
+  (eval mode).
+  """
+  router_in = tokens.astype(jnp.float32)
+  if jitter and key is not None:
+    jitter_key, key = jax.random.split(key)
+    router_in = router_in * jax.random.uniform(
+      jitter_key, router_in.shape, jnp.float32, 1.0 - jitter, 1.0 + jitter
+    )
+  logits = router_in @ router_kernel
+  if noise_kernel is not None and key is not None:
+    logits = noisy_logits(logits, router_in @ noise_kernel, key)
+  return logits

@@ -1,0 +1,11 @@
+"""The Mixture-of-Experts layer: config, routing, dispatch, experts, expert parallelism.
+
+Calls only go down: `layer` -> `routing`, `dispatch` -> `expert_parallel` -> `experts`
+-> `block_ffn`; `rows` holds the gathers they share.
+"""
+
+from moejax.moe.config import MoeConfig
+from moejax.moe.layer import MoeLayer
+from moejax.moe.routing import load_balancing_loss, router_z_loss
+
+__all__ = ["MoeConfig", "MoeLayer", "load_balancing_loss", "router_z_loss"]

@@ -1,0 +1,168 @@
+"""`MoeConfig`: every option of an MoE layer, checked once, where it is built.
+
+`MoeConfig.from_model_config(config.model)` reads the `model.*` keys of an experiment
+config (their meaning is commented in `moejax/config.py`); tests and notebooks build one
+directly, `MoeConfig(num_experts=8, d_ff=64)`, or with `dataclasses.replace`.
+
+An option that would do nothing in a combination is an error naming it, when its value
+asks for something (`renormalize=True` with expert choice). Options whose neutral default
+simply does not apply are ignored, and listed here:
+
+| option | ignored when |
+|---|---|
+| `capacity_factor`, `eval_capacity_factor`, `min_capacity`, `group_size` | `dispatch='dropless'` (no capacity; dropless takes every assignment) |
+| `dropless_buffer_factor` | any dispatch but `dropless`, or no expert axis > 1 |
+| `second_expert_policy` (default `'all'`), `renormalize` (default False) | `router='expert_choice'` or `'dense'` |
+| the load-balancing loss (0.0 is reported) | `router='expert_choice'` (balanced by construction) and `'dense'` (every token uses every expert) |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from moejax.activations import check_activation
+
+ROUTERS = ("top_k", "noisy_top_k", "expert_choice", "dense")
+SECOND_EXPERT_POLICIES = ("all", "random")
+DISPATCHES = ("auto", "einsum", "sort", "dropless")
+EXPERT_IMPLS = ("auto", "block_loop", "grouped_matmul")
+
+
+def _choice(name: str, value, allowed) -> None:
+  if value not in allowed:
+    raise ValueError(
+      f"{name}={value!r} is not supported; allowed: {', '.join(map(repr, allowed))}."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+  """The options of one MoE layer (see `moejax/config.py` for each key's meaning).
+
+  Attributes:
+    num_experts: E, the routed experts.
+    d_ff: hidden size of each routed expert.
+    top_k: experts per token (token choice); for expert choice the average that sets the
+      capacity; for `router='dense'` it must equal E.
+    activation: 'relu', 'gelu', 'swiglu' or 'geglu'.
+    router: 'top_k', 'noisy_top_k', 'expert_choice' or 'dense'.
+    dispatch: 'auto', 'einsum', 'sort' or 'dropless' (`moejax.moe.dispatch`).
+    expert_impl: 'auto', 'block_loop' or 'grouped_matmul' (`moejax.moe.experts`).
+    capacity_factor: capacity = max(min_capacity, ceil(cf · S · k / E)) per routing group
+      of S tokens, in training (the T·k/E convention).
+    eval_capacity_factor: the same in eval mode.
+    min_capacity: floor of the capacity.
+    renormalize: rescale the chosen top-k gates to sum to 1 (Mixtral).
+    second_expert_policy: 'all', or 'random' (GShard; needs top_k=2).
+    router_jitter: Switch's multiplicative jitter eps on the router input, in training.
+    expert_dropout: dropout rate on the expert hidden layer (ST-MoE).
+    num_shared_experts: experts every token uses, as one dense FFN of hidden
+      num_shared_experts · d_ff (DeepSeekMoE).
+    group_size: tokens per routing group; None makes each sequence one group.
+    dropless_buffer_factor: with dropless dispatch and an expert axis n > 1, each device
+      receives at most factor × (its own routed rows) rows; rows past that are dropped
+      and counted in `dropped_fraction` (`moejax.moe.expert_parallel`).
+  """
+
+  num_experts: int
+  d_ff: int
+  top_k: int = 2
+  activation: str = "swiglu"
+  router: str = "top_k"
+  dispatch: str = "auto"
+  expert_impl: str = "auto"
+  capacity_factor: float = 1.25
+  eval_capacity_factor: float = 2.0
+  min_capacity: int = 4
+  renormalize: bool = False
+  second_expert_policy: str = "all"
+  router_jitter: float = 0.0
+  expert_dropout: float = 0.0
+  num_shared_experts: int = 0
+  group_size: int | None = None
+  dropless_buffer_factor: float = 2.0
+
+  def __post_init__(self):
+    _choice("router", self.router, ROUTERS)
+    _choice("dispatch", self.dispatch, DISPATCHES)
+    _choice("expert_impl", self.expert_impl, EXPERT_IMPLS)
+    _choice("second_expert_policy", self.second_expert_policy, SECOND_EXPERT_POLICIES)
+    check_activation(self.activation)
+    for name in ("num_experts", "d_ff"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer.")
+    E = self.num_experts
+    if not isinstance(self.top_k, int) or not 1 <= self.top_k <= E:
+      raise ValueError(f"top_k={self.top_k!r} must be an int between 1 and num_experts={E}.")
+    if self.router == "dense" and self.top_k != E:
+      raise ValueError(
+        f"router='dense' sends every token to every expert: set top_k=num_experts ({E}), "
+        f"got top_k={self.top_k}."
+      )
+    if self.router == "expert_choice" and self.dispatch == "dropless":
+      raise ValueError(
+        "dispatch='dropless' needs token-choice routing; router='expert_choice' fixes the "
+        "tokens per expert: use dispatch 'einsum' or 'sort'."
+      )
+    choice_free = self.router in ("expert_choice", "dense")
+    if self.renormalize and choice_free:
+      raise ValueError(
+        f"renormalize=True does nothing with router={self.router!r} (no top-k gates to "
+        "rescale); set renormalize=False."
+      )
+    if self.second_expert_policy == "random" and (choice_free or self.top_k != 2):
+      raise ValueError(
+        "second_expert_policy='random' needs a token-choice router with top_k=2, got "
+        f"router={self.router!r}, top_k={self.top_k}."
+      )
+    for name in ("capacity_factor", "eval_capacity_factor", "dropless_buffer_factor"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"{name}={getattr(self, name)!r} must be > 0.")
+    if not isinstance(self.min_capacity, int) or self.min_capacity < 1:
+      raise ValueError(f"min_capacity={self.min_capacity!r} must be an int >= 1.")
+    if not 0.0 <= self.router_jitter < 1.0:
+      raise ValueError(f"router_jitter={self.router_jitter} must be in [0, 1).")
+    if not 0.0 <= self.expert_dropout < 1.0:
+      raise ValueError(f"expert_dropout={self.expert_dropout} must be in [0, 1).")
+    if not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
+      raise ValueError(f"num_shared_experts={self.num_shared_experts!r} must be an int >= 0.")
+    if self.group_size is not None:
+      if not isinstance(self.group_size, int) or self.group_size < 1:
+        raise ValueError(f"group_size={self.group_size!r} must be None or a positive int.")
+      if self.dispatch == "dropless":
+        raise ValueError(
+          f"group_size={self.group_size} does nothing with dispatch='dropless' (routing "
+          "groups set capacity); set group_size=None."
+        )
+
+  @classmethod
+  def from_model_config(cls, model) -> "MoeConfig":
+    """The MoE options of a `config.model` ConfigDict (`expert_d_ff` None means `d_ff`)."""
+    return cls(
+      num_experts=model.num_experts,
+      d_ff=model.expert_d_ff if model.expert_d_ff is not None else model.d_ff,
+      **{f.name: model[f.name] for f in dataclasses.fields(cls) if f.name not in _DERIVED},
+    )
+
+  def resolved_dispatch(self, platform: str) -> str:
+    """The form `dispatch` runs as on `platform` ('cpu', 'gpu', 'tpu').
+
+    'auto' keeps capacity semantics (the function of 'einsum' and 'sort'; never
+    'dropless') and picks the faster form: 'einsum' on TPU, the form GShard, Switch and
+    ST-MoE use there (all matmuls, which the MXU runs; gathers are slow on TPU); 'sort'
+    on CPU and GPU (measured on CPU by `experiments/benchmarks/moe_layer.py`: 'einsum' is
+    2.7-2.9x slower over one group of 4096 tokens, about 1.3x with groups of 512).
+    """
+    if self.dispatch != "auto":
+      return self.dispatch
+    return "einsum" if platform == "tpu" else "sort"
+
+  def resolved_expert_impl(self, platform: str) -> str:
+    """'block_loop' (`moejax.moe.block_ffn`) on CPU for 'auto', else 'grouped_matmul'."""
+    if self.expert_impl != "auto":
+      return self.expert_impl
+    return "block_loop" if platform == "cpu" else "grouped_matmul"
+
+
+_DERIVED = ("num_experts", "d_ff")

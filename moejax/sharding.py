@@ -1,0 +1,334 @@
+"""The mesh, the logical axis rules and the shardings of parameters, optimizer state and batches.
+
+The mesh
+--------
+`make_mesh(config.mesh)` builds a 2-D mesh `('data', 'expert')`, data outermost and expert
+innermost: devices that exchange tokens every MoE layer (the all-to-all, the heavy
+collective) are neighbours in device order (same host, same NVLink/ICI island), while the
+data axis carries only the once-per-step gradient all-reduce. Both axes shard the batch
+(GShard: in expert parallelism the expert axis is also a data axis); the expert axis
+also shards the expert weights, so each device holds E/n of every MoE layer's experts.
+
+Axis types: the mesh axes are `AxisType.Auto` (not `jax.make_mesh`'s default
+`Explicit`). Shardings are given where they matter (jit `in_shardings`/`out_shardings`,
+`jax.device_put`, the `shard_map` specs) and XLA propagates the rest; the model code
+needs no sharding-in-types annotations.
+
+The mesh is a value: the model is built with it (`TransformerLM(config, mesh=mesh)`), and
+its MoE layers run expert-parallel on it (`moejax.moe.expert_parallel`). Nothing reads an
+ambient mesh. The same model built without a mesh is the single-device program.
+
+Logical axes
+------------
+Every parameter carries logical axis names in its Flax NNX metadata (`out_sharding`, set
+with `logical(...)` where the parameter is created, with `eager_sharding=False` so that
+building a model never needs a mesh). `LOGICAL_AXIS_RULES` — the one table here — maps
+logical names to mesh axes. Metadata rather than a table of parameter paths: the names
+sit beside the parameter they describe (a new parameter cannot silently miss a rule;
+`param_shardings` rejects a parameter without names), and `nnx.Optimizer` copies them to
+its state, so optimizer state follows the parameters with the same call. For pytrees
+that lost the metadata (raw optax state over pure arrays), `tree_shardings` matches
+leaves to parameters by path suffix and shape.
+
+How a train step uses this::
+
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.validate_mesh(mesh, num_experts=E, global_batch_size=B)
+    model = TransformerLM(config.model, mesh=mesh, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)                 # or (model, optimizer) states
+    state_sh = sharding.param_shardings(state, mesh)   # NamedShardings, same tree
+    state = jax.device_put(state, state_sh)
+    step = jax.jit(train_step, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+                   out_shardings=(state_sh, sharding.replicated(mesh)))
+    state, metrics = step(state, sharding.shard_batch(batch, mesh))
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+DATA, EXPERT = "data", "expert"
+MESH_AXES = (DATA, EXPERT)  # outermost first
+BATCH_AXES = (DATA, EXPERT)  # the mesh axes that shard the batch, in this order
+AXIS_TYPES = (AxisType.Auto, AxisType.Auto)
+
+# The one table from logical axis names to mesh axes (None = replicated). Mesh axes that a
+# mesh lacks are dropped.
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+  ("batch", BATCH_AXES),  # activations: [batch, ...]
+  ("expert", EXPERT),  # stacked expert weights [expert, ...]
+  ("vocab", None),
+  ("embed", None),
+  ("mlp", None),
+  ("heads", None),  # q / o projections, heads·head_dim
+  ("kv_heads", None),  # k / v projections, kv_heads·head_dim
+  ("head_dim", None),  # QK-norm scales
+)
+
+
+def logical(*names: str | None) -> dict[str, Any]:
+  """Variable metadata naming a parameter's logical axes: `nnx.Param(v, **logical('embed', 'mlp'))`.
+
+  Eager sharding is off: the names are logical, and building a model needs no mesh.
+  """
+  return {"out_sharding": tuple(names), "eager_sharding": False}
+
+
+# ----------------------------------------------------------------------------- the mesh
+
+
+def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
+  """`{'data': d, 'expert': e}` from `config.mesh`, with a -1 resolved to the rest of the devices."""
+  keys = set(mesh_config.keys()) if hasattr(mesh_config, "keys") else set()
+  unknown = sorted(keys - set(MESH_AXES))
+  if unknown:
+    raise ValueError(f"config.mesh has unknown axes {unknown}; supported axes: {MESH_AXES}.")
+  sizes = {}
+  for name in MESH_AXES:
+    value = (
+      mesh_config.get(name, 1) if hasattr(mesh_config, "get") else getattr(mesh_config, name, 1)
+    )
+    if (
+      not isinstance(value, (int, np.integer))
+      or isinstance(value, bool)
+      or (value < 1 and value != -1)
+    ):
+      raise ValueError(f"config.mesh.{name}={value!r} must be a positive int or -1 (the rest).")
+    sizes[name] = int(value)
+  free = [name for name, value in sizes.items() if value == -1]
+  if len(free) > 1:
+    raise ValueError(f"config.mesh: at most one axis may be -1, got {free}.")
+  fixed = math.prod(v for v in sizes.values() if v != -1)
+  if free:
+    if num_devices % fixed:
+      raise ValueError(
+        f"config.mesh: the fixed axes (product {fixed}) do not divide the "
+        f"{num_devices} devices, so {free[0]}=-1 has no size."
+      )
+    sizes[free[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ValueError(
+      f"config.mesh: axis sizes {sizes} multiply to {fixed}, but there are {num_devices} devices."
+    )
+  return sizes
+
+
+def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """The `('data', 'expert')` mesh of `config.mesh` over `devices` (default: all), axes `Auto`.
+
+  With `devices=None` the device order comes from `jax.make_mesh` (topology-aware);
+  given devices are used in the order given, expert axis fastest.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = mesh_shape(mesh_config, len(devices))
+  shape = tuple(sizes[name] for name in MESH_AXES)
+  if devices == list(jax.devices()):
+    return jax.make_mesh(shape, MESH_AXES, axis_types=AXIS_TYPES)
+  return jax.sharding.Mesh(
+    np.asarray(devices, dtype=object).reshape(shape), MESH_AXES, axis_types=AXIS_TYPES
+  )
+
+
+def axis_size(mesh, name: str) -> int:
+  """Size of mesh axis `name`, 1 if the mesh (a Mesh, AbstractMesh or None) lacks it."""
+  if mesh is None:
+    return 1
+  return dict(zip(mesh.axis_names, mesh.axis_sizes)).get(name, 1)
+
+
+def mesh_platform(mesh) -> str:
+  """The platform ('cpu', 'gpu', 'tpu') of `mesh`'s devices, or of this process's default
+  devices when `mesh` is None: what the MoE forms are chosen for, once, when a model is
+  built. A mesh over TPU devices from `jax.experimental.topologies` is 'tpu' on any host."""
+  if mesh is None or not hasattr(mesh, "devices"):
+    return jax.devices()[0].platform
+  return np.asarray(mesh.devices).flat[0].platform
+
+
+def batch_axes(mesh) -> tuple[str, ...]:
+  """The mesh axes that shard the batch (data, then expert), those the mesh has."""
+  return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+
+def num_batch_shards(mesh) -> int:
+  return math.prod(axis_size(mesh, a) for a in batch_axes(mesh))
+
+
+def validate_mesh(
+  mesh,
+  *,
+  num_experts: int,
+  global_batch_size: int,
+  seq_len: int | None = None,
+  group_size: int | None = None,
+) -> None:
+  """One-line ValueErrors for a mesh that cannot run this model and batch.
+
+  Checks that the expert axis divides `num_experts` (0 = dense: any size), that the
+  batch-sharding axes divide `global_batch_size`, and, given `seq_len` and `group_size`,
+  that every device's tokens (batch/shards · seq_len) are whole routing groups.
+  """
+  experts = axis_size(mesh, EXPERT)
+  if num_experts and num_experts % experts:
+    raise ValueError(
+      f"num_experts={num_experts} is not divisible by the mesh's expert axis ({experts})."
+    )
+  shards = num_batch_shards(mesh)
+  if global_batch_size % shards:
+    raise ValueError(
+      f"global batch size {global_batch_size} is not divisible by the "
+      f"batch-sharding mesh axes {batch_axes(mesh)} (product {shards})."
+    )
+  if seq_len is not None and group_size is not None and experts > 1 and num_experts:
+    local_tokens = global_batch_size // shards * seq_len
+    if local_tokens % group_size:
+      raise ValueError(
+        f"with expert parallelism each device's {local_tokens} tokens "
+        f"(batch {global_batch_size}/{shards} x seq {seq_len}) must be a "
+        f"multiple of group_size={group_size}."
+      )
+
+
+# ----------------------------------------------------------------------------- shardings
+
+
+def logical_to_mesh(names: Sequence[str | None], mesh, rules=LOGICAL_AXIS_RULES) -> P:
+  """The PartitionSpec of logical axis `names` under `rules`, keeping the mesh axes `mesh` has."""
+  table = dict(rules)
+  spec, used = [], set()
+  for name in names:
+    if name is None:
+      spec.append(None)
+      continue
+    if name not in table:
+      raise ValueError(f"logical axis {name!r} has no rule in LOGICAL_AXIS_RULES.")
+    target = table[name]
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    axes = tuple(a for a in axes if a in mesh.axis_names)
+    if used & set(axes):
+      raise ValueError(
+        f"logical axes {tuple(names)} map mesh axis {sorted(used & set(axes))} twice."
+      )
+    used |= set(axes)
+    spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return P(*spec)
+
+
+def _variable_sharding(var: nnx.Variable, mesh, path: str, require_names: bool) -> NamedSharding:
+  value = var.get_value()
+  names = var.get_metadata().get("out_sharding") if hasattr(var, "get_metadata") else None
+  if not names:
+    if require_names and isinstance(var, nnx.Param):
+      raise ValueError(
+        f"parameter {path} has no logical axis names (create it with `**sharding.logical(...)`)."
+      )
+    return NamedSharding(mesh, P())
+  shape = getattr(value, "shape", ())
+  if len(names) != len(shape):
+    raise ValueError(f"{path}: logical axes {tuple(names)} do not match its shape {shape}.")
+  spec = logical_to_mesh(names, mesh)
+  for dim, axes in zip(shape, spec):
+    size = math.prod(axis_size(mesh, a) for a in ((axes,) if isinstance(axes, str) else axes or ()))
+    if dim % size:
+      raise ValueError(
+        f"{path}: dimension {dim} (axes {tuple(names)}) is not divisible by mesh "
+        f"axes {axes} of size {size}."
+      )
+  return NamedSharding(mesh, spec)
+
+
+def _path_str(path) -> str:
+  return "/".join(_key_str(k) for k in path)
+
+
+def _key_str(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def param_shardings(model_or_state, mesh, *, require_names: bool = True):
+  """NamedShardings for an NNX state: the same tree, each Variable's value replaced by its sharding.
+
+  Accepts a Module (uses `nnx.state(module)`), an `nnx.State`, or any pytree holding
+  `nnx.Variable`s (e.g. `nnx.state(optimizer)`, whose optimizer state carries the
+  parameters' names). A Variable's logical names (metadata `out_sharding`) are mapped by
+  `LOGICAL_AXIS_RULES`; Variables without names (RNG keys, counters, step) and plain
+  arrays are replicated. With `require_names` an `nnx.Param` without names is an error.
+  The result works as `jax.jit` `in_shardings`/`out_shardings` and for `jax.device_put`.
+  """
+  tree = nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module) else model_or_state
+
+  def one(path, x):
+    if isinstance(x, nnx.Variable):
+      return x.replace(_variable_sharding(x, mesh, _path_str(path), require_names))
+    return NamedSharding(mesh, P())
+
+  return jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _leaf_keys(path) -> tuple[str, ...]:
+  keys = tuple(_key_str(k) for k in path)
+  while keys and keys[-1] in ("value", "raw_value", "_raw_value"):
+    keys = keys[:-1]
+  return keys
+
+
+def tree_shardings(tree, mesh, params):
+  """Shardings for any pytree whose leaves mirror parameters (e.g. raw optax state).
+
+  A leaf gets the sharding of the parameter (from `params`: a Module or state holding
+  `nnx.Param`s) whose path is the longest suffix of the leaf's path and whose shape
+  matches; other leaves (counts, scalars) are replicated. Returns a tree of
+  NamedShardings with `tree`'s structure (plain leaves, no Variables).
+  """
+  state = nnx.state(params, nnx.Param) if isinstance(params, nnx.Module) else params
+  by_path: dict[tuple[str, ...], tuple[tuple[int, ...], NamedSharding]] = {}
+  flat, _ = jax.tree_util.tree_flatten_with_path(
+    param_shardings(state, mesh, require_names=False),
+    is_leaf=lambda x: isinstance(x, NamedSharding),
+  )
+  shapes = {_leaf_keys(p): np.shape(v) for p, v in jax.tree_util.tree_flatten_with_path(state)[0]}
+  for path, sharding in flat:
+    keys = _leaf_keys(path)
+    by_path[keys] = (shapes.get(keys), sharding)
+
+  def one(path, leaf):
+    keys = _leaf_keys(path)
+    for start in range(len(keys)):
+      hit = by_path.get(keys[start:])
+      if hit is not None and hit[0] == np.shape(leaf):
+        return hit[1]
+    return NamedSharding(mesh, P())
+
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  """Sharding of a batch array `[batch, ...]`: the batch over the data and expert axes."""
+  return NamedSharding(mesh, P(batch_axes(mesh)))
+
+
+def shard_batch(batch, mesh):
+  """Puts every `[batch, ...]` leaf of `batch` on the mesh with `batch_sharding`.
+
+  In one process `batch` is the global batch; with several processes each passes its
+  own rows (`jax.make_array_from_process_local_data`).
+  """
+  sharding = batch_sharding(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(batch, sharding)
+  return jax.tree.map(
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
+  )

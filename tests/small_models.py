@@ -1,0 +1,27 @@
+"""Small model configs the model-level tests share, built from `configs/tiny.py` with overrides."""
+
+import ml_collections
+
+from moejax.config import load_config
+
+VOCAB = 260
+
+
+def dense_model_config(**overrides) -> ml_collections.ConfigDict:
+  """A dense 2-layer model (d_model 32, GQA 4/2 heads, QK-norm, d_ff 64); `overrides` replace
+  `config.model` keys (`num_experts=4` makes it MoE, with dropless experts of hidden 32)."""
+  base = {
+    "model.num_layers": 2,
+    "model.d_model": 32,
+    "model.num_heads": 4,
+    "model.num_kv_heads": 2,
+    "model.d_ff": 64,
+    "model.num_experts": 0,
+    "model.expert_d_ff": 32,
+    "model.qk_norm": True,
+    "model.dispatch": "dropless",
+  }
+  config = load_config("configs/tiny.py", base).model
+  assert config.vocab_size == VOCAB
+  config.update(overrides)
+  return config

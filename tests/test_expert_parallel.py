@@ -1,0 +1,353 @@
+"""Expert parallelism against one device: the same model, loss, metrics and gradients on 5
+meshes, the all-to-alls the compiled step holds, and the dropless exchange's bookkeeping.
+
+The model tests compile one train step (loss and gradients) per (dispatch, mesh) and
+check on it: the loss, the MoE metrics and every gradient equal the single-device ones;
+the compiled HLO has all-to-alls (with an expert axis) of the expected size and no
+all-gather of expert weights; the outputs carry the parameter shardings. The model is
+built with its mesh; nothing reads an ambient mesh.
+"""
+
+import math
+
+import moe_reference
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from moejax import hlo, sharding
+from moejax.config import load_config
+from moejax.model import TransformerLM
+from moejax.moe import MoeConfig, MoeLayer
+from moejax.moe.expert_parallel import exchange_plan
+
+VOCAB, BATCH, SEQ, D_MODEL, E, K, D_FF = 260, 8, 16, 32, 8, 2, 32
+GROUP = 16
+LB_WEIGHT, Z_WEIGHT = 0.01, 1e-3
+MESHES = [(1, 1), (8, 1), (2, 4), (1, 8), (4, 2)]
+# Gradients: max |g - g_ref| / max |g_ref| per parameter (the sharded step sums over the
+# batch in another order). Measured: about 1.5e-6 (sort) and 1e-6 (dropless).
+GRAD_TOL = 1e-5
+
+
+def model_config(dispatch: str) -> ml_collections.ConfigDict:
+  """2 MoE layers of 8 experts (hidden 32), top-2, d_model 32, GQA 4/2 heads, QK-norm."""
+  overrides = {
+    "model.d_model": D_MODEL,
+    "model.num_heads": 4,
+    "model.num_kv_heads": 2,
+    "model.d_ff": 64,
+    "model.num_experts": E,
+    "model.top_k": K,
+    "model.expert_d_ff": D_FF,
+    "model.qk_norm": True,
+    "model.dispatch": dispatch,
+    "model.min_capacity": 1,
+    "model.group_size": None if dispatch == "dropless" else GROUP,
+    # The worst case on these meshes (n · min(k, E/n) / k <= 8): no row can overflow a
+    # receive buffer, so dropless computes exactly the single-device function.
+    "model.dropless_buffer_factor": 8.0,
+  }
+  config = load_config("configs/tiny.py:smoke", overrides).model
+  assert (config.vocab_size, config.num_layers, config.moe_layer_interval) == (VOCAB, 2, 1)
+  return config
+
+
+def mesh_config(data, expert) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(data=data, expert=expert))
+
+
+def make_mesh(data, expert):
+  return sharding.make_mesh(mesh_config(data, expert), jax.devices()[: data * expert])
+
+
+def batch_tokens():
+  return jax.random.randint(jax.random.key(1), (BATCH, SEQ + 1), 0, VOCAB, jnp.int32)
+
+
+def split_model(dispatch, mesh=None):
+  model = TransformerLM(model_config(dispatch), mesh=mesh, rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return graphdef, params, rest
+
+
+def loss_and_grad_fn(graphdef):
+  def loss_fn(params, rest, tokens):
+    model = nnx.merge(graphdef, params, rest)
+    logits, aux = model(tokens[:, :-1])
+    log_probs = jax.nn.log_softmax(logits)
+    ce = -jnp.mean(jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1))
+    loss = ce + LB_WEIGHT * aux["lb_loss"] + Z_WEIGHT * aux["z_loss"]
+    return loss, {k: aux[k] for k in ("lb_loss", "z_loss", "dropped_fraction")}
+
+  return jax.value_and_grad(loss_fn, has_aux=True)
+
+
+_REFERENCE = {}
+
+
+def reference(dispatch):
+  """Loss, metrics and gradients on one device, no mesh (computed once per dispatch)."""
+  if dispatch not in _REFERENCE:
+    graphdef, params, rest = split_model(dispatch)
+    (loss, metrics), grads = jax.jit(loss_and_grad_fn(graphdef))(params, rest, batch_tokens())
+    _REFERENCE[dispatch] = jax.device_get((loss, metrics, grads))
+  return _REFERENCE[dispatch]
+
+
+def flat(tree):
+  return {
+    jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
+
+
+# ----------------------------------------------------------------------------- the equivalence
+
+
+@pytest.mark.parametrize("dispatch", ["sort", "dropless"])
+@pytest.mark.parametrize("shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_sharded_train_step_matches_one_device(dispatch, shape):
+  data, expert = shape
+  ref_loss, ref_metrics, ref_grads = reference(dispatch)
+  mesh = make_mesh(data, expert)
+  graphdef, params, rest = split_model(dispatch, mesh)
+  param_sh, rest_sh = sharding.param_shardings(params, mesh), sharding.param_shardings(rest, mesh)
+  replicated = sharding.replicated(mesh)
+  step = jax.jit(
+    loss_and_grad_fn(graphdef),
+    in_shardings=(param_sh, rest_sh, sharding.batch_sharding(mesh)),
+    out_shardings=((replicated, replicated), param_sh),
+  )
+  tokens = batch_tokens()
+  compiled = step.lower(params, rest, tokens).compile()  # one compile, no ambient mesh
+  (loss, metrics), grads = compiled(
+    jax.device_put(params, param_sh),
+    jax.device_put(rest, rest_sh),
+    sharding.shard_batch(tokens, mesh),
+  )
+
+  # Same function: loss, metrics, gradients.
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  for name, value in ref_metrics.items():
+    np.testing.assert_allclose(metrics[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
+  if dispatch == "sort":
+    assert ref_metrics["dropped_fraction"] > 0, "the capacity test should exercise dropping"
+  got, want = flat(grads), flat(ref_grads)
+  assert got.keys() == want.keys()
+  for path, ref in want.items():
+    scale = np.max(np.abs(ref))
+    assert scale > 0, path
+    err = np.max(np.abs(got[path] - ref)) / scale
+    assert err < GRAD_TOL, f"{path}: gradient differs by {err:.2e} of its max"
+
+  # Shardings: expert weights (and their gradients) are split over the expert axis.
+  for path, grad_sharding in flat_shardings(grads).items():
+    expected = P("expert", None, None) if "experts" in path else P()
+    assert normalize(grad_sharding.spec) == normalize(expected), path
+  w_in = grads["layers"][0]["moe"]["experts"]["w_in"][...]
+  assert {s.data.shape for s in w_in.addressable_shards} == {(E // expert, D_MODEL, D_FF)}
+
+  # The compiled HLO: all-to-alls of the expected size, no all-gather of expert weights.
+  hlo_text = compiled.as_text()
+  a2a = hlo.all_to_all_bytes(hlo_text)
+  local_tokens = BATCH * SEQ // (data * expert)
+  num_moe_layers, bytes_per = 2, 4
+  if expert == 1:
+    assert a2a == 0
+  elif dispatch == "sort":
+    # The minimum: 2 (dispatch, combine) x 2 (forward, backward) x k·cf·tokens·d per layer;
+    # here capacity = cf·group·k/E exactly, so the buffers hold no rounding slack.
+    capacity = math.ceil(1.25 * GROUP * K / E)
+    assert capacity == 1.25 * GROUP * K / E
+    assert a2a == num_moe_layers * 2 * 2 * K * 1.25 * local_tokens * D_MODEL * bytes_per
+  else:
+    # Static worst-case blocks: min(n, E/k) times the balanced exchange, plus expert ids.
+    block = local_tokens * min(K, E // expert)
+    rows = expert * block
+    # Forward: rows out, rows back; backward: the same two exchanges the other way. (The
+    # experts of each received row follow from the all-gathered per-expert counts.)
+    per_layer = 4 * rows * D_MODEL * bytes_per
+    assert a2a == num_moe_layers * per_layer
+    assert a2a >= min(expert, E // K) * num_moe_layers * 2 * 2 * K * local_tokens * D_MODEL * 4
+  weight_elements = E // expert * D_MODEL * D_FF
+  for dtype, dims in hlo.collective_shapes(hlo_text, "all-gather"):
+    assert math.prod(dims) < weight_elements, f"all-gather of {dtype}{list(dims)}"
+
+
+def normalize(spec):
+  return tuple(spec) + (None,) * (3 - len(tuple(spec)))
+
+
+def flat_shardings(grads):
+  return {
+    jax.tree_util.keystr(p): v.sharding for p, v in jax.tree_util.tree_flatten_with_path(grads)[0]
+  }
+
+
+# ----------------------------------------------------------------------------- the layer
+
+
+def make_layer(*, mesh=None, rngs=None, **overrides):
+  defaults = dict(
+    num_experts=8, d_ff=16, top_k=2, group_size=8, min_capacity=1, capacity_factor=1.0
+  )
+  config = MoeConfig(**{**defaults, **overrides})
+  layer = MoeLayer(config, d_model=16, mesh=mesh, rngs=rngs or nnx.Rngs(0))
+  layer.router_kernel[...] = jax.random.normal(jax.random.key(7), layer.router_kernel.shape)
+  return layer
+
+
+def layer_loss(layer, x):
+  y, aux = layer(x)
+  return jnp.sum(jnp.sin(y)) + aux["lb_loss"] + aux["z_loss"], aux["dropped_fraction"]
+
+
+def layer_value_and_grad(layer):
+  """A (not yet jitted) function of (state, x) -> (loss, dropped fraction, grads), and the state."""
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+  def f(params, x):
+    (value, dropped), grads = jax.value_and_grad(
+      lambda p, x: layer_loss(nnx.merge(graphdef, p, rest), x), argnums=(0, 1), has_aux=True
+    )(params, x)
+    return value, dropped, grads
+
+  return f, params
+
+
+@pytest.mark.parametrize(
+  "router,dispatch", [("top_k", "einsum"), ("expert_choice", "sort"), ("expert_choice", "einsum")]
+)
+def test_layer_dispatch_forms_match_under_expert_parallelism(router, dispatch):
+  x = jax.random.normal(jax.random.key(0), (8, 8, 16))  # 8 tokens (one group) per device
+  step, state = layer_value_and_grad(
+    make_layer(router=router, dispatch=dispatch, capacity_factor=0.5)
+  )
+  ref_value, ref_dropped, ref_grads = jax.jit(step)(state, x)
+  assert 0 < ref_dropped < 1
+  layer = make_layer(router=router, dispatch=dispatch, capacity_factor=0.5, mesh=make_mesh(2, 4))
+  step, state = layer_value_and_grad(layer)
+  compiled = jax.jit(step).lower(state, x).compile()
+  value, dropped, grads = compiled(state, x)
+  assert "all-to-all" in compiled.as_text()
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  np.testing.assert_allclose(dropped, ref_dropped, rtol=1e-6)
+  for path, ref in flat(ref_grads).items():
+    np.testing.assert_allclose(
+      flat(grads)[path], ref, rtol=1e-4, atol=1e-5 * np.max(np.abs(ref)), err_msg=path
+    )
+
+
+def test_the_mesh_a_layer_is_built_with_decides_expert_parallelism():
+  x = jax.random.normal(jax.random.key(0), (8, 8, 16))
+  mesh = make_mesh(1, 8)
+  single = make_layer(dispatch="sort")
+  ref, _ = single(x)
+  sharded = make_layer(dispatch="sort", mesh=mesh)
+  fn = jax.jit(lambda x: sharded(x)[0])
+  assert "all-to-all" in fn.lower(x).compile().as_text()
+  np.testing.assert_allclose(fn(x), ref, rtol=1e-5, atol=1e-6)
+  with jax.set_mesh(mesh):  # an ambient mesh changes nothing: the layer has none
+    assert "all-to-all" not in jax.jit(lambda x: single(x)[0]).lower(x).compile().as_text()
+
+
+def test_expert_dropout_runs_under_expert_parallelism():
+  layer = make_layer(
+    dispatch="dropless",
+    group_size=None,
+    expert_dropout=0.5,
+    mesh=make_mesh(2, 4),
+    rngs=nnx.Rngs(params=0, dropout=1, router=2),
+  )
+  x = jax.random.normal(jax.random.key(0), (8, 4, 16))
+  apply = nnx.jit(lambda m, x: m(x)[0])
+  y1, y2 = apply(layer, x), apply(layer, x)
+  layer.eval()
+  y_eval = apply(layer, x)
+  assert bool(jnp.all(jnp.isfinite(y1))) and not np.allclose(y1, y2)  # a fresh mask each call
+  np.testing.assert_allclose(y_eval, apply(layer, x), rtol=1e-5, atol=1e-6)  # eval: no dropout
+
+
+def test_layer_errors_under_expert_parallelism():
+  x = jax.random.normal(jax.random.key(0), (8, 4, 16))  # 4 tokens per device on 2x4
+  mesh = make_mesh(2, 4)
+  with pytest.raises(ValueError, match="multiple of group_size=8"):
+    make_layer(dispatch="sort", group_size=8, mesh=mesh)(x)
+  with pytest.raises(ValueError, match="do not split"):
+    make_layer(dispatch="dropless", group_size=None, mesh=mesh)(x[:4, :1])
+  # The default routing group is one sequence: whole on every device, on any mesh.
+  ref, _ = make_layer(dispatch="sort", group_size=None)(x)
+  y, _ = make_layer(dispatch="sort", group_size=None, mesh=mesh)(x)
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- dropless exchange
+
+
+def test_exchange_plan_is_a_hand_count():
+  # 2 devices, 4 experts (device 0 holds experts 0-1, device 1 experts 2-3).
+  all_sizes = jnp.asarray(
+    [
+      [1, 2, 3, 0],  # device 0 routes 3 rows to device 0, 3 to device 1
+      [4, 0, 1, 1],
+    ]
+  )  # device 1 routes 4 to device 0, 2 to device 1
+  plan = {k: np.asarray(v) for k, v in exchange_plan(all_sizes, buffer_rows=5).items()}
+  np.testing.assert_array_equal(plan["per_pair"], [[3, 3], [4, 2]])
+  np.testing.assert_array_equal(plan["send_start"], [[0, 3], [0, 4]])
+  np.testing.assert_array_equal(plan["recv_start"], [[0, 0], [3, 3]])
+  # Device 0's buffer of 5: its own 3 rows, then 2 of device 1's 4; device 1 takes all 5.
+  np.testing.assert_array_equal(plan["sent"], [[3, 3], [2, 2]])
+
+
+def _numpy_overflow_layer(layer, x, mesh_devices, buffer_rows):
+  """The dropless layer on `mesh_devices` expert devices with `buffer_rows` receive rows,
+  by hand: which assignments each receiver drops, then the gated sum of the rest."""
+  c = layer.config
+  params = moe_reference.layer_params(layer)
+  tokens = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+  probs = moe_reference.softmax(tokens @ params["router"])
+  choice = np.argsort(-probs, -1, kind="stable")[:, : c.top_k]
+  local = c.num_experts // mesh_devices
+  per_device = tokens.shape[0] // mesh_devices
+  chunks = {}  # (sender, receiver) -> assignments (token, rank) in row order
+  for s in range(mesh_devices):
+    mine = range(s * per_device, (s + 1) * per_device)
+    rows = [(t, r) for r in range(c.top_k) for t in mine]  # rank-major
+    rows.sort(key=lambda a: choice[a[0], a[1]])  # stable sort by expert
+    for j in range(mesh_devices):
+      chunks[s, j] = [a for a in rows if choice[a] // local == j]
+  dropped = set()
+  for j in range(mesh_devices):
+    start = 0
+    for s in range(mesh_devices):
+      fits = max(0, min(len(chunks[s, j]), buffer_rows - start))
+      dropped |= set(chunks[s, j][fits:])
+      start += len(chunks[s, j])
+  y = np.zeros_like(tokens)
+  for t in range(tokens.shape[0]):
+    for r in range(c.top_k):
+      if (t, r) not in dropped:
+        e = choice[t, r]
+        y[t] += probs[t, e] * moe_reference.ffn(
+          tokens[t], params["w_in"][e], params["w_gate"][e], params["w_out"][e], c.activation
+        )
+  return y.reshape(x.shape), len(dropped)
+
+
+def test_dropless_receive_buffer_overflow_is_counted_and_dropped_as_documented():
+  mesh = make_mesh(1, 4)
+  layer = make_layer(dispatch="dropless", group_size=None, dropless_buffer_factor=0.75, mesh=mesh)
+  layer.router_kernel[...] = 3 * layer.router_kernel[...]  # skewed loads
+  x = jax.random.normal(jax.random.key(1), (8, 4, 16))  # 8 tokens, 16 rows per device
+  y, aux = jax.jit(lambda x: layer(x))(x)
+  want, dropped = _numpy_overflow_layer(layer, x, 4, buffer_rows=12)
+  assert dropped > 0, "the test should overflow some receive buffer"
+  np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-5)
+  assert float(aux["dropped_fraction"]) == pytest.approx(dropped / (32 * 2))
+  np.testing.assert_array_equal(np.asarray(aux["routing"]["kept"]), True)  # only the exchange drops

@@ -1,0 +1,48 @@
+"""Reading compiled programs (`moejax.hlo`): collectives and their bytes."""
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, PartitionSpec as P
+
+from moejax import hlo
+
+
+def test_all_to_all_bytes_of_a_known_program():
+  mesh = jax.make_mesh((4,), ("expert",), axis_types=(AxisType.Auto,), devices=jax.devices()[:4])
+
+  def body(a, b):
+    return (
+      jax.lax.all_to_all(a, "expert", 0, 0, tiled=True),
+      jax.lax.all_to_all(b, "expert", 1, 0, tiled=True),
+    )
+
+  fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("expert"), out_specs=P("expert")))
+  a = jnp.ones((4 * 8, 6), jnp.float32)  # per device f32[8, 6]: 192 bytes
+  b = jnp.ones((4 * 4, 12), jnp.int32)  # per device s32[4, 12]: 192 bytes
+  compiled = fn.lower(a, b).compile().as_text()  # (XLA:CPU sends bf16 as f32: not used here)
+  assert hlo.all_to_all_bytes(compiled) == 8 * 6 * 4 + 4 * 12 * 4
+  text = (
+    "  %x = f32[2,3]{1,0} all-to-all(f32[2,3]{1,0} %p), dimensions={0}\n"
+    "  %t = (bf16[4]{0}, s32[5]{0}) all-to-all(bf16[4]{0} %a, s32[5]{0} %b)\n"
+    "  %g = f32[8]{0} all-gather(f32[2]{0} %p), dimensions={0}, metadata={op_name=\"all-to-all\"}\n"
+  )
+  assert hlo.all_to_all_bytes(text) == 24 + 8 + 20
+  assert hlo.collective_shapes(text, "all-gather") == [("f32", (8,))]
+
+
+def test_collectives_counts_ops_and_bytes_of_a_hand_written_module():
+  text = (
+    "  %a = f32[2,3]{1,0} all-to-all(f32[2,3]{1,0} %p), dimensions={0}\n"
+    "  %b = f32[4]{0} all-reduce(f32[4]{0} %q), to_apply=%add\n"
+    "  %c = (f32[2]{0}, f32[8]{0}) all-gather-start(f32[2]{0} %r), dimensions={0}\n"
+    "  %d = f32[8]{0} all-gather-done((f32[2]{0}, f32[8]{0}) %c)\n"
+    "  %e = bf16[6]{0} reduce-scatter(bf16[24]{0} %s), dimensions={0}\n"
+    "  %f = f32[5,2]{1,0} ragged-all-to-all(f32[3,2]{1,0} %t, f32[5,2]{1,0} %o, s32[2] %i)\n"
+  )
+  assert hlo.collectives(text) == {
+    "all-to-all": {"count": 1, "bytes": 24},
+    "ragged-all-to-all": {"count": 1, "bytes": 40},
+    "all-reduce": {"count": 1, "bytes": 16},
+    "all-gather": {"count": 1, "bytes": 32},  # the gathered result, not the operand
+    "reduce-scatter": {"count": 1, "bytes": 12},
+  }

@@ -1,0 +1,139 @@
+"""The mesh, its validation, and the shardings of parameters and optimizer state (`moejax.sharding`)."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import AxisType, PartitionSpec as P
+
+from moejax import sharding
+from moejax.config import load_config
+from moejax.model import TransformerLM
+
+
+def mesh_config(data, expert) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(data=data, expert=expert))
+
+
+def normalize(spec):
+  return tuple(spec) + (None,) * (3 - len(tuple(spec)))
+
+
+def model_config():
+  """The smoke model: 2 MoE layers of 8 experts, QK-norm."""
+  return load_config("configs/tiny.py:smoke", {"model.qk_norm": True}).model
+
+
+# ----------------------------------------------------------------------------- mesh
+
+
+def test_make_mesh_layout_and_axis_types():
+  mesh = sharding.make_mesh(mesh_config(-1, 4))
+  assert mesh.axis_names == ("data", "expert")
+  assert dict(mesh.shape) == {"data": 2, "expert": 4}
+  assert mesh.axis_types == (AxisType.Auto, AxisType.Auto)
+  devices = jax.devices()[::-1]
+  mesh = sharding.make_mesh(mesh_config(2, -1), devices)
+  assert [d.id for d in mesh.devices[0]] == [d.id for d in devices[:4]]  # expert innermost
+  # Auto axes: a plain jit propagates input shardings; no type-level sharding.
+  x = jax.device_put(jnp.ones((8, 4)), sharding.batch_sharding(mesh))
+  assert x.sharding.spec == P(("data", "expert"))
+  with jax.set_mesh(mesh):
+    y = jax.jit(lambda x: x.reshape(32) * 2)(x)
+    assert jax.typeof(y).sharding.spec == P(None)  # Auto: not in the type
+
+
+@pytest.mark.parametrize(
+  "config,message",
+  [
+    (dict(data=2, expert=2), "multiply to 4, but there are 8 devices"),
+    (dict(data=-1, expert=-1), "at most one axis may be -1"),
+    (dict(data=3, expert=-1), "do not divide the 8 devices"),
+    (dict(data=0, expert=8), "must be a positive int or -1"),
+    (dict(data=1, expert=8, tensor=1), "unknown axes"),
+  ],
+)
+def test_mesh_config_errors(config, message):
+  with pytest.raises(ValueError, match=message):
+    sharding.make_mesh(ml_collections.ConfigDict(config))
+
+
+def test_mesh_platform_is_the_devices_platform():
+  assert sharding.mesh_platform(sharding.make_mesh(mesh_config(2, 4))) == "cpu"
+  assert sharding.mesh_platform(None) == jax.devices()[0].platform
+
+
+def test_validate_mesh():
+  mesh = sharding.make_mesh(mesh_config(2, 4))
+  sharding.validate_mesh(mesh, num_experts=8, global_batch_size=16, seq_len=16, group_size=32)
+  sharding.validate_mesh(mesh, num_experts=0, global_batch_size=8)  # dense: any expert axis
+  with pytest.raises(ValueError, match="num_experts=6 is not divisible by the mesh's expert axis"):
+    sharding.validate_mesh(mesh, num_experts=6, global_batch_size=16)
+  with pytest.raises(ValueError, match="global batch size 12 is not divisible"):
+    sharding.validate_mesh(mesh, num_experts=8, global_batch_size=12)
+  with pytest.raises(ValueError, match="multiple of group_size=48"):
+    sharding.validate_mesh(mesh, num_experts=8, global_batch_size=16, seq_len=16, group_size=48)
+
+
+# ----------------------------------------------------------------------------- shardings
+
+
+def test_param_shardings_names_every_param_and_follows_optimizer_state():
+  model = TransformerLM(model_config(), rngs=nnx.Rngs(0))
+  for path, var in nnx.iter_graph(model):
+    if isinstance(var, nnx.Param):
+      assert var.get_metadata().get("out_sharding"), path
+  mesh = sharding.make_mesh(mesh_config(2, 4))
+  shardings = sharding.param_shardings(model, mesh)
+  specs = {
+    jax.tree_util.keystr(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]
+  }
+  assert specs["['layers'][0]['moe']['experts']['w_in'].value"] == P("expert", None, None)
+  assert specs["['embed']['embedding'].value"] == P(None, None)
+  assert specs["['layers'][1]['moe']['router_kernel'].value"] == P(None, None)
+  assert sum(s == P("expert", None, None) for s in specs.values()) == 6
+  assert all(s == P("expert", None, None) or all(a is None for a in s) for s in specs.values())
+
+  # nnx.Optimizer copies the names to its state.
+  optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
+  opt_specs = [
+    (jax.tree_util.keystr(p), s.spec)
+    for p, s in jax.tree_util.tree_flatten_with_path(
+      sharding.param_shardings(nnx.state(optimizer), mesh)
+    )[0]
+  ]
+  expert_specs = [s for p, s in opt_specs if "experts" in p]
+  assert len(expert_specs) == 12 and all(s == P("expert", None, None) for s in expert_specs)
+
+  # Raw optax state over pure arrays: matched to the parameters by path.
+  params = nnx.state(model, nnx.Param)
+  opt_state = optax.adamw(1e-3).init(nnx.to_pure_dict(params))
+  opt_sh = sharding.tree_shardings(opt_state, mesh, params)
+  leaves = jax.tree_util.tree_flatten_with_path(opt_sh)[0]
+  assert len(leaves) == len(jax.tree.leaves(opt_state))
+  for path, leaf_sharding in leaves:
+    expected = P("expert", None, None) if "experts" in jax.tree_util.keystr(path) else P()
+    assert normalize(leaf_sharding.spec) == normalize(expected), jax.tree_util.keystr(path)
+  placed = jax.device_put(opt_state, opt_sh)
+  assert jax.tree.leaves(placed)[0].sharding is not None
+
+
+def test_param_shardings_rejects_unnamed_params_and_bad_shapes():
+  mesh = sharding.make_mesh(mesh_config(1, 8))
+
+  class Bare(nnx.Module):
+    def __init__(self):
+      self.w = nnx.Param(jnp.zeros((3, 3)))
+
+  with pytest.raises(ValueError, match="has no logical axis names"):
+    sharding.param_shardings(Bare(), mesh)
+
+  class Odd(nnx.Module):
+    def __init__(self):
+      self.w = nnx.Param(jnp.zeros((6, 3)), **sharding.logical("expert", "embed"))
+
+  with pytest.raises(ValueError, match="not divisible by mesh axes expert of size 8"):
+    sharding.param_shardings(Odd(), mesh)
+  assert sharding.logical_to_mesh(("batch", "embed"), mesh) == P(("data", "expert"), None)
