@@ -143,6 +143,8 @@ def test_constraint_check_refuses_a_broken_arm_list(tmp_path, capsys):
     checked_arms(wide, "cpu")
   with pytest.raises(ConstraintError, match=r"'top1_every_2'.*ffn_total"):
     checked_arms(_broken("frequency", "top1_every_2", "model.num_experts", 8), "cpu")
+  with pytest.raises(ConstraintError, match=r"'pure_moe'.*ffn_active"):
+    checked_arms(_broken("hybrid", "pure_moe", "model.top_k", 2), "cpu")
 
 
 def test_spec_refuses_what_the_runner_sets_and_dangling_names():
@@ -344,6 +346,16 @@ def test_sweep_picks_the_rate_and_report_computes_the_contrasts(tmp_path, monkey
   # A fixed learning rate differs from what the seeds trained at: refused, naming the key.
   with pytest.raises(ValueError, match=r"train.learning_rate: 0.002 there, 0.003 now"):
     run_ablation(ablation, "smoke", workdir, learning_rates={"*": 3e-3}, log=QUIET)
+
+
+def test_describe_prints_counts_and_the_learning_rate_plan(capsys):
+  assert main(get("capacity"), ["--describe", "--preset=cpu"]) == 0
+  out = capsys.readouterr().out
+  assert "primary contrast: k1_cf1.0 − k1_dropless" in out
+  # 400 steps x 32 x 128 = 1,638,400 tokens over 199,744 active parameters: 8.20.
+  line = next(x for x in out.splitlines() if x.startswith("k1_cf1.25 "))
+  assert "199,744" in line and " 8.20 " in line and "as k1_dropless" in line
+  assert next(x for x in out.splitlines() if x.startswith("k2_dropless ")).split()[7] == "sweep"
 
 
 def test_convergence_says_no_when_the_curve_still_falls_faster_than_the_effect():

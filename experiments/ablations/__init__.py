@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 
-NAMES = ("top_k", "frequency", "granularity", "dense_vs_moe")
+NAMES = ("top_k", "frequency", "granularity", "dense_vs_moe", "capacity", "hybrid", "scaling")
 
 
 def get(name: str):
