@@ -1,19 +1,23 @@
-"""Ablations of the MoE literature, each a base config plus named arms of config overrides.
+"""Ablations of the MoE literature, each a base config plus named arms of config overrides,
+a learning-rate sweep, seeds paired across arms and one pre-registered contrast.
 
     python -m experiments.ablations.NAME --preset={smoke,cpu,pod} --workdir=DIR [--seeds=0,1]
     python -m experiments.ablations.NAME --describe [--preset=...]   # arms, counts, constraints
     python -m experiments.ablations.NAME --estimate [--preset=...]   # projected wall time
     python -m experiments.ablations --describe                       # every ablation
 
-NAME: `top_k`, `frequency`, `granularity`, `dense_vs_moe`. See docs/ablations.md and
-`experiments/ablations/runner.py`.
+NAME: one of NAMES. The runner, by concern: `spec` (what an ablation is), `accounting`
+(parameters, FLOPs, constraints), `run` (sweep, seeds, skip/resume), `results` (rows),
+`stats` (paired tests, pooled model, verdicts, the scaling law), `report` (contrasts,
+summary, plots), `estimate` (wall time), `pod` (TPU commands), `cli`, over `workdir`
+(the files). See docs/ablations.md.
 """
 
 from __future__ import annotations
 
 import importlib
 
-NAMES = ("top_k", "frequency", "granularity", "dense_vs_moe")
+NAMES = ("top_k", "frequency", "granularity", "dense_vs_moe", "capacity", "hybrid", "scaling")
 
 
 def get(name: str):

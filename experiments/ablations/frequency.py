@@ -1,15 +1,25 @@
-r"""MoE-layer frequency at fixed total AND active expert/FFN parameters (Snowflake
-Arctic's MoE-every-layer vs every-other-layer study).
+r"""MoE-layer frequency at fixed total AND active FFN parameters, in Arctic's setting:
+top-1 routing, equal total parameters.
 
-Arm `every_N` makes every N-th layer MoE (`moe_layer_interval = N`, layers N-1, 2N-1, ...)
-and the others dense. The dense FFN has the MoE layer's active hidden (d_ff = k · f), so
-every layer costs the same per token; the MoE layers get E_N = N·E - (N-1)·k experts so
-that the total FFN hidden over the L layers, L/N · E_N · f + (L - L/N) · k · f = L·E·f,
-is the every-layer model's. Fewer MoE layers = more experts per MoE layer.
+Arm `top1_every_N` makes every N-th layer MoE (`moe_layer_interval = N`, layers N-1,
+2N-1, ...) and the others dense, with top-1 routing to experts of hidden f. The dense
+FFN has the MoE layer's active hidden (d_ff = f), so every layer costs the same per
+token, and the MoE layers get more experts (E_N) so that the total FFN hidden,
+L/N · E_N · f + (L − L/N) · f, is the every-layer model's L · E · f: E_2 = 2E − 1.
 
-    E = 8, k = 2: E_1 = 8, E_2 = 14, E_4 = 26.
-    f = 32, 4 layers (smoke); f = 256, 4 layers (cpu); pod: E = 64, k = 8, f = 1024 over
-    OLMoE's 16 layers (E_N = 64, 120, 232).
+    cpu and smoke: E = 8, E_2 = 15, f = 256 (smoke 32), 4 layers.
+    pod: E = 64 over OLMoE's 16 layers, f = 1024; E_2 = 128 (not 127, so that the experts
+    split over an expert axis of 8; +0.8% total FFN parameters, inside the ±2%).
+
+Primary contrast (pre-registered): `top1_every_1` − `top1_every_2` on eval bits/byte,
+expected lower (Arctic). Auxiliary losses: the library weights the balancing loss per MoE
+layer (total = CE + α · Σ over MoE layers), so the arm with half the MoE layers is not
+given twice the per-layer weight, as a mean over layers would.
+
+Budget (cpu, 2 cores; per run ≈ 16 s + (steps + 104) x step; step ≈ 0.22 s for
+`top1_every_1` and 0.21 s for `top1_every_2`, measured relative to configs/tiny.py's
+0.30 s): 2 arms x (3 sweep + 5 seeds) = 16 runs of 600 steps
+≈ 8 x 171 s + 8 x 164 s ≈ 45 min. 2.46M tokens per run, 3.5 tokens per active parameter.
 
     python -m experiments.ablations.frequency --preset=cpu --workdir=workdirs/ablations/frequency
 """
@@ -19,52 +29,56 @@ from __future__ import annotations
 import sys
 
 from experiments.ablations import presets
-from experiments.ablations.runner import Ablation, Arm, Constraint, main
+from experiments.ablations.cli import main
+from experiments.ablations.spec import Ablation, Arm, Constraint, Contrast
 
-SHAPE = {  # (experts E of the every-layer arm, top-k, expert hidden f, layers)
-  "smoke": (8, 2, 32, 4),
-  "cpu": (8, 2, 256, 4),
-  "pod": (64, 8, 1024, 16),
+SHAPE = {  # (layers, expert hidden f, {interval N: experts per MoE layer})
+  "smoke": (4, 32, {1: 8, 2: 15}),
+  "cpu": (4, 256, {1: 8, 2: 15}),
+  "pod": (16, 1024, {1: 64, 2: 128}),
 }
-INTERVALS = (1, 2, 4)
-CPU_STEPS = 450
+CPU_STEPS = 600
 
 
 def base(preset: str):
-  config = presets.base_config(preset, cpu_steps=CPU_STEPS, cpu_warmup=45)
-  config.model.num_layers = SHAPE[preset][3]
+  config = presets.base_config(preset, cpu_steps=CPU_STEPS)
+  config.model.num_layers = SHAPE[preset][0]
   return config
 
 
 def arms(preset: str) -> list[Arm]:
-  e, k, f, _ = SHAPE[preset]
-  out = []
-  for n in INTERVALS:
-    experts = n * e - (n - 1) * k
-    out.append(
-      Arm(
-        f"every_{n}",
-        {
-          "model.moe_layer_interval": n,
-          "model.num_experts": experts,
-          "model.top_k": k,
-          "model.expert_d_ff": f,
-          "model.d_ff": k * f,
-        },
-        f"MoE every {'layer' if n == 1 else f'{n} layers'}: top-{k} of {experts} "
-        f"experts of hidden {f}; dense FFN {k * f}",
-      )
+  _, f, experts = SHAPE[preset]
+  return [
+    Arm(
+      f"top1_every_{n}",
+      {
+        "model.moe_layer_interval": n,
+        "model.num_experts": e,
+        "model.top_k": 1,
+        "model.expert_d_ff": f,
+        "model.d_ff": f,
+      },
+      f"MoE every {'layer' if n == 1 else f'{n} layers'}: top-1 of {e} experts of hidden "
+      f"{f}; dense FFN {f}",
     )
-  return out
+    for n, e in experts.items()
+  ]
 
 
 ABLATION = Ablation(
   name="frequency",
-  title="MoE-layer frequency at fixed total and active FFN parameters (Arctic)",
+  title="MoE-layer frequency at fixed total and active FFN parameters, top-1 (Arctic)",
   base=base,
   arms=arms,
   constraints=(Constraint("ffn_total"), Constraint("ffn_active"), Constraint("tokens", 0.0)),
-  seeds={"smoke": (0,), "cpu": (0, 1), "pod": (0,)},
+  seeds={"smoke": (0, 1), "cpu": (0, 1, 2, 3, 4), "pod": (0,)},
+  primary=Contrast(
+    "top1_every_1",
+    "top1_every_2",
+    "lower",
+    "Snowflake Arctic (2024): MoE in every layer beats MoE in every other layer at equal "
+    "total parameters (top-1).",
+  ),
   pod_config=presets.POD_CONFIG,
 )
 
