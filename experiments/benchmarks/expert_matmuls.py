@@ -8,9 +8,9 @@ C = T·k/E rows each (T = 4096, k = 2), d_model 512, d_ff 1024, SwiGLU, float32.
 routing, dispatch or combine. Rows, per E (medians of `--reps` interleaved repetitions):
 
   * `batched`: forward + backward of the three batched einsums `[E, C, d] × [E, d, f]`
-    (what `Experts.apply_batched` runs on GPU and TPU);
-  * `block_ffn`: forward + backward of `moejax.moe.block_ffn.block_ffn`, one block per
-    expert (what it runs on CPU);
+    (`experts.capacity_ffn` with `expert_impl='grouped_matmul'`, the GPU/TPU form);
+  * `block_ffn`: forward + backward of `experts.capacity_ffn` with
+    `expert_impl='block_loop'`, one matmul per expert (`moejax.moe.block_ffn`, the CPU form);
   * `x@w`, `dy@wᵀ`, `xᵀ@dy`: a loop over the experts of one of the three matmul shapes a
     block's backward pass does (`[C, d] @ [d, f]`; `[C, f] @ [d, f]ᵀ`; `[C, d]ᵀ @ [C, f]`,
     the weight gradient, which contracts only C rows);
@@ -36,8 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments.benchmarks.common import interleaved_times, malloc_tunables, write_rows
-from moejax.moe.block_ffn import block_ffn
-from moejax.moe.experts import batched_ffn
+from moejax.moe.experts import capacity_ffn
 
 PRESETS = {
   "default": dict(
@@ -89,12 +88,11 @@ def _per_expert(product):
 
 
 def _swiglu_batched(x, w_in, w_gate, w_out):
-  return batched_ffn("swiglu", x, w_in, w_gate, w_out)
+  return capacity_ffn("swiglu", "grouped_matmul", x, (w_in, w_gate, w_out))
 
 
 def _swiglu_loop(x, w_in, w_gate, w_out):
-  E = x.shape[0]
-  return block_ffn("swiglu", x, jnp.arange(E), E, None, w_in, w_gate, w_out)
+  return capacity_ffn("swiglu", "block_loop", x, (w_in, w_gate, w_out))
 
 
 def _fwd_bwd(fn):

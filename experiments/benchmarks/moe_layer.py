@@ -287,8 +287,9 @@ def dense_active_flops(tokens: int, d_model: int, hidden: int, mode: str) -> flo
 
 def row_factor(layer: MoeLayer, x: jax.Array, capacity: int | None) -> float:
   """Rows the experts multiply on the CPU path per routed assignment (T·k): the capacity
-  buffers (E·C per routing group, empty slots included), or for `dropless` the blocks in
-  use (`block_ffn.grouped_layout`) for the layer's routing of `x`. 1.0 means no padding."""
+  buffers (E·C per routing group, empty slots included), or for `dropless` the rows
+  `block_ffn.ffn` multiplies (`block_ffn.rows_multiplied`) for the layer's routing of `x`.
+  1.0 means no padding."""
   tokens = x.reshape(-1, x.shape[-1])
   assignments = tokens.shape[0] * layer.top_k
   if capacity is not None:
@@ -297,8 +298,8 @@ def row_factor(layer: MoeLayer, x: jax.Array, capacity: int | None) -> float:
   probs = jax.nn.softmax(tokens @ layer.router_kernel[...], axis=-1)
   choice = routing.top_k_choice(probs, layer.top_k, renormalize=layer.config.renormalize)
   sizes = jnp.bincount(choice.expert_indices.reshape(-1), length=layer.num_experts)
-  block, *_, used_blocks = block_ffn.grouped_layout(sizes, assignments)
-  return int(used_blocks) * block / assignments
+  block = block_ffn.block_size(assignments, layer.num_experts)
+  return int(block_ffn.rows_multiplied(sizes, block)) / assignments
 
 
 def build_rows(args: argparse.Namespace) -> list[Row]:

@@ -1,18 +1,23 @@
-"""The grouped expert FFN on XLA's CPU backend: rows in fixed-size blocks, one expert each.
+"""The grouped expert FFN on XLA's CPU backend: loops of 2-D matmuls over rows sorted by expert.
 
 `jax.lax.ragged_dot` is the grouped matmul on GPU and TPU. XLA's CPU backend computes it
-densely for every group (about E times the work), so on CPU the rows sorted by expert are
-padded into blocks of `block` rows, each owned by one expert (block-sparse, as MegaBlocks,
-Gale et al. 2022), and a loop multiplies each block by its expert's weights.
+densely for every group (about E times the work), and runs a loop of 2-D matmuls faster
+than one batched matmul (`experiments/benchmarks/expert_matmuls.py`). So on CPU the rows,
+sorted by expert, are multiplied in place:
 
-`block_ffn` is that loop, with its own backward pass (`jax.custom_vjp`). Both directions
-are `while` loops over the blocks actually used: a balanced routing uses about
-rows / block of the ceil(rows / block) + E blocks laid out for the worst case. The forward
-saves the pre-activations, so the backward recomputes no matmul; weight gradients
-accumulate in place, one expert slice per block, with no per-block `[d_model, d_ff]`
-gradient kept. The capacity paths use it too on CPU, with one block per expert: XLA's CPU
-backend runs this loop at least as fast as one batched matmul
-(`experiments/benchmarks/expert_matmuls.py`).
+    for each expert e (its weight slices read once):
+      its full blocks of `block` rows, one 2-D matmul each;
+      its remainder (< block rows) as one matmul of the smallest multiple of block/8 rows
+      that covers it (a `lax.switch` over 8 static sizes).
+
+A remainder's matmul may run past the expert's rows into the next expert's; experts run
+in order, so the next expert overwrites those outputs, and the overrun rows are masked out
+of the weight gradients. Rows are never padded into a block layout: an expert wastes
+fewer than block/8 rows (MegaBlocks, Gale et al. 2022, pads each expert to whole blocks).
+
+`ffn` has its own backward pass (`jax.custom_vjp`): the forward saves the
+pre-activations, so the backward recomputes no matmul, and each expert's weight gradients
+accumulate in the loop carry and are written once.
 """
 
 from __future__ import annotations
@@ -24,62 +29,27 @@ import jax.numpy as jnp
 
 from moejax.activations import hidden_activation
 
+SIZE_CLASSES = 8  # a remainder runs as 1..8 eighths of a block
+
 
 def block_size(rows: int, num_experts: int) -> int:
-  """Rows per block: the largest power of two at most a balanced expert's rows (rows / E),
-  between 8 and 256. Padding wastes under one block per expert; larger blocks make faster
-  matmuls, smaller ones pad less."""
+  """Rows per full block: the largest power of two at most a balanced expert's rows
+  (rows / E), between 8 and 256 (a multiple of `SIZE_CLASSES`)."""
   target = max(8, rows // num_experts)
   return int(min(256, 1 << (target.bit_length() - 1)))
 
 
-def block_layout(group_sizes: jax.Array, rows: int, block: int):
-  """Lay `rows` rows sorted by expert into blocks of `block` rows, each owned by one expert.
-
-  Args:
-    group_sizes: `[experts]` rows of each expert; rows past their sum belong to none.
-    rows: total rows (static).
-    block: rows per block (static).
-
-  Returns:
-    slot_row: `[num_blocks * block]` the source row of each padded slot (`rows` = empty).
-    block_expert: `[num_blocks]` the expert owning each block.
-    row_slot: `[rows]` the padded slot of each row (`num_blocks * block` = no slot).
-    used_blocks: scalar, the blocks holding any row; blocks from there on are empty.
-    num_blocks = ceil(rows / block) + experts, enough for any `group_sizes`.
-  """
-  num_experts = group_sizes.shape[0]
-  num_blocks = -(-rows // block) + num_experts
-  sizes = group_sizes.astype(jnp.int32)
-  padded_sizes = -(-sizes // block) * block
-  ends = jnp.cumsum(sizes)
-  starts = ends - sizes
-  padded_ends = jnp.cumsum(padded_sizes)
-  padded_starts = padded_ends - padded_sizes
-
-  slots = jnp.arange(num_blocks * block)
-  slot_expert = jnp.minimum(jnp.searchsorted(padded_ends, slots, side="right"), num_experts - 1)
-  offset = slots - padded_starts[slot_expert]
-  slot_used = (offset < sizes[slot_expert]) & (slots < padded_ends[-1])
-  slot_row = jnp.where(slot_used, starts[slot_expert] + offset, rows)
-
-  block_expert = slot_expert[::block]
-
-  row_ids = jnp.arange(rows)
-  row_expert = jnp.searchsorted(ends, row_ids, side="right")
-  in_group = row_expert < num_experts
-  row_expert = jnp.minimum(row_expert, num_experts - 1)
-  row_slot = jnp.where(
-    in_group, padded_starts[row_expert] + row_ids - starts[row_expert], num_blocks * block
-  )
-  return slot_row, block_expert, row_slot, padded_ends[-1] // block
+def capacity_block(rows_per_expert: int) -> int:
+  """The block for capacity buffers of `rows_per_expert` rows each: that count rounded up
+  to a multiple of `SIZE_CLASSES`, so each expert's buffer is one matmul."""
+  return -(-rows_per_expert // SIZE_CLASSES) * SIZE_CLASSES
 
 
-def grouped_layout(group_sizes: jax.Array, rows: int):
-  """`(block, *block_layout(...))` with the block size `block_size` picks for `rows` rows
-  and `group_sizes.shape[0]` experts: the layout the CPU grouped FFN uses."""
-  block = block_size(rows, group_sizes.shape[0])
-  return (block, *block_layout(group_sizes, rows, block))
+def rows_multiplied(group_sizes: jax.Array, block: int) -> jax.Array:
+  """The rows `ffn` multiplies for `group_sizes` (`[experts]`): each expert's full blocks,
+  and its remainder rounded up to a multiple of block/8."""
+  _, full, size_class = _chunks(group_sizes, block)
+  return jnp.sum(full * block + size_class * (block // SIZE_CLASSES))
 
 
 def _mm(a: jax.Array, b: jax.Array, contract_a: int, contract_b: int) -> jax.Array:
@@ -88,28 +58,37 @@ def _mm(a: jax.Array, b: jax.Array, contract_a: int, contract_b: int) -> jax.Arr
   return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())))
 
 
-def block_ffn(activation, blocks, block_expert, used_blocks, keep, w_in, w_gate, w_out):
-  """Each used block `x` through its expert `e`'s FFN:
+def ffn(activation, x, group_sizes, keep, w_in, w_gate, w_out, *, block: int):
+  """Each row of `x` through its expert's FFN:
   `hidden_activation(activation, x @ w_in[e], x @ w_gate[e]) * keep @ w_out[e]`.
 
   Args:
     activation: one of `moejax.activations.ACTIVATIONS`.
-    blocks: `[num_blocks, block, d_model]`.
-    block_expert: `[num_blocks]` int, the expert of each block.
-    used_blocks: scalar int; blocks from here on are skipped and give zeros.
-    keep: `[num_blocks, block, d_ff]` dropout scaling of the hidden layer (0 or 1/keep_prob),
-      or None for no dropout.
+    x: `[rows, d_model]`, sorted by expert: expert `e` owns `group_sizes[e]` consecutive rows.
+    group_sizes: `[experts]` int; rows past their sum belong to no expert and give zeros.
+    keep: `[rows, d_ff]` dropout scaling of the hidden layer (0 or 1/keep_prob), or None.
     w_in, w_gate (or None), w_out: `[experts, d_model, d_ff]`, `[experts, d_model, d_ff]`,
       `[experts, d_ff, d_model]`.
+    block: rows per full block (static), a multiple of `SIZE_CLASSES`.
 
   Returns:
-    `[num_blocks, block, d_model]`.
+    `[rows, d_model]`.
   """
+  if block % SIZE_CLASSES:
+    raise ValueError(f"block={block} must be a multiple of {SIZE_CLASSES}.")
   arrays = [
-    None if a is None else jnp.asarray(a)
-    for a in (blocks, block_expert, used_blocks, keep, w_in, w_gate, w_out)
+    None if a is None else jnp.asarray(a) for a in (x, group_sizes, keep, w_in, w_gate, w_out)
   ]
-  return _block_ffn(activation, *_vary_alike(arrays))
+  x, group_sizes, keep, w_in, w_gate, w_out = _vary_alike(arrays)
+  rows = x.shape[0]
+  pad = lambda a: (
+    None if a is None else jnp.concatenate([a, jnp.zeros_like(a, shape=(block,) + a.shape[1:])])
+  )
+  out = _ffn(
+    activation, block, pad(x), group_sizes.astype(jnp.int32), pad(keep), w_in, w_gate, w_out
+  )
+  in_group = jnp.arange(rows) < jnp.sum(group_sizes)
+  return jnp.where(in_group[:, None], out[:rows], 0)
 
 
 def _varying_axes(x: jax.Array) -> frozenset:
@@ -133,107 +112,144 @@ def _vary_alike(arrays):
   return [None if a is None else vary(a) for a in arrays]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _block_ffn(activation, blocks, block_expert, used_blocks, keep, w_in, w_gate, w_out):
-  return _loop(
-    activation,
-    blocks,
-    block_expert,
-    used_blocks,
-    keep,
-    w_in,
-    w_gate,
-    w_out,
-    save_pre_activations=False,
-  )[0]
+def _chunks(group_sizes: jax.Array, block: int):
+  """Per expert: `starts` (first row), `full` (full blocks) and `size_class` (0: no
+  remainder; c: the remainder runs as c·block/8 rows)."""
+  starts = jnp.cumsum(group_sizes) - group_sizes
+  full = group_sizes // block
+  step = block // SIZE_CLASSES
+  size_class = -(-(group_sizes - full * block) // step)
+  return starts, full, size_class
 
 
-def _forward(activation, blocks, block_expert, used_blocks, keep, w_in, w_gate, w_out):
-  out, pre, gate_pre = _loop(
-    activation,
-    blocks,
-    block_expert,
-    used_blocks,
-    keep,
-    w_in,
-    w_gate,
-    w_out,
-    save_pre_activations=True,
-  )
-  return out, (blocks, block_expert, used_blocks, keep, w_in, w_gate, w_out, pre, gate_pre)
+def _for_each_chunk(group_sizes, block, state, expert_fn, chunk_fn):
+  """Runs over experts in order: `expert_fn(e, state) -> (weights, state)` once per expert,
+  then `chunk_fn(size, start, valid_rows, weights, state) -> state` for each full block
+  and the remainder (`size` static; rows `[start, start + size)`, the first `valid_rows`
+  of them the expert's)."""
+  starts, full, size_class = _chunks(group_sizes, block)
+  step = block // SIZE_CLASSES
+
+  def per_expert(e, state):
+    weights, state = expert_fn(e, state)
+    blocks = lambda j, state: chunk_fn(block, starts[e] + j * block, block, weights, state)
+    state = jax.lax.fori_loop(0, full[e], blocks, state)
+    tail_start = starts[e] + full[e] * block
+    tail_rows = group_sizes[e] - full[e] * block
+    branches = [lambda state: state] + [
+      functools.partial(
+        lambda size, state: chunk_fn(size, tail_start, tail_rows, weights, state), c * step
+      )
+      for c in range(1, SIZE_CLASSES + 1)
+    ]
+    return jax.lax.switch(size_class[e], branches, state)
+
+  return jax.lax.fori_loop(0, group_sizes.shape[0], per_expert, state)
 
 
-def _loop(
-  activation,
-  blocks,
-  block_expert,
-  used_blocks,
-  keep,
-  w_in,
-  w_gate,
-  w_out,
-  *,
-  save_pre_activations: bool,
-):
-  """The forward loop: `(out, pre, gate_pre)`, the pre-activations `[num_blocks, block,
-  d_ff]` (None unless `save_pre_activations`; `gate_pre` None without a gate)."""
-  num_blocks, block, _ = blocks.shape
+def _hidden(activation, pre, gate_pre, keep):
+  hidden = hidden_activation(activation, pre, gate_pre)
+  return hidden if keep is None else hidden * keep
+
+
+def _slice(a, start, size):
+  return None if a is None else jax.lax.dynamic_slice_in_dim(a, start, size)
+
+
+def _forward_loop(activation, block, x, group_sizes, keep, w_in, w_gate, w_out, save: bool):
+  """`(out, pre, gate_pre)`: the outputs `[rows, d_model]` and, with `save`, the
+  pre-activations `[rows, d_ff]` (`gate_pre` None without a gate)."""
   d_ff = w_in.shape[-1]
-  save_gate = save_pre_activations and w_gate is not None
+  hidden_zeros = jnp.zeros_like(x, shape=(x.shape[0], d_ff)) if save else None
+  state = (jnp.zeros_like(x), hidden_zeros, hidden_zeros if w_gate is not None else None)
 
-  def body(i, state):
+  def expert_fn(e, state):
+    return (w_in[e], None if w_gate is None else w_gate[e], w_out[e]), state
+
+  def chunk_fn(size, start, valid_rows, weights, state):
+    del valid_rows  # overrun rows are overwritten by the next expert
     out, pre, gate_pre = state
-    e, x = block_expert[i], blocks[i]
-    pre_i = x @ w_in[e]
-    gate_i = None if w_gate is None else x @ w_gate[e]
-    out = out.at[i].set(_hidden(activation, pre_i, gate_i, keep, i) @ w_out[e])
-    pre = pre.at[i].set(pre_i) if save_pre_activations else None
-    gate_pre = gate_pre.at[i].set(gate_i) if save_gate else None
+    wi, wg, wo = weights
+    rows = _slice(x, start, size)
+    pre_c = rows @ wi
+    gate_c = None if wg is None else rows @ wg
+    out = jax.lax.dynamic_update_slice_in_dim(
+      out, _hidden(activation, pre_c, gate_c, _slice(keep, start, size)) @ wo, start, 0
+    )
+    if save:
+      pre = jax.lax.dynamic_update_slice_in_dim(pre, pre_c, start, 0)
+      if gate_pre is not None:
+        gate_pre = jax.lax.dynamic_update_slice_in_dim(gate_pre, gate_c, start, 0)
     return out, pre, gate_pre
 
-  hidden_zeros = jnp.zeros_like(blocks, shape=(num_blocks, block, d_ff))
-  state = (
-    jnp.zeros_like(blocks),
-    hidden_zeros if save_pre_activations else None,
-    hidden_zeros if save_gate else None,
+  return _for_each_chunk(group_sizes, block, state, expert_fn, chunk_fn)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _ffn(activation, block, x, group_sizes, keep, w_in, w_gate, w_out):
+  return _forward_loop(activation, block, x, group_sizes, keep, w_in, w_gate, w_out, False)[0]
+
+
+def _ffn_fwd(activation, block, x, group_sizes, keep, w_in, w_gate, w_out):
+  out, pre, gate_pre = _forward_loop(
+    activation, block, x, group_sizes, keep, w_in, w_gate, w_out, True
   )
-  return jax.lax.fori_loop(0, used_blocks, body, state)
+  return out, (x, group_sizes, keep, w_in, w_gate, w_out, pre, gate_pre)
 
 
-def _hidden(activation, pre, gate_pre, keep, i):
-  """Block `i`'s hidden layer `[block, d_ff]`, with its dropout scaling if any."""
-  hidden = hidden_activation(activation, pre, gate_pre)
-  return hidden if keep is None else hidden * keep[i]
-
-
-def _backward(activation, residual, d_out):
-  blocks, block_expert, used_blocks, keep, w_in, w_gate, w_out, pre, gate_pre = residual
-
-  def body(i, grads):
-    d_x, d_in, d_gate, d_wout = grads
-    e, x, g = block_expert[i], blocks[i], d_out[i]
-    hidden, hidden_vjp = jax.vjp(
-      lambda p, q: _hidden(activation, p, q, keep, i),
-      pre[i],
-      None if gate_pre is None else gate_pre[i],
-    )
-    d_wout = d_wout.at[e].add(_mm(hidden, g, 0, 0))  # [d_ff, d_model]
-    d_pre, d_gate_pre = hidden_vjp(_mm(g, w_out[e], 1, 1))  # [block, d_ff]
-    d_in = d_in.at[e].add(_mm(x, d_pre, 0, 0))  # [d_model, d_ff]
-    d_x_i = _mm(d_pre, w_in[e], 1, 1)
-    if w_gate is not None:
-      d_gate = d_gate.at[e].add(_mm(x, d_gate_pre, 0, 0))
-      d_x_i = d_x_i + _mm(d_gate_pre, w_gate[e], 1, 1)
-    return d_x.at[i].set(d_x_i), d_in, d_gate, d_wout
-
+def _ffn_bwd(activation, block, residual, d_out):
+  x, group_sizes, keep, w_in, w_gate, w_out, pre, gate_pre = residual
   grads = (
-    jnp.zeros_like(blocks),
+    jnp.zeros_like(x),
     jnp.zeros_like(w_in),
     None if w_gate is None else jnp.zeros_like(w_gate),
     jnp.zeros_like(w_out),
   )
-  d_x, d_in, d_gate, d_wout = jax.lax.fori_loop(0, used_blocks, body, grads)
-  return d_x, None, None, None, d_in, d_gate, d_wout
+  accumulators = lambda: (
+    jnp.zeros_like(w_in[0]),
+    None if w_gate is None else jnp.zeros_like(w_gate[0]),
+    jnp.zeros_like(w_out[0]),
+  )
+
+  def expert_fn(e, state):
+    d_x, d_in, d_gate, d_wout, acc, previous = state
+    # Write the previous expert's finished weight gradients, start this expert's.
+    d_in = jax.lax.dynamic_update_index_in_dim(d_in, acc[0], previous, 0)
+    d_gate = (
+      None if d_gate is None else jax.lax.dynamic_update_index_in_dim(d_gate, acc[1], previous, 0)
+    )
+    d_wout = jax.lax.dynamic_update_index_in_dim(d_wout, acc[2], previous, 0)
+    weights = (w_in[e], None if w_gate is None else w_gate[e], w_out[e])
+    return weights, (d_x, d_in, d_gate, d_wout, accumulators(), e)
+
+  def chunk_fn(size, start, valid_rows, weights, state):
+    d_x, d_in, d_gate, d_wout, (a_in, a_gate, a_out), previous = state
+    wi, wg, wo = weights
+    mine = (jnp.arange(size) < valid_rows)[:, None]
+    rows = _slice(x, start, size)
+    g = jnp.where(mine, _slice(d_out, start, size), 0)  # overrun rows add no gradient
+    pre_c, gate_c = _slice(pre, start, size), _slice(gate_pre, start, size)
+    hidden, hidden_vjp = jax.vjp(
+      lambda p, q: _hidden(activation, p, q, _slice(keep, start, size)), pre_c, gate_c
+    )
+    a_out = a_out + _mm(hidden, g, 0, 0)  # [d_ff, d_model]
+    d_pre, d_gate_pre = hidden_vjp(_mm(g, wo, 1, 1))  # [size, d_ff]
+    a_in = a_in + _mm(rows, d_pre, 0, 0)  # [d_model, d_ff]
+    d_rows = _mm(d_pre, wi, 1, 1)
+    if wg is not None:
+      a_gate = a_gate + _mm(rows, d_gate_pre, 0, 0)
+      d_rows = d_rows + _mm(d_gate_pre, wg, 1, 1)
+    d_x = jax.lax.dynamic_update_slice_in_dim(d_x, d_rows, start, 0)
+    return d_x, d_in, d_gate, d_wout, (a_in, a_gate, a_out), previous
+
+  state = (*grads, accumulators(), jnp.int32(0))
+  d_x, d_in, d_gate, d_wout, acc, last = _for_each_chunk(
+    group_sizes, block, state, expert_fn, chunk_fn
+  )
+  d_in = jax.lax.dynamic_update_index_in_dim(d_in, acc[0], last, 0)
+  d_gate = None if d_gate is None else jax.lax.dynamic_update_index_in_dim(d_gate, acc[1], last, 0)
+  d_wout = jax.lax.dynamic_update_index_in_dim(d_wout, acc[2], last, 0)
+  return d_x, None, None, d_in, d_gate, d_wout
 
 
-_block_ffn.defvjp(_forward, _backward)
+_ffn.defvjp(_ffn_fwd, _ffn_bwd)

@@ -5,8 +5,8 @@ from the platform of the layer's devices, `MoeConfig.resolved_expert_impl`):
 
 | input | `grouped_matmul` (GPU, TPU) | `block_loop` (CPU) |
 |---|---|---|
-| capacity buffers `[experts, rows, d]` (`capacity_ffn`) | one batched einsum per weight | `block_ffn`, one block per expert |
-| dropless rows `[rows, d]` sorted by expert (`grouped_ffn`) | `jax.lax.ragged_dot` (MegaBlocks' grouped GEMM) | rows padded into blocks of one expert, `block_ffn` over the used blocks |
+| capacity buffers `[experts, rows, d]` (`capacity_ffn`) | one batched einsum per weight | `block_ffn`, one matmul per expert |
+| dropless rows `[rows, d]` sorted by expert (`grouped_ffn`) | `jax.lax.ragged_dot` (MegaBlocks' grouped GEMM) | `block_ffn`: each expert's rows in place, full blocks and one remainder matmul |
 
 XLA's CPU backend computes `ragged_dot` densely for every group (about E times the work)
 and runs a loop of 2-D matmuls faster than one batched matmul (docs/performance.md), hence
@@ -24,7 +24,6 @@ from flax import nnx
 
 from moejax.activations import check_activation, hidden_activation, is_gated
 from moejax.moe import block_ffn
-from moejax.moe.rows import take_rows
 from moejax.sharding import logical
 
 # `(w_in [E, d_model, d_ff], w_gate [E, d_model, d_ff] or None, w_out [E, d_ff, d_model])`.
@@ -105,13 +104,24 @@ def capacity_ffn(
   `weights` hold the same experts (any number: all of them, or one device's shard).
   """
   w_in, w_gate, w_out = weights
-  num_experts, rows, _ = x.shape
+  num_experts, rows, d = x.shape
   keep = (
     None if dropout is None else dropout.keep_scale((num_experts, rows, w_in.shape[-1]), x.dtype)
   )
-  if impl == "block_loop":
-    blocks = jnp.arange(num_experts)
-    return block_ffn.block_ffn(activation, x, blocks, num_experts, keep, w_in, w_gate, w_out)
+  if impl == "block_loop":  # each expert's buffer is one matmul
+    sizes = jnp.full((num_experts,), rows, jnp.int32)
+    flat_keep = None if keep is None else keep.reshape(num_experts * rows, -1)
+    out = block_ffn.ffn(
+      activation,
+      x.reshape(-1, d),
+      sizes,
+      flat_keep,
+      w_in,
+      w_gate,
+      w_out,
+      block=block_ffn.capacity_block(rows),
+    )
+    return out.reshape(x.shape)
   return batched_ffn(activation, x, w_in, w_gate, w_out, keep)
 
 
@@ -137,30 +147,16 @@ def grouped_ffn(
   """Rows sorted by expert through their expert's FFN: `x` `[rows, d_model]`, `group_sizes`
   `[experts]` (one per expert of `weights`) -> `[rows, d_model]`. Rows past
   `sum(group_sizes)` belong to no expert; their output is zero."""
-  if impl == "block_loop":
-    return _grouped_blocks(activation, x, group_sizes, weights, dropout)
   w_in, w_gate, w_out = weights
+  keep = None if dropout is None else dropout.keep_scale((x.shape[0], w_in.shape[-1]), x.dtype)
+  if impl == "block_loop":
+    block = block_ffn.block_size(x.shape[0], group_sizes.shape[0])
+    return block_ffn.ffn(activation, x, group_sizes, keep, w_in, w_gate, w_out, block=block)
   pre = jax.lax.ragged_dot(x, w_in, group_sizes)
   gate_pre = None if w_gate is None else jax.lax.ragged_dot(x, w_gate, group_sizes)
   hidden = hidden_activation(activation, pre, gate_pre)
-  if dropout is not None:
-    hidden = hidden * dropout.keep_scale(hidden.shape, hidden.dtype)
+  if keep is not None:
+    hidden = hidden * keep
   out = jax.lax.ragged_dot(hidden, w_out, group_sizes)
   in_group = jnp.arange(x.shape[0]) < jnp.sum(group_sizes)
   return jnp.where(in_group[:, None], out, 0)
-
-
-def _grouped_blocks(activation, x, group_sizes, weights, dropout) -> jax.Array:
-  """The CPU grouped matmul: rows laid out in blocks of one expert each
-  (`block_ffn.grouped_layout`), then `block_ffn.block_ffn` over the blocks in use."""
-  rows, d = x.shape
-  block, slot_row, block_expert, row_slot, used_blocks = block_ffn.grouped_layout(group_sizes, rows)
-  blocks = take_rows(x, slot_row, row_slot[:, None]).reshape(-1, block, d)
-  w_in, w_gate, w_out = weights
-  keep = None
-  if dropout is not None:
-    keep = dropout.keep_scale(blocks.shape[:2] + (w_in.shape[-1],), x.dtype)
-  out = block_ffn.block_ffn(
-    activation, blocks, block_expert, used_blocks, keep, w_in, w_gate, w_out
-  )
-  return take_rows(out.reshape(-1, d), row_slot, slot_row[:, None])
