@@ -78,6 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.mesh = mesh = ml_collections.ConfigDict()
   mesh.data = -1  # data-parallel devices; -1: the remaining devices
+  mesh.fsdp = 1  # fully sharded data-parallel devices; shards every parameter (ZeRO-3)
   mesh.expert = 1  # expert-parallel devices (innermost); shards the experts
   return config
 

@@ -2,12 +2,16 @@
 
 The mesh
 --------
-`make_mesh(config.mesh)` builds a 2-D mesh `('data', 'expert')`, data outermost and expert
-innermost: devices that exchange tokens every MoE layer (the all-to-all, the heavy
-collective) are neighbours in device order (same host, same NVLink/ICI island), while the
-data axis carries only the once-per-step gradient all-reduce. Both axes shard the batch
-(GShard: in expert parallelism the expert axis is also a data axis); the expert axis
-also shards the expert weights, so each device holds E/n of every MoE layer's experts.
+`make_mesh(config.mesh)` builds a 3-D mesh `('data', 'fsdp', 'expert')`, data outermost
+and expert innermost: devices that exchange tokens every MoE layer (the all-to-all) are
+neighbours in device order (same host, same NVLink/ICI island), while the data axis
+carries only the once-per-step gradient all-reduce. Every axis shards the batch (GShard:
+in expert parallelism the expert axis is also a data axis). The expert axis also shards
+the expert weights, so each device holds E/n of every MoE layer's experts. The fsdp axis
+also shards every parameter and its optimizer state along the parameter's largest
+dimension that no other axis shards and that it divides (ZeRO-3, Rajbhandari et al. 2020;
+PyTorch FSDP): XLA gathers a weight where a layer uses it and reduce-scatters its
+gradient, so parameter and optimizer memory per device fall as 1/fsdp.
 
 Axis types: the mesh axes are `AxisType.Auto` (not `jax.make_mesh`'s default
 `Explicit`). Shardings are given where they matter (jit `in_shardings`/`out_shardings`,
@@ -53,10 +57,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-DATA, EXPERT = "data", "expert"
-MESH_AXES = (DATA, EXPERT)  # outermost first
-BATCH_AXES = (DATA, EXPERT)  # the mesh axes that shard the batch, in this order
-AXIS_TYPES = (AxisType.Auto, AxisType.Auto)
+DATA, FSDP, EXPERT = "data", "fsdp", "expert"
+MESH_AXES = (DATA, FSDP, EXPERT)  # outermost first
+BATCH_AXES = (DATA, FSDP, EXPERT)  # the mesh axes that shard the batch, in this order
+AXIS_TYPES = (AxisType.Auto,) * len(MESH_AXES)
 
 # The one table from logical axis names to mesh axes (None = replicated). Mesh axes that a
 # mesh lacks are dropped.
@@ -69,6 +73,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
   ("heads", None),  # q / o projections, heads·head_dim
   ("kv_heads", None),  # k / v projections, kv_heads·head_dim
   ("head_dim", None),  # QK-norm scales
+  ("layers", None),  # the stacked axis of scanned layers: never sharded
 )
 
 
@@ -84,7 +89,8 @@ def logical(*names: str | None) -> dict[str, Any]:
 
 
 def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
-  """`{'data': d, 'expert': e}` from `config.mesh`, with a -1 resolved to the rest of the devices."""
+  """`{'data': d, 'fsdp': f, 'expert': e}` from `config.mesh` (absent axes are 1), with a -1
+  resolved to the rest of the devices."""
   keys = set(mesh_config.keys()) if hasattr(mesh_config, "keys") else set()
   unknown = sorted(keys - set(MESH_AXES))
   if unknown:
@@ -119,17 +125,21 @@ def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
   return sizes
 
 
-def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """The `('data', 'expert')` mesh of `config.mesh` over `devices` (default: all), axes `Auto`.
+def make_mesh(
+  mesh_config, devices: Sequence[jax.Device] | None = None, *, keep_order: bool = False
+) -> jax.sharding.Mesh:
+  """The `('data', 'fsdp', 'expert')` mesh of `config.mesh` over `devices` (default: all),
+  axes `Auto`.
 
-  With `devices=None` the device order comes from `jax.make_mesh` (topology-aware);
-  given devices are used in the order given, expert axis fastest.
+  The device order comes from `jax.make_mesh` (topology-aware: on TPU the innermost axes
+  get the nearest chips); with `keep_order` the devices are used in the order given,
+  expert axis fastest.
   """
   devices = list(jax.devices() if devices is None else devices)
   sizes = mesh_shape(mesh_config, len(devices))
   shape = tuple(sizes[name] for name in MESH_AXES)
-  if devices == list(jax.devices()):
-    return jax.make_mesh(shape, MESH_AXES, axis_types=AXIS_TYPES)
+  if not keep_order:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=AXIS_TYPES, devices=devices)
   return jax.sharding.Mesh(
     np.asarray(devices, dtype=object).reshape(shape), MESH_AXES, axis_types=AXIS_TYPES
   )
@@ -232,7 +242,7 @@ def _variable_sharding(var: nnx.Variable, mesh, path: str, require_names: bool) 
   shape = getattr(value, "shape", ())
   if len(names) != len(shape):
     raise ValueError(f"{path}: logical axes {tuple(names)} do not match its shape {shape}.")
-  spec = logical_to_mesh(names, mesh)
+  spec = with_fsdp(logical_to_mesh(names, mesh), names, shape, axis_size(mesh, FSDP))
   for dim, axes in zip(shape, spec):
     size = math.prod(axis_size(mesh, a) for a in ((axes,) if isinstance(axes, str) else axes or ()))
     if dim % size:
@@ -241,6 +251,23 @@ def _variable_sharding(var: nnx.Variable, mesh, path: str, require_names: bool) 
         f"axes {axes} of size {size}."
       )
   return NamedSharding(mesh, spec)
+
+
+def with_fsdp(spec: P, names, shape, fsdp: int) -> P:
+  """`spec` with the fsdp axis on the largest dimension that `spec` leaves unsharded, that
+  is not a stacked-layers axis, and that `fsdp` divides (ties: the first); unchanged when
+  fsdp is 1 or no dimension qualifies (the parameter stays whole on the fsdp axis)."""
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  if fsdp <= 1:
+    return P(*entries)
+  free = [
+    i
+    for i, (dim, entry, name) in enumerate(zip(shape, entries, names))
+    if entry is None and name != "layers" and dim % fsdp == 0
+  ]
+  if free:
+    entries[max(free, key=lambda i: (shape[i], -i))] = FSDP
+  return P(*entries)
 
 
 def _path_str(path) -> str:

@@ -31,15 +31,15 @@ def model_config():
 
 def test_make_mesh_layout_and_axis_types():
   mesh = sharding.make_mesh(mesh_config(-1, 4))
-  assert mesh.axis_names == ("data", "expert")
-  assert dict(mesh.shape) == {"data": 2, "expert": 4}
-  assert mesh.axis_types == (AxisType.Auto, AxisType.Auto)
+  assert mesh.axis_names == ("data", "fsdp", "expert")
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "expert": 4}
+  assert mesh.axis_types == (AxisType.Auto,) * 3
   devices = jax.devices()[::-1]
-  mesh = sharding.make_mesh(mesh_config(2, -1), devices)
-  assert [d.id for d in mesh.devices[0]] == [d.id for d in devices[:4]]  # expert innermost
+  mesh = sharding.make_mesh(mesh_config(2, -1), devices, keep_order=True)
+  assert [d.id for d in mesh.devices[0, 0]] == [d.id for d in devices[:4]]  # expert innermost
   # Auto axes: a plain jit propagates input shardings; no type-level sharding.
   x = jax.device_put(jnp.ones((8, 4)), sharding.batch_sharding(mesh))
-  assert x.sharding.spec == P(("data", "expert"))
+  assert x.sharding.spec == P(("data", "fsdp", "expert"))
   with jax.set_mesh(mesh):
     y = jax.jit(lambda x: x.reshape(32) * 2)(x)
     assert jax.typeof(y).sharding.spec == P(None)  # Auto: not in the type
@@ -53,6 +53,7 @@ def test_make_mesh_layout_and_axis_types():
     (dict(data=3, expert=-1), "do not divide the 8 devices"),
     (dict(data=0, expert=8), "must be a positive int or -1"),
     (dict(data=1, expert=8, tensor=1), "unknown axes"),
+    (dict(data=2, fsdp=2, expert=4), "multiply to 16, but there are 8 devices"),
   ],
 )
 def test_mesh_config_errors(config, message):
@@ -136,4 +137,18 @@ def test_param_shardings_rejects_unnamed_params_and_bad_shapes():
 
   with pytest.raises(ValueError, match="not divisible by mesh axes expert of size 8"):
     sharding.param_shardings(Odd(), mesh)
-  assert sharding.logical_to_mesh(("batch", "embed"), mesh) == P(("data", "expert"), None)
+  assert sharding.logical_to_mesh(("batch", "embed"), mesh) == P(("data", "fsdp", "expert"), None)
+
+
+def test_fsdp_takes_the_largest_free_divisible_dimension():
+  with_fsdp = sharding.with_fsdp
+  # Experts already on the expert axis: fsdp takes the larger of the other two.
+  assert with_fsdp(P("expert", None, None), ("expert", "embed", "mlp"), (8, 32, 64), 4) == P(
+    "expert", None, "fsdp"
+  )
+  assert with_fsdp(P(None, None), ("vocab", "embed"), (260, 32), 4) == P("fsdp", None)
+  assert with_fsdp(P(None, None), ("vocab", "embed"), (260, 32), 8) == P(None, "fsdp")  # 260 % 8
+  assert with_fsdp(P(None, None, None), ("layers", "embed", "mlp"), (64, 4, 4), 8) == P(
+    None, None, None
+  )  # the stacked-layers axis is never sharded; nothing else divides
+  assert with_fsdp(P(None), ("embed",), (32,), 1) == P(None)
