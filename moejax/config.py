@@ -31,14 +31,17 @@ def base_config() -> ml_collections.ConfigDict:
   model.head_dim = config_dict.placeholder(int)  # per-head width; None: d_model // num_heads
   model.d_ff = 512  # hidden size of the dense FFNs
   model.activation = "swiglu"  # FFN/expert activation: relu, gelu, swiglu, geglu
-  model.qk_norm = False  # RMSNorm on each query and key head before RoPE
+  model.qk_norm = "none"  # RMSNorm on q and k before RoPE: none, head (per head), full (OLMoE)
+  model.qkv_bias = False  # biases on the q, k and v projections (Qwen2)
+  model.norm_eps = 1e-6  # RMSNorm epsilon (Mixtral, Qwen2, OLMoE 1e-5; Qwen3, DeepSeek 1e-6)
   model.rope_base = 10000.0  # RoPE base (theta)
   model.tie_embeddings = False  # output projection reuses the token embedding
   model.dtype = "float32"  # compute dtype (float32, bfloat16); parameters stay float32
   model.num_experts = 8  # routed experts per MoE layer; 0: the dense baseline
   model.top_k = 2  # experts per token (token choice); = num_experts for router 'dense'
   model.expert_d_ff = config_dict.placeholder(int)  # hidden size of each expert; None: d_ff
-  model.moe_layer_interval = 1  # layer i is MoE iff (i + 1) % interval == 0
+  model.moe_layer_interval = 1  # after the first dense layers, every n-th layer is MoE
+  model.first_dense_layers = 0  # the first layers stay dense (DeepSeek's first_k_dense_replace)
   model.router = "top_k"  # top_k, noisy_top_k, expert_choice, dense
   model.dispatch = "auto"  # einsum, sort, dropless; auto: einsum on TPU, sort elsewhere
   model.expert_impl = "auto"  # block_loop, grouped_matmul; auto: block_loop on CPU

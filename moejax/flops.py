@@ -32,6 +32,7 @@ import ml_collections
 from flax import nnx
 
 from moejax.activations import is_gated
+from moejax.attention import qk_norm_mode
 from moejax.model import expert_d_ff_of, head_dim_of, moe_layer_indices, validate_config
 
 
@@ -50,14 +51,19 @@ def experts_per_token(config: ml_collections.ConfigDict) -> float:
 
 
 def _layer_params(config: ml_collections.ConfigDict) -> dict[str, float]:
-  """Parameters of the parts of one layer, by kind: `attention` (q, k, v, o), `norms`
-  (the two RMSNorms and the QK-norms), `dense_ffn`, `router`, `expert` (one routed
-  expert), `shared` (all shared experts together)."""
+  """Parameters of the parts of one layer, by kind: `attention` (q, k, v, o), `vectors`
+  (the two RMSNorms, the QK-norms and the q/k/v biases: no matmul), `dense_ffn`,
+  `router`, `expert` (one routed expert), `shared` (all shared experts together)."""
   d, hd = config.d_model, head_dim_of(config)
+  heads, kv_heads = config.num_heads, config.num_kv_heads
   e_ff = expert_d_ff_of(config) if config.num_experts else 0
+  qk_norm = {"none": 0, "head": 2 * hd, "full": (heads + kv_heads) * hd}[
+    qk_norm_mode(config.qk_norm)
+  ]
+  qkv_bias = (heads + 2 * kv_heads) * hd if config.qkv_bias else 0
   return {
     "attention": d * hd * (2 * config.num_heads + 2 * config.num_kv_heads),
-    "norms": 2 * d + (2 * hd if config.qk_norm else 0),
+    "vectors": 2 * d + qk_norm + qkv_bias,
     "dense_ffn": _ffn_params(d, config.d_ff, config.activation),
     # Noisy top-k has a second router matrix, W_noise (Shazeer et al. 2017).
     "router": d * config.num_experts * (2 if config.router == "noisy_top_k" else 1),
@@ -75,9 +81,7 @@ def _count(config: ml_collections.ConfigDict, routed_experts: float) -> dict[str
   """
   validate_config(config)
   p = _layer_params(config)
-  moe_layers = len(
-    moe_layer_indices(config.num_layers, config.num_experts, config.moe_layer_interval)
-  )
+  moe_layers = len(moe_layer_indices(config))
   dense_layers = config.num_layers - moe_layers
   moe_ffn = p["router"] + routed_experts * p["expert"] + p["shared"]
   if config.dense_moe_hybrid:
@@ -85,11 +89,11 @@ def _count(config: ml_collections.ConfigDict, routed_experts: float) -> dict[str
   layer_matmul = (
     config.num_layers * p["attention"] + dense_layers * p["dense_ffn"] + moe_layers * moe_ffn
   )
-  norms = config.num_layers * p["norms"] + config.d_model  # + the final RMSNorm
+  vectors = config.num_layers * p["vectors"] + config.d_model  # + the final RMSNorm
   table = config.vocab_size * config.d_model
   embedding = table if config.tie_embeddings else 2 * table
   return {
-    "total": layer_matmul + norms + embedding,
+    "total": layer_matmul + vectors + embedding,
     "embedding": embedding,
     "matmul": layer_matmul + table,
   }

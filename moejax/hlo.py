@@ -7,6 +7,7 @@ benchmarks and the ahead-of-time report (`moejax.aot`). The text is XLA's
 
 from __future__ import annotations
 
+import collections
 import math
 import re
 
@@ -48,18 +49,6 @@ def collective_shapes(hlo_text: str, opcode: str) -> list[tuple[str, tuple[int, 
   return shapes
 
 
-def all_to_all_bytes(hlo_text: str) -> int:
-  """Bytes of all all-to-all results in (per-device, compiled) HLO text.
-
-  An all-to-all's result has the size of its input: each device sends that many bytes
-  (1/n of which it keeps). Summed over the ops of a train step it is the all-to-all
-  traffic per device per step, to set against the minimum for capacity dispatch,
-  2 (dispatch, combine) · 2 (forward, backward) · k · capacity_factor · tokens · d_model
-  · bytes per element per MoE layer, tokens being a device's tokens.
-  """
-  return sum(array_bytes(dtype, dims) for dtype, dims in collective_shapes(hlo_text, "all-to-all"))
-
-
 # The collectives a report lists; "-start" async forms count as the op.
 COLLECTIVES = (
   "all-to-all",
@@ -79,25 +68,111 @@ def array_bytes(dtype: str, dims: tuple[int, ...]) -> int:
 
 
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-  """`{op: {"count": instructions, "bytes": result bytes per device}}` for each op of
-  `COLLECTIVES` in HLO text (ops that do not occur are left out).
+  """`{op: {"count": executions, "bytes": result bytes per device}}` per step for each op of
+  `COLLECTIVES` in a compiled HLO module (ops that never run are left out).
 
-  An op's bytes are its result's; an async `-start` whose result is a tuple (the operand
-  beside the result, or context scalars) counts its largest array. Ops wrapped in an
-  `async-start` computation appear in that computation and are counted there.
+  Counts what runs, not what is written: the entry computation's ops, plus those of every
+  computation it calls, a `while` body as many times as XLA's `known_trip_count` says (a
+  scan over layers runs its body once per layer; a loop without a known count counts
+  once), each branch of a conditional once. An op's bytes are its result's; an async
+  `-start` whose result is a tuple (the operand beside the result, or context scalars)
+  counts its largest array.
   """
-  out: dict[str, dict[str, int]] = {}
-  for op in COLLECTIVES:
-    pattern = re.compile(r"=\s+(\([^()]*\)|[^\s(]+)\s+" + re.escape(op) + r"(-start)?\(")
-    for line in hlo_text.splitlines():
-      match = pattern.search(line)
-      if not match:
-        continue
+  computations, entry = _computations(hlo_text)
+  memo: dict[str, dict[str, list[int]]] = {}
+
+  def total(name: str) -> dict[str, list[int]]:
+    if name not in memo:
+      memo[name] = {}  # guards against a cycle, which HLO does not have
+      counts: dict[str, list[int]] = {}
+      for line in computations.get(name, ()):
+        for op, size in _collective(line):
+          entry_ = counts.setdefault(op, [0, 0])
+          entry_[0], entry_[1] = entry_[0] + 1, entry_[1] + size
+        for callee, times in _callees(line):
+          for op, (count, size) in total(callee).items():
+            entry_ = counts.setdefault(op, [0, 0])
+            entry_[0], entry_[1] = entry_[0] + times * count, entry_[1] + times * size
+      memo[name] = counts
+    return memo[name]
+
+  return {op: {"count": c, "bytes": b} for op, (c, b) in sorted(total(entry).items())}
+
+
+def all_to_all_bytes(hlo_text: str) -> int:
+  """Bytes of the all-to-all results a compiled step runs per device (`collectives`).
+
+  An all-to-all's result has the size of its input: each device sends that many bytes
+  (1/n of which it keeps). Summed over a train step it is the all-to-all traffic per device
+  per step, to set against the minimum for capacity dispatch, 2 (dispatch, combine) · 2
+  (forward, backward) · k · capacity_factor · tokens · d_model · bytes per element per MoE
+  layer, tokens being a device's tokens.
+  """
+  return collectives(hlo_text).get("all-to-all", {"bytes": 0})["bytes"]
+
+
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_OP_PATTERNS = {
+  op: re.compile(r"=\s+(\([^()]*\)|[^\s(]+)\s+" + re.escape(op) + r"(-start)?\(")
+  for op in COLLECTIVES
+}
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
+  """The instruction lines of each computation of an HLO module, and the entry's name."""
+  computations: dict[str, list[str]] = {}
+  entry, current = "", None
+  for line in hlo_text.splitlines():
+    header = _HEADER.match(line)
+    if header and not line.startswith(" "):
+      current = header.group(2)
+      computations[current] = []
+      if header.group(1):
+        entry = current
+    elif line.startswith("}"):
+      current = None
+    elif current is not None:
+      computations[current].append(line)
+  return computations, entry
+
+
+def _collective(line: str):
+  """`(op, bytes)` if the instruction on `line` is one of `COLLECTIVES`."""
+  for op, pattern in _OP_PATTERNS.items():
+    match = pattern.search(line)
+    if match:
       sizes = [
         array_bytes(t, tuple(int(v) for v in d.split(",") if v))
         for t, d in _SHAPE.findall(match.group(1))
       ]
-      entry = out.setdefault(op, {"count": 0, "bytes": 0})
-      entry["count"] += 1
-      entry["bytes"] += max(sizes) if match.group(2) else sum(sizes)
-  return out
+      yield op, max(sizes) if match.group(2) else sum(sizes)
+      return
+
+
+def _callees(line: str):
+  """`(computation, times)` for each computation the instruction on `line` runs."""
+  if " while(" in line:
+    body = re.search(r"\bbody=%?([\w.\-]+)", line)
+    trips = _TRIP_COUNT.search(line)
+    if body:
+      yield body.group(1), int(trips.group(1)) if trips else 1
+    return
+  for key in ("calls", "to_apply", "true_computation", "false_computation"):
+    for callee in re.findall(r"\b" + key + r"=%?([\w.\-]+)", line):
+      yield callee, 1
+  branches = re.search(r"branch_computations=\{([^}]*)\}", line)
+  if branches:
+    for callee in re.findall(r"%?([\w.\-]+)", branches.group(1)):
+      yield callee, 1
+
+
+def find_array(hlo_text: str, *dims: int) -> str:
+  """The first array shape in HLO text whose dimensions include `dims` (in any order, other
+  dimensions allowed, a repeated dimension as many times as given), e.g. a dispatch
+  mask's `f32[1,4096,16,512]` for `(4096, 16, 512)`; '' if there is none."""
+  want = collections.Counter(dims)
+  for match in _SHAPE.finditer(hlo_text):
+    if not want - collections.Counter(int(v) for v in match.group(2).split(",") if v):
+      return match.group(0)
+  return ""

@@ -2,20 +2,23 @@
 
 The block is the modern pre-norm LLaMA/Mixtral/OLMoE recipe:
 
-* RMSNorm (Zhang & Sennrich 2019) before attention and before the FFN, and at the end;
-* rotary position embeddings, RoPE (Su et al. 2021), with a configurable base;
-* causal self-attention with grouped key/value heads, GQA (Ainslie et al. 2023), and an
-  optional QK-norm: RMSNorm on the queries and keys before RoPE (OLMoE, Muennighoff et
-  al. 2024; Dehghani et al. 2023), here per head with one `[head_dim]` scale each for q
-  and k, as Dehghani et al. and Qwen3 do (OLMoE normalises the whole projection);
+* RMSNorm (Zhang & Sennrich 2019) before attention and before the FFN, and at the end,
+  with the published model's eps (`model.norm_eps`);
+* causal self-attention with RoPE, grouped key/value heads, optional QK-norm and q/k/v
+  biases (`moejax.attention`);
 * an FFN that is a dense `FeedForward`, a `moejax.moe.MoeLayer`, or both side by side with
-  their outputs summed (the dense-MoE hybrid, "residual MoE", of Snowflake Arctic);
-* no biases anywhere.
+  their outputs summed (the dense-MoE hybrid, "residual MoE", of Snowflake Arctic).
 
-Which layers are MoE: with `moe_layer_interval = n`, layer `i` (0-based) is MoE iff
-`(i + 1) % n == 0`, so the *last* layer of every group of `n` is MoE: n=1 makes every
-layer MoE (Mixtral, OLMoE), n=2 every other layer starting from the second (GShard and
-Switch Transformer), n=4 one layer in four. The first layer is always dense when n > 1.
+Which layers are MoE (`layer_kinds`): the first `first_dense_layers` are dense
+(DeepSeek's `first_k_dense_replace`); after them, with `moe_layer_interval = n`, the last
+layer of every group of n is MoE: n=1 makes every layer MoE (Mixtral, OLMoE), n=2 every
+other layer starting from the second (GShard, Switch Transformer), n=4 one in four.
+
+The layers run as scans (`LayerStack`): the repeating period of the layout (e.g. [dense,
+MoE]) is built once per repeat with its parameters stacked on a leading `layers` axis,
+and `nnx.scan` runs the repeats, so a deeper model compiles no bigger program. The layout
+is cut into at most three stacks: the first dense layers, the periods, and a remainder
+(`layer_stacks`).
 
 Decoding uses an explicit KV cache pytree (see `TransformerLM.init_cache`):
 
@@ -28,7 +31,6 @@ Parameters are float32; `config.dtype` is the compute dtype. Logits are always f
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,30 +38,46 @@ import ml_collections
 from flax import nnx
 
 from moejax.activations import ACTIVATIONS
+from moejax.attention import CausalSelfAttention, LayerCache, qk_norm_mode
 from moejax.ffn import FeedForward, on_rows
 from moejax.moe import MoeConfig, MoeLayer
+from moejax.norms import RMSNorm
 from moejax.sharding import logical
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 EMBEDDING_STDDEV = 0.02
-
-# One layer's KV cache: {'k': [batch, max_len, num_kv_heads, head_dim], 'v': same}.
-LayerCache = dict[str, jax.Array]
+SCAN_METADATA = {nnx.PARTITION_NAME: "layers"}  # the stacked axis's logical name
 
 
 # ----------------------------------------------------------------------------- config
 
 
-def moe_layer_indices(
-  num_layers: int, num_experts: int, moe_layer_interval: int
-) -> tuple[int, ...]:
-  """The 0-based indices of the MoE layers: `i` with `(i + 1) % moe_layer_interval == 0`.
+def layer_kinds(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """'dense' or 'moe' for each layer: after the first `first_dense_layers`, layer i is MoE
+  iff `(i - first_dense_layers + 1) % moe_layer_interval == 0` (no MoE layer without
+  experts)."""
+  first, n = config.first_dense_layers, config.moe_layer_interval
+  return tuple(
+    "moe" if config.num_experts and i >= first and (i - first + 1) % n == 0 else "dense"
+    for i in range(config.num_layers)
+  )
 
-  Empty when `num_experts == 0` (the dense baseline).
-  """
-  if num_experts == 0:
-    return ()
-  return tuple(i for i in range(num_layers) if (i + 1) % moe_layer_interval == 0)
+
+def moe_layer_indices(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The 0-based indices of the MoE layers (empty for the dense baseline)."""
+  return tuple(i for i, kind in enumerate(layer_kinds(config)) if kind == "moe")
+
+
+def layer_stacks(config: ml_collections.ConfigDict) -> tuple[tuple[tuple[str, ...], int], ...]:
+  """The layout as scans: `((period kinds, repeats), ...)` in layer order; the first dense
+  layers, then repeats of the `moe_layer_interval`-layer period, then any remainder."""
+  kinds = layer_kinds(config)
+  first = config.first_dense_layers if config.num_experts else 0
+  period = config.moe_layer_interval if config.num_experts else 1
+  repeats = (len(kinds) - first) // period
+  rest = first + repeats * period
+  stacks = [(("dense",), first), (kinds[first : first + period], repeats), (kinds[rest:], 1)]
+  return tuple((kinds_, r) for kinds_, r in stacks if kinds_ and r)
 
 
 def head_dim_of(config: ml_collections.ConfigDict) -> int:
@@ -124,11 +142,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     not config.dense_moe_hybrid or config.num_experts > 0,
     "dense_moe_hybrid=True needs num_experts > 0",
   )
+  require(
+    isinstance(config.first_dense_layers, int) and config.first_dense_layers >= 0,
+    f"first_dense_layers must be an int >= 0, got {config.first_dense_layers!r}",
+  )
+  require(config.norm_eps > 0, f"norm_eps must be > 0, got {config.norm_eps}")
+  try:
+    qk_norm_mode(config.qk_norm)
+  except ValueError as error:
+    require(False, str(error))
   if config.num_experts > 0:
     require(
-      config.num_layers >= config.moe_layer_interval,
-      f"num_layers={config.num_layers} must be >= moe_layer_interval="
-      f"{config.moe_layer_interval} so that some layer is MoE",
+      config.num_layers >= config.first_dense_layers + config.moe_layer_interval,
+      f"num_layers={config.num_layers} must be >= first_dense_layers + moe_layer_interval="
+      f"{config.first_dense_layers + config.moe_layer_interval} so that some layer is MoE",
     )
     moe_config(config)
 
@@ -144,176 +171,45 @@ def moe_config(config: ml_collections.ConfigDict) -> MoeConfig:
 # ----------------------------------------------------------------------------- layers
 
 
-class RMSNorm(nnx.Module):
-  """Root-mean-square layer norm (Zhang & Sennrich 2019): x / rms(x) · scale.
-
-  Normalises the last axis in float32 and returns the input's dtype. `scale` `[dim]`
-  starts at ones.
-  """
-
-  def __init__(self, dim: int, *, eps: float = 1e-6, axis_name: str = "embed"):
-    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), **logical(axis_name))
-    self.eps = eps
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """`[..., dim]` -> `[..., dim]`."""
-    x32 = x.astype(jnp.float32)
-    rms = jnp.sqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return (x32 / rms * self.scale[...]).astype(x.dtype)
-
-
-def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
-  """Rotary position embedding (Su et al. 2021), "rotate-half" layout (GPT-NeoX, LLaMA).
-
-  Channel pairs (j, j + D/2) are rotated by the angle `position · base^(-2j/D)`, so the
-  dot product of a rotated query and key depends on their positions only through the
-  difference. Computed in float32.
-
-  Args:
-    x: `[batch, seq, heads, head_dim]`, head_dim even.
-    positions: `[seq]` int, the absolute position of every sequence slot.
-    base: the RoPE base (10_000 in the paper; 500_000 in LLaMA 3).
-
-  Returns:
-    `[batch, seq, heads, head_dim]` in x's dtype.
-  """
-  half = x.shape[-1] // 2
-  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [D/2]
-  angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [seq, D/2]
-  cos = jnp.cos(angles)[None, :, None, :]  # [1, seq, 1, D/2]
-  sin = jnp.sin(angles)[None, :, None, :]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return rotated.astype(x.dtype)
-
-
-def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """Softmax attention where each group of `heads / kv_heads` query heads shares one KV head.
-
-  Query head `h` reads KV head `h // (heads / kv_heads)` (GQA, Ainslie et al. 2023;
-  kv_heads = heads is multi-head attention, kv_heads = 1 multi-query attention).
-  Scores and softmax run in float32.
-
-  Args:
-    q: `[batch, q_len, heads, head_dim]`.
-    k: `[batch, kv_len, kv_heads, head_dim]`.
-    v: `[batch, kv_len, kv_heads, head_dim]`.
-    mask: `[q_len, kv_len]` bool, True where the query may attend to the key. Every query
-      must see at least one key.
-
-  Returns:
-    `[batch, q_len, heads, head_dim]` in q's dtype.
-  """
-  batch, q_len, heads, head_dim = q.shape
-  kv_heads = k.shape[2]
-  q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
-  scores = jnp.einsum("bqkgd,btkd->bkgqt", q, k, preferred_element_type=jnp.float32)
-  scores = scores / jnp.sqrt(jnp.float32(head_dim))
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgqt,btkd->bqkgd", probs, v)
-  return out.reshape(batch, q_len, heads, head_dim)
-
-
-class CausalSelfAttention(nnx.Module):
-  """Causal self-attention with RoPE, grouped KV heads and optional QK-norm; no biases.
-
-  Projections: q `[d_model, heads·head_dim]`, k and v `[d_model, kv_heads·head_dim]`,
-  o `[heads·head_dim, d_model]`, fan-in scaled (LeCun normal). QK-norm adds two RMSNorm
-  scales `[head_dim]` applied to every query head and every key head before RoPE.
-  """
-
-  def __init__(
-    self,
-    d_model: int,
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    *,
-    rope_base: float,
-    qk_norm: bool,
-    dtype: Any,
-    rngs: nnx.Rngs,
-  ):
-    if num_heads % num_kv_heads:
-      raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
-    self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-    self.rope_base = rope_base
-    linear = lambda fan_in, fan_out, names: nnx.Linear(
-      fan_in, fan_out, use_bias=False, dtype=dtype, kernel_metadata=logical(*names), rngs=rngs
-    )
-    self.q_proj = linear(d_model, num_heads * head_dim, ("embed", "heads"))
-    self.k_proj = linear(d_model, num_kv_heads * head_dim, ("embed", "kv_heads"))
-    self.v_proj = linear(d_model, num_kv_heads * head_dim, ("embed", "kv_heads"))
-    self.o_proj = linear(num_heads * head_dim, d_model, ("heads", "embed"))
-    self.q_norm = RMSNorm(head_dim, axis_name="head_dim") if qk_norm else None
-    self.k_norm = RMSNorm(head_dim, axis_name="head_dim") if qk_norm else None
-
-  def __call__(
-    self, x: jax.Array, positions: jax.Array, cache: LayerCache | None = None
-  ) -> tuple[jax.Array, LayerCache | None]:
-    """Attends every position to itself and to every earlier position.
-
-    Args:
-      x: `[batch, seq, d_model]`.
-      positions: `[seq]` int32, consecutive absolute positions `start + arange(seq)`.
-      cache: None, or this layer's `{'k', 'v'}` each `[batch, max_len, kv_heads,
-        head_dim]`; the new keys and values are written at `positions`, and the queries
-        attend to every cached slot at a position <= their own.
-
-    Returns:
-      `([batch, seq, d_model], updated cache or None)`.
-    """
-    batch, seq, _ = x.shape
-    q = on_rows(self.q_proj, x).reshape(batch, seq, self.num_heads, self.head_dim)
-    k = on_rows(self.k_proj, x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
-    v = on_rows(self.v_proj, x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
-    if self.q_norm is not None:
-      q, k = self.q_norm(q), self.k_norm(k)
-    q = apply_rope(q, positions, self.rope_base)
-    k = apply_rope(k, positions, self.rope_base)
-    if cache is None:
-      key_positions = positions
-    else:
-      slot = (0, positions[0], 0, 0)
-      k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), slot)
-      v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), slot)
-      cache = {"k": k, "v": v}
-      key_positions = jnp.arange(k.shape[1], dtype=jnp.int32)
-    mask = key_positions[None, :] <= positions[:, None]  # [seq, kv_len]
-    out = grouped_query_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-    return on_rows(self.o_proj, out.reshape(batch, seq, self.num_heads * self.head_dim)), cache
-
-
 class DecoderBlock(nnx.Module):
   """Pre-norm block: `x + attn(norm(x))`, then `x + ffn(norm(x))`.
 
-  The FFN is `dense_ffn`, `moe`, or both on the same normalised input with outputs summed
-  (Snowflake Arctic's dense-MoE hybrid); at least one must be given.
+  `kind` 'dense' has a dense FFN; 'moe' an MoE layer, beside a dense FFN with
+  `dense_moe_hybrid` (Snowflake Arctic), their outputs summed.
   """
 
-  def __init__(
-    self,
-    d_model: int,
-    attention: CausalSelfAttention,
-    *,
-    dense_ffn: FeedForward | None,
-    moe: MoeLayer | None,
-  ):
-    if dense_ffn is None and moe is None:
-      raise ValueError("DecoderBlock needs a dense_ffn, a moe layer, or both")
-    self.attn_norm = RMSNorm(d_model)
-    self.attention = attention
-    self.ffn_norm = RMSNorm(d_model)
-    self.dense_ffn = dense_ffn
-    self.moe = moe
+  def __init__(self, config: ml_collections.ConfigDict, kind: str, *, dtype, mesh, rngs: nnx.Rngs):
+    d = config.d_model
+    self.attn_norm = RMSNorm(d, eps=config.norm_eps)
+    self.attention = CausalSelfAttention(
+      d,
+      config.num_heads,
+      config.num_kv_heads,
+      head_dim_of(config),
+      rope_base=config.rope_base,
+      qk_norm=config.qk_norm,
+      qkv_bias=config.qkv_bias,
+      norm_eps=config.norm_eps,
+      dtype=dtype,
+      rngs=rngs,
+    )
+    self.ffn_norm = RMSNorm(d, eps=config.norm_eps)
+    has_dense = kind == "dense" or config.dense_moe_hybrid
+    self.dense_ffn = (
+      FeedForward(d, config.d_ff, config.activation, dtype=dtype, rngs=rngs) if has_dense else None
+    )
+    self.moe = (
+      MoeLayer(moe_config(config), d_model=d, dtype=dtype, mesh=mesh, rngs=rngs)
+      if kind == "moe"
+      else None
+    )
 
   def __call__(
     self, x: jax.Array, positions: jax.Array, cache: LayerCache | None = None
   ) -> tuple[jax.Array, dict[str, jax.Array] | None, LayerCache | None]:
     """`[batch, seq, d_model]` -> (`[batch, seq, d_model]`, the MoE aux dict or None, cache).
 
-    See `CausalSelfAttention` for `positions` and `cache`.
+    See `moejax.attention.CausalSelfAttention` for `positions` and `cache`.
     """
     attn_out, cache = self.attention(self.attn_norm(x), positions, cache)
     x = x + attn_out
@@ -327,30 +223,93 @@ class DecoderBlock(nnx.Module):
     return x, aux, cache
 
 
+class Period(nnx.Module):
+  """The blocks of one repeat of a `LayerStack`, applied in order."""
+
+  def __init__(self, config, kinds: tuple[str, ...], *, dtype, mesh, rngs: nnx.Rngs):
+    self.blocks = nnx.List(
+      [DecoderBlock(config, kind, dtype=dtype, mesh=mesh, rngs=rngs) for kind in kinds]
+    )
+
+  def __call__(self, x, positions, caches):
+    """-> (x, the MoE blocks' aux dicts in order, the blocks' caches or None)."""
+    auxes, new_caches = [], []
+    for i, block in enumerate(self.blocks):
+      x, aux, cache = block(x, positions, None if caches is None else caches[i])
+      new_caches.append(cache)
+      if aux is not None:
+        auxes.append(aux)
+    return x, tuple(auxes), None if caches is None else tuple(new_caches)
+
+
+class LayerStack(nnx.Module):
+  """`repeats` copies of a `Period` of blocks (`kinds`), parameters stacked on a leading
+  `layers` axis (`[repeats, ...]`), run by `nnx.scan`: one compiled period whatever the
+  depth."""
+
+  def __init__(self, config, kinds, repeats: int, *, dtype, mesh, rngs: nnx.Rngs):
+    self.kinds, self.repeats = tuple(kinds), repeats
+
+    @nnx.split_rngs(splits=repeats)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=SCAN_METADATA)
+    def build(rngs):
+      return Period(config, self.kinds, dtype=dtype, mesh=mesh, rngs=rngs)
+
+    self.period = build(rngs)
+
+  def init_cache(self, batch: int, max_len: int, dtype):
+    """An empty cache for every block: `[repeats, batch, max_len, ...]` zeros."""
+    stacked = lambda z: jnp.zeros((self.repeats,) + z.shape, z.dtype)
+    return tuple(
+      jax.tree.map(stacked, block.attention.init_cache(batch, max_len, dtype))
+      for block in self.period.blocks
+    )
+
+  def __call__(self, x, positions, cache):
+    """-> (x, the MoE blocks' aux dicts stacked `[repeats, ...]`, the cache or None).
+
+    A `jax.lax.scan` over the stacked state (split once; each step merges its slice), so
+    it runs under any JAX transform. When a block draws randomness (training with router
+    jitter or noise, random routing, expert dropout), the RNG streams' advanced counters
+    come back as the scan's output and are written to the module.
+    """
+    graphdef, params, rest = nnx.split(self.period, nnx.Param, ...)
+    random = any(b.moe is not None and b.moe.draws_randomness() for b in self.period.blocks)
+
+    def step(x, sliced):
+      params, rest, cache = sliced
+      period = nnx.merge(graphdef, params, rest)
+      x, auxes, cache = period(x, positions, cache)
+      return x, (auxes, cache, nnx.state(period, nnx.Not(nnx.Param)) if random else None)
+
+    x, (auxes, cache, rest) = jax.lax.scan(step, x, (params, rest, cache))
+    if random:
+      nnx.update(self.period, rest)
+    return x, auxes, cache
+
+
 # ----------------------------------------------------------------------------- the model
 
 
 class TransformerLM(nnx.Module):
-  """Decoder-only LM: embed -> `num_layers` `DecoderBlock`s -> RMSNorm -> logits.
+  """Decoder-only LM: embed -> the `LayerStack`s -> RMSNorm -> logits.
 
   Built from a model `ConfigDict` (keys in `moejax/config.py`; see the module docstring
-  for the MoE layer layout), for one device (`mesh=None`) or for `mesh`, which its MoE
-  layers run expert-parallel on (`moejax.moe.expert_parallel`). The token embedding `[vocab, d_model]` is
-  drawn from N(0, 0.02²); with `tie_embeddings` the logits reuse it, otherwise an
-  `lm_head` `[d_model, vocab]` (fan-in scaled) is added.
+  for the layer layout), for one device (`mesh=None`) or for `mesh`, which its MoE layers
+  run expert-parallel on (`moejax.moe.expert_parallel`). The token embedding `[vocab,
+  d_model]` is drawn from N(0, 0.02²); with `tie_embeddings` the logits reuse it,
+  otherwise an `lm_head` `[d_model, vocab]` (fan-in scaled) is added.
 
   Attributes:
+    num_layers: the decoder blocks (`layer(i)` gives one).
     moe_layer_indices: tuple of the 0-based indices of the MoE layers.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, *, mesh=None, rngs: nnx.Rngs):
     validate_config(config)
     self.dtype = DTYPES[config.dtype]
-    self.num_kv_heads, self.head_dim = config.num_kv_heads, head_dim_of(config)
-    self.num_experts = config.num_experts
-    self.moe_layer_indices = moe_layer_indices(
-      config.num_layers, config.num_experts, config.moe_layer_interval
-    )
+    self.num_experts, self.num_layers = config.num_experts, config.num_layers
+    self.moe_layer_indices = moe_layer_indices(config)
     self.embed = nnx.Embed(
       config.vocab_size,
       config.d_model,
@@ -358,32 +317,13 @@ class TransformerLM(nnx.Module):
       embedding_metadata=logical("vocab", "embed"),
       rngs=rngs,
     )
-    layers = []
-    for i in range(config.num_layers):
-      is_moe = i in self.moe_layer_indices
-      attention = CausalSelfAttention(
-        config.d_model,
-        config.num_heads,
-        config.num_kv_heads,
-        self.head_dim,
-        rope_base=config.rope_base,
-        qk_norm=config.qk_norm,
-        dtype=self.dtype,
-        rngs=rngs,
-      )
-      dense_ffn = (
-        FeedForward(config.d_model, config.d_ff, config.activation, dtype=self.dtype, rngs=rngs)
-        if not is_moe or config.dense_moe_hybrid
-        else None
-      )
-      moe = (
-        MoeLayer(moe_config(config), d_model=config.d_model, dtype=self.dtype, mesh=mesh, rngs=rngs)
-        if is_moe
-        else None
-      )
-      layers.append(DecoderBlock(config.d_model, attention, dense_ffn=dense_ffn, moe=moe))
-    self.layers = nnx.List(layers)
-    self.final_norm = RMSNorm(config.d_model)
+    self.stacks = nnx.List(
+      [
+        LayerStack(config, kinds, repeats, dtype=self.dtype, mesh=mesh, rngs=rngs)
+        for kinds, repeats in layer_stacks(config)
+      ]
+    )
+    self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps)
     self.lm_head = (
       None
       if config.tie_embeddings
@@ -398,21 +338,30 @@ class TransformerLM(nnx.Module):
       )
     )
 
-  def init_cache(self, batch: int, max_len: int) -> tuple[LayerCache, ...]:
-    """An empty KV cache: one `{'k', 'v'}` per layer, each `[batch, max_len, kv_heads,
-    head_dim]` zeros in the compute dtype. Pass it to `__call__` and thread the result."""
-    shape = (batch, max_len, self.num_kv_heads, self.head_dim)
-    return tuple(
-      {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)} for _ in self.layers
-    )
+  def layer(self, i: int) -> DecoderBlock:
+    """Layer `i` as a `DecoderBlock` of its own: a copy of its slice of the stacked
+    parameters (changing it does not change the model)."""
+    if not 0 <= i < self.num_layers:
+      raise IndexError(f"layer {i} of a {self.num_layers}-layer model")
+    for stack in self.stacks:
+      size = stack.repeats * len(stack.kinds)
+      if i < size:
+        repeat, slot = divmod(i, len(stack.kinds))
+        graphdef, state = nnx.split(stack.period.blocks[slot])
+        take = lambda a: (
+          jax.ShapeDtypeStruct(a.shape[1:], a.dtype)  # under nnx.eval_shape
+          if isinstance(a, jax.ShapeDtypeStruct)
+          else a[repeat]
+        )
+        return nnx.merge(graphdef, jax.tree.map(take, state))
+      i -= size
 
-  def __call__(
-    self,
-    tokens: jax.Array,
-    *,
-    cache: tuple[LayerCache, ...] | None = None,
-    start: int | jax.Array = 0,
-  ):
+  def init_cache(self, batch: int, max_len: int):
+    """An empty KV cache for every layer, in the compute dtype (one tuple per stack). Pass it
+    to `__call__` and thread the result."""
+    return tuple(stack.init_cache(batch, max_len, self.dtype) for stack in self.stacks)
+
+  def __call__(self, tokens: jax.Array, *, cache=None, start: int | jax.Array = 0):
     """Next-token logits for every position.
 
     Args:
@@ -432,18 +381,20 @@ class TransformerLM(nnx.Module):
       `[0, 0]` for a dense model); `routing`: one dict per MoE layer (see `MoeLayer`).
     """
     seq = tokens.shape[1]
-    if cache is not None and isinstance(start, int) and start + seq > cache[0]["k"].shape[1]:
-      raise ValueError(
-        f"start={start} + seq={seq} exceeds the cache's max_len={cache[0]['k'].shape[1]}"
-      )
+    if cache is not None and isinstance(start, int):
+      max_len = jax.tree.leaves(cache)[0].shape[2]  # [repeats, batch, max_len, ...]
+      if start + seq > max_len:
+        raise ValueError(f"start={start} + seq={seq} exceeds the cache's max_len={max_len}")
     positions = start + jnp.arange(seq, dtype=jnp.int32)
     x = self.embed(tokens).astype(self.dtype)
     auxes, new_cache = [], []
-    for i, layer in enumerate(self.layers):
-      x, aux, layer_cache = layer(x, positions, None if cache is None else cache[i])
-      new_cache.append(layer_cache)
-      if aux is not None:
-        auxes.append(aux)
+    for i, stack in enumerate(self.stacks):
+      x, stack_auxes, stack_cache = stack(x, positions, None if cache is None else cache[i])
+      new_cache.append(stack_cache)
+      # Layer order within a stack: repeat-major, then the MoE blocks of the period.
+      auxes += [
+        jax.tree.map(lambda a, r=r: a[r], aux) for r in range(stack.repeats) for aux in stack_auxes
+      ]
     h = self.final_norm(x)
     if self.lm_head is None:
       embedding = self.embed.embedding[...].astype(self.dtype)

@@ -111,7 +111,7 @@ def make_steps(graphdef, model_config: ml_collections.ConfigDict):
   `_LOSS_TERMS`.
   """
   m = model_config
-  num_moe_layers = len(moe_layer_indices(m.num_layers, m.num_experts, m.moe_layer_interval))
+  num_moe_layers = len(moe_layer_indices(m))
   lb_weight, z_weight = num_moe_layers * m.lb_loss_weight, num_moe_layers * m.z_loss_weight
 
   def train_step(state, batch):
@@ -275,7 +275,7 @@ def train_and_evaluate(
     train_iter.set_state(data_state)
     log.info("resumed from the checkpoint at step %d", start_step)
 
-  moe_layers = moe_layer_indices(m.num_layers, m.num_experts, m.moe_layer_interval)
+  moe_layers = moe_layer_indices(m)
   writer = MetricWriter(workdir, enabled=process == 0, resume_step=start_step)
   train_step, eval_step = make_steps(graphdef, config.model)
   batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)

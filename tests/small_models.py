@@ -18,7 +18,7 @@ def dense_model_config(**overrides) -> ml_collections.ConfigDict:
     "model.d_ff": 64,
     "model.num_experts": 0,
     "model.expert_d_ff": 32,
-    "model.qk_norm": True,
+    "model.qk_norm": "head",
     "model.dispatch": "dropless",
   }
   config = load_config("configs/tiny.py", base).model

@@ -74,7 +74,7 @@ def test_every_ablation_meets_its_constraints(name, preset):
 
 def _direct_ffn(m):
   """Expert/FFN weights by hand: 3 · d_model · hidden per SwiGLU FFN."""
-  moe = len(moe_layer_indices(m.num_layers, m.num_experts, m.moe_layer_interval))
+  moe = len(moe_layer_indices(m))
   dense = m.num_layers - moe + (moe if m.dense_moe_hybrid else 0)
   per = 3 * m.d_model
   e_ff = expert_d_ff_of(m) if moe else 0
@@ -94,11 +94,7 @@ def test_ffn_accounting_matches_a_direct_count(name):
     assert (ffn["total"], ffn["active"]) == _direct_ffn(m), arm.name
     # What is not FFN is attention, norms, embeddings and the router.
     params = flops.count_params(m)
-    router = (
-      m.d_model
-      * m.num_experts
-      * len(moe_layer_indices(m.num_layers, m.num_experts, m.moe_layer_interval))
-    )
+    router = m.d_model * m.num_experts * len(moe_layer_indices(m))
     dense = copy.deepcopy(m)
     dense.num_experts, dense.d_ff, dense.dense_moe_hybrid = 0, 1, False
     backbone = flops.count_params(dense)["total"] - 3 * m.d_model * m.num_layers

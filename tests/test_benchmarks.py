@@ -89,18 +89,6 @@ def test_row_factor_counts_capacity_slots_and_dropless_blocks_by_hand():
   assert moe_layer.row_factor(layer, x, None) == rows / (T * k)
 
 
-def test_find_tec_shape():
-  hlo = (
-    "%w = f32[16,512,1024]{2,1,0} parameter(0)\n"
-    "%m = f32[1,4096,16,512]{3,2,1,0} fusion(%a), kind=kLoop\n"
-  )
-  assert moe_layer.find_tec_shape(hlo, 4096, 16, 512) == "f32[1,4096,16,512]"
-  assert moe_layer.find_tec_shape(hlo, 4096, 64, 128) == ""
-  # Repeated dims must be present as many times as asked for.
-  assert moe_layer.find_tec_shape("s32[8,8]", 8, 8, 8) == ""
-  assert moe_layer.find_tec_shape("pred[8,8,8]", 8, 8, 8) == "pred[8,8,8]"
-
-
 def test_csv_is_never_overwritten(tmp_path):
   table = [{c: 1.5 for c in moe_layer.COLUMNS}]
   path = str(tmp_path / "r.csv")

@@ -45,7 +45,7 @@ def model_config(dispatch: str) -> ml_collections.ConfigDict:
     "model.num_experts": E,
     "model.top_k": K,
     "model.expert_d_ff": D_FF,
-    "model.qk_norm": True,
+    "model.qk_norm": "head",
     "model.dispatch": dispatch,
     "model.min_capacity": 1,
     "model.group_size": None if dispatch == "dropless" else GROUP,
@@ -149,10 +149,11 @@ def test_sharded_train_step_matches_one_device(dispatch, shape):
 
   # Shardings: expert weights (and their gradients) are split over the expert axis.
   for path, grad_sharding in flat_shardings(grads).items():
-    expected = P("expert", None, None) if "experts" in path else P()
+    # Weights of the 2 scanned MoE layers: [layers, experts, ...], the layers axis whole.
+    expected = P(None, "expert", None, None) if "experts" in path else P()
     assert normalize(grad_sharding.spec) == normalize(expected), path
-  w_in = grads["layers"][0]["moe"]["experts"]["w_in"][...]
-  assert {s.data.shape for s in w_in.addressable_shards} == {(E // expert, D_MODEL, D_FF)}
+  w_in = grads["stacks"][0]["period"]["blocks"][0]["moe"]["experts"]["w_in"][...]
+  assert {s.data.shape for s in w_in.addressable_shards} == {(2, E // expert, D_MODEL, D_FF)}
 
   # The compiled HLO: all-to-alls of the expected size, no all-gather of expert weights.
   hlo_text = compiled.as_text()
@@ -223,7 +224,7 @@ def test_fsdp_train_step_matches_one_device(dispatch, shape):
   for path, grad_sharding in flat_shardings(grads).items():
     spec = normalize(grad_sharding.spec)
     assert "fsdp" in spec, path
-    assert (spec[0] == "expert") == ("experts" in path), path
+    assert (spec[1] == "expert") == ("experts" in path), path
   assert "all-gather" in compiled.as_text()  # each weight gathered where a layer uses it
 
 
@@ -252,7 +253,7 @@ def test_fsdp_divides_parameter_and_optimizer_memory():
 
 
 def normalize(spec):
-  return tuple(spec) + (None,) * (3 - len(tuple(spec)))
+  return tuple(spec) + (None,) * (4 - len(tuple(spec)))
 
 
 def flat_shardings(grads):

@@ -12,7 +12,7 @@ from moejax.model import TransformerLM
 MOE = dict(num_experts=4, top_k=2)
 CONFIGS = {
   "dense": {},
-  "dense-tied-relu-no-qknorm": dict(tie_embeddings=True, activation="relu", qk_norm=False),
+  "dense-tied-relu-no-qknorm": dict(tie_embeddings=True, activation="relu", qk_norm="none"),
   "dense-head-dim-mqa": dict(head_dim=12, num_kv_heads=1, activation="geglu"),
   "moe-every-layer": MOE,
   "moe-every-other-layer": dict(MOE, num_layers=4, moe_layer_interval=2),

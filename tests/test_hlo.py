@@ -21,7 +21,7 @@ def test_all_to_all_bytes_of_a_known_program():
   b = jnp.ones((4 * 4, 12), jnp.int32)  # per device s32[4, 12]: 192 bytes
   compiled = fn.lower(a, b).compile().as_text()  # (XLA:CPU sends bf16 as f32: not used here)
   assert hlo.all_to_all_bytes(compiled) == 8 * 6 * 4 + 4 * 12 * 4
-  text = (
+  text = module(
     "  %x = f32[2,3]{1,0} all-to-all(f32[2,3]{1,0} %p), dimensions={0}\n"
     "  %t = (bf16[4]{0}, s32[5]{0}) all-to-all(bf16[4]{0} %a, s32[5]{0} %b)\n"
     "  %g = f32[8]{0} all-gather(f32[2]{0} %p), dimensions={0}, metadata={op_name=\"all-to-all\"}\n"
@@ -30,8 +30,14 @@ def test_all_to_all_bytes_of_a_known_program():
   assert hlo.collective_shapes(text, "all-gather") == [("f32", (8,))]
 
 
+def module(entry_body: str, *computations: str) -> str:
+  """A hand-written HLO module: `computations`, then an entry computation."""
+  entry = "ENTRY %main.1 (p: f32[2,3]) -> f32[2,3] {\n" + entry_body + "}\n"
+  return "HloModule test\n\n" + "".join(computations) + entry
+
+
 def test_collectives_counts_ops_and_bytes_of_a_hand_written_module():
-  text = (
+  text = module(
     "  %a = f32[2,3]{1,0} all-to-all(f32[2,3]{1,0} %p), dimensions={0}\n"
     "  %b = f32[4]{0} all-reduce(f32[4]{0} %q), to_apply=%add\n"
     "  %c = (f32[2]{0}, f32[8]{0}) all-gather-start(f32[2]{0} %r), dimensions={0}\n"
@@ -46,3 +52,36 @@ def test_collectives_counts_ops_and_bytes_of_a_hand_written_module():
     "all-gather": {"count": 1, "bytes": 32},  # the gathered result, not the operand
     "reduce-scatter": {"count": 1, "bytes": 12},
   }
+
+
+def test_collectives_in_a_loop_body_count_once_per_trip():
+  body = (
+    "%body.2 (t: (s32[], f32[4])) -> (s32[], f32[4]) {\n"
+    "  %a = f32[4]{0} all-to-all(f32[4]{0} %x), dimensions={0}\n"
+    "  %c = f32[4]{0} call(f32[4]{0} %a), to_apply=%inner.3\n"
+    "}\n"
+  )
+  inner = "%inner.3 (y: f32[4]) -> f32[4] {\n  %g = f32[8]{0} all-gather(f32[4]{0} %y)\n}\n"
+  text = module(
+    '  %w = (s32[], f32[4]) while((s32[], f32[4]) %t), condition=%cond.4, body=%body.2, '
+    'backend_config={"known_trip_count":{"n":"3"}}\n'
+    "  %z = f32[2]{0} all-to-all(f32[2]{0} %q)\n",
+    body,
+    inner,
+  )
+  assert hlo.collectives(text) == {
+    "all-to-all": {"count": 4, "bytes": 3 * 16 + 8},
+    "all-gather": {"count": 3, "bytes": 3 * 32},
+  }
+
+
+def test_find_array_matches_dimensions_in_any_order():
+  text = (
+    "%w = f32[16,512,1024]{2,1,0} parameter(0)\n"
+    "%m = f32[1,4096,16,512]{3,2,1,0} fusion(%a), kind=kLoop\n"
+  )
+  assert hlo.find_array(text, 4096, 16, 512) == "f32[1,4096,16,512]"
+  assert hlo.find_array(text, 4096, 64, 128) == ""
+  # Repeated dims must be present as many times as asked for.
+  assert hlo.find_array("s32[8,8]", 8, 8, 8) == ""
+  assert hlo.find_array("pred[8,8,8]", 8, 8, 8) == "pred[8,8,8]"

@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import model as model_lib
-from moejax.model import TransformerLM, apply_rope, grouped_query_attention
+from moejax.attention import apply_rope, grouped_query_attention
+from moejax.model import TransformerLM
+from moejax.norms import RMSNorm
 from small_models import dense_model_config as tiny_config
 
 VOCAB, BATCH, SEQ = 260, 2, 12
@@ -58,7 +59,7 @@ def test_aux_is_the_mean_over_moe_layers():
   x = tokens()
   _, aux = model(x)
   h, positions, per_layer = model.embed(x), jnp.arange(SEQ, dtype=jnp.int32), []
-  for layer in model.layers:
+  for layer in map(model.layer, range(model.num_layers)):
     h, layer_aux, _ = layer(h, positions)
     per_layer.append(layer_aux)
   for name in ("lb_loss", "z_loss", "dropped_fraction"):
@@ -75,7 +76,7 @@ def test_aux_is_the_mean_over_moe_layers():
   "overrides",
   [
     {},
-    dict(num_kv_heads=1, qk_norm=False),
+    dict(num_kv_heads=1, qk_norm="none"),
     dict(MOE, dispatch="dropless"),
     dict(MOE, dispatch="dropless", dense_moe_hybrid=True, moe_layer_interval=2),
   ],
@@ -121,7 +122,8 @@ def test_kv_cache_decoding_matches_full_forward(overrides):
 
   prompt = 5
   cache = model.init_cache(BATCH, max_len=SEQ + 3)
-  assert cache[0]["k"].shape == (BATCH, SEQ + 3, 2, 8)
+  # One stack of the 2 layers, one block per period: [layers, batch, max_len, kv, head_dim].
+  assert cache[0][0]["k"].shape == (2, BATCH, SEQ + 3, 2, 8)
   logits, _, cache = model(x[:, :prompt], cache=cache, start=0)
   decoded = [logits]
   for pos in range(prompt, SEQ):
@@ -132,7 +134,7 @@ def test_kv_cache_decoding_matches_full_forward(overrides):
 
 def test_kv_cache_chunked_prefill_matches_full_forward():
   """A prompt may also be fed in chunks of several tokens."""
-  model = TransformerLM(tiny_config(qk_norm=False, num_kv_heads=4), rngs=nnx.Rngs(3))
+  model = TransformerLM(tiny_config(qk_norm="none", num_kv_heads=4), rngs=nnx.Rngs(3))
   x = tokens(5)
   full_logits, _ = model(x)
   cache = model.init_cache(BATCH, SEQ)
@@ -203,7 +205,7 @@ def test_rope_base_changes_the_rotation():
 
 
 def test_rms_norm():
-  norm = model_lib.RMSNorm(6)
+  norm = RMSNorm(6)
   x = jax.random.normal(jax.random.key(3), (2, 6)) * 5.0
   y = norm(x)
   np.testing.assert_allclose(jnp.sqrt(jnp.mean(y**2, axis=-1)), 1.0, rtol=1e-4)
@@ -218,7 +220,7 @@ def test_moe_layer_placement(interval, expected):
   config = tiny_config(**MOE, num_layers=4, moe_layer_interval=interval)
   model = nnx.eval_shape(lambda: TransformerLM(config, rngs=nnx.Rngs(0)))
   assert model.moe_layer_indices == expected
-  for i, layer in enumerate(model.layers):
+  for i, layer in enumerate(map(model.layer, range(model.num_layers))):
     assert (layer.moe is not None) == (i in expected)
     assert (layer.dense_ffn is not None) == (i not in expected)
 
@@ -226,13 +228,16 @@ def test_moe_layer_placement(interval, expected):
 def test_dense_model_has_no_moe_layers():
   model = nnx.eval_shape(lambda: TransformerLM(tiny_config(), rngs=nnx.Rngs(0)))
   assert model.moe_layer_indices == ()
-  assert all(layer.moe is None and layer.dense_ffn is not None for layer in model.layers)
+  assert all(
+    layer.moe is None and layer.dense_ffn is not None
+    for layer in map(model.layer, range(model.num_layers))
+  )
 
 
 def test_dense_moe_hybrid_has_both_in_moe_layers():
   config = tiny_config(**MOE, num_layers=4, moe_layer_interval=2, dense_moe_hybrid=True)
   model = TransformerLM(config, rngs=nnx.Rngs(0))
-  for i, layer in enumerate(model.layers):
+  for i, layer in enumerate(map(model.layer, range(model.num_layers))):
     assert layer.dense_ffn is not None
     assert (layer.moe is not None) == (i in (1, 3))
   logits, aux = model(tokens())
@@ -241,7 +246,7 @@ def test_dense_moe_hybrid_has_both_in_moe_layers():
 
 def test_hybrid_output_is_the_sum_of_dense_and_moe():
   config = tiny_config(**MOE, num_layers=1, dense_moe_hybrid=True)
-  block = TransformerLM(config, rngs=nnx.Rngs(0)).layers[0]
+  block = TransformerLM(config, rngs=nnx.Rngs(0)).layer(0)
   x = jax.random.normal(jax.random.key(4), (BATCH, SEQ, 32))
   positions = jnp.arange(SEQ, dtype=jnp.int32)
   out, _, _ = block(x, positions)
@@ -253,9 +258,9 @@ def test_hybrid_output_is_the_sum_of_dense_and_moe():
 def test_eval_and_train_toggle_the_moe_layers():
   model = TransformerLM(tiny_config(**MOE), rngs=nnx.Rngs(0))
   model.eval()
-  assert all(layer.moe.deterministic for layer in model.layers)
+  assert all(layer.moe.deterministic for layer in map(model.layer, range(model.num_layers)))
   model.train()
-  assert not any(layer.moe.deterministic for layer in model.layers)
+  assert not any(layer.moe.deterministic for layer in map(model.layer, range(model.num_layers)))
 
 
 # ----------------------------------------------------------------------------- config

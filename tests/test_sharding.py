@@ -18,12 +18,12 @@ def mesh_config(data, expert) -> ml_collections.ConfigDict:
 
 
 def normalize(spec):
-  return tuple(spec) + (None,) * (3 - len(tuple(spec)))
+  return tuple(spec) + (None,) * (4 - len(tuple(spec)))
 
 
 def model_config():
   """The smoke model: 2 MoE layers of 8 experts, QK-norm."""
-  return load_config("configs/tiny.py:smoke", {"model.qk_norm": True}).model
+  return load_config("configs/tiny.py:smoke", {"model.qk_norm": "head"}).model
 
 
 # ----------------------------------------------------------------------------- mesh
@@ -91,11 +91,14 @@ def test_param_shardings_names_every_param_and_follows_optimizer_state():
   specs = {
     jax.tree_util.keystr(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]
   }
-  assert specs["['layers'][0]['moe']['experts']['w_in'].value"] == P("expert", None, None)
+  # The 2 MoE layers are one scanned stack: weights [layers, ...], the layers axis whole.
+  moe = "['stacks'][0]['period']['blocks'][0]['moe']"
+  expert_spec = P(None, "expert", None, None)
+  assert specs[moe + "['experts']['w_in'].value"] == expert_spec
   assert specs["['embed']['embedding'].value"] == P(None, None)
-  assert specs["['layers'][1]['moe']['router_kernel'].value"] == P(None, None)
-  assert sum(s == P("expert", None, None) for s in specs.values()) == 6
-  assert all(s == P("expert", None, None) or all(a is None for a in s) for s in specs.values())
+  assert specs[moe + "['router_kernel'].value"] == P(None, None, None)
+  assert sum(s == expert_spec for s in specs.values()) == 3
+  assert all(s == expert_spec or all(a is None for a in s) for s in specs.values())
 
   # nnx.Optimizer copies the names to its state.
   optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
@@ -106,7 +109,7 @@ def test_param_shardings_names_every_param_and_follows_optimizer_state():
     )[0]
   ]
   expert_specs = [s for p, s in opt_specs if "experts" in p]
-  assert len(expert_specs) == 12 and all(s == P("expert", None, None) for s in expert_specs)
+  assert len(expert_specs) == 6 and all(s == expert_spec for s in expert_specs)
 
   # Raw optax state over pure arrays: matched to the parameters by path.
   params = nnx.state(model, nnx.Param)
@@ -115,7 +118,7 @@ def test_param_shardings_names_every_param_and_follows_optimizer_state():
   leaves = jax.tree_util.tree_flatten_with_path(opt_sh)[0]
   assert len(leaves) == len(jax.tree.leaves(opt_state))
   for path, leaf_sharding in leaves:
-    expected = P("expert", None, None) if "experts" in jax.tree_util.keystr(path) else P()
+    expected = expert_spec if "experts" in jax.tree_util.keystr(path) else P()
     assert normalize(leaf_sharding.spec) == normalize(expected), jax.tree_util.keystr(path)
   placed = jax.device_put(opt_state, opt_sh)
   assert jax.tree.leaves(placed)[0].sharding is not None

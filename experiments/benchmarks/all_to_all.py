@@ -48,7 +48,7 @@ def measure(config) -> dict[str, float]:
   hlo_text = step.lower(state, {"inputs": batch, "targets": batch}).compile().as_text()
   measured = hlo.all_to_all_bytes(hlo_text)
   device_tokens = tc.batch_size * tc.seq_len // sharding.num_batch_shards(mesh)
-  layers = len(moe_layer_indices(m.num_layers, m.num_experts, m.moe_layer_interval))
+  layers = len(moe_layer_indices(m))
   bytes_per_element = 2 if m.dtype == "bfloat16" else 4
   minimum = (
     2 * 2 * m.top_k * m.capacity_factor * device_tokens * m.d_model * bytes_per_element * layers

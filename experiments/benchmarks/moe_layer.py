@@ -62,12 +62,10 @@ path actually written is printed.
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import math
 import os
 import random
-import re
 import statistics
 import sys
 import time
@@ -78,6 +76,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from experiments.benchmarks.common import expert_flops, malloc_tunables, write_rows
+from moejax import hlo
 from moejax.ffn import FeedForward
 from moejax.moe import MoeConfig, MoeLayer, block_ffn, routing
 from moejax.moe.config import DISPATCHES
@@ -376,19 +375,6 @@ def build_rows(args: argparse.Namespace) -> list[Row]:
 
 # ----------------------------------------------------------------------------- HLO checks
 
-_SHAPE = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
-
-
-def find_tec_shape(hlo_text: str, tokens: int, experts: int, capacity: int) -> str:
-  """The first HLO tensor shape with dims `tokens`, `experts` and `capacity` (in any order,
-  other dims allowed), e.g. `f32[1,4096,16,512]`; '' if there is none."""
-  want = collections.Counter((tokens, experts, capacity))
-  for match in _SHAPE.finditer(hlo_text):
-    dims = collections.Counter(int(v) for v in match.group(2).split(",") if v)
-    if not want - dims:
-      return match.group(0)
-  return ""
-
 
 def compile_row(row: Row) -> None:
   start = time.perf_counter()
@@ -405,7 +391,7 @@ def compile_row(row: Row) -> None:
   except Exception:
     pass
   if row.tec_dims is not None:
-    row.tec_shape = find_tec_shape(row.compiled.as_text(), *row.tec_dims)
+    row.tec_shape = hlo.find_array(row.compiled.as_text(), *row.tec_dims)
 
 
 def time_once(row: Row) -> float:

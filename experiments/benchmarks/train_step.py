@@ -44,7 +44,8 @@ from flax import nnx
 from moejax.config import load_config
 from experiments.benchmarks.common import interleaved_times, malloc_tunables, write_rows
 from moejax import flops, train
-from moejax.model import TransformerLM, expert_d_ff_of, moe_layer_indices
+from moejax.model import DTYPES, expert_d_ff_of, moe_config, moe_layer_indices
+from moejax.moe import MoeLayer
 
 COLUMNS = (
   "name",
@@ -97,14 +98,13 @@ def step_function(config):
 
 
 def moe_layers_function(config):
-  """`(jitted fwd+bwd of the MoE layers alone, (params, inputs))`."""
-  model = TransformerLM(config.model, rngs=nnx.Rngs(config.train.seed))
-  model.train()
+  """`(jitted fwd+bwd of the MoE layers alone, (params, inputs))`: one `MoeLayer` of the
+  model's config per MoE layer of the model, each on its own input."""
+  m = config.model
+  rngs = nnx.Rngs(config.train.seed)
   layers = [
-    model.layers[i].moe
-    for i in moe_layer_indices(
-      config.model.num_layers, config.model.num_experts, config.model.moe_layer_interval
-    )
+    MoeLayer(moe_config(m), d_model=m.d_model, dtype=DTYPES[m.dtype], rngs=rngs)
+    for _ in moe_layer_indices(m)
   ]
   splits = [nnx.split(layer, nnx.Param, ...) for layer in layers]
   params = tuple(p for _, p, _ in splits)

@@ -120,6 +120,13 @@ class MoeLayer(nnx.Module):
   def top_k(self) -> int:
     return self.config.top_k
 
+  def draws_randomness(self) -> bool:
+    """Whether a call draws from the RNG streams (training mode with router jitter, router
+    noise, GShard's random second expert, or expert dropout)."""
+    c = self.config
+    router = c.router_jitter or c.router == "noisy_top_k" or c.second_expert_policy == "random"
+    return not self.deterministic and bool(router or c.expert_dropout)
+
   def capacity(self, group_tokens: int) -> int:
     """Capacity per expert of a routing group of `group_tokens` tokens, in the current mode."""
     c = self.config

@@ -1,0 +1,184 @@
+"""Causal self-attention: rotary positions (RoPE), grouped key/value heads (GQA), QK-norm,
+and a KV cache for decoding.
+
+Multi-head latent attention (DeepSeek-V2) is in `moejax.mla`, with the same call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax.ffn import on_rows
+from moejax.norms import RMSNorm
+from moejax.sharding import logical
+
+# One layer's KV cache: {'k': [batch, max_len, num_kv_heads, head_dim], 'v': same}.
+LayerCache = dict[str, jax.Array]
+
+QK_NORMS = ("none", "head", "full")
+
+
+def qk_norm_mode(value) -> str:
+  """`model.qk_norm` as one of `QK_NORMS`; True/False (or their strings, as the command line
+  gives them) mean 'head'/'none'."""
+  mode = {True: "head", False: "none", "True": "head", "False": "none"}.get(value, value)
+  if mode not in QK_NORMS:
+    raise ValueError(
+      f"qk_norm={value!r} is not supported; allowed: {', '.join(map(repr, QK_NORMS))}."
+    )
+  return mode
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+  """Rotary position embedding (Su et al. 2021), "rotate-half" layout (GPT-NeoX, LLaMA).
+
+  Channel pairs (j, j + D/2) are rotated by the angle `position · base^(-2j/D)`, so the
+  dot product of a rotated query and key depends on their positions only through the
+  difference. Computed in float32.
+
+  Args:
+    x: `[batch, seq, heads, head_dim]`, head_dim even.
+    positions: `[seq]` int, the absolute position of every sequence slot.
+    base: the RoPE base (10_000 in the paper; 500_000 in LLaMA 3).
+
+  Returns:
+    `[batch, seq, heads, head_dim]` in x's dtype.
+  """
+  half = x.shape[-1] // 2
+  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [D/2]
+  angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [seq, D/2]
+  cos = jnp.cos(angles)[None, :, None, :]  # [1, seq, 1, D/2]
+  sin = jnp.sin(angles)[None, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Softmax attention where each group of `heads / kv_heads` query heads shares one KV head.
+
+  Query head `h` reads KV head `h // (heads / kv_heads)` (GQA, Ainslie et al. 2023;
+  kv_heads = heads is multi-head attention, kv_heads = 1 multi-query attention).
+  Scores and softmax run in float32.
+
+  Args:
+    q: `[batch, q_len, heads, head_dim]`.
+    k: `[batch, kv_len, kv_heads, head_dim]`.
+    v: `[batch, kv_len, kv_heads, head_dim]`.
+    mask: `[q_len, kv_len]` bool, True where the query may attend to the key. Every query
+      must see at least one key.
+
+  Returns:
+    `[batch, q_len, heads, head_dim]` in q's dtype.
+  """
+  batch, q_len, heads, head_dim = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+  scores = jnp.einsum("bqkgd,btkd->bkgqt", q, k, preferred_element_type=jnp.float32)
+  scores = scores / jnp.sqrt(jnp.float32(head_dim))
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgqt,btkd->bqkgd", probs, v)
+  return out.reshape(batch, q_len, heads, head_dim)
+
+
+class CausalSelfAttention(nnx.Module):
+  """Causal self-attention with RoPE, grouped KV heads, optional QK-norm and q/k/v biases.
+
+  Projections: q `[d_model, heads·head_dim]`, k and v `[d_model, kv_heads·head_dim]`,
+  o `[heads·head_dim, d_model]`, fan-in scaled (LeCun normal); `qkv_bias` adds biases to
+  q, k and v (Qwen2), o never has one. QK-norm is RMSNorm on the queries and keys before
+  RoPE: `'head'` one `[head_dim]` scale each for q and k, shared by the heads (Dehghani et
+  al. 2023, Qwen3); `'full'` over the whole q `[heads·head_dim]` and k
+  `[kv_heads·head_dim]` projections (OLMoE, Muennighoff et al. 2024).
+  """
+
+  def __init__(
+    self,
+    d_model: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    *,
+    rope_base: float,
+    qk_norm: str = "none",
+    qkv_bias: bool = False,
+    norm_eps: float = 1e-6,
+    dtype: Any,
+    rngs: nnx.Rngs,
+  ):
+    if num_heads % num_kv_heads:
+      raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
+    self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+    self.rope_base = rope_base
+    self.qk_norm = qk_norm = qk_norm_mode(qk_norm)
+
+    def linear(fan_in, fan_out, names, bias):
+      return nnx.Linear(
+        fan_in,
+        fan_out,
+        use_bias=bias,
+        dtype=dtype,
+        kernel_metadata=logical(*names),
+        bias_metadata=logical(names[1]),
+        rngs=rngs,
+      )
+
+    self.q_proj = linear(d_model, num_heads * head_dim, ("embed", "heads"), qkv_bias)
+    self.k_proj = linear(d_model, num_kv_heads * head_dim, ("embed", "kv_heads"), qkv_bias)
+    self.v_proj = linear(d_model, num_kv_heads * head_dim, ("embed", "kv_heads"), qkv_bias)
+    self.o_proj = linear(num_heads * head_dim, d_model, ("heads", "embed"), False)
+    q_dim, k_dim, names = {
+      "head": (head_dim, head_dim, ("head_dim", "head_dim")),
+      "full": (num_heads * head_dim, num_kv_heads * head_dim, ("heads", "kv_heads")),
+      "none": (None, None, (None, None)),
+    }[qk_norm]
+    norm = lambda dim, name: None if dim is None else RMSNorm(dim, eps=norm_eps, axis_name=name)
+    self.q_norm, self.k_norm = norm(q_dim, names[0]), norm(k_dim, names[1])
+
+  def __call__(
+    self, x: jax.Array, positions: jax.Array, cache: LayerCache | None = None
+  ) -> tuple[jax.Array, LayerCache | None]:
+    """Attends every position to itself and to every earlier position.
+
+    Args:
+      x: `[batch, seq, d_model]`.
+      positions: `[seq]` int32, consecutive absolute positions `start + arange(seq)`.
+      cache: None, or this layer's `{'k', 'v'}` each `[batch, max_len, kv_heads,
+        head_dim]`; the new keys and values are written at `positions`, and the queries
+        attend to every cached slot at a position <= their own.
+
+    Returns:
+      `([batch, seq, d_model], updated cache or None)`.
+    """
+    batch, seq, _ = x.shape
+    q, k, v = on_rows(self.q_proj, x), on_rows(self.k_proj, x), on_rows(self.v_proj, x)
+    if self.qk_norm == "full":
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = q.reshape(batch, seq, self.num_heads, self.head_dim)
+    k = k.reshape(batch, seq, self.num_kv_heads, self.head_dim)
+    v = v.reshape(batch, seq, self.num_kv_heads, self.head_dim)
+    if self.qk_norm == "head":
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = apply_rope(q, positions, self.rope_base)
+    k = apply_rope(k, positions, self.rope_base)
+    if cache is None:
+      key_positions = positions
+    else:
+      slot = (0, positions[0], 0, 0)
+      k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), slot)
+      v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), slot)
+      cache = {"k": k, "v": v}
+      key_positions = jnp.arange(k.shape[1], dtype=jnp.int32)
+    mask = key_positions[None, :] <= positions[:, None]  # [seq, kv_len]
+    out = grouped_query_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+    return on_rows(self.o_proj, out.reshape(batch, seq, self.num_heads * self.head_dim)), cache
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> LayerCache:
+    """An empty cache: `{'k', 'v'}`, each `[batch, max_len, kv_heads, head_dim]` zeros."""
+    shape = (batch, max_len, self.num_kv_heads, self.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
