@@ -1,7 +1,26 @@
-"""moejax: sparse Mixture-of-Experts transformer language models in JAX and Flax NNX."""
+"""moejax: sparse Mixture-of-Experts transformer language models in JAX and Flax NNX.
 
-from moejax.moe import MoeLayer
-from moejax.routing import load_balancing_loss, router_z_loss
+The top-level names are imported on first use, so that `python -m moejax.main` (and the
+other commands) can set up their signal handling before jax is imported.
+"""
+
+import importlib
 
 __all__ = ["MoeLayer", "load_balancing_loss", "router_z_loss"]
 __version__ = "0.1.0"
+
+_HOMES = {
+  "MoeLayer": "moejax.moe",
+  "load_balancing_loss": "moejax.routing",
+  "router_z_loss": "moejax.routing",
+}
+
+
+def __getattr__(name: str):
+  if name in _HOMES:
+    return getattr(importlib.import_module(_HOMES[name]), name)
+  raise AttributeError(f"module 'moejax' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(list(globals()) + list(_HOMES))
