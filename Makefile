@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # (docs/performance.md). Other systems ignore it.
 CPU_MALLOC := GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo plot clean-demo test lint bench clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -22,9 +22,19 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
+# Run again, it trains nothing and shows the result and a sample again; `make clean-demo`
+# starts it afresh. The model reads 128-byte windows: the 300-byte sample slides its window.
+DEMO := workdirs/demo
 demo: $(STAMP)
-	$(CPU_MALLOC) $(PY) -m moejax.main --config=configs/tiny.py --workdir=workdirs/demo
-	$(CPU_MALLOC) $(PY) -m moejax.generate --workdir=workdirs/demo --prompt="ROMEO." --max_new_tokens=300
+	$(CPU_MALLOC) $(PY) -m moejax.main --config=configs/tiny.py --workdir=$(DEMO)
+	$(CPU_MALLOC) $(PY) -m moejax.generate --workdir=$(DEMO) --prompt="ROMEO." --max_new_tokens=300
+
+# Loss curves, dropped fraction and per-layer expert load of the demo run, as PNGs.
+plot: $(STAMP)
+	$(PY) -m moejax.plot --workdir=$(DEMO)
+
+clean-demo:
+	rm -rf $(DEMO)
 
 # One formatter and linter for the whole tree (settings in pyproject.toml).
 lint: $(STAMP)
