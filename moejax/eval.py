@@ -105,7 +105,12 @@ def main(argv) -> None:
   FLAGS = flags.FLAGS
   model, config, step = load_model(FLAGS.workdir, FLAGS.step)
   split = FLAGS.split or config.data.eval_split
-  batches = eval_batches(config, split=split, max_batches=FLAGS.batches or config.data.eval_batches)
+  try:
+    batches = eval_batches(
+      config, split=split, max_batches=FLAGS.batches or config.data.eval_batches
+    )
+  except ValueError as error:  # an unknown split, or one shorter than a batch
+    raise ValueError(f"--split={split}: {cli.one_line(error)}") from error
   result = evaluate_model(model, batches)
   t = config.train
   print(

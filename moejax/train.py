@@ -490,6 +490,9 @@ def train_and_evaluate(
     start_step, state, data_state = checkpoints.restore_newest_intact(state)
     if process == 0:
       checkpoints.remove_incomplete()
+    if start_step >= tc.num_steps:
+      return _finished_result(plan.workdir, start_step)
+    if process == 0:
       workdir_lib.write_config(plan.workdir, config, step=start_step, changes=plan.changes)
       if plan.changes:
         log.warning(
@@ -498,8 +501,6 @@ def train_and_evaluate(
           config_text.format_differences(plan.changes),
           plan.workdir / workdir_lib.CONFIG_CHANGES_FILE,
         )
-    if start_step >= tc.num_steps:
-      return _finished_result(plan.workdir, start_step)
     train_iter, eval_batches = data or datasets()
     if start_step:
       train_iter.set_state(data_state)

@@ -93,7 +93,13 @@ def read_config(path: epath.Path) -> dict[str, Any] | None:
   file = path / CONFIG_FILE
   if not file.exists():
     return None
-  return json.loads(file.read_text())
+  try:
+    return json.loads(file.read_text())
+  except json.JSONDecodeError as error:
+    raise ValueError(
+      f"{file} is not valid JSON ({error}); restore it or move it away (the checkpoints hold "
+      "the run's config too)."
+    ) from None
 
 
 def write_config(
