@@ -18,6 +18,7 @@ import contextlib
 import difflib
 import functools
 import os
+import re
 import signal
 import sys
 import threading
@@ -241,6 +242,11 @@ def _flag_error(error: Exception) -> Exception:
     return ValueError(f"--{error.flagname} is not a flag of this command{hint} (see --help)")
   if isinstance(error, flags.IllegalFlagValueError):
     text = " ".join(str(error).split())
+    required = re.match(r"flag --(\w+)=None: Flag --\w+ must have a value other than None", text)
+    if required and required.group(1) in flags.FLAGS:
+      name = required.group(1)
+      what = flags.FLAGS[name].help.rstrip(".")
+      return ValueError(f"--{name} is required ({what}); see --help.")
     text = text[len("flag ") :] if text.startswith("flag ") else text
     name = text.split("=", 1)[0].lstrip("-")
     if name in flags.FLAGS and not name.startswith("config."):

@@ -7,6 +7,7 @@ import os
 import random
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -44,6 +45,7 @@ def the_error(result) -> str:
 @pytest.mark.parametrize(
   "module,args,code,needles",
   [
+    ("moejax.main", [], 2, ["--config is required (Experiment config file"]),
     # A config file that does not exist: the name of the closest one.
     ("moejax.main", ["--config=configs/tinyy.py", "--workdir={w}"], 2, ["configs/tiny.py"]),
     # A failing get_config: its message, on one line.
@@ -227,6 +229,20 @@ class FakeBucket(MemoryFileSystem):
     return super()._open(path, mode, **kwargs)
 
 
+def event_tags(data: bytes) -> set[str]:
+  """The scalar tags in a TensorBoard event file (TFRecord framing: length, its CRC, the
+  Event proto, its CRC)."""
+  from tensorboardX.proto import event_pb2
+
+  tags, offset = set(), 0
+  while offset < len(data):
+    (length,) = struct.unpack("<Q", data[offset : offset + 8])
+    event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+    tags |= {value.tag for value in event.summary.value}
+    offset += 12 + length + 4
+  return tags
+
+
 @pytest.fixture(params=["local", "gs"])
 def run_dir(request, tmp_path):
   """A run directory on the local disk, or in a fake gs:// bucket reached the same way."""
@@ -261,8 +277,9 @@ def test_metrics_config_and_tensorboard_go_through_epath(run_dir):
     writer.write(step, {"train/loss": 1.0 / step, "train/expert_load/layer_0": [0.25, 0.75]})
   writer.close()
   assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]
-  events = list((path / "tensorboard").iterdir())
-  assert events and events[0].read_bytes(), "a TensorBoard event file with data"
+  (events,) = list((path / "tensorboard").iterdir())
+  tags = event_tags(events.read_bytes())
+  assert {"train/loss", "train/expert_load/layer_0/expert_1"} <= tags, tags
 
   # Resuming from step 1: later records are set aside, not lost; new ones follow.
   writer = MetricWriter(run_dir, resume_step=1)
