@@ -213,7 +213,8 @@ def validate_train_config(tc: ml_collections.ConfigDict) -> None:
 # ----------------------------------------------------------------------------- before the loop
 
 # Keys a resumed run may change without --allow_config_change: they decide when to log,
-# evaluate and save, where the data is, and how devices are laid out, not what is computed.
+# evaluate and save, where the data is, and how devices are laid out (every `mesh.` key),
+# not what is computed.
 RESUMABLE_KEYS = frozenset(
   {
     "train.log_every",
@@ -221,10 +222,12 @@ RESUMABLE_KEYS = frozenset(
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "data.data_dir",
-    "mesh.data",
-    "mesh.expert",
   }
 )
+
+
+def _resumable(key: str) -> bool:
+  return key in RESUMABLE_KEYS or key.startswith("mesh.")
 
 
 def fitting_meshes(config: ml_collections.ConfigDict, num_devices: int) -> list[dict[str, int]]:
@@ -315,7 +318,7 @@ def plan_run(
 
   A resumed run whose config differs from the one saved with its newest readable
   checkpoint (or in `config.json`, before the first checkpoint) in keys outside
-  `RESUMABLE_KEYS` is refused unless `allow_config_change`.
+  `RESUMABLE_KEYS` and `mesh.` is refused unless `allow_config_change`.
   """
   validate_train_config(config.train)
   _, abstract_state = nnx.split(nnx.eval_shape(lambda: build(config)[:2]))
@@ -338,7 +341,7 @@ def plan_run(
     if saved is None:
       saved = workdir_lib.read_config(path)
   changes = {} if saved is None else config_text.differences(saved, config_text.as_json(config))
-  refused = {k: v for k, v in changes.items() if k not in RESUMABLE_KEYS}
+  refused = {k: v for k, v in changes.items() if not _resumable(k)}
   if refused and not allow_config_change:
     raise ValueError(
       f"{workdir} holds a run with another config ({config_text.format_differences(refused)}; "

@@ -254,6 +254,14 @@ def test_a_changed_config_is_refused_or_continued_with_a_log(reference, tmp_path
   assert sorted(os.listdir(workdir / "checkpoints")) == listing
   assert not os.path.exists(workdir / "config_changes.jsonl")
 
+  # When to log and how devices are laid out may change freely.
+  layout = smoke_config(
+    **{"train.num_steps": 12, "train.checkpoint_every": 3, "train.eval_every": 6}
+  )
+  layout.train.log_every, layout.mesh.expert = 2, 2
+  plan = train.plan_run(layout, str(workdir))
+  assert plan.changes == {"mesh.expert": (1, 2), "train.log_every": (1, 2)}
+
   config = smoke_config(
     **{"train.num_steps": 13, "train.checkpoint_every": 3, "train.eval_every": 6}
   )
