@@ -10,10 +10,11 @@ expert; 1/E each when balanced).
 
 from __future__ import annotations
 
-from moejax import cli
+from moejax import signals
 
-if __name__ == "__main__":  # before jax is imported: a signal at any moment ends it cleanly
-  cli.handle_signals("evaluation stopped; nothing was written.")
+if __name__ == "__main__":  # first thing: a signal at any later moment ends it cleanly
+  signals.handle_signals("evaluation stopped; nothing was written.")
+
 
 import math
 from typing import Any, Sequence
@@ -24,6 +25,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
+from moejax import cli
 from moejax import data as data_lib
 from moejax.loading import load_model
 from moejax.train import cross_entropy

@@ -13,10 +13,11 @@ between seq_len/2 and seq_len tokens of context at the positions training used.
 
 from __future__ import annotations
 
-from moejax import cli
+from moejax import signals
 
-if __name__ == "__main__":  # before jax is imported: a signal at any moment ends it cleanly
-  cli.handle_signals("sampling stopped; nothing was written.")
+if __name__ == "__main__":  # first thing: a signal at any later moment ends it cleanly
+  signals.handle_signals("sampling stopped; nothing was written.")
+
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
+from moejax import cli
 from moejax import data as data_lib
 from moejax.loading import load_model
 from moejax.moe import MoeLayer

@@ -13,13 +13,16 @@ process (on TPU pods `jax.distributed.initialize()` finds these by itself: pass
 
 from __future__ import annotations
 
-from moejax import cli
+from moejax import signals
 
-if __name__ == "__main__":  # before jax is imported: a signal at any moment ends it cleanly
-  cli.handle_signals("nothing is lost: rerun the same command to continue.")
+if __name__ == "__main__":  # first thing: a signal at any later moment ends it cleanly
+  signals.handle_signals("nothing is lost: rerun the same command to continue.")
+
 
 from absl import flags
 from ml_collections import config_flags
+
+from moejax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment config file, configs/NAME.py[:ARG].", lock_config=True

@@ -11,10 +11,11 @@ Rerunning replaces these three files (they are derived from the log).
 
 from __future__ import annotations
 
-from moejax import cli
+from moejax import signals
 
-if __name__ == "__main__":  # before the plotting libraries load: signals end it cleanly
-  cli.handle_signals("plotting stopped.")
+if __name__ == "__main__":  # first thing: a signal at any later moment ends it cleanly
+  signals.handle_signals("plotting stopped.")
+
 
 import io
 import re
@@ -23,6 +24,7 @@ from typing import Any
 from absl import flags
 from etils import epath
 
+from moejax import cli
 from moejax import workdir as workdir_lib
 from moejax.metrics import METRICS_FILE, read_metrics
 

@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from moejax import checkpoint as checkpoint_lib
-from moejax import cli, config_text, parallel
+from moejax import config_text, parallel, signals
 from moejax import data as data_lib
 from moejax import workdir as workdir_lib
 from moejax.metrics import MetricWriter, read_metrics
@@ -663,7 +663,7 @@ def _check_nonfinite(tally: dict[str, Any], tc: ml_collections.ConfigDict, saved
 class PreemptionWatch:
   """Turns SIGTERM and SIGINT into a request to stop after the current step.
 
-  Under a moejax command (`cli.handle_signals`), the signal thread delivers the request
+  Under a moejax command (`signals.handle_signals`), the signal thread delivers the request
   and a second signal ends the process at once. Elsewhere (a notebook, a test, another
   program) Python handlers do, in the main thread only, and a second signal raises
   KeyboardInterrupt.
@@ -697,8 +697,8 @@ class PreemptionWatch:
     self._request(signum)
 
   def __enter__(self):
-    if cli.signals_handled():
-      self._requests = cli.stop_requests(
+    if signals.signals_handled():
+      self._requests = signals.stop_requests(
         self._request, at_once_note="the next run resumes from the newest checkpoint."
       )
       self._requests.__enter__()
