@@ -8,7 +8,8 @@ setup(
   description="Sparse Mixture-of-Experts transformer language models in JAX and Flax NNX.",
   long_description=open("README.md", encoding="utf-8").read(),
   long_description_content_type="text/markdown",
-  python_requires=">=3.10",
+  # jax, flax, grain, orbax-checkpoint and numpy of the versions below need Python 3.11+.
+  python_requires=">=3.11",
   packages=find_packages(include=["moejax", "moejax.*"]) + ["moejax.configs"],
   # The experiment files in configs/ ship with the package as moejax.configs.
   package_dir={"moejax.configs": "configs"},
@@ -23,11 +24,18 @@ setup(
     "grain>=0.2.12",
     "numpy>=1.26",
     "absl-py>=2.1",
+    "etils[epath]>=1.7",
     "tqdm>=4.66",
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
   ],
   extras_require={
+    # Accelerators: the jax wheels for the host (`pip install -e '.[cuda12]'` or '.[tpu]').
+    "cuda12": ["jax[cuda12]>=0.10"],
+    "tpu": ["jax[tpu]>=0.10"],
+    # gs:// workdirs: etils.epath reaches buckets through fsspec (gcsfs); Orbax asks
+    # google-cloud-storage about the bucket's layout.
+    "gcs": ["gcsfs>=2023.6", "google-cloud-storage>=2.14"],
     "test": ["pytest>=8", "hypothesis>=6.100", "nbmake>=1.5", "pytest-xdist>=3.5", "ruff>=0.6"],
     # The Mixtral reference block used by the layer benchmark.
     "bench": ["torch==2.13.0", "transformers>=4.45"],

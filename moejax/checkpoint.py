@@ -3,21 +3,23 @@
 A checkpoint at step N holds three items: `state` (the NNX state of model and optimizer
 as a nested dict of arrays: parameters, Adam moments, the optimizer step, the RNG
 streams), `data` (the grain iterator state, JSON) and `config` (the run's config, JSON;
-`moejax.generate` rebuilds the model from it).
+`moejax.generate` rebuilds the model from it). The directory is reached through
+`etils.epath` (local paths and `gs://` alike).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
+
+from moejax import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,27 @@ def _abstract(tree):
   )
 
 
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's folder of a save in progress
+
+
+def remove_incomplete(directory: epath.Path) -> list[epath.Path]:
+  """Removes the temporary folders (`N.orbax-checkpoint-tmp-*`) of saves that never
+  finished, the process killed mid-save, logging a note naming each; returns them."""
+  if not directory.exists():
+    return []
+  removed = sorted(directory.glob(f"*{TMP_SUFFIX}*"))
+  for path in removed:
+    log.warning("removed %s, an incomplete checkpoint of an interrupted save", path)
+    path.rmtree(missing_ok=True)
+  return removed
+
+
+def describe_failure(error: BaseException, limit: int = 200) -> str:
+  """A read failure on one line of at most `limit` characters."""
+  text = " ".join(str(error).split()) or type(error).__name__
+  return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _path_name(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
@@ -57,15 +80,20 @@ class Checkpointer:
   Orbax writes each checkpoint into a temporary folder and renames it when complete, so
   a run killed while saving leaves no half checkpoint among the steps. A checkpoint that
   is complete but unreadable (corrupted files) is moved to `WORKDIR/checkpoints_unreadable/`
-  and the next older one is used.
+  and the next older one is used. The temporary folder of a save that was itself killed
+  (`N.orbax-checkpoint-tmp-*`) is removed, with a note, by `remove_incomplete`. A gs://
+  directory needs the `gcs` extra (Orbax asks google-cloud-storage about the bucket).
+
+  With `create=False` nothing is created: a missing directory holds no checkpoints.
   """
 
-  def __init__(self, workdir: str, *, keep: int):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    self.unreadable_directory = os.path.abspath(os.path.join(workdir, "checkpoints_unreadable"))
+  def __init__(self, workdir: epath.PathLike, *, keep: int, create: bool = True):
+    root = workdir_lib.resolve(workdir)
+    self.directory = root / "checkpoints"
+    self.unreadable_directory = root / "checkpoints_unreadable"
     self._manager = ocp.CheckpointManager(
       self.directory,
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create),
       item_handlers={
         "state": ocp.StandardCheckpointHandler(),
         "data": ocp.JsonCheckpointHandler(),
@@ -75,6 +103,17 @@ class Checkpointer:
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
+
+  def steps(self) -> list[int]:
+    """The steps of the complete checkpoints, newest first."""
+    return sorted(self._manager.all_steps(), reverse=True)
+
+  def remove_incomplete(self) -> list[epath.Path]:
+    """Removes the folders of saves that never finished (see `remove_incomplete`)."""
+    removed = remove_incomplete(self.directory)
+    if removed:
+      self._manager.reload()
+    return removed
 
   def save(
     self, step: int, state: nnx.State, data_state: dict[str, Any], config: ml_collections.ConfigDict
@@ -91,15 +130,14 @@ class Checkpointer:
     )
 
   def check_fits(self, state: nnx.State, step: int) -> None:
-    """Raises ValueError naming the parameters whose saved shapes differ from `state`'s."""
+    """Raises ValueError naming the parameters whose saved shapes differ from `state`'s
+    (arrays or abstract `jax.ShapeDtypeStruct`s)."""
     saved = {
       _path_name(p): tuple(m.shape)
       for p, m in jax.tree_util.tree_leaves_with_path(self._manager.item_metadata(step)["state"])
     }
-    wanted = {
-      _path_name(p): tuple(x.shape)
-      for p, x in jax.tree_util.tree_leaves_with_path(_keys_to_data(nnx.to_pure_dict(state)))
-    }
+    shapes = jax.eval_shape(_keys_to_data, nnx.to_pure_dict(state))
+    wanted = {_path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(shapes)}
     differ = [
       f"{name} {saved.get(name, 'absent')} -> {shape}"
       for name, shape in wanted.items()
@@ -135,16 +173,16 @@ class Checkpointer:
     shapes do not fit raises ValueError. If checkpoints exist but none can be read this
     raises RuntimeError rather than silently starting from scratch.
     """
-    steps = sorted(self._manager.all_steps(), reverse=True)
+    steps = self.steps()
     if not steps:
       return 0, state, None
-    self._fits_newest_readable(state, steps)
+    self.check_fits_newest_readable(state)
     skipped = []
     for step in steps:
       try:
         result = self.restore(state, step)
       except Exception as error:  # any read failure means this checkpoint is not usable
-        skipped.append((step, " ".join(str(error).split())[:200]))
+        skipped.append((step, describe_failure(error)))
         continue
       for bad_step, reason in skipped:
         destination = self._move_aside(bad_step)
@@ -156,14 +194,19 @@ class Checkpointer:
           step,
         )
       return result
-    raise RuntimeError(
-      f"{self.directory} holds checkpoints at steps {steps}, but none can be "
-      f"read (step {skipped[0][0]}: {skipped[0][1]}). Move them away to start "
-      "afresh; nothing was changed."
+    raise RuntimeError(self.none_readable(skipped) + " Nothing was changed.")
+
+  def none_readable(self, skipped: list[tuple[int, str]]) -> str:
+    """The message for checkpoints that all failed to read (`skipped`: (step, reason))."""
+    reasons = "; ".join(f"step {step}: {reason}" for step, reason in skipped[:3])
+    return (
+      f"{self.directory} holds checkpoints at steps {[s for s, _ in skipped]}, but none "
+      f"can be read ({reasons}). Move them away to start afresh."
     )
 
-  def _fits_newest_readable(self, state, steps) -> None:
-    for step in steps:
+  def check_fits_newest_readable(self, state: nnx.State) -> None:
+    """`check_fits` against the newest checkpoint whose metadata can be read (if any)."""
+    for step in self.steps():
       try:
         self._manager.item_metadata(step)["state"]
       except Exception:
@@ -171,21 +214,32 @@ class Checkpointer:
       self.check_fits(state, step)
       return
 
-  def _move_aside(self, step: int) -> str:
-    os.makedirs(self.unreadable_directory, exist_ok=True)
-    destination = os.path.join(self.unreadable_directory, str(step))
+  def _move_aside(self, step: int) -> epath.Path:
+    self.unreadable_directory.mkdir(parents=True, exist_ok=True)
+    destination = self.unreadable_directory / str(step)
     suffix = 0
-    while os.path.exists(destination):
+    while destination.exists():
       suffix += 1
-      destination = os.path.join(self.unreadable_directory, f"{step}.{suffix}")
-    shutil.move(os.path.join(self.directory, str(step)), destination)
+      destination = self.unreadable_directory / f"{step}.{suffix}"
+    (self.directory / str(step)).rename(destination)
     self._manager.reload()
     return destination
 
+  def restore_config_dict(self, step: int) -> dict[str, Any]:
+    """The config saved with the checkpoint of `step`, as the JSON dict it was saved as.
+
+    Raises ValueError naming the file when it is not valid JSON.
+    """
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    except ValueError as error:  # json.JSONDecodeError: a file that is not JSON
+      file = self.directory / str(step) / "config"
+      raise ValueError(f"{file} is not valid JSON ({describe_failure(error)})") from error
+    return restored["config"]
+
   def restore_config(self, step: int | None = None) -> ml_collections.ConfigDict:
     step = self.latest_step() if step is None else step
-    restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return ml_collections.ConfigDict(restored["config"])
+    return ml_collections.ConfigDict(self.restore_config_dict(step))
 
   def close(self) -> None:
     self._manager.wait_until_finished()

@@ -1,39 +1,65 @@
-"""Sample from the latest checkpoint of a run with a KV cache.
+"""Sample from a trained run: `python -m moejax.generate --workdir=DIR --prompt=TEXT
+[--max_new_tokens=N] [--temperature=T] [--top_k=K] [--top_p=P] [--seed=S]`
 
-`python -m moejax.generate --workdir=DIR --prompt=TEXT [--max_new_tokens=N]
-[--temperature=T] [--top_k=K] [--top_p=P] [--seed=S]`
+Uses the newest readable checkpoint of DIR (a newer unreadable one is named and skipped)
+and never writes to DIR. The model runs in eval mode with token-choice routing and no
+capacity limit, so the prompt's prefill routes every token as decoding it one by one would.
 
-The model runs in eval mode with token-choice routing and no capacity limit, so the
-prompt's prefill routes every token as decoding it token by token would.
+The model attends to at most `train.seq_len` tokens, the context it was trained on. Past
+that the window slides: when it is full, the newest `seq_len // 2` tokens are prefilled
+again at positions 0.., and decoding goes on from there, so every token is predicted from
+between seq_len/2 and seq_len tokens of context at the positions training used.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import sys
+from moejax import signals
+
+if __name__ == "__main__":  # first thing: a signal at any later moment ends it cleanly
+  signals.handle_signals("sampling stopped; nothing was written.")
+
+import dataclasses  # noqa: E402
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
-from absl import logging as absl_logging
+from absl import flags
 from flax import nnx
 
-from moejax import checkpoint as checkpoint_lib
+from moejax import cli
 from moejax import data as data_lib
-from moejax import train as train_lib
+from moejax.loading import load_model
 from moejax.moe import MoeLayer
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory with checkpoints.")
-_PROMPT = flags.DEFINE_string("prompt", "", "Text to continue.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "Bytes to generate.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the K most likely tokens; 0 = all.")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1.0 = off.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+__all__ = ["filter_logits", "load_model", "sample"]
 
 
-def filter_logits(logits: jax.Array, *, temperature: float, top_k: int, top_p: float) -> jax.Array:
+def define_flags() -> None:
+  """The command's flags (defined when it runs, so that importing this module defines none)."""
+  flags.DEFINE_string("workdir", None, "Run directory with checkpoints (only read).")
+  flags.DEFINE_string("prompt", "", "Text to continue.")
+  flags.DEFINE_integer("max_new_tokens", 200, "Bytes to generate.", lower_bound=1)
+  flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.", lower_bound=0.0)
+  flags.DEFINE_integer(
+    "top_k",
+    0,
+    "Sample among the K most likely tokens (at most the vocabulary); 0 = all.",
+    lower_bound=0,
+  )
+  flags.DEFINE_float(
+    "top_p", 1.0, "Nucleus sampling mass; 1.0 = off.", lower_bound=0.0, upper_bound=1.0
+  )
+  flags.register_validator(
+    "top_p", lambda p: p > 0, message="0 is not a number in the range (0.0, 1.0]"
+  )
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_integer(
+    "step", None, "Checkpoint step to sample from (default: the newest readable)."
+  )
+  flags.mark_flag_as_required("workdir")
+
+
+def filter_logits(logits, *, temperature: float, top_k: int, top_p: float):
   """Temperature, top-k and top-p (Holtzman et al. 2020) on `[batch, vocab]` logits.
 
   Filtered-out tokens get -inf. With temperature 0 only the argmax survives.
@@ -57,22 +83,29 @@ def filter_logits(logits: jax.Array, *, temperature: float, top_k: int, top_p: f
 
 def sample(
   model,
-  prompt_ids: np.ndarray,
+  prompt_ids,
   *,
   max_new_tokens: int,
+  context_len: int,
   temperature: float = 0.8,
   top_k: int = 0,
   top_p: float = 1.0,
   seed: int = 0,
-) -> np.ndarray:
-  """Continues `prompt_ids` (`[prompt_len]` int) by `max_new_tokens` tokens.
+):
+  """Continues `prompt_ids` (`[prompt_len]` int) by up to `max_new_tokens` tokens.
 
-  Prefills the prompt into a KV cache once, then decodes one token per step with a
-  jitted step (one compile for every position). Stops early at EOS.
+  The model sees at most `context_len` tokens (the `train.seq_len` it was trained on):
+  the newest `context_len` tokens of the prompt are prefilled into a KV cache of that
+  length, then one token is decoded per jitted step. When the cache is full, the newest
+  `context_len // 2` tokens are prefilled again from position 0 (the window slides).
+  Stops early at EOS. Compiles three programs: the prompt's prefill, the slide's prefill
+  and the decode step.
 
   Returns:
     `[new_tokens]` int32, the generated continuation.
   """
+  if context_len < 2:
+    raise ValueError(f"context_len={context_len} must be >= 2.")
   # Capacity is a training device: when sampling, every token reaches its experts
   # (capacity = all tokens), so a prefilled prompt routes as it would token by token.
   # A view of the model in eval mode with that capacity; `model` itself is unchanged.
@@ -84,13 +117,12 @@ def sample(
         module.config, eval_capacity_factor=module.num_experts / module.top_k
       )
   graphdef, state = nnx.split(model)
-  prompt = jnp.asarray(prompt_ids, jnp.int32)[None]
-  max_len = prompt.shape[1] + max_new_tokens
+  keep = context_len // 2
 
   @jax.jit
   def prefill(state, tokens):
     model = nnx.merge(graphdef, state)
-    logits, _, cache = model(tokens, cache=model.init_cache(1, max_len), start=0)
+    logits, _, cache = model(tokens, cache=model.init_cache(1, context_len), start=0)
     return logits[:, -1], cache
 
   @jax.jit
@@ -100,66 +132,60 @@ def sample(
 
   def choose(logits, key):
     filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+    return int(jax.random.categorical(key, filtered, axis=-1)[0])
 
+  tokens = [int(t) for t in np.asarray(prompt_ids).reshape(-1)]
+  window = tokens[-context_len:]
+  logits, cache = prefill(state, jnp.asarray(window, jnp.int32)[None])
+  position = len(window)  # the next token's position in the cache
   key = jax.random.key(seed)
-  logits, cache = prefill(state, prompt)
   out = []
   for i in range(max_new_tokens):
     key, sub = jax.random.split(key)
     token = choose(logits, sub)
-    token_id = int(token[0])
-    if token_id == data_lib.EOS_ID:
+    if token == data_lib.EOS_ID:
       break
-    out.append(token_id)
-    if i + 1 < max_new_tokens:
-      logits, cache = decode(state, token[:, None], cache, jnp.int32(prompt.shape[1] + i))
+    out.append(token)
+    tokens.append(token)
+    if i + 1 == max_new_tokens:
+      break
+    if position == context_len:  # the window is full: slide it
+      logits, cache = prefill(state, jnp.asarray(tokens[-keep:], jnp.int32)[None])
+      position = keep
+    else:
+      logits, cache = decode(state, jnp.asarray([[token]], jnp.int32), cache, jnp.int32(position))
+      position += 1
   return np.asarray(out, np.int32)
-
-
-def load_model(workdir: str):
-  """The model of the latest checkpoint in `workdir`, with its config."""
-  checkpoints = checkpoint_lib.Checkpointer(workdir, keep=1_000_000)
-  if checkpoints.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}: train first with moejax.main.")
-  config = checkpoints.restore_config()
-  model, optimizer, _ = train_lib.build(config)
-  graphdef, state = nnx.split((model, optimizer))
-  step, state, _ = checkpoints.restore(state)
-  checkpoints.close()
-  model, _ = nnx.merge(graphdef, state)
-  return model, config, step
 
 
 def main(argv) -> None:
   del argv
-  absl_logging.set_verbosity(absl_logging.WARNING)  # keep Orbax info lines out of the sample
-  try:
-    if not _WORKDIR.value:
-      raise ValueError("--workdir is required.")
-    if (
-      _MAX_NEW.value < 1 or _TEMPERATURE.value < 0 or not 0 < _TOP_P.value <= 1 or _TOP_K.value < 0
-    ):
-      raise ValueError(
-        "need --max_new_tokens >= 1, --temperature >= 0, 0 < --top_p <= 1, --top_k >= 0."
-      )
-    model, _, step = load_model(_WORKDIR.value)
-  except (ValueError, FileNotFoundError) as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
-  prompt = np.concatenate([[data_lib.BOS_ID], data_lib.encode(_PROMPT.value)])
+  FLAGS = flags.FLAGS
+  model, config, step = load_model(FLAGS.workdir, FLAGS.step)
+  vocab = config.model.vocab_size
+  if FLAGS.top_k > vocab:
+    raise ValueError(
+      f"--top_k={FLAGS.top_k} is not an integer in the range [0, {vocab}] (this model has "
+      f"{vocab} tokens)."
+    )
+  prompt = [data_lib.BOS_ID, *data_lib.encode(FLAGS.prompt)]
+  context = config.train.seq_len
   new = sample(
     model,
     prompt,
-    max_new_tokens=_MAX_NEW.value,
-    temperature=_TEMPERATURE.value,
-    top_k=_TOP_K.value,
-    top_p=_TOP_P.value,
-    seed=_SEED.value,
+    max_new_tokens=FLAGS.max_new_tokens,
+    context_len=context,
+    temperature=FLAGS.temperature,
+    top_k=FLAGS.top_k,
+    top_p=FLAGS.top_p,
+    seed=FLAGS.seed,
   )
-  print(f"--- sample from step {step} ---")
-  print(_PROMPT.value + data_lib.decode(new))
+  slid = len(prompt) + len(new) > context
+  note = f"; trained on {context}-byte windows, the window slid past it" if slid else ""
+  print(f"--- sample from step {step}{note} ---")
+  print(FLAGS.prompt + data_lib.decode(new), flush=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  define_flags()
+  cli.run(main)

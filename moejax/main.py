@@ -1,4 +1,10 @@
-"""Command line: `python -m moejax.main --config=configs/NAME.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]`.
+"""Train: `python -m moejax.main --config=configs/NAME.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]`
+
+Rerunning the same command resumes from the newest checkpoint in DIR (or, for a finished
+run, prints its result). `--print_config` prints the resolved config with each key's
+comment; `--dry_run` checks everything a run would check and says what it would do,
+writing nothing. Exit codes: 0 done (or stopped by a signal with a checkpoint), 2 the
+command is wrong, 1 the run failed, 130/143 interrupted before training started.
 
 Multi-host: `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` on every
 process (on TPU pods `jax.distributed.initialize()` finds these by itself: pass
@@ -7,17 +13,34 @@ process (on TPU pods `jax.distributed.initialize()` finds these by itself: pass
 
 from __future__ import annotations
 
-import re
-import sys
+from moejax import signals
 
-from absl import app, flags
-from absl import logging as absl_logging
+if __name__ == "__main__":  # first thing: a signal at any later moment ends it cleanly
+  signals.handle_signals("nothing is lost: rerun the same command to continue.")
+
+
+from absl import flags
 from ml_collections import config_flags
+
+from moejax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment config file, configs/NAME.py[:ARG].", lock_config=True
 )
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Directory (or gs:// URI) for checkpoints and metrics."
+)
+_PRINT_CONFIG = flags.DEFINE_bool(
+  "print_config", False, "Print the resolved config, each key with its comment, and exit."
+)
+_DRY_RUN = flags.DEFINE_bool(
+  "dry_run", False, "Check the config, mesh and workdir, say what the run would do; write nothing."
+)
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+  "allow_config_change",
+  False,
+  "Resume a run with a config that differs from its own (logged in config_changes.jsonl).",
+)
 _COORDINATOR = flags.DEFINE_string(
   "coordinator_address", None, "Multi-host: HOST:PORT of process 0."
 )
@@ -26,7 +49,6 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process
 _DISTRIBUTED = flags.DEFINE_bool(
   "distributed", False, "Initialise jax.distributed from the environment (TPU pods, SLURM)."
 )
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Full tracebacks on errors.")
 
 
 def _initialize_distributed() -> None:
@@ -49,61 +71,57 @@ def _initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
-def run(argv) -> None:
+def main(argv) -> None:
   del argv
-  if _WORKDIR.value is None:
+  config = _CONFIG.value
+  if _PRINT_CONFIG.value:
+    from moejax import config_text
+
+    print(config_text.describe(config))
+    return
+  workdir = _WORKDIR.value
+  if workdir is None:
     raise ValueError("--workdir is required: the directory for checkpoints and metrics.")
   _initialize_distributed()
   import jax
-  from moejax import data, train
 
-  config = _CONFIG.value
-  final = train.train_and_evaluate(config, _WORKDIR.value)
-  if jax.process_index() == 0 and "eval/bits_per_byte" in final and not final["preempted"]:
+  from moejax import run_plan, train
+
+  if _DRY_RUN.value:
+    plan = run_plan.plan_run(config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    print(run_plan.describe_plan(plan, config))
+    print("dry run: nothing was written.")
+    return
+  final = train.train_and_evaluate(config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  if jax.process_index() != 0 or final["preempted"]:
+    return
+  if final["start_step"] >= config.train.num_steps:
+    print(
+      f"already at step {final['step']} of {config.train.num_steps} in {workdir}; nothing to train."
+    )
+  print(result_line(config, final))
+
+
+def result_line(config, final) -> str:
+  """`validation: 2.345 bits/byte (unigram baseline 4.84); train loss ..., N tokens/s`."""
+  from moejax import data
+
+  parts = []
+  if "eval/bits_per_byte" in final:
     load = lambda split: data.load_split(
       config.data.name, split, config.data.data_dir, text_key=config.data.text_key
     )
     baseline = data.unigram_bits_per_byte(load("train"), load(config.data.eval_split))
-    print(
-      f"validation: {final['eval/bits_per_byte']:.3f} bits/byte "
-      f"(unigram baseline {baseline:.3f}); train loss {final['train/loss']:.3f}, "
-      f"{final['train/tokens_per_sec']:.0f} tokens/s"
+    parts.append(
+      f"validation: {final['eval/bits_per_byte']:.3f} bits/byte (unigram baseline {baseline:.3f})"
     )
-
-
-def parse_flags(argv):
-  """absl's parser, with every flag or config-override error reduced to one line."""
-  try:
-    return flags.FLAGS(argv)
-  except Exception as error:  # absl and ml_collections raise several types here
-    text = str(error)
-    if "Traceback" in text:  # an error inside the config file's get_config: its last line
-      text = text.strip().splitlines()[-1]
-    message = " ".join(text.split())
-    if isinstance(error, AttributeError):  # ml_collections: an unknown config key
-      name = re.search(r"'(\w+)", message)
-      arg = next((a for a in argv if name and f".{name.group(1)}=" in a), message)
-      hint = re.search(r'Did you mean "(\w+)"', message)
-      message = f"{arg.split('=')[0]} is not a config key" + (
-        f"; did you mean {hint.group(1)!r}?" if hint else "; see moejax/config.py for the keys."
-      )
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def main(argv) -> None:
-  absl_logging.set_verbosity(absl_logging.WARNING)  # keep Orbax/XLA info lines out of the way
-  try:
-    run(argv)
-  except (ValueError, KeyError, TypeError, OSError, FloatingPointError, RuntimeError) as error:
-    if _VERBOSE.value:
-      raise
-    message = " ".join(str(error).split())
-    print(f"error: {message} (rerun with --verbose for the traceback)", file=sys.stderr)
-    # 2: the command or its config is wrong; 1: the run failed.
-    sys.exit(2 if isinstance(error, (ValueError, KeyError, TypeError)) else 1)
+  if "train/loss" in final:
+    parts.append(f"train loss {final['train/loss']:.3f}")
+  if "train/tokens_per_sec" in final:
+    parts.append(f"{final['train/tokens_per_sec']:.0f} tokens/s")
+  return "; ".join(parts) if parts else f"at step {final['step']}; no metrics recorded."
 
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(main, flags_parser=parse_flags)
+  cli.run(main, config_flag="config")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import flops, train
+from moejax import flops, steps
 from moejax.config import load_config
 from moejax.model import validate_config
 
@@ -36,9 +36,9 @@ def test_pod_and_cpu_variants_validate(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_smoke_variant_takes_a_training_step(name):
   config = load(name, "smoke")
-  model, optimizer, _ = train.build(config)
+  model, optimizer, _ = steps.build(config)
   graphdef, state = nnx.split((model, optimizer))
-  train_step, _ = train.make_steps(graphdef, config.model)
+  train_step, _ = steps.make_steps(graphdef, config.model)
   tokens = np.random.default_rng(0).integers(
     0, 256, (config.train.batch_size, config.train.seq_len + 1)
   )

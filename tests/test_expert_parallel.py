@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from moejax import hlo, sharding, train
+from moejax import hlo, sharding, steps
 from moejax.config import load_config
 from moejax.model import TransformerLM
 from moejax.moe import MoeConfig, MoeLayer
@@ -235,8 +235,8 @@ def test_fsdp_divides_parameter_and_optimizer_memory():
   for n in (1, 2, 4, 8):
     config = load_config("configs/tiny.py:smoke", {"mesh.data": 1, "mesh.fsdp": n})
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:n], keep_order=True)
-    graphdef, state, state_sh = train.init_state(config, mesh)
-    step, _ = train.make_steps(graphdef, config.model)
+    graphdef, state, state_sh = steps.init_state(config, mesh)
+    step, _ = steps.make_steps(graphdef, config.model)
     batch = jax.ShapeDtypeStruct(
       (config.train.batch_size, config.train.seq_len),
       jnp.int32,

@@ -1,8 +1,10 @@
 """Faults a real run meets: SIGKILL, SIGTERM, corrupted checkpoints, a changed config,
 non-finite losses, unwritable workdirs, missing data. Each against an uninterrupted run."""
 
+import json
 import logging
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import generate, train
+from moejax import generate, run_plan, train
 from moejax.metrics import read_metrics
 
 from test_train import REPO, smoke_config
@@ -79,12 +81,13 @@ def reference(tmp_path_factory):
 
 
 def test_sigkill_mid_run_then_rerun_is_the_same_run(reference, tmp_path):
+  """kill -9 at a random moment after the first checkpoint, then the same command again."""
   process = cli(tmp_path, "--config.train.num_steps=12", wait=False)
-  wait_for(tmp_path / "checkpoints" / "6", process)
+  wait_for(tmp_path / "checkpoints" / "3", process)
+  time.sleep(random.uniform(0.0, 1.0))
   process.send_signal(signal.SIGKILL)
-  process.wait()
-  assert process.returncode == -signal.SIGKILL
-  assert not os.path.exists(tmp_path / "checkpoints" / "12")
+  process.communicate()
+  assert process.returncode in (-signal.SIGKILL, 0)  # 0: it had finished already
   result = cli(tmp_path, "--config.train.num_steps=12")
   assert result.returncode == 0, result.stderr[-3000:]
   assert_same_run(comparable(tmp_path), comparable(reference))
@@ -142,24 +145,39 @@ def test_a_config_that_does_not_fit_names_the_parameters_and_touches_nothing(ref
   assert result.returncode == 2
   error = [l for l in result.stderr.splitlines() if l.startswith("error:")]
   assert len(error) == 1 and "does not fit the checkpoint" in error[0]
-  assert "moe/router_kernel (32, 8) -> (32, 4)" in error[0]
+  assert "moe/experts/w_in (2, 8, 32, 32) -> (2, 4, 32, 32)" in error[0]  # 2 scanned layers
   assert (workdir / "metrics.jsonl").read_text() == metrics_before
   assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "3", "6", "9"]
 
 
-def test_nonfinite_loss_stops_with_the_step_and_term(tmp_path):
+@pytest.mark.parametrize("every", [1, 4])
+def test_nonfinite_loss_stops_with_the_step_and_term(every, tmp_path):
+  """Logging and checkpointing every step, the run stops at the bad step itself; every 4
+  steps, the host learns of it at the next of those (steps run asynchronously), and
+  writes no record or checkpoint of any step from the bad one on."""
   config = smoke_config(
-    **{"train.num_steps": 8, "train.learning_rate": 1e30, "train.checkpoint_every": 1}
+    **{
+      "train.num_steps": 8,
+      "train.learning_rate": 1e30,
+      "train.checkpoint_every": every,
+      "train.log_every": every,
+    }
   )
   with pytest.raises(
     FloatingPointError, match=r"step (\d+): non-finite .*(ce_loss|grad_norm)"
   ) as info:
     train.train_and_evaluate(config, str(tmp_path), show_progress=False)
   bad_step = int(info.value.args[0].split()[1].rstrip(":"))
-  records = read_metrics(str(tmp_path))
-  assert max(r["step"] for r in records) == bad_step - 1, "metrics before the bad step are kept"
+  records = read_metrics(str(tmp_path)) if os.path.exists(tmp_path / "metrics.jsonl") else []
   steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
-  assert steps[-1] == bad_step - 1, "no checkpoint holds the bad update"
+  if every == 1:
+    assert max(r["step"] for r in records) == bad_step - 1, "metrics before the bad step kept"
+    assert steps[-1] == bad_step - 1, "no checkpoint holds the bad update"
+  else:
+    assert all(r["step"] < bad_step for r in records)
+    assert all(s < bad_step for s in steps)
+    if not steps:
+      assert "no checkpoint had been written yet" in info.value.args[0]
 
 
 def test_nonfinite_policy_skip_keeps_training_finite(tmp_path):
@@ -184,7 +202,8 @@ def test_same_seed_same_metrics(reference, tmp_path):
 @pytest.mark.parametrize(
   "args,needle,code",
   [
-    (["--workdir={file}/sub"], "not writable", 1),
+    (["--workdir={file}"], "is a file, not a directory", 2),
+    (["--workdir={file}/sub"], "is a file; pass a directory path", 2),
     (["--config.data.name=lm1b", "--config.data.data_dir={tmp}/nodata"], "tfds build lm1b", 1),
     (["--config.train.nonfinite_policy=ignore"], "nonfinite_policy", 2),
     (["--config.train.batch_size=0"], "batch_size", 2),
@@ -209,4 +228,131 @@ def test_bad_input_exits_nonzero_with_one_line(args, needle, code, tmp_path):
   assert len(errors) == 1 and needle in errors[0], result.stderr[-2000:]
   assert "Traceback" not in result.stderr
   assert a_file.read_text() == "keep me"
-  assert not os.path.exists(workdir / "checkpoints")
+  assert not os.path.exists(workdir), "a failed check creates no workdir"
+
+
+def test_rerunning_a_finished_run_prints_its_result(reference, tmp_path):
+  shutil.copytree(reference, tmp_path / "run")
+  before = (tmp_path / "run" / "metrics.jsonl").read_text()
+  result = cli(tmp_path / "run", "--config.train.num_steps=12")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"already at step 12 of 12 in {tmp_path / 'run'}" in result.stdout
+  final_eval = [r for r in read_metrics(reference) if "eval/bits_per_byte" in r][-1]
+  assert f"validation: {final_eval['eval/bits_per_byte']:.3f} bits/byte" in result.stdout
+  assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+
+
+def test_a_changed_config_is_refused_or_continued_with_a_log(reference, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(reference, workdir)
+  listing = sorted(os.listdir(workdir / "checkpoints"))
+  result = cli(workdir, "--config.train.num_steps=12", "--config.model.renormalize=True")
+  assert result.returncode == 2, result.stderr[-3000:]
+  error = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  assert len(error) == 1 and "model.renormalize False -> True" in error[0], result.stderr
+  assert "--allow_config_change" in error[0]
+  assert sorted(os.listdir(workdir / "checkpoints")) == listing
+  assert not os.path.exists(workdir / "config_changes.jsonl")
+
+  # When to log and how devices are laid out may change freely.
+  layout = smoke_config(
+    **{"train.num_steps": 12, "train.checkpoint_every": 3, "train.eval_every": 6}
+  )
+  layout.train.log_every, layout.mesh.expert = 2, 2
+  plan = run_plan.plan_run(layout, str(workdir))
+  assert plan.changes == {"mesh.expert": (1, 2), "train.log_every": (1, 2)}
+
+  config = smoke_config(
+    **{"train.num_steps": 13, "train.checkpoint_every": 3, "train.eval_every": 6}
+  )
+  config.model.renormalize = True
+  with pytest.raises(ValueError) as refused:
+    train.train_and_evaluate(config, str(workdir), show_progress=False)
+  for change in ("train.num_steps 12 -> 13", "model.renormalize False -> True"):
+    assert change in str(refused.value)
+  train.train_and_evaluate(config, str(workdir), show_progress=False, allow_config_change=True)
+  (logged,) = [json.loads(l) for l in (workdir / "config_changes.jsonl").read_text().splitlines()]
+  assert logged == {
+    "step": 12,
+    "changes": {"model.renormalize": [False, True], "train.num_steps": [12, 13]},
+  }
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["model"]["renormalize"] is True and saved["train"]["num_steps"] == 13
+  assert max(r["step"] for r in read_metrics(workdir)) == 13
+
+
+def _files(directory):
+  return {
+    os.path.relpath(os.path.join(root, name), directory): os.path.getsize(os.path.join(root, name))
+    for root, _, names in os.walk(directory)
+    for name in names
+  }
+
+
+def test_generate_and_eval_use_the_newest_readable_checkpoint(reference, tmp_path, caplog):
+  """A truncated data file or a corrupt config in the newest checkpoint: the one before
+  is used, with a warning naming the bad one, and nothing in the workdir changes."""
+  workdir = tmp_path / "run"
+  shutil.copytree(reference, workdir)
+  for root, _, names in os.walk(workdir / "checkpoints" / "12" / "state"):
+    for name in names:
+      if "/d" in root.replace(os.sep, "/"):  # the array data files
+        path = os.path.join(root, name)
+        with open(path, "r+b") as f:
+          f.truncate(os.path.getsize(path) // 2)
+  (workdir / "checkpoints" / "9" / "config" / "metadata").write_text("")
+  files = _files(workdir)
+  with caplog.at_level(logging.WARNING):
+    _, _, step = generate.load_model(str(workdir))
+  assert step == 6
+  warnings = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+  assert "step 12" in warnings[0] and "step 9" in warnings[1], warnings
+  assert "checkpoints/9/config is not valid JSON" in warnings[1]
+  result = subprocess.run(
+    [sys.executable, "-m", "moejax.eval", f"--workdir={workdir}"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "checkpoint at step 6" in result.stdout and "bits/byte" in result.stdout
+  assert "checkpoint at step 12 is unreadable" in result.stderr
+  assert _files(workdir) == files, "reading never changes the workdir"
+
+
+def test_generate_with_no_readable_checkpoint_says_so_in_one_line(reference, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(reference, workdir)
+  for step in os.listdir(workdir / "checkpoints"):
+    (workdir / "checkpoints" / step / "config" / "metadata").write_text("")
+  result = subprocess.run(
+    [sys.executable, "-m", "moejax.generate", f"--workdir={workdir}"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 1, result.stderr[-3000:]
+  error = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  assert len(error) == 1 and "none can be read" in error[0], result.stderr[-3000:]
+  assert "checkpoints/12/config is not valid JSON" in error[0]
+  assert "Traceback" not in result.stderr
+
+
+def test_a_second_sigint_stops_at_once_without_a_traceback(tmp_path):
+  process = cli(tmp_path, "--config.train.num_steps=100000", wait=False)
+  wait_for(tmp_path / "checkpoints" / "3", process)
+  process.send_signal(signal.SIGINT)
+  time.sleep(0.05)
+  process.send_signal(signal.SIGINT)
+  _, stderr = process.communicate(timeout=60)
+  if process.returncode == 0:  # the first one's checkpoint was done before the second came
+    assert "stopped by a signal" in stderr
+  else:
+    assert process.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    assert "stopped at once by a second SIGINT" in stderr
+  assert "Traceback" not in stderr
+  plan = cli(tmp_path, "--config.train.num_steps=100000", "--dry_run")
+  assert plan.returncode == 0, plan.stderr[-3000:]
+  assert "the run would resume from step" in plan.stdout

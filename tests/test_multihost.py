@@ -1,9 +1,11 @@
 """Two processes × 4 CPU devices on localhost (jax.distributed, gloo) against one process × 8."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -82,3 +84,49 @@ def test_two_processes_reproduce_one_process(tmp_path):
   # Both processes wrote the checkpoint collectively; only process 0 wrote metrics.
   assert sorted(os.listdir(multi / "checkpoints")) == ["2", "4"]
   assert "validation:" in outputs[0][0] and "validation:" not in outputs[1][0]
+
+
+def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
+  """SIGTERM to process 1 only: the flags are exchanged every 10 steps, so both processes
+  stop at the same multiple of 10, write that step's checkpoint together and exit 0."""
+  workdir = tmp_path / "multi"
+  port = _free_port()
+  args = [
+    *ARGS,
+    "--config.train.num_steps=100000",
+    "--config.train.log_every=5",
+    "--config.train.eval_every=100000",
+    "--config.train.checkpoint_every=100000",
+  ]
+  processes = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "moejax.main",
+        f"--workdir={workdir}",
+        *args,
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ],
+      cwd=REPO,
+      env=_env(4),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  deadline = time.time() + 300
+  while not (workdir / "metrics.jsonl").exists():  # the training loop is running
+    assert all(p.poll() is None for p in processes), processes[0].communicate()[1][-3000:]
+    assert time.time() < deadline, "the run never logged"
+    time.sleep(0.1)
+  processes[1].send_signal(signal.SIGTERM)
+  outputs = [p.communicate(timeout=300) for p in processes]
+  for p, (_, err) in zip(processes, outputs):
+    assert p.returncode == 0, err[-3000:]
+  steps = [int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()]
+  assert len(steps) == 1 and steps[0] % 10 == 0, steps
+  assert f"stopped by a signal at step {steps[0]}" in outputs[0][0] + outputs[0][1]

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import generate, train
+from moejax import generate, steps, train
 from moejax.config import load_config
+from moejax.data import EOS_ID
 from moejax.metrics import read_metrics
 from moejax.moe import MoeLayer
 
@@ -94,7 +95,7 @@ def test_learning_rate_follows_warmup_then_cosine(trained):
 
 def test_weight_decay_skips_vectors():
   config = smoke_config()
-  model, optimizer, _ = train.build(config)
+  model, optimizer, _ = steps.build(config)
   params = nnx.state(model, nnx.Param)
   zero_grads = jax.tree.map(jnp.zeros_like, params)
   before = jax.tree.map(lambda x: x.copy(), params)
@@ -143,6 +144,89 @@ def test_resume_reproduces_the_uninterrupted_run(trained, tmp_path):
   # The records of steps 5-8 written before the "interruption" were set aside, not lost.
   with open(os.path.join(copy, "metrics.jsonl.after_step_4")) as f:
     assert sorted({json.loads(l)["step"] for l in f}) == [5, 6, 7, 8]
+  # Throughput leaves the compile out: counted in, the first record after the resume would
+  # show about a thousandth of the usual rate (seconds of compile against milliseconds).
+  usual = np.median(
+    [r["train/tokens_per_sec"] for r in read_metrics(workdir)[1:] if "train/loss" in r]
+  )
+  first = next(r for r in read_metrics(copy) if r["step"] == 5)
+  assert first["train/tokens_per_sec"] > 0.02 * usual, (first["train/tokens_per_sec"], usual)
+
+
+def test_the_loop_reads_the_device_only_at_log_eval_and_checkpoint_steps(tmp_path, monkeypatch):
+  """Steps are issued without waiting: no transfer to the host between the sync steps."""
+  from jax._src.array import ArrayImpl
+
+  events = []  # step numbers (after each step is issued) and "read" (a device-to-host copy)
+  value = ArrayImpl._value
+
+  def reading(self):
+    events.append("read")
+    return value.fget(self)
+
+  requested = train.PreemptionWatch.requested
+
+  def requested_after(self, step):
+    events.append(step)
+    return requested(self, step)
+
+  monkeypatch.setattr(ArrayImpl, "_value", property(reading))
+  monkeypatch.setattr(train.PreemptionWatch, "requested", requested_after)
+  config = smoke_config(
+    **{"train.log_every": 4, "train.eval_every": 8, "train.checkpoint_every": 4}
+  )
+  train.train_and_evaluate(config, str(tmp_path), show_progress=False)
+  reads, step = {}, 0
+  for event in events:
+    if event == "read":
+      reads[step] = reads.get(step, 0) + 1
+    else:
+      step = event
+  assert sorted(s for s in reads if s > 0) == [4, 8], reads
+
+
+def test_greedy_sampling_with_a_cache_and_a_sliding_window_equals_recomputing(trained):
+  """Decoding with the KV cache, and past `context_len` tokens restarting the window from
+  the newest half: each greedy token is an argmax of the model run from scratch (no
+  cache) on the window that rule gives (up to float noise between near-ties)."""
+  workdir, _, _ = trained
+  model, _, step = generate.load_model(workdir)
+  assert step == 8
+  context = 8
+  prompt = np.array([257, *b"To"], np.int32)
+  fast = generate.sample(model, prompt, max_new_tokens=14, context_len=context, temperature=0.0)
+  for _, module in nnx.iter_modules(model):  # as sampling does: every token reaches its experts
+    if isinstance(module, MoeLayer):
+      module.config = dataclasses.replace(
+        module.config, eval_capacity_factor=module.num_experts / module.top_k
+      )
+  graphdef, state = nnx.split(model)
+  last_logits = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)[0][0, -1])
+  tokens, window = list(prompt), min(len(prompt), context)
+  assert len(fast) >= 7, "decoded into a full cache, and slid"
+  for i, token in enumerate([*fast, EOS_ID] if len(fast) < 14 else fast):  # early stop: EOS
+    logits = np.asarray(last_logits(state, jnp.asarray(tokens[-window:], jnp.int32)[None]))
+    assert logits[token] >= logits.max() - 1e-4, (i, window, token, int(logits.argmax()))
+    tokens.append(int(token))
+    window = context // 2 if window == context else window + 1
+
+
+def test_eval_command_reproduces_the_runs_last_eval(trained):
+  from moejax import eval as eval_lib
+
+  workdir, config, final = trained
+  model, saved, step = generate.load_model(workdir)
+  batches = eval_lib.eval_batches(
+    saved, split=saved.data.eval_split, max_batches=saved.data.eval_batches
+  )
+  result = eval_lib.evaluate_model(model, batches)
+  assert step == config.train.num_steps
+  assert result["bits_per_byte"] == pytest.approx(final["eval/bits_per_byte"], rel=1e-5)
+  assert result["loss"] == pytest.approx(final["eval/loss"], rel=1e-5)
+  assert result["dropped_fraction"] == pytest.approx(final["eval/dropped_fraction"], abs=1e-6)
+  loads = result["expert_load"]
+  assert loads.shape == (2, config.model.num_experts)
+  np.testing.assert_allclose(loads.sum(axis=1), 1.0, atol=1e-5)
 
 
 def _cli(*args, timeout=240):
@@ -155,7 +239,8 @@ def _cli(*args, timeout=240):
   "override,needle",
   [
     ("--config.train.bogus=1", "--config.train.bogus is not a config key"),
-    ("--config.model.routr=top_k", "did you mean 'router'"),
+    ("--config.model.routr=top_k", "did you mean --config.model.router?"),
+    ("--config.modle.top_k=1", "did you mean --config.model.top_k?"),
     ("--config.train.num_steps=abc", "num_steps"),
     ("--config.model.router=hash", "config.model.router='hash' is not supported"),
   ],
@@ -168,7 +253,7 @@ def test_cli_rejects_bad_overrides_with_one_line(override, needle, tmp_path):
   errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and needle in errors[0], result.stderr[-2000:]
   assert "Traceback" not in result.stderr
-  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+  assert not os.path.exists(tmp_path / "w"), "a rejected command creates no workdir"
 
 
 def test_cli_overrides_reach_the_run_and_generation_works(tmp_path):
@@ -187,6 +272,13 @@ def test_cli_overrides_reach_the_run_and_generation_works(tmp_path):
   sample = _cli("moejax.generate", f"--workdir={workdir}", "--prompt=ROMEO.", "--max_new_tokens=8")
   assert sample.returncode == 0, sample.stderr[-3000:]
   assert "ROMEO." in sample.stdout
+  # A --top_k past the vocabulary: one line with the range, exit 2.
+  wide = _cli("moejax.generate", f"--workdir={workdir}", "--top_k=1000")
+  assert wide.returncode == 2, wide.stderr[-3000:]
+  errors = [l for l in wide.stderr.splitlines() if l.startswith("error:")]
+  assert errors == [
+    "error: --top_k=1000 is not an integer in the range [0, 260] (this model has 260 tokens)."
+  ], wide.stderr[-3000:]
 
 
 def test_filter_logits_against_numpy():
@@ -199,25 +291,3 @@ def test_filter_logits_against_numpy():
   assert keep(generate.filter_logits(logits, temperature=0.0, top_k=0, top_p=1.0)) == [1, 0, 0, 0]
   scaled = generate.filter_logits(logits, temperature=0.5, top_k=0, top_p=1.0)
   np.testing.assert_allclose(np.asarray(scaled), np.asarray(logits) * 2, rtol=1e-6)
-
-
-def test_greedy_sampling_with_cache_equals_recomputing_from_scratch(trained):
-  workdir, _, _ = trained
-  model, _, step = generate.load_model(workdir)
-  assert step == 8
-  prompt = np.array([257, *b"To be"], np.int32)
-  fast = generate.sample(model, prompt, max_new_tokens=6, temperature=0.0)
-  # Reference: no cache, the whole sequence re-run for every new token; each cached greedy
-  # choice must be an argmax of the recomputed logits (up to float noise between near-ties).
-  # Sampling lifts capacity (every token reaches its experts); so does the reference.
-  model.eval()
-  for _, module in nnx.iter_modules(model):
-    if isinstance(module, MoeLayer):
-      module.config = dataclasses.replace(
-        module.config, eval_capacity_factor=module.num_experts / module.top_k
-      )
-  assert len(fast) == 6
-  for i, token in enumerate(fast):
-    logits, _ = model(jnp.asarray([*prompt, *fast[:i]], jnp.int32)[None])
-    last = np.asarray(logits[0, -1])
-    assert last[token] >= last.max() - 1e-4, (i, token, int(last.argmax()))

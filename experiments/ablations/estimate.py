@@ -50,14 +50,14 @@ def _time_arm(config, steps: int) -> dict[str, float]:
   from flax import nnx
 
   from moejax import checkpoint as checkpoint_lib
-  from moejax import train
+  from moejax import steps as steps_lib
 
   t = config.train
   start = time.perf_counter()
-  model, optimizer, _ = train.build(config)
+  model, optimizer, _ = steps_lib.build(config)
   graphdef, state = nnx.split((model, optimizer))
   build_s = time.perf_counter() - start
-  train_step, eval_step = train.make_steps(graphdef, config.model)
+  train_step, eval_step = steps_lib.make_steps(graphdef, config.model)
   tokens = np.random.default_rng(0).integers(0, 256, (t.batch_size, t.seq_len + 1))
   batch = {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32)}
   start = time.perf_counter()

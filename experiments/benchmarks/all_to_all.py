@@ -18,7 +18,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402  (after the device count is set)
 
-from moejax import hlo, sharding, train  # noqa: E402
+from moejax import hlo, sharding, steps  # noqa: E402
 from moejax.config import load_config  # noqa: E402
 from moejax.model import moe_layer_indices  # noqa: E402
 
@@ -34,8 +34,8 @@ def measure(config) -> dict[str, float]:
     seq_len=tc.seq_len,
     group_size=m.group_size,
   )
-  graphdef, state, shardings = train.init_state(config, mesh)
-  train_step, _ = train.make_steps(graphdef, m)
+  graphdef, state, shardings = steps.init_state(config, mesh)
+  train_step, _ = steps.make_steps(graphdef, m)
   batch_sharding = sharding.batch_sharding(mesh)
   step = jax.jit(
     train_step,

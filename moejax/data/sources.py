@@ -1,5 +1,6 @@
 """Reads one split of a TFDS text dataset (array_record) as a list of strings."""
 
+import difflib
 import os
 
 import tensorflow_datasets as tfds
@@ -16,10 +17,19 @@ def resolve_data_dir(data_dir: str | None) -> str:
 
 
 def _check_prepared(name: str, data_dir: str) -> None:
-  """Raises a one-line FileNotFoundError if `name` is not prepared in `data_dir`."""
+  """Raises a one-line FileNotFoundError if `name` is not prepared in `data_dir`, or a
+  ValueError with a "did you mean" if it is no TFDS dataset but close to one."""
   try:
     prepared = tfds.builder(name, data_dir=data_dir).is_prepared()
   except tfds.core.DatasetNotFoundError:
+    known = [shakespeare.NAME] + sorted(tfds.list_builders(with_community_datasets=False))
+    close = difflib.get_close_matches(name.split("/")[0], known, n=2)
+    close.sort(key=lambda c: c != shakespeare.NAME)  # the built-in corpus first
+    if close:
+      raise ValueError(
+        f"config.data.name={name!r} is not a TFDS dataset; did you mean "
+        f"{' or '.join(repr(c) for c in close)}?"
+      ) from None
     prepared = False
   if not prepared:
     raise FileNotFoundError(

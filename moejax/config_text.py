@@ -1,0 +1,169 @@
+"""Configs as readable text: each key with the comment it is declared with, key checks with
+a "did you mean" at every level, and the keys in which two configs differ.
+
+The comments are read from the source of `moejax.config.base_config` (and of the functions
+it takes whole sections from, such as `default_data_config`): the trailing `# comment` of
+the line that sets the key, so the one place a key is declared is also its documentation.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import functools
+import inspect
+import io
+import json
+import textwrap
+import tokenize
+from typing import Any, Callable
+
+import ml_collections
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """`{"model.top_k": 2, ...}`: every leaf of a ConfigDict or nested dict under its dotted key."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      out.update(flatten(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = value
+  return out
+
+
+def as_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as JSON stores it (tuples become lists), for comparing with a saved one."""
+  return json.loads(json.dumps(config.to_dict()))
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+  """`{dotted key: (old value, new value)}` for every key whose value differs, in key order
+  (a key only one side has is shown with `'absent'` on the other)."""
+  old, new = flatten(old), flatten(new)
+  keys = list(old) + [k for k in new if k not in old]
+  return {
+    k: (old.get(k, "absent"), new.get(k, "absent"))
+    for k in keys
+    if old.get(k, "absent") != new.get(k, "absent")
+  }
+
+
+def format_differences(changes: dict[str, tuple[Any, Any]], limit: int = 8) -> str:
+  """`model.renormalize False -> True; train.num_steps 600 -> 900` (at most `limit`)."""
+  shown = [f"{k} {old!r} -> {new!r}" for k, (old, new) in list(changes.items())[:limit]]
+  more = f"; and {len(changes) - limit} more" if len(changes) > limit else ""
+  return "; ".join(shown) + more
+
+
+def check_key(config: ml_collections.ConfigDict, key: str, *, flag: str = "config") -> None:
+  """Raises a one-line KeyError unless dotted `key` names a leaf of `config`.
+
+  The message corrects every level it can (`--config.modle.topk` -> did you mean
+  `--config.model.top_k`?) and names a section given without a key.
+  """
+  parts = key.split(".")
+  node, fixed = config, []
+  for depth, part in enumerate(parts):
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise KeyError(f"--{flag}.{key}: {'.'.join(fixed)} is a key, not a section of the config.")
+    if part in node:
+      fixed.append(part)
+    else:
+      close = difflib.get_close_matches(part, list(node.keys()), n=1)
+      if not close:
+        where = ".".join(fixed) or "the config"
+        raise KeyError(
+          f"--{flag}.{key} is not a config key: {where} has no {part!r} "
+          f"(its keys: {', '.join(node.keys())})."
+        )
+      fixed.append(close[0])
+    node = node[fixed[-1]]
+  if isinstance(node, ml_collections.ConfigDict):
+    section = ".".join(fixed)
+    raise KeyError(
+      f"--{flag}.{key} is a section, not a key; its keys: "
+      f"{', '.join(f'{section}.{k}' for k in node.keys())}."
+    )
+  if fixed != parts:
+    raise KeyError(f"--{flag}.{key} is not a config key; did you mean --{flag}.{'.'.join(fixed)}?")
+
+
+# ----------------------------------------------------------------------------- comments
+
+
+def _comments_by_line(source: str) -> dict[int, str]:
+  tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+  return {t.start[0]: t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT}
+
+
+def _function_comments(function: Callable) -> tuple[dict[str, str], dict[str, Callable]]:
+  """The trailing comments of the keys a config-building function sets:
+  `section.key = value  # comment` and `"key": value,  # comment` in a dict literal.
+
+  Returns ({dotted key: comment}, {section: function whose result it is}).
+  """
+  source = textwrap.dedent(inspect.getsource(function))
+  comments = _comments_by_line(source)
+  tree = ast.parse(source)
+  aliases: dict[str, str] = {}  # local name -> section ('model = ConfigDict()' as config.model)
+  out: dict[str, str] = {}
+  sections: dict[str, Callable] = {}
+  globals_ = function.__globals__
+
+  def dotted(node) -> str | None:
+    if isinstance(node, ast.Attribute):
+      base = dotted(node.value)
+      return None if base is None else f"{base}.{node.attr}" if base else node.attr
+    if isinstance(node, ast.Name):
+      return aliases.get(node.id, "" if node.id == "config" else None)
+    return None
+
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Assign):
+      targets = [dotted(t) for t in node.targets]
+      names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+      key = next((t for t in targets if t), None)
+      if key is None:
+        continue
+      for name in names:  # `config.model = model = ...`
+        aliases[name] = key
+      if isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Name):
+        called = globals_.get(node.value.func.id)
+        if callable(called) and called is not ml_collections.ConfigDict:
+          sections[key] = called
+      if node.end_lineno in comments:
+        out[key] = comments[node.end_lineno]
+  for node in ast.walk(tree):  # dict literals: {"name": value,  # comment}
+    if isinstance(node, ast.Dict):
+      for k, v in zip(node.keys, node.values):
+        if isinstance(k, ast.Constant) and isinstance(k.value, str) and v.end_lineno in comments:
+          out.setdefault(k.value, comments[v.end_lineno])
+  return out, sections
+
+
+@functools.cache
+def key_comments() -> dict[str, str]:
+  """`{dotted key: comment}` for every key of `base_config` declared with a trailing comment."""
+  from moejax import config as config_lib
+
+  out, sections = _function_comments(config_lib.base_config)
+  for section, function in sections.items():
+    try:
+      inner, _ = _function_comments(function)
+    except (OSError, TypeError):  # no source (a C function, a frozen module)
+      continue
+    out.update({f"{section}.{k}": v for k, v in inner.items() if "." not in k})
+  return out
+
+
+def describe(config: ml_collections.ConfigDict, *, indent: str = "") -> str:
+  """One line per key: `model.top_k = 2  # experts per token`, in the config's order."""
+  comments = key_comments()
+  lines = []
+  for key, value in flatten(config).items():
+    line = f"{indent}{key} = {value!r}"
+    if comments.get(key):
+      line = f"{line:<48s}  # {comments[key]}"
+    lines.append(line)
+  return "\n".join(lines)

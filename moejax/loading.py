@@ -1,0 +1,89 @@
+"""A trained model from a run directory: `load_model(WORKDIR) -> (model, config, step)`.
+
+Used by `moejax.generate`, `moejax.eval` and the notebooks. It reads the newest checkpoint
+that can be read, as training resumes from, and changes nothing in the workdir: an
+unreadable newer checkpoint is named in a warning and skipped, not moved.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+
+import ml_collections
+from etils import epath
+from flax import nnx
+
+from moejax import checkpoint as checkpoint_lib
+from moejax import workdir as workdir_lib
+
+log = logging.getLogger(__name__)
+
+
+def check_run_directory(workdir: epath.PathLike) -> epath.Path:
+  """The resolved `workdir`; ValueError if it is missing (with a "did you mean" among its
+  siblings), not a directory, or holds no checkpoints."""
+  path = workdir_lib.resolve(workdir)
+  if not path.exists():
+    hint = ""
+    if not workdir_lib.is_remote(path) and path.parent.is_dir():
+      siblings = [p.name for p in path.parent.iterdir() if p.is_dir()]
+      close = difflib.get_close_matches(path.name, siblings, n=1)
+      hint = (
+        f"; did you mean {os.path.join(os.path.dirname(os.fspath(workdir)), close[0])}?"
+        if close
+        else ""
+      )
+    raise ValueError(f"--workdir={workdir} does not exist{hint}")
+  if not path.is_dir():
+    raise ValueError(f"--workdir={workdir} is a file, not a run directory.")
+  if not (path / "checkpoints").is_dir():
+    raise ValueError(
+      f"--workdir={workdir} holds no checkpoints/; train first: python -m moejax.main "
+      f"--config=configs/NAME.py --workdir={workdir}"
+    )
+  return path
+
+
+def load_model(workdir: epath.PathLike, step: int | None = None):
+  """The model of the newest readable checkpoint in `workdir` (or of `step`), in eval mode.
+
+  Returns (model, config, step). Raises ValueError for a workdir that is not a run
+  directory or a `step` it does not hold, RuntimeError if no checkpoint can be read.
+  """
+  from moejax import steps as steps_lib  # the model and optimizer as training built them
+
+  path = check_run_directory(workdir)
+  checkpoints = checkpoint_lib.Checkpointer(path, keep=1_000_000, create=False)
+  try:
+    steps = checkpoints.steps()
+    if not steps:
+      raise ValueError(
+        f"--workdir={workdir} holds no complete checkpoint yet; train (or resume) first "
+        f"with python -m moejax.main --workdir={workdir} ..."
+      )
+    if step is not None:
+      if step not in steps:
+        raise ValueError(f"--step={step}: {workdir} holds checkpoints at steps {sorted(steps)}.")
+      steps = [step]
+    skipped = []
+    for candidate in steps:
+      try:
+        config = ml_collections.ConfigDict(checkpoints.restore_config_dict(candidate))
+        model, optimizer, _ = steps_lib.build(config)
+        graphdef, state = nnx.split((model, optimizer))
+        _, state, _ = checkpoints.restore(state, candidate)
+      except Exception as error:  # any read failure means this checkpoint is not usable
+        skipped.append((candidate, checkpoint_lib.describe_failure(error)))
+        continue
+      for bad_step, reason in skipped:
+        log.warning(
+          "checkpoint at step %d is unreadable (%s); using step %d", bad_step, reason, candidate
+        )
+      model, _ = nnx.merge(graphdef, state)
+      model.eval()
+      return model, config, candidate
+    raise RuntimeError(checkpoints.none_readable(skipped))
+  finally:
+    checkpoints.close()

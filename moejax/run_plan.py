@@ -1,0 +1,222 @@
+"""What a run will do, checked before anything is written: the train config, the mesh (with
+the sizes that would fit), and the workdir's state (fresh, resumable, finished, or a
+resume whose config changed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import types
+from typing import Any
+
+import jax
+import ml_collections
+from etils import epath
+from flax import nnx
+
+from moejax import checkpoint as checkpoint_lib
+from moejax import config_text, sharding
+from moejax import workdir as workdir_lib
+
+from moejax.steps import build
+
+log = logging.getLogger(__name__)
+
+
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+def validate_train_config(tc: ml_collections.ConfigDict) -> None:
+  for key in (
+    "num_steps",
+    "batch_size",
+    "seq_len",
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+  ):
+    if not isinstance(tc[key], int) or tc[key] < 1:
+      raise ValueError(f"config.train.{key}={tc[key]!r} must be a positive integer.")
+  if tc.nonfinite_policy not in NONFINITE_POLICIES:
+    raise ValueError(
+      f"config.train.nonfinite_policy={tc.nonfinite_policy!r}; allowed: "
+      f"{', '.join(NONFINITE_POLICIES)}."
+    )
+  if not tc.learning_rate > 0:
+    raise ValueError(f"config.train.learning_rate={tc.learning_rate!r} must be > 0.")
+
+
+# ----------------------------------------------------------------------------- before the loop
+
+# Keys a resumed run may change without --allow_config_change: they decide when to log,
+# evaluate and save, where the data is, and how devices are laid out (every `mesh.` key),
+# not what is computed.
+RESUMABLE_KEYS = frozenset(
+  {
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "data.data_dir",
+  }
+)
+
+
+def _resumable(key: str) -> bool:
+  return key in RESUMABLE_KEYS or key.startswith("mesh.")
+
+
+def fitting_meshes(config: ml_collections.ConfigDict, num_devices: int) -> list[dict[str, int]]:
+  """The `{'data': d, 'expert': e}` splits of `num_devices` that `sharding.validate_mesh`
+  accepts for this model and batch (other mesh axes at 1)."""
+  m, tc = config.model, config.train
+  fits = []
+  for expert in range(1, num_devices + 1):
+    if num_devices % expert:
+      continue
+    sizes = {name: 1 for name in sharding.MESH_AXES}
+    sizes.update({sharding.MESH_AXES[0]: num_devices // expert, sharding.EXPERT: expert})
+    mesh = types.SimpleNamespace(
+      axis_names=tuple(sizes), axis_sizes=tuple(sizes.values()), shape=sizes
+    )
+    try:
+      sharding.validate_mesh(
+        mesh,
+        num_experts=m.num_experts,
+        global_batch_size=tc.batch_size,
+        seq_len=tc.seq_len,
+        group_size=m.group_size,
+      )
+    except ValueError:
+      continue
+    fits.append(sizes)
+  return fits
+
+
+def make_run_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """The mesh of `config.mesh` over all devices, checked against the model and batch; a
+  mesh that does not fit raises a one-line ValueError that lists the sizes that would."""
+  m, tc = config.model, config.train
+  try:
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.validate_mesh(
+      mesh,
+      num_experts=m.num_experts,
+      global_batch_size=tc.batch_size,
+      seq_len=tc.seq_len,
+      group_size=m.group_size,
+    )
+  except ValueError as error:
+    devices = jax.device_count()
+    fits = fitting_meshes(config, devices)
+    if fits:
+      options = ", ".join(
+        " ".join(f"--config.mesh.{k}={v}" for k, v in sizes.items() if k in config.mesh)
+        for sizes in fits
+      )
+      hint = f"Sizes that fit the {devices} devices: {options}."
+    else:
+      hint = (
+        f"No data x expert split of the {devices} devices fits: make train.batch_size a "
+        f"multiple of {devices}"
+        + (" and model.num_experts divisible by mesh.expert." if m.num_experts else ".")
+      )
+    raise ValueError(f"{' '.join(str(error).split())} {hint}") from None
+  return mesh
+
+
+@dataclasses.dataclass
+class RunPlan:
+  """What a run will do, found out before anything is written.
+
+  `workdir` resolved; `mesh` checked against the model and batch; `steps` of the
+  checkpoints already there (newest first); `changes`, the config keys that differ from
+  the run's saved config (`{key: (saved, now)}`); `num_params` of the model.
+  """
+
+  workdir: epath.Path
+  mesh: jax.sharding.Mesh
+  steps: list[int]
+  changes: dict[str, tuple[Any, Any]]
+  num_params: int
+
+  @property
+  def resume_step(self) -> int:
+    return self.steps[0] if self.steps else 0
+
+
+def plan_run(
+  config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+) -> RunPlan:
+  """Every check a run makes before it writes anything (ValueError with one line each):
+  the train, model and optimizer settings, the mesh, the workdir, the fit of the config
+  to the checkpoints there, and, when resuming, that the config is the run's own.
+
+  A resumed run whose config differs from the one saved with its newest readable
+  checkpoint (or in `config.json`, before the first checkpoint) in keys outside
+  `RESUMABLE_KEYS` and `mesh.` is refused unless `allow_config_change`.
+  """
+  validate_train_config(config.train)
+  _, abstract_state = nnx.split(nnx.eval_shape(lambda: build(config)[:2]))
+  num_params = sum(
+    math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract_state, nnx.Param))
+  )
+  mesh = make_run_mesh(config)
+  path = workdir_lib.check(workdir)
+  steps, saved = [], None
+  if path.exists():
+    checkpoints = checkpoint_lib.Checkpointer(
+      path, keep=config.train.keep_checkpoints, create=False
+    )
+    try:
+      steps = checkpoints.steps()
+      checkpoints.check_fits_newest_readable(abstract_state)
+      saved = _newest_saved_config(checkpoints, steps)
+    finally:
+      checkpoints.close()
+    if saved is None:
+      saved = workdir_lib.read_config(path)
+  changes = {} if saved is None else config_text.differences(saved, config_text.as_json(config))
+  refused = {k: v for k, v in changes.items() if not _resumable(k)}
+  if refused and not allow_config_change:
+    raise ValueError(
+      f"{workdir} holds a run with another config ({config_text.format_differences(refused)}; "
+      "saved -> now). Rerun with the run's own config, pass --allow_config_change to go on "
+      "with this one (the change is logged in config_changes.jsonl), or use a new --workdir."
+    )
+  return RunPlan(path, mesh, steps, changes, num_params)
+
+
+def _newest_saved_config(checkpoints, steps) -> dict[str, Any] | None:
+  for step in steps:
+    try:
+      return checkpoints.restore_config_dict(step)
+    except Exception:  # unreadable: the next older checkpoint's config decides
+      continue
+  return None
+
+
+def describe_plan(plan: RunPlan, config: ml_collections.ConfigDict) -> str:
+  """What `plan_run` found, for `--dry_run`: a few lines, nothing written."""
+  tc = config.train
+  sizes = dict(zip(plan.mesh.axis_names, plan.mesh.axis_sizes))
+  lines = [
+    f"model: {plan.num_params:,} parameters; {tc.num_steps} steps of {tc.batch_size} x "
+    f"{tc.seq_len} tokens",
+    f"mesh: {', '.join(f'{k}={v}' for k, v in sizes.items())} over {jax.device_count()} "
+    f"{jax.devices()[0].platform} devices",
+  ]
+  if not plan.workdir.exists():
+    lines.append(f"workdir: {plan.workdir} does not exist yet; a new run would create it")
+  elif not plan.steps:
+    lines.append(f"workdir: {plan.workdir} holds no checkpoint; the run would start at step 0")
+  elif plan.resume_step >= tc.num_steps:
+    lines.append(f"workdir: {plan.workdir} is at step {plan.resume_step} of {tc.num_steps}: done")
+  else:
+    lines.append(f"workdir: {plan.workdir}: the run would resume from step {plan.resume_step}")
+  if plan.changes:
+    lines.append(f"config changes: {config_text.format_differences(plan.changes, limit=100)}")
+  return "\n".join(lines)

@@ -1,0 +1,170 @@
+"""The optimizer and the pure train and eval steps over the `(model, optimizer)` state.
+
+The model and its optimizer live as one NNX state pytree (`nnx.split`), so the jitted
+steps are pure functions of (state, batch) and a checkpoint holds everything a resumed
+run needs: parameters, optimizer state, the router/dropout RNG streams and the step
+(inside the optimizer).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from moejax import checkpoint as checkpoint_lib
+from moejax import sharding
+from moejax.model import TransformerLM, moe_layer_indices
+
+
+def make_optimizer(train_config: ml_collections.ConfigDict):
+  """AdamW with linear warmup and cosine decay, global-norm clipping; no decay on vectors.
+
+  Returns (optax transformation, learning-rate schedule).
+  """
+  tc = train_config
+  if tc.warmup_steps >= tc.num_steps:
+    raise ValueError(
+      f"train.warmup_steps={tc.warmup_steps} must be < train.num_steps={tc.num_steps}."
+    )
+  schedule = optax.warmup_cosine_decay_schedule(
+    init_value=0.0,
+    peak_value=tc.learning_rate,
+    warmup_steps=tc.warmup_steps,
+    decay_steps=tc.num_steps,
+    end_value=tc.learning_rate * tc.min_learning_rate_ratio,
+  )
+  # Norm scales are vectors; the model has no biases. Only matrices get weight decay.
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  tx = optax.chain(
+    optax.clip_by_global_norm(tc.grad_clip_norm),
+    optax.adamw(
+      schedule, b1=tc.adam_b1, b2=tc.adam_b2, weight_decay=tc.weight_decay, mask=decay_mask
+    ),
+  )
+  return tx, schedule
+
+
+def build(config: ml_collections.ConfigDict, mesh=None):
+  """(model, optimizer, learning-rate schedule), initialised from `config.train.seed`; the
+  model runs on `mesh` (None: one device's program)."""
+  model = TransformerLM(config.model, mesh=mesh, rngs=nnx.Rngs(config.train.seed))
+  tx, schedule = make_optimizer(config.train)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  return model, optimizer, schedule
+
+
+def init_state(config: ml_collections.ConfigDict, mesh):
+  """The `(model, optimizer)` NNX state, created directly in its shardings on `mesh`.
+
+  Initialising inside `jit` with `out_shardings` lets every process create just its own
+  shards (no host holds the whole model), as multi-host runs need.
+
+  Returns (graphdef, state, state shardings).
+  """
+  pair = lambda: build(config, mesh)[:2]
+  graphdef, abstract = nnx.split(nnx.eval_shape(pair))
+  shardings = sharding.param_shardings(abstract, mesh)
+  state = jax.jit(lambda: nnx.state(pair()), out_shardings=shardings)()
+  return graphdef, state, shardings
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Per-token cross-entropy in nats: logits `[batch, seq, vocab]`, targets `[batch, seq]`."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+
+
+# What the train step checks for NaN/Inf: the loss terms, the gradients, and the
+# parameters after the update (Adam can overflow with finite gradients).
+_LOSS_TERMS = ("ce_loss", "lb_loss", "z_loss", "grad_norm", "updated_params")
+
+
+def make_steps(graphdef, model_config: ml_collections.ConfigDict):
+  """The pure train and eval step functions over the `(model, optimizer)` state.
+
+  The loss is CE + Σ over MoE layers of (lb_loss_weight · LB + z_loss_weight · Z): each
+  MoE layer gets the same balancing pressure however many there are (Switch, ST-MoE and
+  Megatron-Core add each layer's auxiliary loss); the `lb_loss`/`z_loss` metrics are the
+  per-layer means.
+
+  The train step applies an update only when every loss term and the gradient norm are
+  finite; otherwise parameters and optimizer state stay as they were (the RNG streams
+  still advance) and `metrics['nonfinite']` names the bad terms as a bit mask over
+  `_LOSS_TERMS`.
+  """
+  m = model_config
+  num_moe_layers = len(moe_layer_indices(m))
+  lb_weight, z_weight = num_moe_layers * m.lb_loss_weight, num_moe_layers * m.z_loss_weight
+
+  def train_step(state, batch):
+    old_leaves = jax.tree.leaves(state)  # merge may share Variables with `state`
+    model, optimizer = nnx.merge(graphdef, state)
+    model.train()
+
+    def loss_fn(model):
+      logits, aux = model(batch["inputs"])
+      ce = jnp.mean(cross_entropy(logits, batch["targets"]))
+      loss = ce + lb_weight * aux["lb_loss"] + z_weight * aux["z_loss"]
+      return loss, (ce, aux)
+
+    (loss, (ce, aux)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads)
+    metrics = {
+      "loss": loss,
+      "ce_loss": ce,
+      "lb_loss": aux["lb_loss"],
+      "z_loss": aux["z_loss"],
+      "dropped_fraction": aux["dropped_fraction"],
+      "expert_load": aux["expert_load"],
+      "grad_norm": optax.tree.norm(grads),
+    }
+    params_finite = jnp.all(
+      jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(nnx.state(model, nnx.Param))])
+    )
+    bad = [~jnp.isfinite(metrics[name]) for name in _LOSS_TERMS[:-1]] + [~params_finite]
+    metrics["nonfinite"] = sum(b.astype(jnp.int32) << i for i, b in enumerate(bad))
+    new_leaves, treedef = jax.tree.flatten(nnx.state((model, optimizer)))
+    keep_old = metrics["nonfinite"] > 0
+    leaves = [
+      new if checkpoint_lib.is_prng_key(new) else jnp.where(keep_old, old, new)
+      for new, old in zip(new_leaves, old_leaves)
+    ]
+    return jax.tree.unflatten(treedef, leaves), metrics
+
+  def eval_step(state, batch):
+    model, _ = nnx.merge(graphdef, state)
+    model.eval()
+    logits, aux = model(batch["inputs"])
+    ce = cross_entropy(logits, batch["targets"])
+    is_byte = batch["targets"] < 256
+    return {
+      "ce_sum": jnp.sum(ce),
+      "tokens": jnp.asarray(ce.size, jnp.float32),
+      "byte_ce_sum": jnp.sum(jnp.where(is_byte, ce, 0.0)),
+      "bytes": jnp.sum(is_byte).astype(jnp.float32),
+      "dropped_fraction": aux["dropped_fraction"],
+    }
+
+  return train_step, eval_step
+
+
+def nonfinite_terms(mask: int) -> list[str]:
+  """The names of the loss terms flagged in a train step's `nonfinite` bit mask."""
+  return [name for i, name in enumerate(_LOSS_TERMS) if mask >> i & 1]
+
+
+def evaluate(eval_step, state, batches) -> dict[str, float]:
+  """Mean eval loss (nats/token) and bits per byte (specials excluded) over `batches`."""
+  totals: dict[str, float] = {}
+  for batch in batches:
+    for name, value in jax.device_get(eval_step(state, batch)).items():
+      totals[name] = totals.get(name, 0.0) + float(value)
+  return {
+    "eval/loss": totals["ce_sum"] / totals["tokens"],
+    "eval/bits_per_byte": totals["byte_ce_sum"] / totals["bytes"] / math.log(2),
+    "eval/dropped_fraction": totals["dropped_fraction"] / len(batches),
+  }
