@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import moe_reference as ref
 from moejax.activations import ACTIVATIONS, hidden_activation, is_gated
 from moejax.moe import block_ffn
+from moejax.moe.experts import batched_ffn
 
 
 def _gathered_form(activation, x, group_sizes, keep, w_in, w_gate, w_out):
@@ -106,7 +107,6 @@ def test_rows_multiplied_is_a_hand_count():
   # block 16: eighths of 2 rows. 37 = 2 blocks + 5 -> 6; 16 = 1 block; 0 -> 0; 3 -> 4.
   sizes = jnp.asarray([37, 16, 0, 3])
   assert int(block_ffn.rows_multiplied(sizes, 16)) == 32 + 6 + 16 + 0 + 4
-  assert block_ffn.capacity_block(13) == 16 and block_ffn.capacity_block(24) == 24
 
 
 def test_block_size_is_a_power_of_two_near_a_balanced_experts_rows():
@@ -122,3 +122,26 @@ def test_block_size_is_a_power_of_two_near_a_balanced_experts_rows():
       jnp.ones((1, 3, 2)),
       block=12,
     )
+
+
+@pytest.mark.parametrize("activation,dropout", [("swiglu", False), ("gelu", True)])
+def test_capacity_ffn_value_and_gradients_match_the_batched_einsums(activation, dropout):
+  """The capacity-buffer loop against autodiff of `experts.batched_ffn` (the GPU/TPU form)."""
+  rng = np.random.default_rng(1)
+  E, C, d, f = 3, 5, 4, 6
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  x, w_in, w_out, cot = normal(E, C, d), normal(E, d, f), normal(E, f, d), normal(E, C, d)
+  w_gate = normal(E, d, f) if is_gated(activation) else None
+  keep = jnp.asarray((rng.random((E, C, f)) < 0.7) * 2.0, jnp.float32) if dropout else None
+  loss = lambda fn: lambda *a: jnp.sum(fn(*a) * cot)
+  ours = lambda x, wi, wg, wo: block_ffn.capacity_ffn(activation, x, keep, wi, wg, wo)
+  theirs = lambda x, wi, wg, wo: batched_ffn(activation, x, wi, wg, wo, keep)
+  args = (x, w_in, w_gate, w_out)
+  np.testing.assert_allclose(ours(*args), theirs(*args), rtol=1e-5, atol=1e-5)
+  for got, want in zip(
+    jax.grad(loss(ours), (0, 1, 2, 3))(*args), jax.grad(loss(theirs), (0, 1, 2, 3))(*args)
+  ):
+    if want is None:
+      assert got is None
+    else:
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -39,12 +39,6 @@ def block_size(rows: int, num_experts: int) -> int:
   return int(min(256, 1 << (target.bit_length() - 1)))
 
 
-def capacity_block(rows_per_expert: int) -> int:
-  """The block for capacity buffers of `rows_per_expert` rows each: that count rounded up
-  to a multiple of `SIZE_CLASSES`, so each expert's buffer is one matmul."""
-  return -(-rows_per_expert // SIZE_CLASSES) * SIZE_CLASSES
-
-
 def rows_multiplied(group_sizes: jax.Array, block: int) -> jax.Array:
   """The rows `ffn` multiplies for `group_sizes` (`[experts]`): each expert's full blocks,
   and its remainder rounded up to a multiple of block/8."""
@@ -85,7 +79,14 @@ def ffn(activation, x, group_sizes, keep, w_in, w_gate, w_out, *, block: int):
     None if a is None else jnp.concatenate([a, jnp.zeros_like(a, shape=(block,) + a.shape[1:])])
   )
   out = _ffn(
-    activation, block, pad(x), group_sizes.astype(jnp.int32), pad(keep), w_in, w_gate, w_out
+    activation,
+    block,
+    pad(x),
+    group_sizes.astype(jnp.int32),
+    pad(keep),
+    w_in,
+    w_gate,
+    w_out,
   )
   in_group = jnp.arange(rows) < jnp.sum(group_sizes)
   return jnp.where(in_group[:, None], out[:rows], 0)
@@ -122,29 +123,45 @@ def _chunks(group_sizes: jax.Array, block: int):
   return starts, full, size_class
 
 
-def _for_each_chunk(group_sizes, block, state, expert_fn, chunk_fn):
-  """Runs over experts in order: `expert_fn(e, state) -> (weights, state)` once per expert,
-  then `chunk_fn(size, start, valid_rows, weights, state) -> state` for each full block
-  and the remainder (`size` static; rows `[start, start + size)`, the first `valid_rows`
-  of them the expert's)."""
+def _for_each_chunk(group_sizes, block, state, expert_fn, chunk_fn, write_fn):
+  """Runs over experts in order.
+
+  `expert_fn(e, state) -> (weights, state)` once per expert; then for each of its full
+  blocks and for its remainder, `chunk_fn(size, start, valid_rows, weights) -> result`
+  (`size` static; rows `[start, start + size)`, the first `valid_rows` of them the
+  expert's) computes a chunk's result padded to `block` rows, and `write_fn(start,
+  result, state) -> state` writes it. The remainder's matmul size is picked by a
+  `lax.switch` whose branches see only the chunk, never the loop state, so XLA does not
+  copy the large buffers into and out of the conditional.
+  """
   starts, full, size_class = _chunks(group_sizes, block)
   step = block // SIZE_CLASSES
 
   def per_expert(e, state):
     weights, state = expert_fn(e, state)
-    blocks = lambda j, state: chunk_fn(block, starts[e] + j * block, block, weights, state)
-    state = jax.lax.fori_loop(0, full[e], blocks, state)
+
+    def full_block(j, state):
+      start = starts[e] + j * block
+      return write_fn(start, chunk_fn(block, start, block, weights), state)
+
+    state = jax.lax.fori_loop(0, full[e], full_block, state)
     tail_start = starts[e] + full[e] * block
     tail_rows = group_sizes[e] - full[e] * block
-    branches = [lambda state: state] + [
-      functools.partial(
-        lambda size, state: chunk_fn(size, tail_start, tail_rows, weights, state), c * step
-      )
+    shapes = jax.eval_shape(lambda: chunk_fn(block, tail_start, block, weights))
+    empty = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+    branches = [empty] + [
+      functools.partial(chunk_fn, c * step, tail_start, tail_rows, weights)
       for c in range(1, SIZE_CLASSES + 1)
     ]
-    return jax.lax.switch(size_class[e], branches, state)
+    # The rows past the remainder belong to later experts, which overwrite them.
+    return write_fn(tail_start, jax.lax.switch(size_class[e], branches), state)
 
   return jax.lax.fori_loop(0, group_sizes.shape[0], per_expert, state)
+
+
+def _pad_rows(a, block):
+  """`a` `[size, ...]` padded with zero rows to `[block, ...]`."""
+  return None if a is None else jnp.pad(a, [(0, block - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
 
 
 def _hidden(activation, pre, gate_pre, keep):
@@ -152,8 +169,36 @@ def _hidden(activation, pre, gate_pre, keep):
   return hidden if keep is None else hidden * keep
 
 
+def _chunk_forward(activation, rows, weights, keep):
+  """One expert on rows `[n, d_model]`: `(out [n, d_model], pre, gate_pre [n, d_ff])`."""
+  wi, wg, wo = weights
+  pre = rows @ wi
+  gate_pre = None if wg is None else rows @ wg
+  return _hidden(activation, pre, gate_pre, keep) @ wo, pre, gate_pre
+
+
+def _chunk_backward(activation, rows, g, pre, gate_pre, keep, weights):
+  """The backward of `_chunk_forward` for the output cotangent `g` `[n, d_model]`, from its
+  saved pre-activations: `(d_rows [n, d_model], (d_w_in, d_w_gate or None, d_w_out))`."""
+  wi, wg, wo = weights
+  hidden, hidden_vjp = jax.vjp(lambda p, q: _hidden(activation, p, q, keep), pre, gate_pre)
+  d_wo = _mm(hidden, g, 0, 0)  # [d_ff, d_model]
+  d_pre, d_gate_pre = hidden_vjp(_mm(g, wo, 1, 1))  # [n, d_ff]
+  d_wi = _mm(rows, d_pre, 0, 0)  # [d_model, d_ff]
+  d_rows = _mm(d_pre, wi, 1, 1)
+  d_wg = None
+  if wg is not None:
+    d_wg = _mm(rows, d_gate_pre, 0, 0)
+    d_rows = d_rows + _mm(d_gate_pre, wg, 1, 1)
+  return d_rows, (d_wi, d_wg, d_wo)
+
+
 def _slice(a, start, size):
   return None if a is None else jax.lax.dynamic_slice_in_dim(a, start, size)
+
+
+def _write(buffer, rows, start):
+  return None if buffer is None else jax.lax.dynamic_update_slice_in_dim(buffer, rows, start, 0)
 
 
 def _forward_loop(activation, block, x, group_sizes, keep, w_in, w_gate, w_out, save: bool):
@@ -166,90 +211,160 @@ def _forward_loop(activation, block, x, group_sizes, keep, w_in, w_gate, w_out, 
   def expert_fn(e, state):
     return (w_in[e], None if w_gate is None else w_gate[e], w_out[e]), state
 
-  def chunk_fn(size, start, valid_rows, weights, state):
+  def chunk_fn(size, start, valid_rows, weights):
     del valid_rows  # overrun rows are overwritten by the next expert
-    out, pre, gate_pre = state
-    wi, wg, wo = weights
-    rows = _slice(x, start, size)
-    pre_c = rows @ wi
-    gate_c = None if wg is None else rows @ wg
-    out = jax.lax.dynamic_update_slice_in_dim(
-      out, _hidden(activation, pre_c, gate_c, _slice(keep, start, size)) @ wo, start, 0
+    out_c, pre_c, gate_c = _chunk_forward(
+      activation, _slice(x, start, size), weights, _slice(keep, start, size)
     )
-    if save:
-      pre = jax.lax.dynamic_update_slice_in_dim(pre, pre_c, start, 0)
-      if gate_pre is not None:
-        gate_pre = jax.lax.dynamic_update_slice_in_dim(gate_pre, gate_c, start, 0)
-    return out, pre, gate_pre
+    kept = (pre_c, gate_c) if save else (None, None)
+    return tuple(_pad_rows(a, block) for a in (out_c, *kept))
 
-  return _for_each_chunk(group_sizes, block, state, expert_fn, chunk_fn)
+  def write_fn(start, result, state):
+    return tuple(_write(buffer, rows, start) for buffer, rows in zip(state, result))
+
+  return _for_each_chunk(group_sizes, block, state, expert_fn, chunk_fn, write_fn)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _ffn(activation, block, x, group_sizes, keep, w_in, w_gate, w_out):
-  return _forward_loop(activation, block, x, group_sizes, keep, w_in, w_gate, w_out, False)[0]
+  arrays = (x, group_sizes, keep, w_in, w_gate, w_out)
+  return _forward_loop(activation, block, *arrays, False)[0]
 
 
 def _ffn_fwd(activation, block, x, group_sizes, keep, w_in, w_gate, w_out):
-  out, pre, gate_pre = _forward_loop(
-    activation, block, x, group_sizes, keep, w_in, w_gate, w_out, True
-  )
+  arrays = (x, group_sizes, keep, w_in, w_gate, w_out)
+  out, pre, gate_pre = _forward_loop(activation, block, *arrays, True)
   return out, (x, group_sizes, keep, w_in, w_gate, w_out, pre, gate_pre)
 
 
 def _ffn_bwd(activation, block, residual, d_out):
   x, group_sizes, keep, w_in, w_gate, w_out, pre, gate_pre = residual
-  grads = (
-    jnp.zeros_like(x),
-    jnp.zeros_like(w_in),
-    None if w_gate is None else jnp.zeros_like(w_gate),
-    jnp.zeros_like(w_out),
-  )
-  accumulators = lambda: (
-    jnp.zeros_like(w_in[0]),
-    None if w_gate is None else jnp.zeros_like(w_gate[0]),
-    jnp.zeros_like(w_out[0]),
-  )
+  zeros_like_expert = lambda w: None if w is None else jnp.zeros_like(w[0])
+  grads = tuple(None if w is None else jnp.zeros_like(w) for w in (w_in, w_gate, w_out))
 
   def expert_fn(e, state):
-    d_x, d_in, d_gate, d_wout, acc, previous = state
+    d_x, grads, acc, previous = state
     # Write the previous expert's finished weight gradients, start this expert's.
-    d_in = jax.lax.dynamic_update_index_in_dim(d_in, acc[0], previous, 0)
-    d_gate = (
-      None if d_gate is None else jax.lax.dynamic_update_index_in_dim(d_gate, acc[1], previous, 0)
+    grads = tuple(
+      None if g is None else jax.lax.dynamic_update_index_in_dim(g, a, previous, 0)
+      for g, a in zip(grads, acc)
     )
-    d_wout = jax.lax.dynamic_update_index_in_dim(d_wout, acc[2], previous, 0)
     weights = (w_in[e], None if w_gate is None else w_gate[e], w_out[e])
-    return weights, (d_x, d_in, d_gate, d_wout, accumulators(), e)
+    return weights, (d_x, grads, tuple(map(zeros_like_expert, (w_in, w_gate, w_out))), e)
 
-  def chunk_fn(size, start, valid_rows, weights, state):
-    d_x, d_in, d_gate, d_wout, (a_in, a_gate, a_out), previous = state
-    wi, wg, wo = weights
+  def chunk_fn(size, start, valid_rows, weights):
     mine = (jnp.arange(size) < valid_rows)[:, None]
-    rows = _slice(x, start, size)
     g = jnp.where(mine, _slice(d_out, start, size), 0)  # overrun rows add no gradient
-    pre_c, gate_c = _slice(pre, start, size), _slice(gate_pre, start, size)
-    hidden, hidden_vjp = jax.vjp(
-      lambda p, q: _hidden(activation, p, q, _slice(keep, start, size)), pre_c, gate_c
+    d_rows, chunk_grads = _chunk_backward(
+      activation,
+      _slice(x, start, size),
+      g,
+      _slice(pre, start, size),
+      _slice(gate_pre, start, size),
+      _slice(keep, start, size),
+      weights,
     )
-    a_out = a_out + _mm(hidden, g, 0, 0)  # [d_ff, d_model]
-    d_pre, d_gate_pre = hidden_vjp(_mm(g, wo, 1, 1))  # [size, d_ff]
-    a_in = a_in + _mm(rows, d_pre, 0, 0)  # [d_model, d_ff]
-    d_rows = _mm(d_pre, wi, 1, 1)
-    if wg is not None:
-      a_gate = a_gate + _mm(rows, d_gate_pre, 0, 0)
-      d_rows = d_rows + _mm(d_gate_pre, wg, 1, 1)
-    d_x = jax.lax.dynamic_update_slice_in_dim(d_x, d_rows, start, 0)
-    return d_x, d_in, d_gate, d_wout, (a_in, a_gate, a_out), previous
+    return _pad_rows(d_rows, block), chunk_grads
 
-  state = (*grads, accumulators(), jnp.int32(0))
-  d_x, d_in, d_gate, d_wout, acc, last = _for_each_chunk(
-    group_sizes, block, state, expert_fn, chunk_fn
+  def write_fn(start, result, state):
+    d_x, grads, acc, previous = state
+    d_rows, chunk_grads = result
+    acc = tuple(None if a is None else a + c for a, c in zip(acc, chunk_grads))
+    return _write(d_x, d_rows, start), grads, acc, previous
+
+  state = (
+    jnp.zeros_like(x),
+    grads,
+    tuple(map(zeros_like_expert, (w_in, w_gate, w_out))),
+    jnp.int32(0),
   )
-  d_in = jax.lax.dynamic_update_index_in_dim(d_in, acc[0], last, 0)
-  d_gate = None if d_gate is None else jax.lax.dynamic_update_index_in_dim(d_gate, acc[1], last, 0)
-  d_wout = jax.lax.dynamic_update_index_in_dim(d_wout, acc[2], last, 0)
+  d_x, grads, acc, last = _for_each_chunk(group_sizes, block, state, expert_fn, chunk_fn, write_fn)
+  d_in, d_gate, d_wout = (
+    None if g is None else jax.lax.dynamic_update_index_in_dim(g, a, last, 0)
+    for g, a in zip(grads, acc)
+  )
   return d_x, None, None, d_in, d_gate, d_wout
 
 
 _ffn.defvjp(_ffn_fwd, _ffn_bwd)
+
+
+# ----------------------------------------------------------------------------- capacity buffers
+
+
+def capacity_ffn(activation, x, keep, w_in, w_gate, w_out):
+  """Each expert's FFN on its capacity buffer, a loop of one 2-D matmul chain per expert.
+
+  Args:
+    activation: one of `moejax.activations.ACTIVATIONS`.
+    x: `[experts, capacity, d_model]`.
+    keep: `[experts, capacity, d_ff]` dropout scaling of the hidden layer, or None.
+    w_in, w_gate (or None), w_out: the experts' weights, as in `ffn`.
+
+  Returns:
+    `[experts, capacity, d_model]`. Every buffer is one matmul, and each expert's weight
+    gradients are set once (nothing to accumulate); measured faster than the ragged loop
+    on these equal groups (`experiments/benchmarks/expert_matmuls.py`).
+  """
+  arrays = [None if a is None else jnp.asarray(a) for a in (x, keep, w_in, w_gate, w_out)]
+  return _capacity(activation, *_vary_alike(arrays))
+
+
+def _capacity_forward(activation, x, keep, w_in, w_gate, w_out, save: bool):
+  num_experts, capacity, _ = x.shape
+  hidden_zeros = jnp.zeros_like(x, shape=(num_experts, capacity, w_in.shape[-1]))
+  state = (
+    jnp.zeros_like(x),
+    hidden_zeros if save else None,
+    hidden_zeros if save and w_gate is not None else None,
+  )
+
+  def body(e, state):
+    weights = (w_in[e], None if w_gate is None else w_gate[e], w_out[e])
+    out, pre, gate_pre = _chunk_forward(
+      activation, x[e], weights, None if keep is None else keep[e]
+    )
+    kept = (pre, gate_pre) if save else (None, None)
+    return tuple(
+      None if buffer is None else buffer.at[e].set(value)
+      for buffer, value in zip(state, (out, *kept))
+    )
+
+  return jax.lax.fori_loop(0, num_experts, body, state)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _capacity(activation, x, keep, w_in, w_gate, w_out):
+  return _capacity_forward(activation, x, keep, w_in, w_gate, w_out, False)[0]
+
+
+def _capacity_fwd(activation, x, keep, w_in, w_gate, w_out):
+  out, pre, gate_pre = _capacity_forward(activation, x, keep, w_in, w_gate, w_out, True)
+  return out, (x, keep, w_in, w_gate, w_out, pre, gate_pre)
+
+
+def _capacity_bwd(activation, residual, d_out):
+  x, keep, w_in, w_gate, w_out, pre, gate_pre = residual
+
+  def body(e, grads):
+    d_x, d_wi, d_wg, d_wo = grads
+    weights = (w_in[e], None if w_gate is None else w_gate[e], w_out[e])
+    d_rows, (g_in, g_gate, g_out) = _chunk_backward(
+      activation,
+      x[e],
+      d_out[e],
+      pre[e],
+      None if gate_pre is None else gate_pre[e],
+      None if keep is None else keep[e],
+      weights,
+    )
+    d_wg = None if d_wg is None else d_wg.at[e].set(g_gate)
+    return d_x.at[e].set(d_rows), d_wi.at[e].set(g_in), d_wg, d_wo.at[e].set(g_out)
+
+  zeros = lambda w: None if w is None else jnp.zeros_like(w)
+  grads = (jnp.zeros_like(x), zeros(w_in), zeros(w_gate), zeros(w_out))
+  d_x, d_wi, d_wg, d_wo = jax.lax.fori_loop(0, x.shape[0], body, grads)
+  return d_x, None, d_wi, d_wg, d_wo
+
+
+_capacity.defvjp(_capacity_fwd, _capacity_bwd)

@@ -109,19 +109,7 @@ def capacity_ffn(
     None if dropout is None else dropout.keep_scale((num_experts, rows, w_in.shape[-1]), x.dtype)
   )
   if impl == "block_loop":  # each expert's buffer is one matmul
-    sizes = jnp.full((num_experts,), rows, jnp.int32)
-    flat_keep = None if keep is None else keep.reshape(num_experts * rows, -1)
-    out = block_ffn.ffn(
-      activation,
-      x.reshape(-1, d),
-      sizes,
-      flat_keep,
-      w_in,
-      w_gate,
-      w_out,
-      block=block_ffn.capacity_block(rows),
-    )
-    return out.reshape(x.shape)
+    return block_ffn.capacity_ffn(activation, x, keep, w_in, w_gate, w_out)
   return batched_ffn(activation, x, w_in, w_gate, w_out, keep)
 
 
