@@ -14,6 +14,7 @@ def get_config(arg: str = ""):
   m.d_ff = 512
   m.num_experts, m.top_k, m.expert_d_ff = 8, 2, 256
   m.dispatch = "auto"
+  m.scan_layers = False  # 4 small layers: unrolled steps run faster on CPU
 
   t = config.train
   t.num_steps, t.batch_size, t.seq_len = 600, 32, 128

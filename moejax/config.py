@@ -37,6 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
   model.rope_base = 10000.0  # RoPE base (theta)
   model.tie_embeddings = False  # output projection reuses the token embedding
   model.dtype = "float32"  # compute dtype (float32, bfloat16); parameters stay float32
+  model.scan_layers = True  # layers as a loop (compile time flat in depth); False: unrolled
   model.num_experts = 8  # routed experts per MoE layer; 0: the dense baseline
   model.top_k = 2  # experts per token (token choice); = num_experts for router 'dense'
   model.expert_d_ff = config_dict.placeholder(int)  # hidden size of each expert; None: d_ff

@@ -19,6 +19,7 @@ def dense_model_config(**overrides) -> ml_collections.ConfigDict:
     "model.num_experts": 0,
     "model.expert_d_ff": 32,
     "model.qk_norm": "head",
+    "model.scan_layers": True,  # the loop over layers (tiny.py unrolls it)
     "model.dispatch": "dropless",
   }
   config = load_config("configs/tiny.py", base).model

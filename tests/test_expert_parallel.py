@@ -46,6 +46,7 @@ def model_config(dispatch: str) -> ml_collections.ConfigDict:
     "model.top_k": K,
     "model.expert_d_ff": D_FF,
     "model.qk_norm": "head",
+    "model.scan_layers": True,  # the loop over layers (tiny.py unrolls it)
     "model.dispatch": dispatch,
     "model.min_capacity": 1,
     "model.group_size": None if dispatch == "dropless" else GROUP,

@@ -294,3 +294,14 @@ def test_config_validation(overrides, key):
 def test_dense_config_ignores_moe_keys():
   """A dense model (num_experts=0) builds whatever the MoE-only keys hold."""
   TransformerLM(tiny_config(top_k=99, router="unused", moe_layer_interval=7), rngs=nnx.Rngs(0))
+
+
+def test_unrolled_layers_compute_what_the_scanned_loop_computes():
+  config = tiny_config(**MOE, num_layers=4, moe_layer_interval=2)
+  scanned = TransformerLM(config, rngs=nnx.Rngs(0))
+  config.scan_layers = False
+  unrolled = TransformerLM(config, rngs=nnx.Rngs(0))
+  grads = lambda model: nnx.grad(lambda m: jnp.mean(m(tokens())[0] ** 2))(model)
+  np.testing.assert_allclose(scanned(tokens())[0], unrolled(tokens())[0], rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads(scanned)), jax.tree.leaves(grads(unrolled))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
