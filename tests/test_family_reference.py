@@ -113,6 +113,8 @@ def test_balance_losses_by_hand():
   # Switch LB: f = [1, 0], P = [.8, .2]: 2 · .8.
   probs = np.array([[0.8, 0.2], [0.8, 0.2]])
   assert ref.switch_lb(probs, np.array([[0], [0]]), 2) == pytest.approx(1.6)
+  # k = 2: f is over the T·k = 4 assignments, [.5, .5]: 2 · (.5 · .8 + .5 · .2) = 1.
+  assert ref.switch_lb(probs, np.array([[0, 1], [1, 0]]), 2) == pytest.approx(1.0)
   # Group 0 as above (1.6); group 1: f = [0, 1], P = [.5, .5]: 1.0. Their mean is 1.3,
   # while pooling both groups gives f = [.5, .5], P = [.65, .35]: 1.0.
   groups_p = np.array([probs, [[0.5, 0.5], [0.5, 0.5]]])

@@ -252,6 +252,23 @@ def test_group_limited_mask_by_hand():
   np.testing.assert_array_equal(routing.group_limited_mask(scores, 2, 2), np.ones((2, 4), bool))
 
 
+def test_masked_groups_lose_to_negative_biased_scores():
+  """A kept group's expert whose biased score s + b is negative still beats every expert of
+  a masked group. (HF transformers' DeepSeek-V3 router fills masked scores with 0.0, which
+  would pick expert 2 here; DeepSeek's own code and this one exclude them, -inf.)"""
+  scores = jnp.array([[0.9, 0.3, 0.3, 0.3]])
+  bias = jnp.array([0.0, -0.5, 0.0, 0.0])  # u = [0.9, -0.2, 0.3, 0.3]; group sums 0.7, 0.6
+  choice = routing.token_choice(scores, 2, selection_bias=bias, num_expert_groups=2, topk_groups=1)
+  np.testing.assert_array_equal(choice.expert_indices, [[0, 1]])
+  np.testing.assert_allclose(choice.gates, [[0.9, 0.3]])
+  assert ref.route_token(
+    [0.9, 0.3, 0.3, 0.3], 2, bias=[0, -0.5, 0, 0], num_groups=2, topk_groups=1
+  ) == (
+    [0, 1],
+    [0.9, 0.3],
+  )
+
+
 @pytest.mark.parametrize(
   "kwargs,match",
   [
@@ -302,6 +319,9 @@ def test_update_selection_bias_matches_reference(num_experts, rate, seed):
   expected = ref.update_bias(bias.astype(np.float64), counts, rate)
   np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6, atol=1e-7)
   assert np.all(np.abs(np.asarray(got) - bias) <= rate + 1e-6)  # float32 rounding
+  # Only the signs of c̄ - c_i matter: scaled counts (0.25, exact in float32) give the same.
+  scaled = routing.update_selection_bias(jnp.asarray(bias), jnp.asarray(counts * 0.25), rate)
+  np.testing.assert_array_equal(np.asarray(scaled), np.asarray(got))
   # No gradient flows through the update.
   grad = jax.grad(
     lambda b, c: jnp.sum(routing.update_selection_bias(b, c, rate) ** 2), argnums=(0, 1)

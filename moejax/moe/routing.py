@@ -367,10 +367,13 @@ def update_selection_bias(bias: jax.Array, counts: jax.Array, rate: float) -> ja
   14.3T tokens, then 0.0) applies it at the end of every step to the counts of the whole
   step's batch. Run it outside the differentiated loss; it has no gradient.
 
+  sign(c̄ - c_i) does not change when every count is scaled by the same positive number,
+  so shares of the assignments (the layer's `expert_load`) work as well as counts.
+
   Args:
     bias: `[experts]` float32, the current selection bias.
     counts: `[experts]`, the assignments per expert over the global batch
-      (`expert_counts`, summed over devices and micro-batches).
+      (`expert_counts`, summed over devices and micro-batches), or their shares.
     rate: u (`model.bias_update_rate`); 0 leaves the bias unchanged.
 
   Returns:
