@@ -10,6 +10,18 @@ decision exist:
 
 All router math runs in float32, whatever the layer's compute dtype. Every function here
 acts on one routing group (`[tokens, ...]`); the layer vmaps them over groups.
+
+The 2024-2026 families are settings of the same pieces (config keys `model.*` in brackets):
+
+| piece | function | Switch/Mixtral/OLMoE | DeepSeek-V3 | Qwen2/3-MoE | Llama 4 |
+|---|---|---|---|---|---|
+| logits x·W (+ b) | `router_logits` [`router_bias`] | no bias (Switch has one) | no bias | no bias | no bias |
+| scores | `router_scores` [`score_fn`] | softmax | sigmoid | softmax | sigmoid |
+| selection bias | `token_choice(selection_bias=)`, `update_selection_bias` [`bias_update_rate`] | - | yes | - | - |
+| group limit | `group_limited_mask` [`num_expert_groups`, `topk_groups`] | - | 8 groups, 4 kept | - | - |
+| gate normalisation | `token_choice(normalize=)` [`renormalize`] | Mixtral yes | yes | Qwen1.5/2 no, Qwen3 yes | no (k=1) |
+| gate scale | `token_choice(routed_scaling_factor=)` [`routed_scaling_factor`] | 1 | 2.5 | 1 | 1 |
+| balance loss | `pooled_load_balancing_loss` [`lb_pooling`], `sequence_aux_loss` [`seq_aux_loss_weight`] | per call / per group | per sequence, α=1e-4 | Qwen3: global batch | not published |
 """
 
 from __future__ import annotations
@@ -96,14 +108,10 @@ def top_k_choice(router_probs: jax.Array, k: int, *, renormalize: bool) -> Token
       False keeps the raw softmax probabilities (Switch, GShard).
 
   Returns:
-    `TokenChoice` with `[tokens, k]` fields.
+    `TokenChoice` with `[tokens, k]` fields. The same as `token_choice(router_probs, k,
+    normalize=renormalize)`.
   """
-  gates, indices = jax.lax.top_k(router_probs, k)
-  if renormalize:
-    gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
-  return TokenChoice(
-    expert_indices=indices.astype(jnp.int32), gates=gates, valid=jnp.ones(indices.shape, bool)
-  )
+  return token_choice(router_probs, k, normalize=renormalize)
 
 
 def random_second_expert(choice: TokenChoice, key: jax.Array) -> TokenChoice:
@@ -161,13 +169,20 @@ def router_logits(
   noise_kernel: jax.Array | None = None,
   jitter: float = 0.0,
   key: jax.Array | None = None,
+  bias: jax.Array | None = None,
 ) -> jax.Array:
-  """Router logits `[..., experts]` float32 of `tokens` `[..., d_model]`.
+  """Router logits `[..., experts]` float32 of `tokens` `[..., d_model]`: x · W (+ b).
 
   With `jitter` > 0 and a `key`, the router input (only) is scaled by U(1-eps, 1+eps)
   (Switch Transformer, Fedus et al. 2021, §2.4); with a `noise_kernel` and a `key`, the
   logits get Shazeer et al.'s tunable noise (`noisy_logits`). Without a key both are off
   (eval mode).
+
+  `bias` `[experts]` (`model.router_bias`) is a trained logit bias, added before the
+  noise: logits = x · W + b, the `router_bias` of Switch Transformer's reference code
+  (Mesh TensorFlow / flaxformer `RouterWeights(use_bias=True)`). It moves the scores, so it
+  changes both the selection and the gates; DeepSeek-V3's untrained balancing bias, which
+  changes the selection only, is `token_choice(selection_bias=...)` instead.
   """
   router_in = tokens.astype(jnp.float32)
   if jitter and key is not None:
@@ -176,6 +191,364 @@ def router_logits(
       jitter_key, router_in.shape, jnp.float32, 1.0 - jitter, 1.0 + jitter
     )
   logits = router_in @ router_kernel
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
   if noise_kernel is not None and key is not None:
     logits = noisy_logits(logits, router_in @ noise_kernel, key)
   return logits
+
+
+# ----------------------------------------------------------------------------- the families
+
+SCORE_FNS = ("softmax", "sigmoid")
+LB_POOLINGS = ("group", "call", "global")
+
+
+def router_scores(logits: jax.Array, score_fn: str = "softmax") -> jax.Array:
+  """Router scores `[..., experts]` float32 from logits `[..., experts]` (`model.score_fn`).
+
+  * 'softmax': p_i = exp(l_i) / Σ_j exp(l_j) (Shazeer et al. 2017; Switch, Mixtral,
+    DeepSeek-V2, Qwen2/3-MoE): the scores of a token sum to 1.
+  * 'sigmoid': s_i = σ(l_i) = 1 / (1 + exp(-l_i)) (DeepSeek-V3, arXiv:2412.19437, §2.1.2
+    eq. 15, "s_{i,t} = Sigmoid(u_t^T e_i)"; Llama 4): each expert's affinity on its own,
+    in (0, 1); they do not compete and need not sum to 1.
+  """
+  _check_choice("score_fn", score_fn, SCORE_FNS)
+  logits = logits.astype(jnp.float32)
+  if score_fn == "softmax":
+    return jax.nn.softmax(logits, axis=-1)
+  return jax.nn.sigmoid(logits)
+
+
+def group_limited_mask(
+  selection_scores: jax.Array, num_expert_groups: int, topk_groups: int, *, group_score_top: int = 2
+) -> jax.Array:
+  """Which experts a token may choose under group-limited routing: `[..., experts]` bool.
+
+  The E experts form `num_expert_groups` equal groups of consecutive experts (group g
+  holds experts g·E/G ... (g+1)·E/G - 1; a group is meant to live on one device or
+  node). A group's score is the sum of its `group_score_top` best selection scores; each
+  token keeps its `topk_groups` best groups and may choose only among their experts.
+
+  * DeepSeek-V3 "node-limited routing" (arXiv:2412.19437, §2.1.2): groups are nodes,
+    ranked by "the sum of the highest K_r/M affinity scores of the experts distributed
+    on each node"; K_r = 8 experts, M = 4 nodes, so the top-2 sum (`group_score_top=2`,
+    the default; DeepSeek's released routers hard-code top-2 with n_group=8,
+    topk_group=4). The scores ranked are the *biased* selection scores s + b.
+  * DeepSeek-V2 "device-limited routing" (arXiv:2405.04434, §2.2.2): the M devices "that
+    have experts with the highest affinity scores", that is the group max
+    (`group_score_top=1`).
+
+  Args:
+    selection_scores: `[..., experts]` float32, the scores that rank experts (s + b).
+    num_expert_groups: G (`model.num_expert_groups`), dividing E.
+    topk_groups: groups kept per token (`model.topk_groups`), 1 <= topk_groups <= G.
+    group_score_top: how many of a group's best scores its score sums (<= E/G).
+
+  Returns:
+    `[..., experts]` bool, True for the experts of each token's kept groups.
+  """
+  num_experts = selection_scores.shape[-1]
+  _check_groups(num_experts, num_expert_groups, topk_groups, group_score_top)
+  per_group = num_experts // num_expert_groups
+  grouped = selection_scores.reshape(*selection_scores.shape[:-1], num_expert_groups, per_group)
+  group_scores = jnp.sum(jax.lax.top_k(grouped, group_score_top)[0], axis=-1)  # [..., G]
+  _, kept_groups = jax.lax.top_k(group_scores, topk_groups)  # [..., topk_groups]
+  kept = jnp.sum(jax.nn.one_hot(kept_groups, num_expert_groups, dtype=jnp.int32), axis=-2) > 0
+  return jnp.repeat(kept, per_group, axis=-1)
+
+
+def token_choice(
+  scores: jax.Array,
+  k: int,
+  *,
+  selection_bias: jax.Array | None = None,
+  num_expert_groups: int = 1,
+  topk_groups: int | None = None,
+  group_score_top: int = 2,
+  normalize: bool = False,
+  routed_scaling_factor: float = 1.0,
+) -> TokenChoice:
+  """Token-choice routing with the DeepSeek/Qwen/Llama-4 options: each token takes k experts.
+
+  1. Selection scores u = s + b, with b = `selection_bias` `[experts]` (zero if None).
+  2. With `num_expert_groups` G > 1, only the experts of each token's `topk_groups` best
+     groups may be chosen (`group_limited_mask`; the others' u become -inf).
+  3. The k experts of highest u, best first.
+  4. Gates from the *unbiased* scores: g'_i = s_i for a chosen expert i (DeepSeek-V3,
+     arXiv:2412.19437, eq. 16: the bias "is only used for routing"; the gating value is
+     still s_{i,t}).
+  5. With `normalize`, g_i = g'_i / Σ_{j chosen} g'_j (eq. 13; Mixtral's renormalisation of
+     the top-k softmax probabilities is the same formula on softmax scores).
+  6. g_i · `routed_scaling_factor` (DeepSeek-V2/V3 `routed_scaling_factor` in their
+     config.json, 2.5 for V3, 16.0 for V2; `model.routed_scaling_factor`).
+
+  The selection (steps 1-3) is discrete: gradients reach `scores` through the gates only,
+  never through `selection_bias`. Llama 4 is k=1 on sigmoid scores without
+  normalisation: gate = σ(top logit).
+
+  Args:
+    scores: `[..., experts]` float32 router scores (`router_scores`).
+    k: experts per token.
+    selection_bias: None or `[experts]`, the aux-loss-free balancing bias (Wang et al.
+      2024; updated by `update_selection_bias`).
+    num_expert_groups: G (`model.num_expert_groups`); 1 means no group limit.
+    topk_groups: groups kept per token (`model.topk_groups`); None means all G.
+    group_score_top: see `group_limited_mask` (2: DeepSeek-V3; 1: DeepSeek-V2).
+    normalize: rescale the k gates to sum to 1 (`model.renormalize`) before scaling.
+    routed_scaling_factor: multiplies every gate (`model.routed_scaling_factor`).
+
+  Returns:
+    `TokenChoice` with `[..., k]` fields; every assignment valid.
+  """
+  scores = scores.astype(jnp.float32)
+  num_experts = scores.shape[-1]
+  if not isinstance(k, int) or not 1 <= k <= num_experts:
+    raise ValueError(f"top_k={k!r} must be an int between 1 and num_experts={num_experts}.")
+  if not routed_scaling_factor > 0:
+    raise ValueError(f"routed_scaling_factor={routed_scaling_factor!r} must be > 0.")
+  select = scores
+  if selection_bias is not None:
+    if selection_bias.shape != (num_experts,):
+      raise ValueError(
+        f"selection_bias must have shape ({num_experts},), got {selection_bias.shape}."
+      )
+    select = select + jax.lax.stop_gradient(selection_bias.astype(jnp.float32))
+  select = jax.lax.stop_gradient(select)
+  if num_expert_groups > 1 or topk_groups is not None:
+    topk_groups = num_expert_groups if topk_groups is None else topk_groups
+    _check_groups(num_experts, num_expert_groups, topk_groups, group_score_top)
+    allowed_experts = topk_groups * (num_experts // num_expert_groups)
+    if k > allowed_experts:
+      raise ValueError(
+        f"top_k={k} exceeds the {allowed_experts} experts of topk_groups={topk_groups} "
+        f"groups of {num_experts // num_expert_groups}."
+      )
+    mask = group_limited_mask(
+      select, num_expert_groups, topk_groups, group_score_top=group_score_top
+    )
+    select = jnp.where(mask, select, -jnp.inf)
+  _, indices = jax.lax.top_k(select, k)
+  gates = jnp.take_along_axis(scores, indices, axis=-1)
+  if normalize:
+    total = jnp.sum(gates, axis=-1, keepdims=True)
+    gates = gates / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)
+  if routed_scaling_factor != 1.0:
+    gates = gates * routed_scaling_factor
+  return TokenChoice(
+    expert_indices=indices.astype(jnp.int32), gates=gates, valid=jnp.ones(indices.shape, bool)
+  )
+
+
+def expert_counts(
+  expert_indices: jax.Array, num_experts: int, valid: jax.Array | None = None
+) -> jax.Array:
+  """Token→expert assignments per expert: `[experts]` float32 from `[..., k]` indices.
+
+  `valid` (`[..., k]` bool) drops assignments the router did not send. Sum the result
+  over devices and micro-batches (`jax.lax.psum`, or add) to get the global batch's
+  counts that `update_selection_bias` and `load_balancing_loss_global` take.
+  """
+  indices = expert_indices.reshape(-1)
+  weights = (
+    jnp.ones(indices.shape, jnp.float32) if valid is None else valid.reshape(-1).astype(jnp.float32)
+  )
+  return jnp.zeros((num_experts,), jnp.float32).at[indices].add(weights)
+
+
+def update_selection_bias(bias: jax.Array, counts: jax.Array, rate: float) -> jax.Array:
+  """One aux-loss-free balancing step: b_i ← b_i + u · sign(c̄ - c_i); returns the new bias.
+
+  Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-Experts"
+  (arXiv:2408.15664), Algorithm 1: c_i is the number of tokens assigned to expert i in
+  the batch, c̄ their mean, e_i = c̄ - c_i, and b_i ← b_i + u · sign(e_i). An overloaded
+  expert's bias falls by u, an underloaded one's rises by u, a balanced one's stays.
+  DeepSeek-V3 (arXiv:2412.19437, §2.1.2; §4.2: bias update speed γ = 0.001 for the first
+  14.3T tokens, then 0.0) applies it at the end of every step to the counts of the whole
+  step's batch. Run it outside the differentiated loss; it has no gradient.
+
+  sign(c̄ - c_i) does not change when every count is scaled by the same positive number,
+  so shares of the assignments (the layer's `expert_load`) work as well as counts.
+
+  Args:
+    bias: `[experts]` float32, the current selection bias.
+    counts: `[experts]`, the assignments per expert over the global batch
+      (`expert_counts`, summed over devices and micro-batches), or their shares.
+    rate: u (`model.bias_update_rate`); 0 leaves the bias unchanged.
+
+  Returns:
+    `[experts]` float32.
+  """
+  if bias.shape != counts.shape or bias.ndim != 1:
+    raise ValueError(f"bias {bias.shape} and counts {counts.shape} must both have shape [experts].")
+  counts = jax.lax.stop_gradient(counts.astype(jnp.float32))
+  error = jnp.mean(counts) - counts
+  return jax.lax.stop_gradient(bias.astype(jnp.float32) + rate * jnp.sign(error))
+
+
+def sequence_aux_loss(scores: jax.Array, expert_indices: jax.Array, num_experts: int) -> jax.Array:
+  """DeepSeek-V3's complementary sequence-wise balance loss Σ_i f_i · P_i, mean over sequences.
+
+  DeepSeek-V3 (arXiv:2412.19437, §2.1.2, eqs. 17-20), for one sequence of T tokens with
+  top-K_r routing over N_r experts:
+
+      f_i   = N_r / (K_r · T) · Σ_t 1[token t chose expert i]          (eq. 18)
+      s'_it = s_it / Σ_j s_jt      (the scores renormalised over all experts, eq. 19)
+      P_i   = 1/T · Σ_t s'_it                                           (eq. 20)
+      L_Bal = α · Σ_i f_i · P_i                                         (eq. 17)
+
+  This returns Σ_i f_i P_i averaged over the sequences of the batch, without α: the caller
+  multiplies by α = `model.seq_aux_loss_weight` (DeepSeek-V3 §4.2: 0.0001), as it does the
+  LB loss by `lb_loss_weight`. It is 1.0 for perfectly uniform routing (the same
+  normalisation as `load_balancing_loss`), and differentiable in `scores` only.
+
+  Args:
+    scores: `[batch, seq, experts]` router scores (sigmoid for DeepSeek-V3; softmax works
+      too and then s' = s), positive.
+    expert_indices: `[batch, seq, k]` the chosen experts (chosen with the selection bias).
+    num_experts: N_r.
+
+  Returns:
+    A float32 scalar.
+  """
+  if scores.ndim != 3 or expert_indices.ndim != 3 or scores.shape[:2] != expert_indices.shape[:2]:
+    raise ValueError(
+      f"sequence_aux_loss needs scores [batch, seq, experts] and indices [batch, seq, k], got "
+      f"{scores.shape} and {expert_indices.shape}."
+    )
+  scores = scores.astype(jnp.float32)
+  _, seq, k = expert_indices.shape
+  normalised = scores / jnp.sum(scores, axis=-1, keepdims=True)
+  mean_score = jnp.mean(normalised, axis=1)  # P: [batch, experts]
+  chosen = jax.nn.one_hot(expert_indices, num_experts, dtype=jnp.float32)  # [b, s, k, E]
+  fraction = num_experts / (k * seq) * jnp.sum(chosen, axis=(1, 2))  # f: [batch, experts]
+  return jnp.mean(jnp.sum(fraction * mean_score, axis=-1))
+
+
+def load_balancing_loss_per_group(
+  router_probs: jax.Array, expert_indices: jax.Array, num_experts: int
+) -> jax.Array:
+  """The Switch LB loss of every routing group, averaged over groups ('group' pooling).
+
+  For each group g: L_g = E · Σ_i f_gi · P_gi with f_gi the share of the group's S·k
+  assignments that go to expert i and P_gi the mean probability of expert i over the
+  group's S tokens; returns mean_g L_g. This is the pooling of Switch Transformer's
+  Mesh TensorFlow code and of flaxformer (`_load_balancing_loss` averages
+  f·P over groups and experts then multiplies by E²). flaxformer counts a token once per
+  expert it chose, so its f sums to k: its loss is k times this one (the same at k=1).
+
+  Args:
+    router_probs: `[groups, group_size, experts]`.
+    expert_indices: `[groups, group_size, k]`.
+    num_experts: E.
+
+  Returns:
+    A float32 scalar.
+  """
+  if router_probs.ndim != 3 or expert_indices.ndim != 3:
+    raise ValueError(
+      f"lb_pooling='group' needs [groups, group_size, ...] inputs, got {router_probs.shape} "
+      f"and {expert_indices.shape}."
+    )
+  per_group = jax.vmap(load_balancing_loss, in_axes=(0, 0, None))(
+    router_probs, expert_indices, num_experts
+  )
+  return jnp.mean(per_group)
+
+
+def load_balancing_loss_global(
+  router_probs: jax.Array, global_counts: jax.Array, num_experts: int
+) -> jax.Array:
+  """The LB loss with f from the global batch and P local ('global' pooling).
+
+  L = E · Σ_i f_i · P_i with f_i = c_i / Σ_j c_j from `global_counts` c (assignments per
+  expert over the whole global batch: all devices, all micro-batches of the step, summed
+  by the caller with `expert_counts` + `psum`), and P_i the mean probability of expert i
+  over the tokens of `router_probs` (this call's). Qiu et al. 2025, "Demons in the
+  Detail: On Implementing Load Balancing Loss for Training Specialized Mixture-of-Expert
+  Models" (arXiv:2501.11873): balancing the global batch rather than each micro-batch
+  lets experts specialise by domain; Qwen3 trains with it. `global_counts` carries no
+  gradient. With this call's own counts it equals `load_balancing_loss`.
+
+  Args:
+    router_probs: `[..., experts]`; leading dims are tokens.
+    global_counts: `[experts]` assignment counts of the global batch.
+    num_experts: E.
+
+  Returns:
+    A float32 scalar.
+  """
+  if global_counts.shape != (num_experts,):
+    raise ValueError(f"global_counts must have shape ({num_experts},), got {global_counts.shape}.")
+  counts = jax.lax.stop_gradient(global_counts.astype(jnp.float32))
+  share = counts / jnp.maximum(jnp.sum(counts), 1.0)
+  probs = router_probs.reshape(-1, router_probs.shape[-1]).astype(jnp.float32)
+  return num_experts * jnp.sum(share * jnp.mean(probs, axis=0))
+
+
+def pooled_load_balancing_loss(
+  router_probs: jax.Array,
+  expert_indices: jax.Array,
+  num_experts: int,
+  pooling: str,
+  *,
+  global_counts: jax.Array | None = None,
+) -> jax.Array:
+  """The Switch LB loss E · Σ_i f_i · P_i pooled as `model.lb_pooling` says.
+
+  * 'call': f and P over every token of the call (`[groups, group_size]` flattened): today's
+    `load_balancing_loss`; in a jitted step without micro-batches the call is the
+    global batch of one layer.
+  * 'group': one loss per routing group (leading axis of `[groups, group_size, ...]`), then
+    their mean (`load_balancing_loss_per_group`; Switch/flaxformer). Groups that are
+    sequences (dropless dispatch) make it a sequence-level balance.
+  * 'global': f from `global_counts` (the whole global batch, across devices and
+    micro-batches), P from this call's tokens (`load_balancing_loss_global`; Qiu et al.
+    2025, Qwen3).
+
+  Args:
+    router_probs: `[groups, group_size, experts]` ('group'), else `[..., experts]`.
+    expert_indices: the chosen experts, `[groups, group_size, k]` ('group'), else `[..., k]`.
+    num_experts: E.
+    pooling: 'group', 'call' or 'global'.
+    global_counts: `[experts]`, needed by 'global' and only by it.
+  """
+  _check_choice("lb_pooling", pooling, LB_POOLINGS)
+  if (pooling == "global") != (global_counts is not None):
+    raise ValueError(
+      f"lb_pooling={pooling!r}: global_counts must be given for 'global' and only for it."
+    )
+  if pooling == "group":
+    return load_balancing_loss_per_group(router_probs, expert_indices, num_experts)
+  if pooling == "global":
+    return load_balancing_loss_global(router_probs, global_counts, num_experts)
+  return load_balancing_loss(router_probs, expert_indices, num_experts)
+
+
+def _check_choice(name: str, value, allowed) -> None:
+  if value not in allowed:
+    raise ValueError(
+      f"{name}={value!r} is not supported; allowed: {', '.join(map(repr, allowed))}."
+    )
+
+
+def _check_groups(
+  num_experts: int, num_expert_groups: int, topk_groups: int, group_score_top: int
+) -> None:
+  if not isinstance(num_expert_groups, int) or num_expert_groups < 1:
+    raise ValueError(f"num_expert_groups={num_expert_groups!r} must be a positive int.")
+  if num_experts % num_expert_groups:
+    raise ValueError(
+      f"num_expert_groups={num_expert_groups} must divide num_experts={num_experts}."
+    )
+  if not isinstance(topk_groups, int) or not 1 <= topk_groups <= num_expert_groups:
+    raise ValueError(
+      f"topk_groups={topk_groups!r} must be an int between 1 and num_expert_groups="
+      f"{num_expert_groups}."
+    )
+  per_group = num_experts // num_expert_groups
+  if not isinstance(group_score_top, int) or not 1 <= group_score_top <= per_group:
+    raise ValueError(
+      f"group_score_top={group_score_top!r} must be an int between 1 and the {per_group} "
+      "experts of a group."
+    )

@@ -1,0 +1,261 @@
+"""Multi-head latent attention, MLA (DeepSeek-V2, arXiv:2405.04434, §2.1; DeepSeek-V3).
+
+MLA compresses the keys and values of every token into one latent vector c_KV of
+`kv_lora_rank` channels, and keeps position information in a separate, decoupled RoPE key
+of `qk_rope_head_dim` channels shared by all heads. The KV cache then holds
+kv_lora_rank + qk_rope_head_dim numbers per token and layer (512 + 64 in DeepSeek-V2/V3)
+instead of 2 · heads · head_dim (2 · 128 · 128 for 128 heads of 128).
+
+For a token x `[d_model]` (the paper's equation numbers):
+
+    c_Q  = RMSNorm(x W^DQ)                   q_down `[d_model, q_lora]`, q_norm   (eq. 12)
+    q    = c_Q W^UQ                          q_up `[q_lora, heads·(nope + rope)]` (eqs. 13-14)
+           (or q = x W^Q, q_proj, when q_lora_rank is None or 0: DeepSeek-V2-Lite)
+    q_h  = [q^C_h ; RoPE(q^R_h)]             per head: nope channels, then rope channels
+    c_KV = RMSNorm(x W^DKV)                  kv_down `[d_model, kv_lora]`, kv_norm (eq. 9)
+    [k^C_h ; v_h] = c_KV W^UKV               kv_up `[kv_lora, heads·(nope + v)]` (eqs. 10-11)
+    k^R  = RoPE(x W^KR)                      k_rope `[d_model, rope]`, one for all heads (eq. 15)
+    k_h  = [k^C_h ; k^R]                                                           (eq. 17)
+    o_h  = softmax(q_h · k_h / sqrt(nope + rope)) v_h  (causal)                     (eq. 18)
+    y    = [o_1 ; ... ; o_H] W^O              o_proj `[heads·v, d_model]`           (eq. 19)
+
+The RMSNorms on c_Q and c_KV are in DeepSeek's released code (`q_a_layernorm`,
+`kv_a_layernorm`), not in the paper's equations. DeepSeek's code fuses W^DKV and W^KR
+into one `kv_a_proj_with_mqa` `[d_model, kv_lora + rope]`; here they are two kernels
+(`kv_down`, `k_rope`) so that each carries its own logical axis names: concatenate their
+columns to load a DeepSeek checkpoint.
+
+RoPE layout. moejax's `apply_rope` is rotate-half: channel pairs (j, j + D/2). DeepSeek's
+released inference code rotates interleaved pairs (2j, 2j + 1) (it views them as complex
+numbers), and HF transformers' DeepSeek-V3 (`rope_interleave=True`,
+`apply_rotary_pos_emb_interleave`) reorders each rope head's channels to evens-then-odds
+before a rotate-half RoPE. Both are the same attention up to a fixed permutation of the
+rope output columns of W^QR (in q_up / q_proj) and W^KR: trained here from scratch, the
+layout is immaterial; to load DeepSeek weights, permute those columns by
+`[0, 2, 4, ..., 1, 3, 5, ...]` within each head's rope part.
+
+The KV cache (`init_cache`) holds, per layer:
+
+    {'latent': [batch, max_len, kv_lora_rank]      c_KV after its RMSNorm,
+     'k_rope': [batch, max_len, qk_rope_head_dim]  k^R after RoPE}
+
+Without a cache the layer expands every key and value (k^C, v from c_KV: the cheap order
+for training, where queries and keys are equally many). With a cache it attends in the
+latent space, DeepSeek-V2's "absorbed" form (§2.1.2: W^UK is absorbed into W^UQ and W^UV
+into W^O): the nope part of each query is mapped into the latent space once,
+q̃_h = q^C_h W^UK_h^T `[kv_lora]`, scores are q̃_h · c_KV_j + q^R_h · k^R_j, and the
+output o_h = (Σ_j p_j c_KV_j) W^UV_h, so a decode step reads the compressed cache and
+never expands it. The two orders are the same function (tested).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# RMSNorm and apply_rope are read through the module at call time, so that moejax.model
+# may import this module at its top (no circular-import failure).
+from moejax import model as _model
+from moejax.ffn import on_rows
+from moejax.sharding import logical
+
+# One MLA layer's cache: {'latent': [batch, max_len, kv_lora_rank],
+#                         'k_rope': [batch, max_len, qk_rope_head_dim]}.
+MlaCache = dict[str, jax.Array]
+
+
+def _positive(name: str, value) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    raise ValueError(f"{name}={value!r} must be a positive int.")
+
+
+def _masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
+  """Softmax over the last axis of float32 `scores` `[..., q_len, kv_len]` where `mask`
+  `[q_len, kv_len]` is True; masked scores get the float32 minimum (as
+  `moejax.model.grouped_query_attention` does)."""
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(scores, axis=-1)
+
+
+class MultiHeadLatentAttention(nnx.Module):
+  """Causal multi-head latent attention (DeepSeek-V2 §2.1); no biases.
+
+  Called as `moejax.model.CausalSelfAttention`: `(x [batch, seq, d_model], positions [seq],
+  cache or None) -> ([batch, seq, d_model], cache or None)`. See the module docstring for
+  the formulas, the RoPE layout and the cache.
+
+  Args:
+    d_model: model width.
+    num_heads: H (`model.num_heads`).
+    q_lora_rank: d_c' (`model.q_lora_rank`), the query latent; None or 0 projects the
+      queries straight from x (DeepSeek-V2-Lite).
+    kv_lora_rank: d_c (`model.kv_lora_rank`), the key-value latent the cache holds.
+    qk_nope_head_dim: d_h, the per-head query/key channels without RoPE
+      (`model.qk_nope_head_dim`).
+    qk_rope_head_dim: d_h^R, the decoupled RoPE channels, even (`model.qk_rope_head_dim`).
+    v_head_dim: per-head value channels (`model.v_head_dim`).
+    rope_base: the RoPE base.
+    norm_eps: epsilon of the latents' RMSNorms (`model.norm_eps`; 1e-6 in DeepSeek-V2/V3).
+    dtype: compute dtype; parameters stay float32, scores and softmax run in float32.
+    rngs: `nnx.Rngs` with a `params` stream.
+
+  Parameters (kernels `[in, out]`, fan-in scaled as `nnx.Linear`'s default) and their
+  logical axes: q_down ('embed', 'q_lora'), q_norm ('q_lora',), q_up ('q_lora', 'heads') or
+  q_proj ('embed', 'heads'); kv_down ('embed', 'kv_lora'), kv_norm ('kv_lora',), kv_up
+  ('kv_lora', 'heads'); k_rope ('embed', 'head_dim'); o_proj ('heads', 'embed').
+  """
+
+  def __init__(
+    self,
+    d_model: int,
+    num_heads: int,
+    *,
+    q_lora_rank: int | None,
+    kv_lora_rank: int,
+    qk_nope_head_dim: int,
+    qk_rope_head_dim: int,
+    v_head_dim: int,
+    rope_base: float,
+    norm_eps: float = 1e-6,
+    dtype: Any = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    for name, value in (
+      ("d_model", d_model),
+      ("num_heads", num_heads),
+      ("kv_lora_rank", kv_lora_rank),
+      ("qk_nope_head_dim", qk_nope_head_dim),
+      ("qk_rope_head_dim", qk_rope_head_dim),
+      ("v_head_dim", v_head_dim),
+    ):
+      _positive(name, value)
+    if q_lora_rank is not None and q_lora_rank != 0:
+      _positive("q_lora_rank", q_lora_rank)
+    if qk_rope_head_dim % 2:
+      raise ValueError(f"qk_rope_head_dim={qk_rope_head_dim} must be even for RoPE.")
+    if not rope_base > 0:
+      raise ValueError(f"rope_base={rope_base!r} must be > 0.")
+    if not norm_eps > 0:
+      raise ValueError(f"norm_eps={norm_eps!r} must be > 0.")
+    self.num_heads = num_heads
+    self.q_lora_rank = q_lora_rank or None
+    self.kv_lora_rank = kv_lora_rank
+    self.qk_nope_head_dim, self.qk_rope_head_dim = qk_nope_head_dim, qk_rope_head_dim
+    self.v_head_dim = v_head_dim
+    self.rope_base = rope_base
+    self.dtype = dtype
+    qk_dim = qk_nope_head_dim + qk_rope_head_dim
+    linear = lambda fan_in, fan_out, names: nnx.Linear(
+      fan_in, fan_out, use_bias=False, dtype=dtype, kernel_metadata=logical(*names), rngs=rngs
+    )
+    if self.q_lora_rank is None:
+      self.q_down = self.q_norm = self.q_up = None
+      self.q_proj = linear(d_model, num_heads * qk_dim, ("embed", "heads"))
+    else:
+      self.q_down = linear(d_model, self.q_lora_rank, ("embed", "q_lora"))
+      self.q_norm = _model.RMSNorm(self.q_lora_rank, eps=norm_eps, axis_name="q_lora")
+      self.q_up = linear(self.q_lora_rank, num_heads * qk_dim, ("q_lora", "heads"))
+      self.q_proj = None
+    self.kv_down = linear(d_model, kv_lora_rank, ("embed", "kv_lora"))
+    self.kv_norm = _model.RMSNorm(kv_lora_rank, eps=norm_eps, axis_name="kv_lora")
+    self.kv_up = linear(
+      kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim), ("kv_lora", "heads")
+    )
+    self.k_rope = linear(d_model, qk_rope_head_dim, ("embed", "head_dim"))
+    self.o_proj = linear(num_heads * v_head_dim, d_model, ("heads", "embed"))
+
+  @property
+  def softmax_scale(self) -> float:
+    """1 / sqrt(qk_nope_head_dim + qk_rope_head_dim) (DeepSeek-V2 §2.1.3; no YaRN mscale)."""
+    return (self.qk_nope_head_dim + self.qk_rope_head_dim) ** -0.5
+
+  def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> MlaCache:
+    """An empty cache: `{'latent': [batch, max_len, kv_lora_rank], 'k_rope': [batch,
+    max_len, qk_rope_head_dim]}` zeros in `dtype` (default the compute dtype)."""
+    dtype = self.dtype if dtype is None else dtype
+    return {
+      "latent": jnp.zeros((batch, max_len, self.kv_lora_rank), dtype),
+      "k_rope": jnp.zeros((batch, max_len, self.qk_rope_head_dim), dtype),
+    }
+
+  def __call__(
+    self, x: jax.Array, positions: jax.Array, cache: MlaCache | None = None
+  ) -> tuple[jax.Array, MlaCache | None]:
+    """Attends every position to itself and to every earlier position.
+
+    Args:
+      x: `[batch, seq, d_model]`.
+      positions: `[seq]` int32, consecutive absolute positions `start + arange(seq)`.
+      cache: None, or this layer's cache (`init_cache`); the new latents and rope keys are
+        written at `positions`, and the queries attend to every cached slot at a position
+        <= their own.
+
+    Returns:
+      `([batch, seq, d_model], updated cache or None)`.
+    """
+    batch, seq, _ = x.shape
+    heads, nope, rope = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
+    x = x.astype(self.dtype)
+    if self.q_proj is not None:
+      q = on_rows(self.q_proj, x)
+    else:
+      q = on_rows(self.q_up, self.q_norm(on_rows(self.q_down, x)))
+    q = q.reshape(batch, seq, heads, nope + rope)
+    q_nope = q[..., :nope]
+    q_rope = _model.apply_rope(q[..., nope:], positions, self.rope_base)  # [b, s, H, rope]
+    latent = self.kv_norm(on_rows(self.kv_down, x))  # [b, s, kv_lora]
+    k_rope = _model.apply_rope(on_rows(self.k_rope, x)[:, :, None, :], positions, self.rope_base)
+    k_rope = k_rope[:, :, 0, :]  # [b, s, rope]
+
+    if cache is None:
+      mask = positions[None, :] <= positions[:, None]  # [seq, seq]
+      out = self._expanded(q_nope, q_rope, latent, k_rope, mask)
+    else:
+      slot = (0, positions[0], 0)
+      latent = jax.lax.dynamic_update_slice(
+        cache["latent"], latent.astype(cache["latent"].dtype), slot
+      )
+      k_rope = jax.lax.dynamic_update_slice(
+        cache["k_rope"], k_rope.astype(cache["k_rope"].dtype), slot
+      )
+      cache = {"latent": latent, "k_rope": k_rope}
+      key_positions = jnp.arange(latent.shape[1], dtype=jnp.int32)
+      mask = key_positions[None, :] <= positions[:, None]  # [seq, max_len]
+      out = self._absorbed(
+        q_nope, q_rope, latent.astype(self.dtype), k_rope.astype(self.dtype), mask
+      )
+    out = out.reshape(batch, seq, heads * self.v_head_dim).astype(self.dtype)
+    return on_rows(self.o_proj, out), cache
+
+  def _kv_up_kernel(self) -> tuple[jax.Array, jax.Array]:
+    """W^UK `[kv_lora, H, nope]` and W^UV `[kv_lora, H, v]` from kv_up's kernel."""
+    kernel = self.kv_up.kernel[...].astype(self.dtype)
+    kernel = kernel.reshape(
+      self.kv_lora_rank, self.num_heads, self.qk_nope_head_dim + self.v_head_dim
+    )
+    return kernel[..., : self.qk_nope_head_dim], kernel[..., self.qk_nope_head_dim :]
+
+  def _expanded(self, q_nope, q_rope, latent, k_rope, mask) -> jax.Array:
+    """Attention with every key and value expanded from its latent: `[b, s, H, v]`."""
+    batch, kv_len, _ = latent.shape
+    kv = on_rows(self.kv_up, latent).reshape(
+      batch, kv_len, self.num_heads, self.qk_nope_head_dim + self.v_head_dim
+    )
+    k_nope, v = kv[..., : self.qk_nope_head_dim], kv[..., self.qk_nope_head_dim :]
+    scores = jnp.einsum("bqhd,bthd->bhqt", q_nope, k_nope, preferred_element_type=jnp.float32)
+    scores += jnp.einsum("bqhr,btr->bhqt", q_rope, k_rope, preferred_element_type=jnp.float32)
+    probs = _masked_softmax(scores * self.softmax_scale, mask).astype(v.dtype)
+    return jnp.einsum("bhqt,bthd->bqhd", probs, v)
+
+  def _absorbed(self, q_nope, q_rope, latent, k_rope, mask) -> jax.Array:
+    """Attention in the latent space (W^UK into the query, W^UV after): `[b, s, H, v]`."""
+    w_uk, w_uv = self._kv_up_kernel()
+    q_latent = jnp.einsum("bqhd,chd->bqhc", q_nope, w_uk)  # [b, s, H, kv_lora]
+    scores = jnp.einsum("bqhc,btc->bhqt", q_latent, latent, preferred_element_type=jnp.float32)
+    scores += jnp.einsum("bqhr,btr->bhqt", q_rope, k_rope, preferred_element_type=jnp.float32)
+    probs = _masked_softmax(scores * self.softmax_scale, mask).astype(latent.dtype)
+    out_latent = jnp.einsum("bhqt,btc->bqhc", probs, latent)  # [b, s, H, kv_lora]
+    return jnp.einsum("bqhc,chd->bqhd", out_latent, w_uv)
