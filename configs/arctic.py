@@ -1,6 +1,7 @@
 """Snowflake Arctic: a dense-MoE hybrid. Every layer has a dense FFN and, beside it, a
-residual MoE of 128 experts with top-2 routing; outputs are summed. ARG: 'cpu'
-(default), 'pod', 'smoke'.
+residual MoE of 128 experts with top-2 routing; outputs are summed. Snowflake published
+no balancing coefficient: Switch's 0.01 per MoE layer. ARG: 'cpu' (default), 'pod',
+'smoke'.
 """
 
 from moejax.config import apply_variant, base_config

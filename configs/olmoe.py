@@ -1,6 +1,8 @@
 """OLMoE-1B-7B (Muennighoff et al. 2024): 64 fine-grained SwiGLU experts (hidden 1024),
-top-8 in every layer, raw softmax gates, dropless, QK-norm, balancing loss 0.01 and
-z-loss 0.001. ARG: 'cpu' (default), 'pod', 'smoke'.
+top-8 in every layer, raw softmax gates, dropless, QK-norm over the whole q and k
+projections, RMSNorm eps 1e-5. Balance: the paper's α = 0.01 and β = 0.001 weigh losses
+averaged over the 16 layers (MegaBlocks' batched losses, which OLMoE trained with), so
+0.01 / 16 and 0.001 / 16 per MoE layer here. ARG: 'cpu' (default), 'pod', 'smoke'.
 """
 
 from moejax.config import apply_variant, base_config
@@ -13,5 +15,6 @@ def get_config(arg: str = ""):
   m.qk_norm = "full"  # RMSNorm over the whole q and k projections
   m.num_experts, m.top_k, m.expert_d_ff, m.moe_layer_interval = 64, 8, 1024, 1
   m.router, m.dispatch, m.renormalize = "top_k", "dropless", False
-  m.lb_loss_weight, m.z_loss_weight = 0.01, 0.001
+  m.norm_eps = 1e-5
+  m.lb_loss_weight, m.z_loss_weight = 0.01 / 16, 0.001 / 16
   return apply_variant(config, arg, "olmoe")

@@ -6,11 +6,21 @@ two input matrices (gate and up); the others one.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 
-ACTIVATIONS = ("relu", "gelu", "swiglu", "geglu")
-_GATED = {"swiglu": jax.nn.silu, "geglu": jax.nn.gelu}
-_PLAIN = {"relu": jax.nn.relu, "gelu": jax.nn.gelu}
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "swiglu", "geglu")
+_exact_gelu = functools.partial(jax.nn.gelu, approximate=False)
+# 'gelu': x·Φ(x) exactly (Hendrycks & Gimpel 2016; PyTorch's default); 'gelu_tanh': its tanh
+# approximation, 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) (BERT, GPT-2, Mesh TensorFlow's
+# T5/ST-MoE), within about 1e-3 of it. SwiGLU and GeGLU (exact) gate with silu and gelu.
+_GATED = {"swiglu": jax.nn.silu, "geglu": _exact_gelu}
+_PLAIN = {
+  "relu": jax.nn.relu,
+  "gelu": _exact_gelu,
+  "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+}
 
 
 def check_activation(activation: str) -> None:

@@ -33,6 +33,12 @@ def base_config() -> ml_collections.ConfigDict:
   model.activation = "swiglu"  # FFN/expert activation: relu, gelu, swiglu, geglu
   model.qk_norm = "none"  # RMSNorm on q and k before RoPE: none, head (per head), full (OLMoE)
   model.qkv_bias = False  # biases on the q, k and v projections (Qwen2)
+  model.attention = "gqa"  # gqa (grouped-query attention) or mla (multi-head latent attention)
+  model.q_lora_rank = config_dict.placeholder(int)  # MLA: query latent width; None: no query latent
+  model.kv_lora_rank = 512  # MLA: the cached key/value latent's width
+  model.qk_nope_head_dim = 128  # MLA: per-head query/key channels without RoPE
+  model.qk_rope_head_dim = 64  # MLA: per-head query channels with RoPE (one shared RoPE key)
+  model.v_head_dim = 128  # MLA: per-head value channels
   model.norm_eps = 1e-6  # RMSNorm epsilon (Mixtral, Qwen2, OLMoE 1e-5; Qwen3, DeepSeek 1e-6)
   model.rope_base = 10000.0  # RoPE base (theta)
   model.tie_embeddings = False  # output projection reuses the token embedding
@@ -54,11 +60,21 @@ def base_config() -> ml_collections.ConfigDict:
   model.router_jitter = 0.0  # Switch: router input scaled by U(1-eps, 1+eps) in training
   model.expert_dropout = 0.0  # dropout rate on the expert hidden layer (ST-MoE)
   model.num_shared_experts = 0  # experts every token uses, one dense FFN of n · expert_d_ff
+  model.shared_expert_d_ff = config_dict.placeholder(int)  # shared FFN width; None: n · expert_d_ff
+  model.shared_expert_gate = False  # scale the shared FFN by sigmoid(x · w) (Qwen2-MoE)
+  model.score_fn = "softmax"  # router scores: softmax, or sigmoid (DeepSeek-V3, Llama 4)
+  model.routed_scaling_factor = 1.0  # multiplies every routed gate (DeepSeek-V2/V3)
+  model.bias_update_rate = 0.0  # aux-loss-free balancing bias step per update; 0: off
+  model.num_expert_groups = 1  # group-limited routing: experts in this many equal groups
+  model.topk_groups = config_dict.placeholder(int)  # groups a token may route to; None: all
+  model.router_bias = False  # a trained bias on the router logits (Switch)
   model.group_size = config_dict.placeholder(int)  # tokens per routing group; None: a sequence
   model.dropless_buffer_factor = 2.0  # dropless expert parallelism: receive rows / own rows
   model.dense_moe_hybrid = False  # MoE layers keep a dense FFN beside the experts (Arctic)
   model.lb_loss_weight = 0.01  # load-balancing loss weight, per MoE layer (summed over layers)
   model.z_loss_weight = 0.001  # router z-loss weight, per MoE layer (summed over layers)
+  model.lb_pooling = "call"  # LB statistics over the step's global batch (call) or per group
+  model.seq_aux_loss_weight = 0.0  # DeepSeek-V3 sequence-wise balance loss, per MoE layer
 
   config.train = train = ml_collections.ConfigDict()
   train.num_steps = 1000  # optimizer steps
@@ -109,15 +125,25 @@ def apply_variant(
   experts = min(m.num_experts, 16)
   top_k = experts if m.router == "dense" else min(m.top_k, experts)
   small = arg == "smoke"
-  m.num_layers = max(2 if small else 4, m.moe_layer_interval)
+  m.first_dense_layers = min(m.first_dense_layers, 1)
+  m.num_layers = max(2 if small else 4, m.first_dense_layers + m.moe_layer_interval)
   m.d_model, m.num_heads = (32, 2) if small else (128, 4)
   m.num_kv_heads = max(1, m.num_heads // kv_ratio)
   m.head_dim = None
   m.d_ff = 64 if small else 512
+  if m.attention == "mla":  # latents and head parts at the small model's scale
+    m.q_lora_rank = None if m.q_lora_rank is None else (16 if small else 48)
+    m.kv_lora_rank = 16 if small else 32
+    m.qk_nope_head_dim = m.qk_rope_head_dim = 8 if small else 16
+    m.v_head_dim = 16 if small else 32
   if m.num_experts:
+    shared_ratio = None if m.shared_expert_d_ff is None else m.shared_expert_d_ff / m.expert_d_ff
     m.num_experts, m.top_k = experts, top_k
     # Experts share a fixed budget: 8 experts of hidden 256 (32 in smoke), finer when more.
     m.expert_d_ff = (32 if small else 256) * 8 // max(8, experts)
+    if shared_ratio is not None:  # the shared expert keeps its width relative to an expert
+      m.shared_expert_d_ff = int(shared_ratio * m.expert_d_ff)
+    m.num_expert_groups = min(m.num_expert_groups, experts)
   t.batch_size, t.seq_len = (8, 32) if small else (32, 128)
   t.num_steps, t.warmup_steps = (6, 2) if small else (600, 60)
   t.learning_rate = 3e-3

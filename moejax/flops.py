@@ -15,10 +15,12 @@ Conventions:
 * Forward FLOPs per token follow Kaplan et al. 2020 (Table 1) and Chinchilla (Hoffmann
   et al. 2022, App. F): a multiply-add is 2 FLOPs, so every weight used in a matmul costs
   2 FLOPs; the embedding lookup and the norms cost nothing; the output projection costs
-  `2 · d_model · vocab` whether tied or not; attention adds, per layer, `2 · seq · d_attn`
-  for the scores q·kᵀ and as much for the weighted sum of values, with `d_attn =
-  num_heads · head_dim` and every query counted against all `seq` keys (no halving for
-  the causal mask, as in both papers, and as the model computes it). Softmax, activation
+  `2 · d_model · vocab` whether tied or not; attention adds, per layer, `2 · seq · d_qk`
+  for the scores q·kᵀ and `2 · seq · d_v` for the weighted sum of values, with `d_qk =
+  d_v = num_heads · head_dim` (GQA; for MLA `num_heads · (qk_nope + qk_rope)` and
+  `num_heads · v_head_dim`, the expanded form it trains with) and every query counted
+  against all `seq` keys (no halving for the causal mask, as in both papers, and as the
+  model computes it). Softmax, activation
   and routing arithmetic other than the router matmul are ignored; so is capacity
   padding (the einsum/sort dispatches also multiply the empty slots of their buffers).
 * Training costs about 3× the forward FLOPs (backward ≈ 2× forward), i.e. the familiar
@@ -50,25 +52,50 @@ def experts_per_token(config: ml_collections.ConfigDict) -> float:
   return config.top_k
 
 
-def _layer_params(config: ml_collections.ConfigDict) -> dict[str, float]:
-  """Parameters of the parts of one layer, by kind: `attention` (q, k, v, o), `vectors`
-  (the two RMSNorms, the QK-norms and the q/k/v biases: no matmul), `dense_ffn`,
-  `router`, `expert` (one routed expert), `shared` (all shared experts together)."""
-  d, hd = config.d_model, head_dim_of(config)
-  heads, kv_heads = config.num_heads, config.num_kv_heads
-  e_ff = expert_d_ff_of(config) if config.num_experts else 0
+def _attention_params(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(matmul weights, vector parameters) of one layer's attention: GQA's q, k, v, o (and
+  QK-norm scales, q/k/v biases), or MLA's projections and latent norms."""
+  d, heads = config.d_model, config.num_heads
+  if config.attention == "mla":
+    qk = config.qk_nope_head_dim + config.qk_rope_head_dim
+    q_lora = config.q_lora_rank or 0
+    q = d * q_lora + q_lora * heads * qk if q_lora else d * heads * qk
+    kv = d * config.kv_lora_rank + config.kv_lora_rank * heads * (
+      config.qk_nope_head_dim + config.v_head_dim
+    )
+    matmul = q + kv + d * config.qk_rope_head_dim + heads * config.v_head_dim * d
+    return matmul, q_lora + config.kv_lora_rank
+  hd, kv_heads = head_dim_of(config), config.num_kv_heads
   qk_norm = {"none": 0, "head": 2 * hd, "full": (heads + kv_heads) * hd}[
     qk_norm_mode(config.qk_norm)
   ]
   qkv_bias = (heads + 2 * kv_heads) * hd if config.qkv_bias else 0
+  return d * hd * (2 * heads + 2 * kv_heads), qk_norm + qkv_bias
+
+
+def _layer_params(config: ml_collections.ConfigDict) -> dict[str, float]:
+  """Parameters of the parts of one layer, by kind: `attention` (its matmul weights),
+  `vectors` (the two RMSNorms and attention's vector parameters: no matmul), `dense_ffn`,
+  `router` (with Switch's router bias), `expert` (one routed expert), `shared` (the shared
+  branch, with its sigmoid gate)."""
+  d = config.d_model
+  attention, attention_vectors = _attention_params(config)
+  e_ff = expert_d_ff_of(config) if config.num_experts else 0
+  shared_ff = (
+    (config.shared_expert_d_ff or config.num_shared_experts * e_ff)
+    if config.num_shared_experts
+    else 0
+  )
   return {
-    "attention": d * hd * (2 * config.num_heads + 2 * config.num_kv_heads),
-    "vectors": 2 * d + qk_norm + qkv_bias,
+    "attention": attention,
+    "vectors": 2 * d + attention_vectors,
     "dense_ffn": _ffn_params(d, config.d_ff, config.activation),
     # Noisy top-k has a second router matrix, W_noise (Shazeer et al. 2017).
-    "router": d * config.num_experts * (2 if config.router == "noisy_top_k" else 1),
+    "router": d * config.num_experts * (2 if config.router == "noisy_top_k" else 1)
+    + (config.num_experts if config.router_bias else 0),
     "expert": _ffn_params(d, e_ff, config.activation),
-    "shared": _ffn_params(d, config.num_shared_experts * e_ff, config.activation),
+    "shared": _ffn_params(d, shared_ff, config.activation)
+    + (d if config.shared_expert_gate else 0),
   }
 
 
@@ -123,8 +150,12 @@ def flops_per_token(config: ml_collections.ConfigDict, seq_len: int) -> dict[str
     `active`: what the sparse model computes; `total`: what it would compute if every
     token went through every expert (the dense equivalent). Multiply by 3 for training.
   """
-  d_attn = config.num_heads * head_dim_of(config)
-  attention = config.num_layers * 2 * 2 * seq_len * d_attn
+  if config.attention == "mla":
+    qk = config.num_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim)
+    v = config.num_heads * config.v_head_dim
+  else:
+    qk = v = config.num_heads * head_dim_of(config)
+  attention = config.num_layers * 2 * seq_len * (qk + v)  # scores q·k, then the values
   return {
     "total": 2 * _count(config, config.num_experts)["matmul"] + attention,
     "active": 2 * _count(config, experts_per_token(config))["matmul"] + attention,

@@ -56,9 +56,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# RMSNorm and apply_rope are read through the module at call time, so that moejax.model
-# may import this module at its top (no circular-import failure).
-from moejax import model as _model
+from moejax.attention import apply_rope
+from moejax.norms import RMSNorm
 from moejax.ffn import on_rows
 from moejax.sharding import logical
 
@@ -156,11 +155,11 @@ class MultiHeadLatentAttention(nnx.Module):
       self.q_proj = linear(d_model, num_heads * qk_dim, ("embed", "heads"))
     else:
       self.q_down = linear(d_model, self.q_lora_rank, ("embed", "q_lora"))
-      self.q_norm = _model.RMSNorm(self.q_lora_rank, eps=norm_eps, axis_name="q_lora")
+      self.q_norm = RMSNorm(self.q_lora_rank, eps=norm_eps, axis_name="q_lora")
       self.q_up = linear(self.q_lora_rank, num_heads * qk_dim, ("q_lora", "heads"))
       self.q_proj = None
     self.kv_down = linear(d_model, kv_lora_rank, ("embed", "kv_lora"))
-    self.kv_norm = _model.RMSNorm(kv_lora_rank, eps=norm_eps, axis_name="kv_lora")
+    self.kv_norm = RMSNorm(kv_lora_rank, eps=norm_eps, axis_name="kv_lora")
     self.kv_up = linear(
       kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim), ("kv_lora", "heads")
     )
@@ -205,9 +204,9 @@ class MultiHeadLatentAttention(nnx.Module):
       q = on_rows(self.q_up, self.q_norm(on_rows(self.q_down, x)))
     q = q.reshape(batch, seq, heads, nope + rope)
     q_nope = q[..., :nope]
-    q_rope = _model.apply_rope(q[..., nope:], positions, self.rope_base)  # [b, s, H, rope]
+    q_rope = apply_rope(q[..., nope:], positions, self.rope_base)  # [b, s, H, rope]
     latent = self.kv_norm(on_rows(self.kv_down, x))  # [b, s, kv_lora]
-    k_rope = _model.apply_rope(on_rows(self.k_rope, x)[:, :, None, :], positions, self.rope_base)
+    k_rope = apply_rope(on_rows(self.k_rope, x)[:, :, None, :], positions, self.rope_base)
     k_rope = k_rope[:, :, 0, :]  # [b, s, rope]
 
     if cache is None:

@@ -42,12 +42,14 @@ from flax import nnx
 
 from moejax.activations import ACTIVATIONS
 from moejax.attention import CausalSelfAttention, LayerCache, qk_norm_mode
+from moejax.mla import MultiHeadLatentAttention
 from moejax.ffn import FeedForward, on_rows
 from moejax.moe import MoeConfig, MoeLayer
 from moejax.norms import RMSNorm
 from moejax.sharding import logical
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ATTENTIONS = ("gqa", "mla")
 EMBEDDING_STDDEV = 0.02
 SCAN_METADATA = {nnx.PARTITION_NAME: "layers"}  # the stacked axis's logical name
 
@@ -110,23 +112,46 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       f"{key} must be a positive int, got {config[key]!r}",
     )
   require(
-    config.num_heads % config.num_kv_heads == 0,
-    f"num_kv_heads must divide num_heads={config.num_heads}, got {config.num_kv_heads}",
+    config.attention in ATTENTIONS,
+    f"attention must be one of {ATTENTIONS}, got {config.attention!r}",
   )
-  if config.head_dim is None:
+  if config.attention == "gqa":
     require(
-      config.d_model % config.num_heads == 0,
-      f"head_dim=None needs num_heads to divide d_model={config.d_model}, "
-      f"got num_heads={config.num_heads}",
+      config.num_heads % config.num_kv_heads == 0,
+      f"num_kv_heads must divide num_heads={config.num_heads}, got {config.num_kv_heads}",
+    )
+    if config.head_dim is None:
+      require(
+        config.d_model % config.num_heads == 0,
+        f"head_dim=None needs num_heads to divide d_model={config.d_model}, "
+        f"got num_heads={config.num_heads}",
+      )
+    else:
+      require(
+        isinstance(config.head_dim, int) and config.head_dim >= 1,
+        f"head_dim must be None or a positive int, got {config.head_dim!r}",
+      )
+    require(
+      head_dim_of(config) % 2 == 0, f"head_dim must be even for RoPE, got {head_dim_of(config)}"
     )
   else:
+    for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+      require(
+        isinstance(config[key], int) and config[key] >= 1,
+        f"{key} must be a positive int for attention='mla', got {config[key]!r}",
+      )
     require(
-      isinstance(config.head_dim, int) and config.head_dim >= 1,
-      f"head_dim must be None or a positive int, got {config.head_dim!r}",
+      config.q_lora_rank is None or config.q_lora_rank >= 1,
+      f"q_lora_rank must be None or a positive int, got {config.q_lora_rank!r}",
     )
-  require(
-    head_dim_of(config) % 2 == 0, f"head_dim must be even for RoPE, got {head_dim_of(config)}"
-  )
+    require(
+      config.qk_rope_head_dim % 2 == 0,
+      f"qk_rope_head_dim must be even for RoPE, got {config.qk_rope_head_dim}",
+    )
+    require(
+      qk_norm_mode(config.qk_norm) == "none" and not config.qkv_bias,
+      "qk_norm and qkv_bias are options of attention='gqa'; MLA normalises its latents",
+    )
   require(config.rope_base > 0, f"rope_base must be > 0, got {config.rope_base}")
   require(
     config.activation in ACTIVATIONS,
@@ -184,18 +209,19 @@ class DecoderBlock(nnx.Module):
   def __init__(self, config: ml_collections.ConfigDict, kind: str, *, dtype, mesh, rngs: nnx.Rngs):
     d = config.d_model
     self.attn_norm = RMSNorm(d, eps=config.norm_eps)
-    self.attention = CausalSelfAttention(
-      d,
-      config.num_heads,
-      config.num_kv_heads,
-      head_dim_of(config),
-      rope_base=config.rope_base,
-      qk_norm=config.qk_norm,
-      qkv_bias=config.qkv_bias,
-      norm_eps=config.norm_eps,
-      dtype=dtype,
-      rngs=rngs,
-    )
+    if config.attention == "mla":
+      self.attention = MultiHeadLatentAttention(
+        d, config.num_heads, q_lora_rank=config.q_lora_rank, kv_lora_rank=config.kv_lora_rank,
+        qk_nope_head_dim=config.qk_nope_head_dim, qk_rope_head_dim=config.qk_rope_head_dim,
+        v_head_dim=config.v_head_dim, rope_base=config.rope_base, norm_eps=config.norm_eps,
+        dtype=dtype, rngs=rngs,
+      )  # fmt: skip
+    else:
+      self.attention = CausalSelfAttention(
+        d, config.num_heads, config.num_kv_heads, head_dim_of(config),
+        rope_base=config.rope_base, qk_norm=config.qk_norm, qkv_bias=config.qkv_bias,
+        norm_eps=config.norm_eps, dtype=dtype, rngs=rngs,
+      )  # fmt: skip
     self.ffn_norm = RMSNorm(d, eps=config.norm_eps)
     has_dense = kind == "dense" or config.dense_moe_hybrid
     self.dense_ffn = (
@@ -361,6 +387,20 @@ class TransformerLM(nnx.Module):
         return nnx.merge(graphdef, jax.tree.map(take, state))
       i -= size
 
+  def update_selection_biases(self, expert_load: jax.Array) -> None:
+    """Aux-loss-free balancing after a step: every MoE layer with `bias_update_rate` > 0
+    moves its selection bias (`MoeLayer.update_selection_bias`) by its row of
+    `expert_load` `[num_moe_layers, experts]` (the model's `aux['expert_load']`: shares
+    of the step's assignments over the global batch, so the same on every mesh)."""
+    row = 0
+    for stack in self.stacks:
+      slots = [j for j, kind in enumerate(stack.kinds) if kind == "moe"]
+      for position, j in enumerate(slots):
+        moe = stack.period.blocks[j].moe
+        if moe.selection_bias is not None:  # rows of this slot: repeat-major layer order
+          moe.update_selection_bias(expert_load[row + position :: len(slots)][: stack.repeats])
+      row += stack.repeats * len(slots)
+
   def init_cache(self, batch: int, max_len: int):
     """An empty KV cache for every layer, in the compute dtype (one tuple per stack). Pass it
     to `__call__` and thread the result."""
@@ -381,7 +421,8 @@ class TransformerLM(nnx.Module):
     Returns:
       Without a cache `(logits, aux)`, with one `(logits, aux, new_cache)`, where
       logits is `[batch, seq, vocab]` float32 and aux aggregates the MoE layers:
-      `lb_loss`, `z_loss`, `dropped_fraction`: float32 scalars, the mean over MoE layers
+      `lb_loss`, `seq_aux_loss`, `z_loss`, `dropped_fraction`: float32 scalars, the mean
+      over MoE layers
       (0.0 for a dense model); `expert_load`: `[num_moe_layers, num_experts]` (shape
       `[0, 0]` for a dense model); `routing`: one dict per MoE layer (see `MoeLayer`).
     """
@@ -420,6 +461,7 @@ class TransformerLM(nnx.Module):
       zero = jnp.zeros((), jnp.float32)
       return {
         "lb_loss": zero,
+        "seq_aux_loss": zero,
         "z_loss": zero,
         "dropped_fraction": zero,
         "expert_load": jnp.zeros((0, self.num_experts), jnp.float32),
@@ -428,6 +470,7 @@ class TransformerLM(nnx.Module):
     mean = lambda name: jnp.mean(jnp.stack([a[name].astype(jnp.float32) for a in auxes]))
     return {
       "lb_loss": mean("lb_loss"),
+      "seq_aux_loss": mean("seq_aux_loss"),
       "z_loss": mean("z_loss"),
       "dropped_fraction": mean("dropped_fraction"),
       "expert_load": jnp.stack([a["expert_load"] for a in auxes]),

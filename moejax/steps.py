@@ -80,16 +80,18 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 # What the train step checks for NaN/Inf: the loss terms, the gradients, and the
 # parameters after the update (Adam can overflow with finite gradients).
-_LOSS_TERMS = ("ce_loss", "lb_loss", "z_loss", "grad_norm", "updated_params")
+_LOSS_TERMS = ("ce_loss", "lb_loss", "seq_aux_loss", "z_loss", "grad_norm", "updated_params")
 
 
 def make_steps(graphdef, model_config: ml_collections.ConfigDict):
   """The pure train and eval step functions over the `(model, optimizer)` state.
 
-  The loss is CE + Σ over MoE layers of (lb_loss_weight · LB + z_loss_weight · Z): each
-  MoE layer gets the same balancing pressure however many there are (Switch, ST-MoE and
-  Megatron-Core add each layer's auxiliary loss); the `lb_loss`/`z_loss` metrics are the
-  per-layer means.
+  The loss is CE + Σ over MoE layers of (lb_loss_weight · LB + seq_aux_loss_weight ·
+  L_seq + z_loss_weight · Z): each MoE layer gets the same balancing pressure however many
+  there are (Switch, ST-MoE and Megatron-Core add each layer's auxiliary loss); the
+  `lb_loss`, `seq_aux_loss` and `z_loss` metrics are the per-layer means. A term whose
+  weight is 0 is left out. After the update, layers with aux-loss-free balancing move
+  their selection bias (`TransformerLM.update_selection_biases`).
 
   The train step applies an update only when every loss term and the gradient norm are
   finite; otherwise parameters and optimizer state stay as they were (the RNG streams
@@ -98,7 +100,13 @@ def make_steps(graphdef, model_config: ml_collections.ConfigDict):
   """
   m = model_config
   num_moe_layers = len(moe_layer_indices(m))
-  lb_weight, z_weight = num_moe_layers * m.lb_loss_weight, num_moe_layers * m.z_loss_weight
+  weights = {  # per-layer weights, summed over the MoE layers
+    "lb_loss": num_moe_layers * m.lb_loss_weight,
+    "seq_aux_loss": num_moe_layers * m.seq_aux_loss_weight,
+    "z_loss": num_moe_layers * m.z_loss_weight,
+  }
+  weights = {name: w for name, w in weights.items() if w}
+  bias_balancing = bool(m.num_experts and m.bias_update_rate)
 
   def train_step(state, batch):
     old_leaves = jax.tree.leaves(state)  # merge may share Variables with `state`
@@ -108,15 +116,18 @@ def make_steps(graphdef, model_config: ml_collections.ConfigDict):
     def loss_fn(model):
       logits, aux = model(batch["inputs"])
       ce = jnp.mean(cross_entropy(logits, batch["targets"]))
-      loss = ce + lb_weight * aux["lb_loss"] + z_weight * aux["z_loss"]
+      loss = ce + sum(w * aux[name] for name, w in weights.items())
       return loss, (ce, aux)
 
     (loss, (ce, aux)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     optimizer.update(model, grads)
+    if bias_balancing:
+      model.update_selection_biases(aux["expert_load"])
     metrics = {
       "loss": loss,
       "ce_loss": ce,
       "lb_loss": aux["lb_loss"],
+      "seq_aux_loss": aux["seq_aux_loss"],
       "z_loss": aux["z_loss"],
       "dropped_fraction": aux["dropped_fraction"],
       "expert_load": aux["expert_load"],

@@ -108,13 +108,6 @@ def group_lb(probs, indices, num_experts):
   return float(np.mean([switch_lb(p, i, num_experts) for p, i in zip(probs, indices)]))
 
 
-def global_lb(probs, global_counts, num_experts):
-  """E · Σ_i (c_i / Σ c) · P_i, c the global batch's counts, P this call's mean probs."""
-  counts = np.asarray(global_counts, np.float64)
-  probs = np.asarray(probs, np.float64).reshape(-1, num_experts)
-  return num_experts * float(np.sum(counts / counts.sum() * probs.mean(0)))
-
-
 def sequence_aux_loss(scores, indices, num_experts):
   """DeepSeek-V3 eqs. 17-20 without α, averaged over sequences.
 

@@ -29,14 +29,16 @@ def ffn(x, w_in, w_gate, w_out, activation, keep=1.0):
     hidden = _gelu(g) * pre
   elif activation == "relu":
     hidden = np.maximum(pre, 0)
+  elif activation == "gelu_tanh":
+    hidden = 0.5 * pre * (1 + np.tanh(math.sqrt(2 / math.pi) * (pre + 0.044715 * pre**3)))
   else:
     hidden = _gelu(pre)
   return (hidden * keep) @ w_out
 
 
 def _gelu(v):
-  # tanh approximation, as jax.nn.gelu's default.
-  return 0.5 * v * (1 + np.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v**3)))
+  """x·Φ(x), Φ the standard normal CDF (the exact GELU)."""
+  return v * 0.5 * (1 + np.vectorize(math.erf)(v / math.sqrt(2)))
 
 
 def layer_params(layer):

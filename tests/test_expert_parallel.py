@@ -35,9 +35,26 @@ MESHES = [(1, 1), (8, 1), (2, 4), (1, 8), (4, 2)]
 GRAD_TOL = 1e-5
 
 
+# The DeepSeek-V3 router on dropless dispatch: sigmoid scores, a selection bias (set to
+# values that change the choices), group-limited top-2 (4 groups of 2, the best 2 groups),
+# normalised gates scaled by 2.5.
+DEEPSEEK = {
+  "model.score_fn": "sigmoid",
+  "model.renormalize": True,
+  "model.routed_scaling_factor": 2.5,
+  "model.bias_update_rate": 0.01,
+  "model.num_expert_groups": 4,
+  "model.topk_groups": 2,
+}
+
+
 def model_config(dispatch: str) -> ml_collections.ConfigDict:
-  """2 MoE layers of 8 experts (hidden 32), top-2, d_model 32, GQA 4/2 heads, QK-norm."""
+  """2 MoE layers of 8 experts (hidden 32), top-2, d_model 32, GQA 4/2 heads, QK-norm;
+  `dispatch` 'sort', 'dropless', or 'deepseek' (dropless with the `DEEPSEEK` router)."""
+  router = DEEPSEEK if dispatch == "deepseek" else {}
+  dispatch = "dropless" if dispatch == "deepseek" else dispatch
   overrides = {
+    **router,
     "model.d_model": D_MODEL,
     "model.num_heads": 4,
     "model.num_kv_heads": 2,
@@ -75,6 +92,9 @@ def batch_tokens():
 
 def split_model(dispatch, mesh=None):
   model = TransformerLM(model_config(dispatch), mesh=mesh, rngs=nnx.Rngs(0))
+  moe = model.stacks[0].period.blocks[0].moe
+  if moe.selection_bias is not None:  # [layers, E], the same on every mesh
+    moe.selection_bias[...] = jnp.linspace(-0.2, 0.2, 2 * E).reshape(2, E)[:, ::-1]
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   return graphdef, params, rest
 
@@ -112,7 +132,7 @@ def flat(tree):
 # ----------------------------------------------------------------------------- the equivalence
 
 
-@pytest.mark.parametrize("dispatch", ["sort", "dropless"])
+@pytest.mark.parametrize("dispatch", ["sort", "dropless", "deepseek"])
 @pytest.mark.parametrize("shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_sharded_train_step_matches_one_device(dispatch, shape):
   data, expert = shape

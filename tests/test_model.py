@@ -36,7 +36,14 @@ def test_forward_shapes_and_aux(overrides):
   logits, aux = model(tokens())
   assert logits.shape == (BATCH, SEQ, VOCAB) and logits.dtype == jnp.float32
   assert bool(jnp.all(jnp.isfinite(logits)))
-  assert set(aux) == {"lb_loss", "z_loss", "dropped_fraction", "expert_load", "routing"}
+  assert set(aux) == {
+    "lb_loss",
+    "seq_aux_loss",
+    "z_loss",
+    "dropped_fraction",
+    "expert_load",
+    "routing",
+  }
   for name in ("lb_loss", "z_loss", "dropped_fraction"):
     assert aux[name].shape == ()
   num_moe = len(model.moe_layer_indices)

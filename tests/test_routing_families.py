@@ -420,19 +420,16 @@ def test_pooled_load_balancing_losses_match_reference(shape, seed):
   logits = _logits(seed, (groups, group_size, num_experts), 1.5)
   probs = ref.scores_of(logits, "softmax")
   indices = np.argsort(-probs, -1, kind="stable")[..., :k]
-  global_counts = np.random.default_rng(seed + 1).integers(1, 50, size=num_experts).astype(float)
   cases = {
-    "call": (None, lambda p: ref.switch_lb(p, indices, num_experts)),
-    "group": (None, lambda p: ref.group_lb(p, indices, num_experts)),
-    "global": (global_counts, lambda p: ref.global_lb(p, global_counts, num_experts)),
+    "call": lambda p: ref.switch_lb(p, indices, num_experts),
+    "group": lambda p: ref.group_lb(p, indices, num_experts),
   }
-  for pooling, (counts, reference) in cases.items():
+  for pooling, reference in cases.items():
 
-    def loss(l, counts=counts, pooling=pooling):
+    def loss(l, pooling=pooling):
       return routing.pooled_load_balancing_loss(
-        jax.nn.softmax(l), jnp.asarray(indices), num_experts, pooling,
-        global_counts=None if counts is None else jnp.asarray(counts, jnp.float32),
-      )  # fmt: skip
+        jax.nn.softmax(l), jnp.asarray(indices), num_experts, pooling
+      )
 
     l32 = jnp.asarray(logits, jnp.float32)
     np.testing.assert_allclose(float(loss(l32)), reference(probs), rtol=1e-5, err_msg=pooling)
@@ -440,14 +437,9 @@ def test_pooled_load_balancing_losses_match_reference(shape, seed):
     np.testing.assert_allclose(
       np.asarray(jax.grad(loss)(l32)), expected_grad, rtol=1e-3, atol=1e-5, err_msg=pooling
     )
-  # 'global' with this call's own counts is 'call'; one group makes 'group' equal 'call'.
-  own = routing.expert_counts(jnp.asarray(indices), num_experts)
+  # One group makes 'group' equal 'call'.
   p32 = jnp.asarray(probs, jnp.float32)
   call = routing.pooled_load_balancing_loss(p32, jnp.asarray(indices), num_experts, "call")
-  own_global = routing.pooled_load_balancing_loss(
-    p32, jnp.asarray(indices), num_experts, "global", global_counts=own
-  )
-  np.testing.assert_allclose(float(own_global), float(call), rtol=1e-6)
   if groups == 1:
     group = routing.pooled_load_balancing_loss(p32, jnp.asarray(indices), num_experts, "group")
     np.testing.assert_allclose(float(group), float(call), rtol=1e-6)
@@ -457,11 +449,5 @@ def test_pooled_load_balancing_loss_rejects_bad_settings():
   probs, indices = jnp.full((2, 3, 4), 0.25), jnp.zeros((2, 3, 1), jnp.int32)
   with pytest.raises(ValueError, match="lb_pooling='batch'"):
     routing.pooled_load_balancing_loss(probs, indices, 4, "batch")
-  with pytest.raises(ValueError, match="global_counts must be given"):
-    routing.pooled_load_balancing_loss(probs, indices, 4, "global")
-  with pytest.raises(ValueError, match="global_counts must be given"):
-    routing.pooled_load_balancing_loss(probs, indices, 4, "call", global_counts=jnp.ones(4))
   with pytest.raises(ValueError, match="lb_pooling='group' needs"):
     routing.pooled_load_balancing_loss(probs.reshape(6, 4), indices.reshape(6, 1), 4, "group")
-  with pytest.raises(ValueError, match=r"global_counts must have shape \(4,\)"):
-    routing.load_balancing_loss_global(probs, jnp.ones(3), 4)

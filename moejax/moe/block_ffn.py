@@ -148,7 +148,11 @@ def _for_each_chunk(group_sizes, block, state, expert_fn, chunk_fn, write_fn):
     tail_start = starts[e] + full[e] * block
     tail_rows = group_sizes[e] - full[e] * block
     shapes = jax.eval_shape(lambda: chunk_fn(block, tail_start, block, weights))
-    empty = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+    def empty():  # zeros typed like the chunks (varying over the same mesh axes)
+      zeros = [jnp.zeros(a.shape, a.dtype) for a in jax.tree.leaves(shapes)]
+      return jax.tree.unflatten(jax.tree.structure(shapes), _vary_alike(zeros + [tail_start])[:-1])
+
     branches = [empty] + [
       functools.partial(chunk_fn, c * step, tail_start, tail_rows, weights)
       for c in range(1, SIZE_CLASSES + 1)

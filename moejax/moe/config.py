@@ -14,6 +14,7 @@ simply does not apply are ignored, and listed here:
 | `dropless_buffer_factor` | any dispatch but `dropless`, or no expert axis > 1 |
 | `second_expert_policy` (default `'all'`), `renormalize` (default False) | `router='expert_choice'` or `'dense'` |
 | the load-balancing loss (0.0 is reported) | `router='expert_choice'` (balanced by construction) and `'dense'` (every token uses every expert) |
+| `lb_pooling` | the load-balancing loss is not computed (the two routers above) |
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ from __future__ import annotations
 import dataclasses
 
 from moejax.activations import check_activation
+from moejax.moe.routing import LB_POOLINGS, SCORE_FNS
 
 ROUTERS = ("top_k", "noisy_top_k", "expert_choice", "dense")
+TOKEN_CHOICE_ROUTERS = ("top_k", "noisy_top_k")
 SECOND_EXPERT_POLICIES = ("all", "random")
+
 DISPATCHES = ("auto", "einsum", "sort", "dropless")
 EXPERT_IMPLS = ("auto", "block_loop", "grouped_matmul")
 
@@ -62,6 +66,18 @@ class MoeConfig:
     dropless_buffer_factor: with dropless dispatch and an expert axis n > 1, each device
       receives at most factor × (its own routed rows) rows; rows past that are dropped
       and counted in `dropped_fraction` (`moejax.moe.expert_parallel`).
+    score_fn: 'softmax' or 'sigmoid' router scores (DeepSeek-V3, Llama 4).
+    routed_scaling_factor: multiplies every routed gate (DeepSeek-V2/V3).
+    bias_update_rate: > 0 turns on auxiliary-loss-free balancing (Wang et al. 2024;
+      DeepSeek-V3): a per-expert bias added to the scores for selection only, moved by
+      this rate after every step (`TransformerLM.update_selection_biases`).
+    num_expert_groups, topk_groups: group-limited routing (DeepSeek-V2/V3): experts in
+      equal groups, each token choosing among its `topk_groups` best groups (None: all).
+    lb_pooling: 'call' (f and P over every token of the step, pooled over all devices:
+      the global batch) or 'group' (one loss per routing group, then the mean: Switch).
+    router_bias: a trained bias on the router logits (Switch's `router_bias`).
+    shared_expert_d_ff: the shared branch's hidden size; None: num_shared_experts · d_ff.
+    shared_expert_gate: scale the shared branch by sigmoid(x · w) (Qwen2-MoE).
   """
 
   num_experts: int
@@ -81,12 +97,28 @@ class MoeConfig:
   num_shared_experts: int = 0
   group_size: int | None = None
   dropless_buffer_factor: float = 2.0
+  score_fn: str = "softmax"
+  routed_scaling_factor: float = 1.0
+  bias_update_rate: float = 0.0
+  num_expert_groups: int = 1
+  topk_groups: int | None = None
+  lb_pooling: str = "call"
+  router_bias: bool = False
+  shared_expert_d_ff: int | None = None
+  shared_expert_gate: bool = False
 
   def __post_init__(self):
     _choice("router", self.router, ROUTERS)
     _choice("dispatch", self.dispatch, DISPATCHES)
     _choice("expert_impl", self.expert_impl, EXPERT_IMPLS)
     _choice("second_expert_policy", self.second_expert_policy, SECOND_EXPERT_POLICIES)
+    _choice("score_fn", self.score_fn, SCORE_FNS)
+    if self.lb_pooling == "global":
+      raise ValueError(
+        "lb_pooling='global' is what 'call' computes here: every step routes its whole global "
+        "batch in one call, pooled over all devices (moejax has no micro-batches); use 'call'."
+      )
+    _choice("lb_pooling", self.lb_pooling, LB_POOLINGS)
     check_activation(self.activation)
     for name in ("num_experts", "d_ff"):
       value = getattr(self, name)
@@ -127,6 +159,50 @@ class MoeConfig:
       raise ValueError(f"expert_dropout={self.expert_dropout} must be in [0, 1).")
     if not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
       raise ValueError(f"num_shared_experts={self.num_shared_experts!r} must be an int >= 0.")
+    token_choice = self.router in TOKEN_CHOICE_ROUTERS
+    for name, active in (
+      ("score_fn='sigmoid'", self.score_fn == "sigmoid"),
+      (f"bias_update_rate={self.bias_update_rate}", self.bias_update_rate != 0),
+      (f"num_expert_groups={self.num_expert_groups}", self.num_expert_groups != 1),
+      (f"routed_scaling_factor={self.routed_scaling_factor}", self.routed_scaling_factor != 1),
+    ):
+      if active and not token_choice:
+        raise ValueError(
+          f"{name} needs a token-choice router ('top_k' or 'noisy_top_k'), got "
+          f"router={self.router!r}."
+        )
+    if not self.routed_scaling_factor > 0 or self.bias_update_rate < 0:
+      raise ValueError(
+        f"routed_scaling_factor={self.routed_scaling_factor} must be > 0 and "
+        f"bias_update_rate={self.bias_update_rate} >= 0."
+      )
+    groups = self.num_expert_groups
+    if not isinstance(groups, int) or groups < 1 or E % groups:
+      raise ValueError(
+        f"num_expert_groups={groups!r} must be a positive int dividing num_experts={E}."
+      )
+    if self.topk_groups is not None:
+      if groups == 1 or not 1 <= self.topk_groups <= groups:
+        raise ValueError(
+          f"topk_groups={self.topk_groups!r} must be in [1, num_expert_groups={groups}] with "
+          "num_expert_groups > 1 (or None: every group)."
+        )
+      if self.top_k > self.topk_groups * (E // groups):
+        raise ValueError(
+          f"top_k={self.top_k} exceeds the {self.topk_groups * (E // groups)} experts of "
+          f"topk_groups={self.topk_groups} groups."
+        )
+    if self.num_shared_experts == 0 and (self.shared_expert_gate or self.shared_expert_d_ff):
+      raise ValueError(
+        "shared_expert_gate and shared_expert_d_ff do nothing without a shared expert; set "
+        "num_shared_experts >= 1."
+      )
+    if self.shared_expert_d_ff is not None and (
+      not isinstance(self.shared_expert_d_ff, int) or self.shared_expert_d_ff < 1
+    ):
+      raise ValueError(
+        f"shared_expert_d_ff={self.shared_expert_d_ff!r} must be None or a positive int."
+      )
     if self.group_size is not None:
       if not isinstance(self.group_size, int) or self.group_size < 1:
         raise ValueError(f"group_size={self.group_size!r} must be None or a positive int.")
@@ -144,6 +220,13 @@ class MoeConfig:
       d_ff=model.expert_d_ff if model.expert_d_ff is not None else model.d_ff,
       **{f.name: model[f.name] for f in dataclasses.fields(cls) if f.name not in _DERIVED},
     )
+
+  @property
+  def shared_d_ff(self) -> int:
+    """The hidden size of the shared branch (0: none)."""
+    if not self.num_shared_experts:
+      return 0
+    return self.shared_expert_d_ff or self.num_shared_experts * self.d_ff
 
   def resolved_dispatch(self, platform: str) -> str:
     """The form `dispatch` runs as on `platform` ('cpu', 'gpu', 'tpu').

@@ -50,15 +50,17 @@ def shards_groups(mesh, num_groups: int) -> bool:
   return shards > 1 and num_groups % shards == 0
 
 
-def per_device(mesh, fn: Callable, *args):
-  """`fn(*args)` on each device's share of the leading (group) axis of every leaf of `args`
-  and of the result, without communication, when `shards_groups`; else plain `fn(*args)`
-  (XLA partitions the program). For per-group work that XLA's partitioner would
-  otherwise gather (top-k of batch-sharded probabilities is one)."""
+def per_device(mesh, fn: Callable, *args, replicated=()):
+  """`fn(*args, *replicated)` on each device's share of the leading (group) axis of every
+  leaf of `args` and of the result, without communication, when `shards_groups`; else
+  plain `fn(*args, *replicated)` (XLA partitions the program). `replicated` arrays are
+  whole on every device. For per-group work that XLA's partitioner would otherwise
+  gather (top-k of batch-sharded probabilities is one)."""
   if not shards_groups(mesh, jax.tree.leaves(args)[0].shape[0]):
-    return fn(*args)
+    return fn(*args, *replicated)
   spec = P(batch_axes(mesh))
-  return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec)(*args)
+  in_specs = (spec,) * len(args) + (P(),) * len(replicated)
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=spec)(*args, *replicated)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,11 @@ One layer covers the published routings as settings of `MoeConfig`:
 | Shazeer et al. 2017 | noisy_top_k | k | True | |
 | Expert choice (Zhou et al. 2022) | expert_choice | (C = cf·S·k/E) | | not causal |
 | dense mixture | dense | E | | |
+| DeepSeek-V2 (2024) | top_k | 6 of 160 | False | 2 shared experts, num_expert_groups=8, topk_groups=3, routed_scaling_factor=16 |
+| DeepSeek-V3 (2024) | top_k | 8 of 256 | True | score_fn='sigmoid', bias_update_rate=0.001, num_expert_groups=8, topk_groups=4, routed_scaling_factor=2.5, 1 shared expert, seq_aux_loss_weight |
+| Qwen2-MoE (Qwen1.5-MoE-A2.7B) | top_k | 4 of 60 | False | shared expert of its own width, shared_expert_gate |
+| Qwen3-MoE (2025) | top_k | 8 of 128 | True | global-batch LB ('call', pooled over devices) |
+| Llama 4 routing (2025) | top_k | 1 | False | score_fn='sigmoid', a shared expert |
 
 The call path of one token, on one device or on a mesh (the same code):
 
@@ -42,13 +47,20 @@ from moejax.sharding import EXPERT, axis_size, batch_axes, mesh_platform, num_ba
 from moejax.sharding import logical
 
 
+class SelectionBias(nnx.Variable):
+  """Aux-loss-free balancing's per-expert bias `[experts]` (Wang et al. 2024; DeepSeek-V3):
+  added to the router scores to select experts, never to gate them; not trained by the
+  optimizer but moved after every step (`MoeLayer.update_selection_bias`)."""
+
+
 class MoeLayer(nnx.Module):
   """Sparse Mixture-of-Experts FFN: `y, aux = layer(x)`, x and y `[batch, seq, d_model]`.
 
-  `aux` holds the float32 scalars `lb_loss`, `z_loss`, `dropped_fraction` (share of the
-  T·k token→expert assignments not processed: past capacity, or past a dropless receive
-  buffer), `expert_load` `[experts]` (share of assignments per expert before capacity;
-  sums to 1), and `routing`: `probs` `[T, E]` router probabilities, and for token choice
+  `aux` holds the float32 scalars `lb_loss` (pooled as `lb_pooling` says), `seq_aux_loss`
+  (DeepSeek-V3's sequence-wise balance loss, before its weight), `z_loss`,
+  `dropped_fraction` (share of the T·k token→expert assignments not processed: past
+  capacity, or past a dropless receive buffer), `expert_load` `[experts]` (share of
+  assignments per expert before capacity; sums to 1), and `routing`: `probs` `[T, E]` router probabilities, and for token choice
   `expert_indices` `[T, k]` and `kept` `[T, k]`, for expert choice `token_indices`
   `[groups, E, C]` (T = batch·seq, tokens in order).
 
@@ -94,6 +106,12 @@ class MoeLayer(nnx.Module):
       kernel = init(rngs.params(), (d_model, E), jnp.float32)
       self.router_kernel = nnx.Param(kernel, **logical("embed", None))
       self.noise_kernel = None
+    self.router_bias = (
+      nnx.Param(jnp.zeros((E,), jnp.float32), **logical(None)) if config.router_bias else None
+    )
+    self.selection_bias = (
+      SelectionBias(jnp.zeros((E,), jnp.float32)) if config.bias_update_rate else None
+    )
     self.router_rng = rngs["router"].fork()
     self.experts = Experts(
       E,
@@ -105,10 +123,14 @@ class MoeLayer(nnx.Module):
       rngs=rngs,
     )
     self.shared = (
-      FeedForward(
-        d_model, config.num_shared_experts * config.d_ff, config.activation, dtype=dtype, rngs=rngs
-      )
+      FeedForward(d_model, config.shared_d_ff, config.activation, dtype=dtype, rngs=rngs)
       if config.num_shared_experts
+      else None
+    )
+    gate_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+    self.shared_gate = (  # Qwen2-MoE: the shared branch scaled by sigmoid(x · w)
+      nnx.Param(gate_init(rngs.params(), (d_model, 1), jnp.float32), **logical("embed", None))
+      if config.shared_expert_gate
       else None
     )
 
@@ -119,6 +141,18 @@ class MoeLayer(nnx.Module):
   @property
   def top_k(self) -> int:
     return self.config.top_k
+
+  def update_selection_bias(self, expert_load: jax.Array) -> None:
+    """Aux-loss-free balancing after a step: the bias moves by `bias_update_rate` toward the
+    underloaded experts (`routing.update_selection_bias`), from `expert_load` `[experts]`,
+    this layer's share of the step's assignments over the global batch; `[..., experts]`
+    for a stack of layers."""
+    update = routing.update_selection_bias
+    for _ in range(expert_load.ndim - 1):
+      update = jax.vmap(update, in_axes=(0, 0, None))
+    self.selection_bias[...] = update(
+      self.selection_bias[...], expert_load, self.config.bias_update_rate
+    )
 
   def draws_randomness(self) -> bool:
     """Whether a call draws from the RNG streams (training mode with router jitter, router
@@ -156,9 +190,12 @@ class MoeLayer(nnx.Module):
       noise_kernel=None if self.noise_kernel is None else self.noise_kernel[...],
       jitter=c.router_jitter,
       key=self.router_rng() if needs_key else None,
+      bias=None if self.router_bias is None else self.router_bias[...],
     )  # [G, S, E]
-    probs = jax.nn.softmax(logits, axis=-1)
-    aux = {"z_loss": routing.router_z_loss(logits)}
+    scores = routing.router_scores(logits, c.score_fn)
+    # Sigmoid scores do not sum to 1: the balance statistics use them normalised per token.
+    probs = scores if c.score_fn == "softmax" else scores / jnp.sum(scores, -1, keepdims=True)
+    aux = {"z_loss": routing.router_z_loss(logits), "seq_aux_loss": jnp.zeros((), jnp.float32)}
     capacity = self.capacity(group)
 
     if c.router == "expert_choice":
@@ -168,15 +205,26 @@ class MoeLayer(nnx.Module):
       aux["lb_loss"] = jnp.zeros((), jnp.float32)  # balanced by construction
       aux["expert_load"] = jnp.full((E,), 1.0 / E, jnp.float32)
     else:
-      top_k = functools.partial(routing.top_k_choice, k=c.top_k, renormalize=c.renormalize)
-      choice = per_device(self.mesh, jax.vmap(top_k), probs)  # [G, S, k]
+      choose = functools.partial(
+        routing.token_choice, k=c.top_k, num_expert_groups=c.num_expert_groups,
+        topk_groups=c.topk_groups, normalize=c.renormalize,
+        routed_scaling_factor=c.routed_scaling_factor,
+      )  # fmt: skip
+      if self.selection_bias is None:
+        choice = per_device(self.mesh, jax.vmap(choose), scores)  # [G, S, k]
+      else:
+        biased = jax.vmap(lambda s, b: choose(s, selection_bias=b), in_axes=(0, None))
+        choice = per_device(self.mesh, biased, scores, replicated=(self.selection_bias[...],))
       indices = choice.expert_indices.reshape(-1)
       aux["expert_load"] = jnp.zeros((E,), jnp.float32).at[indices].add(1.0 / indices.size)
-      aux["lb_loss"] = (
-        jnp.zeros((), jnp.float32)
-        if c.router == "dense"  # every token uses every expert: nothing to balance
-        else routing.load_balancing_loss(probs, choice.expert_indices, E)
-      )
+      aux["lb_loss"] = jnp.zeros((), jnp.float32)
+      if c.router != "dense":  # every token uses every expert: nothing to balance
+        aux["lb_loss"] = routing.pooled_load_balancing_loss(
+          probs, choice.expert_indices, E, c.lb_pooling
+        )
+        aux["seq_aux_loss"] = routing.sequence_aux_loss(
+          scores.reshape(batch, seq, E), choice.expert_indices.reshape(batch, seq, -1), E
+        )
       if c.second_expert_policy == "random" and training:
         flat = jax.tree.map(lambda a: a.reshape(num_tokens, -1), choice)
         flat = routing.random_second_expert(flat, self.router_rng())
@@ -190,7 +238,12 @@ class MoeLayer(nnx.Module):
     )
     out = per_device(self.mesh, form.combine, outputs, plan).reshape(num_tokens, d)
     if self.shared is not None:
-      out = out + self.shared(x.reshape(num_tokens, d))
+      tokens = x.reshape(num_tokens, d)
+      shared = self.shared(tokens)
+      if self.shared_gate is not None:
+        gate = jax.nn.sigmoid(tokens.astype(jnp.float32) @ self.shared_gate[...])
+        shared = shared * gate.astype(shared.dtype)
+      out = out + shared
 
     kept = plan.kept.reshape(num_tokens, -1)
     if c.router == "expert_choice":  # the share of tokens that no expert took

@@ -201,7 +201,7 @@ def router_logits(
 # ----------------------------------------------------------------------------- the families
 
 SCORE_FNS = ("softmax", "sigmoid")
-LB_POOLINGS = ("group", "call", "global")
+LB_POOLINGS = ("group", "call")
 
 
 def router_scores(logits: jax.Array, score_fn: str = "softmax") -> jax.Array:
@@ -347,7 +347,7 @@ def expert_counts(
 
   `valid` (`[..., k]` bool) drops assignments the router did not send. Sum the result
   over devices and micro-batches (`jax.lax.psum`, or add) to get the global batch's
-  counts that `update_selection_bias` and `load_balancing_loss_global` take.
+  counts that `update_selection_bias` takes.
   """
   indices = expert_indices.reshape(-1)
   weights = (
@@ -456,72 +456,28 @@ def load_balancing_loss_per_group(
   return jnp.mean(per_group)
 
 
-def load_balancing_loss_global(
-  router_probs: jax.Array, global_counts: jax.Array, num_experts: int
-) -> jax.Array:
-  """The LB loss with f from the global batch and P local ('global' pooling).
-
-  L = E · Σ_i f_i · P_i with f_i = c_i / Σ_j c_j from `global_counts` c (assignments per
-  expert over the whole global batch: all devices, all micro-batches of the step, summed
-  by the caller with `expert_counts` + `psum`), and P_i the mean probability of expert i
-  over the tokens of `router_probs` (this call's). Qiu et al. 2025, "Demons in the
-  Detail: On Implementing Load Balancing Loss for Training Specialized Mixture-of-Expert
-  Models" (arXiv:2501.11873): balancing the global batch rather than each micro-batch
-  lets experts specialise by domain; Qwen3 trains with it. `global_counts` carries no
-  gradient. With this call's own counts it equals `load_balancing_loss`.
-
-  Args:
-    router_probs: `[..., experts]`; leading dims are tokens.
-    global_counts: `[experts]` assignment counts of the global batch.
-    num_experts: E.
-
-  Returns:
-    A float32 scalar.
-  """
-  if global_counts.shape != (num_experts,):
-    raise ValueError(f"global_counts must have shape ({num_experts},), got {global_counts.shape}.")
-  counts = jax.lax.stop_gradient(global_counts.astype(jnp.float32))
-  share = counts / jnp.maximum(jnp.sum(counts), 1.0)
-  probs = router_probs.reshape(-1, router_probs.shape[-1]).astype(jnp.float32)
-  return num_experts * jnp.sum(share * jnp.mean(probs, axis=0))
-
-
 def pooled_load_balancing_loss(
-  router_probs: jax.Array,
-  expert_indices: jax.Array,
-  num_experts: int,
-  pooling: str,
-  *,
-  global_counts: jax.Array | None = None,
+  router_probs: jax.Array, expert_indices: jax.Array, num_experts: int, pooling: str
 ) -> jax.Array:
   """The Switch LB loss E · Σ_i f_i · P_i pooled as `model.lb_pooling` says.
 
-  * 'call': f and P over every token of the call (`[groups, group_size]` flattened): today's
-    `load_balancing_loss`; in a jitted step without micro-batches the call is the
-    global batch of one layer.
+  * 'call': f and P over every token of the call (`[groups, group_size]` flattened),
+    `load_balancing_loss`. A layer call routes the whole step's batch, pooled over all
+    devices: it is the global-batch balance of Qiu et al. 2025 ("Demons in the Detail",
+    arXiv:2501.11873; Qwen3), not a per-device micro-batch balance.
   * 'group': one loss per routing group (leading axis of `[groups, group_size, ...]`), then
     their mean (`load_balancing_loss_per_group`; Switch/flaxformer). Groups that are
-    sequences (dropless dispatch) make it a sequence-level balance.
-  * 'global': f from `global_counts` (the whole global batch, across devices and
-    micro-batches), P from this call's tokens (`load_balancing_loss_global`; Qiu et al.
-    2025, Qwen3).
+    sequences make it a sequence-level balance.
 
   Args:
-    router_probs: `[groups, group_size, experts]` ('group'), else `[..., experts]`.
-    expert_indices: the chosen experts, `[groups, group_size, k]` ('group'), else `[..., k]`.
+    router_probs: `[groups, group_size, experts]`.
+    expert_indices: the chosen experts, `[groups, group_size, k]`.
     num_experts: E.
-    pooling: 'group', 'call' or 'global'.
-    global_counts: `[experts]`, needed by 'global' and only by it.
+    pooling: 'group' or 'call'.
   """
   _check_choice("lb_pooling", pooling, LB_POOLINGS)
-  if (pooling == "global") != (global_counts is not None):
-    raise ValueError(
-      f"lb_pooling={pooling!r}: global_counts must be given for 'global' and only for it."
-    )
   if pooling == "group":
     return load_balancing_loss_per_group(router_probs, expert_indices, num_experts)
-  if pooling == "global":
-    return load_balancing_loss_global(router_probs, global_counts, num_experts)
   return load_balancing_loss(router_probs, expert_indices, num_experts)
 
 
