@@ -17,9 +17,15 @@ import pytest
 from flax import nnx
 
 from moejax import generate, run_plan, train
+from moejax.loading import load_model
 from moejax.metrics import read_metrics
 
 from test_train import REPO, smoke_config
+
+
+def run_config(**overrides):
+  """`test_train.smoke_config` with the runs' aux-loss-free balancing (as `CLI_OVERRIDES`)."""
+  return smoke_config(**{"model.score_fn": "sigmoid", "model.bias_update_rate": 0.01, **overrides})
 
 
 def comparable(workdir):
@@ -43,6 +49,9 @@ CLI_OVERRIDES = [
   "--config.train.log_every=1",
   "--config.train.eval_every=6",
   "--config.train.keep_checkpoints=10",
+  # Aux-loss-free balancing: a selection bias moved every step is state a resume must keep.
+  "--config.model.score_fn=sigmoid",
+  "--config.model.bias_update_rate=0.01",
 ]
 
 
@@ -91,6 +100,16 @@ def test_sigkill_mid_run_then_rerun_is_the_same_run(reference, tmp_path):
   result = cli(tmp_path, "--config.train.num_steps=12")
   assert result.returncode == 0, result.stderr[-3000:]
   assert_same_run(comparable(tmp_path), comparable(reference))
+  # The selection bias of the last checkpoint is the uninterrupted run's, bit for bit.
+  biases = [selection_bias(run) for run in (tmp_path, reference)]
+  np.testing.assert_array_equal(*biases)
+  assert np.any(biases[0] != 0)
+
+
+def selection_bias(workdir):
+  model, _, step = load_model(workdir)
+  assert step == 12
+  return np.asarray(model.stacks[0].period.blocks[0].moe.selection_bias[...])
 
 
 def test_sigterm_checkpoints_the_current_step_and_exits_zero(reference, tmp_path):
@@ -113,7 +132,7 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(reference, tmp_pa
   for step in ("12",):
     shutil.rmtree(workdir / "checkpoints" / step)
   (workdir / "checkpoints" / "9" / "state" / "manifest.ocdbt").write_text("corrupted")
-  config = smoke_config(
+  config = run_config(
     **{"train.num_steps": 12, "train.checkpoint_every": 3, "train.eval_every": 6}
   )
   with caplog.at_level(logging.WARNING):
@@ -131,7 +150,7 @@ def test_unreadable_checkpoints_never_restart_from_scratch(reference, tmp_path):
   before = sorted(os.listdir(tmp_path / "checkpoints"))
   with pytest.raises(RuntimeError, match="none can be read"):
     train.train_and_evaluate(
-      smoke_config(**{"train.num_steps": 12}), str(tmp_path), show_progress=False
+      run_config(**{"train.num_steps": 12}), str(tmp_path), show_progress=False
     )
   assert sorted(os.listdir(tmp_path / "checkpoints")) == before
   assert not os.path.exists(tmp_path / "metrics.jsonl")
@@ -155,7 +174,7 @@ def test_nonfinite_loss_stops_with_the_step_and_term(every, tmp_path):
   """Logging and checkpointing every step, the run stops at the bad step itself; every 4
   steps, the host learns of it at the next of those (steps run asynchronously), and
   writes no record or checkpoint of any step from the bad one on."""
-  config = smoke_config(
+  config = run_config(
     **{
       "train.num_steps": 8,
       "train.learning_rate": 1e30,
@@ -181,7 +200,7 @@ def test_nonfinite_loss_stops_with_the_step_and_term(every, tmp_path):
 
 
 def test_nonfinite_policy_skip_keeps_training_finite(tmp_path):
-  config = smoke_config(
+  config = run_config(
     **{"train.num_steps": 8, "train.learning_rate": 1e30, "train.nonfinite_policy": "skip"}
   )
   final = train.train_and_evaluate(config, str(tmp_path), show_progress=False)
@@ -255,14 +274,14 @@ def test_a_changed_config_is_refused_or_continued_with_a_log(reference, tmp_path
   assert not os.path.exists(workdir / "config_changes.jsonl")
 
   # When to log and how devices are laid out may change freely.
-  layout = smoke_config(
+  layout = run_config(
     **{"train.num_steps": 12, "train.checkpoint_every": 3, "train.eval_every": 6}
   )
   layout.train.log_every, layout.mesh.expert = 2, 2
   plan = run_plan.plan_run(layout, str(workdir))
   assert plan.changes == {"mesh.expert": (1, 2), "train.log_every": (1, 2)}
 
-  config = smoke_config(
+  config = run_config(
     **{"train.num_steps": 13, "train.checkpoint_every": 3, "train.eval_every": 6}
   )
   config.model.renormalize = True
