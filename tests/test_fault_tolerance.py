@@ -132,9 +132,7 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(reference, tmp_pa
   for step in ("12",):
     shutil.rmtree(workdir / "checkpoints" / step)
   (workdir / "checkpoints" / "9" / "state" / "manifest.ocdbt").write_text("corrupted")
-  config = run_config(
-    **{"train.num_steps": 12, "train.checkpoint_every": 3, "train.eval_every": 6}
-  )
+  config = run_config(**{"train.num_steps": 12, "train.checkpoint_every": 3, "train.eval_every": 6})
   with caplog.at_level(logging.WARNING):
     train.train_and_evaluate(config, str(workdir), show_progress=False)
   warning = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
@@ -274,16 +272,12 @@ def test_a_changed_config_is_refused_or_continued_with_a_log(reference, tmp_path
   assert not os.path.exists(workdir / "config_changes.jsonl")
 
   # When to log and how devices are laid out may change freely.
-  layout = run_config(
-    **{"train.num_steps": 12, "train.checkpoint_every": 3, "train.eval_every": 6}
-  )
+  layout = run_config(**{"train.num_steps": 12, "train.checkpoint_every": 3, "train.eval_every": 6})
   layout.train.log_every, layout.mesh.expert = 2, 2
   plan = run_plan.plan_run(layout, str(workdir))
   assert plan.changes == {"mesh.expert": (1, 2), "train.log_every": (1, 2)}
 
-  config = run_config(
-    **{"train.num_steps": 13, "train.checkpoint_every": 3, "train.eval_every": 6}
-  )
+  config = run_config(**{"train.num_steps": 13, "train.checkpoint_every": 3, "train.eval_every": 6})
   config.model.renormalize = True
   with pytest.raises(ValueError) as refused:
     train.train_and_evaluate(config, str(workdir), show_progress=False)

@@ -17,7 +17,16 @@ from __future__ import annotations
 
 import importlib
 
-NAMES = ("top_k", "frequency", "granularity", "dense_vs_moe", "capacity", "hybrid", "scaling")
+NAMES = (
+  "top_k",
+  "frequency",
+  "granularity",
+  "dense_vs_moe",
+  "capacity",
+  "hybrid",
+  "scaling",
+  "balancing",
+)
 
 
 def get(name: str):

@@ -16,6 +16,7 @@ the outcome read from the run's `metrics.jsonl`:
 * `train_dropped_fraction` (last 10% of steps), `eval_dropped_fraction`;
 * `expert_load_imbalance`: max expert share × E from `train/expert_load/layer_I`, mean
   over MoE layers and the last 10% of steps (1.0 uniform; empty for dense arms);
+  `expert_load_imbalance_all`: the same over every logged step of the run;
 * `wall_s`: of the call that finished the run.
 """
 
@@ -75,6 +76,7 @@ RESULT_COLUMNS = (
   "train_dropped_fraction",
   "eval_dropped_fraction",
   "expert_load_imbalance",
+  "expert_load_imbalance_all",
   "wall_s",
 )
 TEXT_COLUMNS = ("ablation", "preset", "arm", "overrides", "dispatch")
@@ -98,11 +100,16 @@ def summarize_run(run_dir: str, num_steps: int, tokens_per_step: int) -> dict[st
   speeds = [r["train/tokens_per_sec"] for r in train_records[1:]] or [
     r["train/tokens_per_sec"] for r in train_records
   ]  # the first includes compiling
-  imbalance = []
-  for r in window:
-    loads = [v for k, v in r.items() if k.startswith("train/expert_load/layer_")]
-    if loads:
-      imbalance.append(mean([max(load) * len(load) for load in loads]))
+
+  def imbalance_of(records):  # per record: max share × E, mean over MoE layers
+    out = []
+    for r in records:
+      loads = [v for k, v in r.items() if k.startswith("train/expert_load/layer_")]
+      if loads:
+        out.append(mean([max(load) * len(load) for load in loads]))
+    return out
+
+  imbalance, imbalance_all = imbalance_of(window), imbalance_of(train_records)
   last_eval = eval_records[-1]
   earlier = [r for r in eval_records[:-1] if r["step"] <= 0.8 * num_steps]
   tokens_per_sec = statistics.median(speeds)
@@ -122,6 +129,7 @@ def summarize_run(run_dir: str, num_steps: int, tokens_per_step: int) -> dict[st
     "train_dropped_fraction": mean([r.get("train/dropped_fraction", 0.0) for r in window]),
     "eval_dropped_fraction": last_eval.get("eval/dropped_fraction", 0.0),
     "expert_load_imbalance": mean(imbalance) if imbalance else float("nan"),
+    "expert_load_imbalance_all": mean(imbalance_all) if imbalance_all else float("nan"),
   }
 
 
