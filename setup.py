@@ -36,8 +36,14 @@ setup(
     # gs:// workdirs: etils.epath reaches buckets through fsspec (gcsfs); Orbax asks
     # google-cloud-storage about the bucket's layout.
     "gcs": ["gcsfs>=2023.6", "google-cloud-storage>=2.14"],
-    "test": ["pytest>=8", "hypothesis>=6.100", "nbmake>=1.5", "pytest-xdist>=3.5", "ruff>=0.6"],
-    # The Mixtral reference block used by the layer benchmark.
-    "bench": ["torch==2.13.0", "transformers>=4.45"],
+    # The tests compile for TPU slices on the CPU host: libtpu comes with jax[tpu].
+    "test": [
+      "pytest>=8",
+      "hypothesis>=6.100",
+      "nbmake>=1.5",
+      "pytest-xdist>=3.5",
+      "ruff>=0.6",
+      "jax[tpu]>=0.10",
+    ],
   },
 )

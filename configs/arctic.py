@@ -14,4 +14,6 @@ def get_config(arg: str = ""):
   m.num_experts, m.top_k, m.expert_d_ff, m.moe_layer_interval = 128, 2, 4864, 1
   m.dense_moe_hybrid = True
   m.router, m.dispatch = "top_k", "dropless"
-  return apply_variant(config, arg, "arctic")
+  return apply_variant(
+    config, arg, "arctic", pod_topology="v5p-512", pod_mesh={"fsdp": 8, "expert": 32}
+  )

@@ -20,4 +20,6 @@ def get_config(arg: str = ""):
   m.num_experts, m.top_k, m.expert_d_ff, m.num_shared_experts = 64, 6, 1408, 2
   m.router, m.dispatch, m.renormalize = "top_k", "dropless", False
   m.lb_loss_weight, m.seq_aux_loss_weight, m.z_loss_weight = 0.0, 0.001, 0.0
-  return apply_variant(config, arg, "deepseek_v2_lite")
+  return apply_variant(
+    config, arg, "deepseek_v2_lite", pod_topology="v5p-32", pod_mesh={"expert": 16}
+  )

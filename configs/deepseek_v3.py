@@ -24,4 +24,6 @@ def get_config(arg: str = ""):
   m.routed_scaling_factor, m.num_expert_groups, m.topk_groups = 2.5, 8, 4
   m.bias_update_rate, m.seq_aux_loss_weight = 0.001, 0.0001
   m.lb_loss_weight, m.z_loss_weight = 0.0, 0.0
-  return apply_variant(config, arg, "deepseek_v3")
+  return apply_variant(
+    config, arg, "deepseek_v3", pod_topology="v5p-512", pod_mesh={"fsdp": 8, "expert": 32}
+  )

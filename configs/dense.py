@@ -12,4 +12,4 @@ def get_config(arg: str = ""):
   m = config.model
   m.num_layers, m.d_model, m.num_heads, m.num_kv_heads, m.d_ff = 12, 768, 12, 12, 3072
   m.num_experts = 0
-  return apply_variant(config, arg, "dense")
+  return apply_variant(config, arg, "dense", pod_topology="v5e-16")

@@ -17,4 +17,6 @@ def get_config(arg: str = ""):
   m.second_expert_policy = "random"
   m.capacity_factor, m.eval_capacity_factor = 1.25, 2.0
   m.lb_loss_weight, m.z_loss_weight = 0.01, 0.0
-  return apply_variant(config, arg, "glam")
+  return apply_variant(
+    config, arg, "glam", pod_topology="v5p-256", pod_mesh={"fsdp": 2, "expert": 64}
+  )

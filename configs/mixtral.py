@@ -16,4 +16,6 @@ def get_config(arg: str = ""):
   m.num_experts, m.top_k, m.moe_layer_interval = 8, 2, 1
   m.router, m.dispatch, m.renormalize = "top_k", "dropless", True
   m.lb_loss_weight, m.z_loss_weight = 0.001 * 2 / 32, 0.0
-  return apply_variant(config, arg, "mixtral")
+  return apply_variant(
+    config, arg, "mixtral", pod_topology="v5p-128", pod_mesh={"fsdp": 8, "expert": 8}
+  )

@@ -17,4 +17,4 @@ def get_config(arg: str = ""):
   m.router, m.dispatch, m.renormalize = "top_k", "dropless", False
   m.norm_eps = 1e-5
   m.lb_loss_weight, m.z_loss_weight = 0.01 / 16, 0.001 / 16
-  return apply_variant(config, arg, "olmoe")
+  return apply_variant(config, arg, "olmoe", pod_topology="v5p-32", pod_mesh={"expert": 16})

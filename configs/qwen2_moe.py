@@ -18,4 +18,6 @@ def get_config(arg: str = ""):
   m.num_shared_experts, m.shared_expert_d_ff, m.shared_expert_gate = 1, 5632, True
   m.router, m.dispatch, m.renormalize = "top_k", "dropless", False
   m.lb_loss_weight, m.z_loss_weight = 0.001 * 4 / 24, 0.0
-  return apply_variant(config, arg, "qwen2_moe")
+  return apply_variant(
+    config, arg, "qwen2_moe", pod_topology="v5p-32", pod_mesh={"fsdp": 4, "expert": 4}
+  )

@@ -18,4 +18,4 @@ def get_config(arg: str = ""):
   m.num_experts, m.top_k, m.expert_d_ff, m.moe_layer_interval = 128, 8, 768, 1
   m.router, m.dispatch, m.renormalize, m.lb_pooling = "top_k", "dropless", True, "call"
   m.lb_loss_weight, m.z_loss_weight = 0.001 * 8 / 48, 0.0
-  return apply_variant(config, arg, "qwen3_moe")
+  return apply_variant(config, arg, "qwen3_moe", pod_topology="v5p-64", pod_mesh={"expert": 32})

@@ -17,4 +17,4 @@ def get_config(arg: str = ""):
   m.router, m.dispatch, m.renormalize = "top_k", "auto", False
   m.capacity_factor, m.eval_capacity_factor = 1.25, 2.0
   m.lb_loss_weight, m.z_loss_weight = 0.01, 0.001
-  return apply_variant(config, arg, "st_moe")
+  return apply_variant(config, arg, "st_moe", pod_topology="v5e-32", pod_mesh={"expert": 32})

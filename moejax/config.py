@@ -44,6 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
   model.tie_embeddings = False  # output projection reuses the token embedding
   model.dtype = "float32"  # compute dtype (float32, bfloat16); parameters stay float32
   model.scan_layers = True  # layers as a loop (compile time flat in depth); False: unrolled
+  model.remat = (
+    "none"  # activation checkpointing per scanned period: none, full, dots (keep matmuls)
+  )
   model.num_experts = 8  # routed experts per MoE layer; 0: the dense baseline
   model.top_k = 2  # experts per token (token choice); = num_experts for router 'dense'
   model.expert_d_ff = config_dict.placeholder(int)  # hidden size of each expert; None: d_ff
@@ -96,6 +99,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.data = default_data_config()
 
+  config.hardware = hardware = ml_collections.ConfigDict()
+  # The slice a config is meant for, gcloud-style (v5p-128); `moejax.aot` compiles for it.
+  hardware.topology = config_dict.placeholder(str)
+
   config.mesh = mesh = ml_collections.ConfigDict()
   mesh.data = -1  # data-parallel devices; -1: the remaining devices
   mesh.fsdp = 1  # fully sharded data-parallel devices; shards every parameter (ZeRO-3)
@@ -104,21 +111,39 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def apply_variant(
-  config: ml_collections.ConfigDict, arg: str, name: str
+  config: ml_collections.ConfigDict,
+  arg: str,
+  name: str,
+  *,
+  pod_topology: str | None = None,
+  pod_mesh: Mapping[str, int] | None = None,
+  pod_batch_size: int = 256,
 ) -> ml_collections.ConfigDict:
   """Picks the size of a published-architecture config: ARG 'pod' keeps the published
   shape; 'cpu' (the default) shrinks it to train in minutes on 2 CPU cores on the
   Shakespeare corpus, keeping its routing (router, k, renormalisation, layer layout,
   capacity, losses) and its share of experts; 'smoke' shrinks it to a few seconds.
+
+  The pod recipe: `pod_batch_size` sequences of 1024 tokens per step, one sequence per
+  routing group where there is a capacity (dropless routing has none), bfloat16 compute (parameters, router and losses stay float32), every
+  scanned period recomputed in the backward pass, on the slice `pod_topology`
+  (`hardware.topology`, gcloud-style) with the mesh axes `pod_mesh` (the data axis takes
+  the rest). `python -m moejax.aot --config=configs/NAME.py:pod` checks that it fits.
   """
   arg = arg or "cpu"
   if arg not in ("pod", "cpu", "smoke"):
     raise ValueError(f"configs/{name}.py: ARG={arg!r} is not one of 'pod', 'cpu', 'smoke'.")
   if arg == "pod":
-    config.train.batch_size, config.train.seq_len = 256, 1024
+    config.train.batch_size, config.train.seq_len = pod_batch_size, 1024
     config.train.num_steps, config.train.warmup_steps = 100_000, 2000
     config.train.learning_rate = 3e-4
     config.train.log_every, config.train.eval_every, config.train.checkpoint_every = 100, 2000, 2000
+    if config.model.num_experts and config.model.dispatch != "dropless":  # capacity per sequence
+      config.model.group_size = config.train.seq_len
+    config.model.dtype, config.model.remat = "bfloat16", "full"
+    config.hardware.topology = pod_topology
+    for axis, size in (pod_mesh or {}).items():
+      config.mesh[axis] = size
     return config
   m, t = config.model, config.train
   kv_ratio = m.num_heads // m.num_kv_heads
@@ -157,6 +182,14 @@ def apply_variant(
 CONFIGS_PACKAGE = "moejax.configs"  # the repository's `configs/`, installed with the package
 
 
+def packaged_config_names() -> list[str]:
+  """The NAMEs of the repository's `configs/NAME.py`."""
+  packaged = importlib.resources.files(CONFIGS_PACKAGE)
+  return sorted(
+    f.name[:-3] for f in packaged.iterdir() if f.name.endswith(".py") and f.name != "__init__.py"
+  )
+
+
 def config_file(path: str) -> str:
   """The experiment file `path` names: as given (absolute, or relative to the working
   directory), else `configs/NAME.py` from the installed package. A one-line
@@ -167,9 +200,7 @@ def config_file(path: str) -> str:
   name = os.path.basename(path)
   if os.path.dirname(path) in ("configs", "") and packaged.joinpath(name).is_file():
     return str(packaged.joinpath(name))
-  known = sorted(
-    f.name[:-3] for f in packaged.iterdir() if f.name.endswith(".py") and f.name != "__init__.py"
-  )
+  known = packaged_config_names()
   close = difflib.get_close_matches(os.path.splitext(name)[0], known, n=1)
   hint = f"did you mean configs/{close[0]}.py? " if close else ""
   raise FileNotFoundError(f"config file {path} does not exist; {hint}configs: {', '.join(known)}.")

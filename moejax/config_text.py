@@ -37,15 +37,29 @@ def as_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(json.dumps(config.to_dict()))
 
 
+@functools.cache
+def _defaults() -> dict[str, Any]:
+  from moejax.config import base_config
+
+  return flatten(as_json(base_config()))
+
+
 def differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
   """`{dotted key: (old value, new value)}` for every key whose value differs, in key order
-  (a key only one side has is shown with `'absent'` on the other)."""
+  (a key only one side has is shown with `'absent'` on the other).
+
+  A key `old` lacks whose new value is its `base_config()` default is no difference: the
+  key was added to moejax since `old` was saved, and a new key's default keeps the old
+  behaviour, so runs saved before it was added still resume.
+  """
   old, new = flatten(old), flatten(new)
+  added_at_default = _defaults()
   keys = list(old) + [k for k in new if k not in old]
   return {
     k: (old.get(k, "absent"), new.get(k, "absent"))
     for k in keys
     if old.get(k, "absent") != new.get(k, "absent")
+    and not (k not in old and k in added_at_default and new[k] == added_at_default[k])
   }
 
 

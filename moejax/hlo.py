@@ -35,6 +35,16 @@ _DTYPE_BYTES = {
 _SHAPE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 
 
+# An array's layout after its shape: `{1,0}` on CPU; on TPU with tiling and memory space,
+# `{1,0:T(8,128)S(1)}`, whose parentheses would end a shape's match.
+_LAYOUT = re.compile(r"\{[0-9,]*(?::[^{}]*)?\}")
+
+
+def strip_layouts(line: str) -> str:
+  """An HLO instruction line without the layouts of its shapes."""
+  return _LAYOUT.sub("", line)
+
+
 def collective_shapes(hlo_text: str, opcode: str) -> list[tuple[str, tuple[int, ...]]]:
   """`(dtype, dims)` of the result arrays of every `opcode` op (e.g. 'all-to-all',
   'all-gather') in HLO text; a tuple-shaped result lists each element. `-start` forms
@@ -42,7 +52,7 @@ def collective_shapes(hlo_text: str, opcode: str) -> list[tuple[str, tuple[int, 
   pattern = re.compile(r"=\s+(\([^()]*\)|[^\s(]+)\s+" + re.escape(opcode) + r"(?:-start)?\(")
   shapes = []
   for line in hlo_text.splitlines():
-    match = pattern.search(line)
+    match = pattern.search(strip_layouts(line))
     if match:
       for dtype, dims in _SHAPE.findall(match.group(1)):
         shapes.append((dtype, tuple(int(v) for v in dims.split(",") if v)))
@@ -89,7 +99,7 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
         for op, size in _collective(line):
           entry_ = counts.setdefault(op, [0, 0])
           entry_[0], entry_[1] = entry_[0] + 1, entry_[1] + size
-        for callee, times in _callees(line):
+        for callee, times in _callees(line, computations):
           for op, (count, size) in total(callee).items():
             entry_ = counts.setdefault(op, [0, 0])
             entry_[0], entry_[1] = entry_[0] + times * count, entry_[1] + times * size
@@ -139,6 +149,7 @@ def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
 
 def _collective(line: str):
   """`(op, bytes)` if the instruction on `line` is one of `COLLECTIVES`."""
+  line = strip_layouts(line)
   for op, pattern in _OP_PATTERNS.items():
     match = pattern.search(line)
     if match:
@@ -150,13 +161,32 @@ def _collective(line: str):
       return
 
 
-def _callees(line: str):
+def _trip_count(line: str, computations: dict[str, list[str]]) -> int:
+  """How often the `while` on `line` runs: XLA's `known_trip_count` (CPU, GPU), else read
+  from its condition when that is `counter < constant` (TPU); 1 when unknown."""
+  trips = _TRIP_COUNT.search(line)
+  if trips:
+    return int(trips.group(1))
+  condition = re.search(r"\bcondition=%?([\w.\-]+)", line)
+  body = computations.get(condition.group(1), []) if condition else []
+  constants = dict(_CONSTANT.findall("\n".join(strip_layouts(x) for x in body)))
+  for instruction in body:
+    compare = _LESS_THAN.search(instruction)
+    if instruction.lstrip().startswith("ROOT") and compare and compare.group(1) in constants:
+      return int(constants[compare.group(1)])
+  return 1
+
+
+_CONSTANT = re.compile(r"%([\w.\-]+) = s32\[\] constant\((\d+)\)")
+_LESS_THAN = re.compile(r"compare\(%[\w.\-]+, %([\w.\-]+)\), direction=LT")
+
+
+def _callees(line: str, computations: dict[str, list[str]]):
   """`(computation, times)` for each computation the instruction on `line` runs."""
   if " while(" in line:
     body = re.search(r"\bbody=%?([\w.\-]+)", line)
-    trips = _TRIP_COUNT.search(line)
     if body:
-      yield body.group(1), int(trips.group(1)) if trips else 1
+      yield body.group(1), _trip_count(line, computations)
     return
   for key in ("calls", "to_apply", "true_computation", "false_computation"):
     for callee in re.findall(r"\b" + key + r"=%?([\w.\-]+)", line):

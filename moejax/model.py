@@ -95,6 +95,16 @@ def expert_d_ff_of(config: ml_collections.ConfigDict) -> int:
   return config.expert_d_ff if config.expert_d_ff is not None else config.d_ff
 
 
+# What the backward pass keeps of each scanned period (`model.remat`, activation
+# checkpointing, Chen et al. 2016): everything ('none'); only the period's input, the rest
+# recomputed ('full'); the outputs of matmuls without batch dimensions ('dots').
+REMAT_POLICIES = {
+  "none": None,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises a one-line ValueError naming the first bad key of a model config.
 
@@ -111,6 +121,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       isinstance(config[key], int) and config[key] >= 1,
       f"{key} must be a positive int, got {config[key]!r}",
     )
+  require(
+    config.remat in REMAT_POLICIES,
+    f"remat must be one of {tuple(REMAT_POLICIES)}, got {config.remat!r}",
+  )
   require(
     config.attention in ATTENTIONS,
     f"attention must be one of {ATTENTIONS}, got {config.attention!r}",
@@ -280,6 +294,7 @@ class LayerStack(nnx.Module):
     self.kinds, self.repeats = tuple(kinds), repeats
     # `scan_layers=False` unrolls the loop into straight-line code (same parameters).
     self.unroll = 1 if config.scan_layers else repeats
+    self.remat = config.remat
 
     @nnx.split_rngs(splits=repeats)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=SCAN_METADATA)
@@ -313,6 +328,8 @@ class LayerStack(nnx.Module):
       x, auxes, cache = period(x, positions, cache)
       return x, (auxes, cache, nnx.state(period, nnx.Not(nnx.Param)) if random else None)
 
+    if self.remat != "none":
+      step = jax.checkpoint(step, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
     x, (auxes, cache, rest) = jax.lax.scan(step, x, (params, rest, cache), unroll=self.unroll)
     if random:
       nnx.update(self.period, rest)

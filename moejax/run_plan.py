@@ -52,8 +52,8 @@ def validate_train_config(tc: ml_collections.ConfigDict) -> None:
 # ----------------------------------------------------------------------------- before the loop
 
 # Keys a resumed run may change without --allow_config_change: they decide when to log,
-# evaluate and save, where the data is, and how devices are laid out (every `mesh.` key),
-# not what is computed.
+# evaluate and save, where the data is, and how devices are laid out (every `mesh.` and
+# `hardware.` key), not what is computed.
 RESUMABLE_KEYS = frozenset(
   {
     "train.log_every",
@@ -66,7 +66,7 @@ RESUMABLE_KEYS = frozenset(
 
 
 def _resumable(key: str) -> bool:
-  return key in RESUMABLE_KEYS or key.startswith("mesh.")
+  return key in RESUMABLE_KEYS or key.startswith(("mesh.", "hardware."))
 
 
 def fitting_meshes(config: ml_collections.ConfigDict, num_devices: int) -> list[dict[str, int]]:

@@ -73,6 +73,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
   ("heads", None),  # q / o projections, heads·head_dim
   ("kv_heads", None),  # k / v projections, kv_heads·head_dim
   ("head_dim", None),  # QK-norm scales
+  ("q_lora", None),  # MLA's query latent
+  ("kv_lora", None),  # MLA's key-value latent
   ("layers", None),  # the stacked axis of scanned layers: never sharded
 )
 
@@ -132,14 +134,21 @@ def make_mesh(
   axes `Auto`.
 
   The device order comes from `jax.make_mesh` (topology-aware: on TPU the innermost axes
-  get the nearest chips); with `keep_order` the devices are used in the order given,
+  get the nearest chips; an axis size that is no product of whole torus dimensions, such
+  as 8 on a 4x4x4 slice, splits one); with `keep_order` the devices are used in the order given,
   expert axis fastest.
   """
   devices = list(jax.devices() if devices is None else devices)
   sizes = mesh_shape(mesh_config, len(devices))
   shape = tuple(sizes[name] for name in MESH_AXES)
   if not keep_order:
-    return jax.make_mesh(shape, MESH_AXES, axis_types=AXIS_TYPES, devices=devices)
+    try:
+      return jax.make_mesh(shape, MESH_AXES, axis_types=AXIS_TYPES, devices=devices)
+    except NotImplementedError:  # an axis that is no product of whole torus dimensions
+      from jax.experimental import mesh_utils
+
+      grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+      return jax.sharding.Mesh(grid, MESH_AXES, axis_types=AXIS_TYPES)
   return jax.sharding.Mesh(
     np.asarray(devices, dtype=object).reshape(shape), MESH_AXES, axis_types=AXIS_TYPES
   )
@@ -159,6 +168,14 @@ def mesh_platform(mesh) -> str:
   if mesh is None or not hasattr(mesh, "devices"):
     return jax.devices()[0].platform
   return np.asarray(mesh.devices).flat[0].platform
+
+
+def varying_axes(x) -> frozenset:
+  """The manual mesh axes along which `x` differs between devices inside `jax.shard_map`
+  (empty outside)."""
+  aval = jax.typeof(x)
+  axis_type = getattr(aval, "manual_axis_type", None)
+  return frozenset(axis_type.varying if axis_type is not None else getattr(aval, "vma", ()))
 
 
 def batch_axes(mesh) -> tuple[str, ...]:

@@ -78,9 +78,28 @@ def _with_nonfinite_tally(train_step):
   return step
 
 
-def _no_nonfinite(sharding) -> dict[str, jax.Array]:
+def jit_train_step(train_step, mesh, state_shardings):
+  """The jitted step the train loop runs: `(state, tally, batch, step_number) -> (state,
+  tally, metrics)` with the state in `state_shardings`, the batch sharded over the batch
+  axes of `mesh`, the rest replicated, the state and tally donated. `moejax.aot` compiles
+  this same function for a TPU slice."""
+  batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  return jax.jit(
+    _with_nonfinite_tally(train_step),
+    in_shardings=(state_shardings, replicated, batch_sharding, replicated),
+    out_shardings=(state_shardings, replicated, replicated),
+    donate_argnums=(0, 1),
+  )
+
+
+def no_nonfinite_tally() -> dict[str, np.ndarray]:
+  """The tally `jit_train_step` starts from: no update skipped yet."""
   zero = np.zeros((), np.int32)
-  return jax.device_put({"skipped": zero, "first_step": zero, "first_terms": zero}, sharding)
+  return {"skipped": zero, "first_step": zero, "first_terms": zero}
+
+
+def _no_nonfinite(sharding) -> dict[str, jax.Array]:
+  return jax.device_put(no_nonfinite_tally(), sharding)
 
 
 class _Stopwatch:
@@ -206,12 +225,7 @@ def _train_loop(
   eval_batches = [sharding.shard_batch(b, mesh) for b in eval_batches]
   step = start_step
   train_step = (
-    jax.jit(
-      _with_nonfinite_tally(train_step),
-      in_shardings=(state_shardings, replicated, batch_sharding, replicated),
-      out_shardings=(state_shardings, replicated, replicated),
-      donate_argnums=(0, 1),
-    )
+    jit_train_step(train_step, mesh, state_shardings)
     .lower(state, tally, batch, np.int32(step + 1))
     .compile()
   )

@@ -198,3 +198,24 @@ def test_expert_matmuls_smoke_rows_and_hand_counted_flops(tmp_path):
     assert r["gflop"] == pytest.approx(matmuls * one / 1e9)
     assert r["gflop_per_s"] == pytest.approx(r["gflop"] / (r["median_ms"] / 1e3))
   assert rows["matmul"]["mfu"] == pytest.approx(1.0)
+
+
+def test_gpu_checks_run_tiny_on_a_cpu(tmp_path):
+  """`make bench-gpu`'s script at shapes a CPU runs in seconds: every row, and MFU
+  recomputed from the row's own time and the hand-counted expert FLOPs."""
+  from experiments.benchmarks import gpu
+
+  rows, path = gpu.run(gpu.parse_flags(["--tiny", "--reps=2", f"--out={tmp_path / 'g.csv'}"]))
+  assert path == str(tmp_path / "g.csv")
+  by_name = {r["name"]: r for r in rows}
+  layers = [f"layer/{s}/{d}" for s in gpu.SHAPES for d in gpu.DISPATCHES]
+  assert list(by_name) == ["matmul", *layers, "train_step/mixtral"]
+  rate = by_name["matmul"]["tflops"] * 1e12
+  d, f, _, k = (4096 // 64, 14336 // 64, 8, 2)  # the tiny Mixtral shape, 64 tokens
+  useful = 3 * 3 * 2 * 64 * k * d * f
+  mixtral = by_name["layer/mixtral/dropless"]
+  assert mixtral["tflops"] * 1e12 == pytest.approx(useful / mixtral["seconds"])
+  assert mixtral["mfu"] == pytest.approx(useful / mixtral["seconds"] / rate)
+  assert by_name["train_step/mixtral"]["tokens_per_sec"] > 0
+  with open(path, newline="") as fh:
+    assert len(list(csv.DictReader(fh))) == len(rows)

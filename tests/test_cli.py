@@ -320,3 +320,18 @@ def test_a_metrics_line_cut_short_by_a_kill_is_set_aside(tmp_path):
   MetricWriter(tmp_path, resume_step=1).close()
   assert log.read_text() == '{"step": 1, "train/loss": 2.0}\n'
   assert (tmp_path / "metrics.jsonl.after_step_1").read_text() == '{"step": 2, "train/lo\n'
+
+
+def test_a_key_added_since_a_run_was_saved_is_no_change_at_its_default():
+  """A run saved before `model.remat` existed resumes while the key keeps its default."""
+  from moejax import config_text
+  from moejax.config import load_config
+
+  now = config_text.as_json(load_config("configs/tiny.py"))
+  saved = json.loads(json.dumps(now))
+  del saved["model"]["remat"], saved["hardware"]
+  assert config_text.differences(saved, now) == {}
+  now["model"]["remat"] = "full"
+  assert config_text.differences(saved, now) == {"model.remat": ("absent", "full")}
+  del now["model"]["top_k"]
+  assert config_text.differences(saved, now)["model.top_k"] == (2, "absent")

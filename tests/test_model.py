@@ -290,6 +290,7 @@ def test_eval_and_train_toggle_the_moe_layers():
     (dict(MOE, router="hash"), "router"),
     (dict(MOE, dispatch="magic"), "dispatch"),
     (dict(dense_moe_hybrid=True), "dense_moe_hybrid"),
+    (dict(remat="everything"), "remat"),
   ],
 )
 def test_config_validation(overrides, key):
@@ -312,3 +313,15 @@ def test_unrolled_layers_compute_what_the_scanned_loop_computes():
   np.testing.assert_allclose(scanned(tokens())[0], unrolled(tokens())[0], rtol=1e-5, atol=1e-6)
   for a, b in zip(jax.tree.leaves(grads(scanned)), jax.tree.leaves(grads(unrolled))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_recomputed_layers_give_the_gradients_of_stored_ones(remat):
+  """`model.remat` changes what the backward pass keeps, never what it computes."""
+  config = tiny_config(**MOE, num_layers=4, moe_layer_interval=2, router_jitter=0.1)
+  grads = lambda model: nnx.grad(lambda m: jnp.mean(m(tokens())[0] ** 2))(model)
+  stored = grads(TransformerLM(config, rngs=nnx.Rngs(0)))
+  config.remat = remat
+  recomputed = grads(TransformerLM(config, rngs=nnx.Rngs(0)))
+  for a, b in zip(jax.tree.leaves(stored), jax.tree.leaves(recomputed)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -337,3 +337,13 @@ def test_wrong_input_width_and_group_size_raise():
     make_layer()(jnp.zeros((2, 3, 5)))
   with pytest.raises(ValueError, match="group_size=7"):
     make_layer(group_size=7)(inputs())
+
+
+def test_an_einsum_mask_too_big_for_a_routing_group_names_group_size():
+  """4096 tokens x 64 experts x capacity 80 = 21M mask elements > 2**24: refused."""
+  config = MoeConfig(num_experts=64, d_ff=8, top_k=1, dispatch="einsum", group_size=4096)
+  layer = MoeLayer(config, d_model=8, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"^group_size=4096: einsum dispatch masks"):
+    layer(jnp.zeros((1, 4096, 8)))
+  config = MoeConfig(num_experts=64, d_ff=8, top_k=1, dispatch="einsum", group_size=2048)
+  MoeLayer(config, d_model=8, rngs=nnx.Rngs(0))(jnp.zeros((1, 4096, 8)))  # 5M: fine

@@ -155,3 +155,16 @@ def test_fsdp_takes_the_largest_free_divisible_dimension():
     None, None, None
   )  # the stacked-layers axis is never sharded; nothing else divides
   assert with_fsdp(P(None), ("embed",), (32,), 1) == P(None)
+
+
+@pytest.mark.parametrize(
+  "name", ["deepseek_v3", "deepseek_v2_lite", "qwen2_moe", "arctic", "glam", "switch_base"]
+)
+def test_every_parameter_of_every_family_has_a_sharding(name):
+  """Every logical axis a config's parameters name has a rule (on an fsdp 8 mesh)."""
+  from moejax.steps import build
+
+  config = load_config(f"configs/{name}.py:smoke", {"mesh.fsdp": 8, "mesh.data": 1})
+  mesh = sharding.make_mesh(config.mesh)
+  _, abstract = nnx.split(nnx.eval_shape(lambda: build(config, mesh)[:2]))
+  sharding.param_shardings(abstract, mesh)

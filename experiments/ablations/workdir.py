@@ -21,9 +21,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import ml_collections
+
+from moejax import config_text
 
 SWEEP_DIR = "lr_sweep"
 
@@ -78,22 +80,6 @@ def write_keeping_previous(path: str, data: bytes, log: Callable[[str], None] = 
   return status
 
 
-def config_diff(
-  old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "", ignore: Sequence[str] = ()
-) -> list[str]:
-  """Dotted keys whose values differ or that `new` lacks, but for those in `ignore`. Keys
-  only `new` has are not differences: they were added to moejax/config.py since (with
-  defaults that keep the old behaviour), and must not orphan earlier runs."""
-  diffs = []
-  for key in sorted(old):
-    a, b = old[key], new.get(key, "<absent>")
-    if isinstance(a, dict) and isinstance(b, dict):
-      diffs += config_diff(a, b, f"{prefix}{key}.", ignore)
-    elif a != b and prefix + key not in ignore:
-      diffs.append(f"{prefix}{key}: {a!r} there, {b!r} now")
-  return diffs
-
-
 def checkpoint_steps(run_dir: str) -> list[int]:
   directory = os.path.join(run_dir, "checkpoints")
   if not os.path.isdir(directory):
@@ -131,7 +117,8 @@ def check_run_dir(run_dir: str, spec: dict[str, Any], ignore: Sequence[str] = ()
   path = os.path.join(run_dir, "arm.json")
   if os.path.exists(path):
     old = read_json(path)
-    diffs = config_diff(old.get("config", {}), spec["config"], ignore=ignore)
+    changes = config_text.differences(old.get("config", {}), spec["config"])
+    diffs = [f"{k}: {a!r} there, {b!r} now" for k, (a, b) in changes.items() if k not in ignore]
     if diffs:
       shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
       raise ValueError(

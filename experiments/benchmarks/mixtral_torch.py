@@ -1,6 +1,7 @@
 r"""Peer: HuggingFace transformers' `MixtralSparseMoeBlock` on CPU PyTorch, same shapes.
 
-    pip install -e '.[bench]'       # torch==2.13.0 and transformers
+    # in a separate environment: torch and transformers are in no moejax install
+    pip install torch==2.13.0 transformers numpy
     python -m experiments.benchmarks.mixtral_torch [--num_experts=16,64] [--threads=2]
 
 The workload of `experiments.benchmarks.moe_layer`: float32, T = 8 x 512 tokens,

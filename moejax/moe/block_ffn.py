@@ -28,8 +28,12 @@ import jax
 import jax.numpy as jnp
 
 from moejax.activations import hidden_activation
+from moejax.sharding import varying_axes
 
 SIZE_CLASSES = 8  # a remainder runs as 1..8 eighths of a block
+# The name scope of the loops' operations (in the HLO's op_name metadata): a compiled
+# TPU or GPU program that contains it runs the CPU form.
+SCOPE = "expert_block_loop"
 
 
 def block_size(rows: int, num_experts: int) -> int:
@@ -74,6 +78,11 @@ def ffn(activation, x, group_sizes, keep, w_in, w_gate, w_out, *, block: int):
     None if a is None else jnp.asarray(a) for a in (x, group_sizes, keep, w_in, w_gate, w_out)
   ]
   x, group_sizes, keep, w_in, w_gate, w_out = _vary_alike(arrays)
+  with jax.named_scope(SCOPE):
+    return _padded_ffn(activation, block, x, group_sizes, keep, w_in, w_gate, w_out)
+
+
+def _padded_ffn(activation, block, x, group_sizes, keep, w_in, w_gate, w_out):
   rows = x.shape[0]
   pad = lambda a: (
     None if a is None else jnp.concatenate([a, jnp.zeros_like(a, shape=(block,) + a.shape[1:])])
@@ -92,22 +101,15 @@ def ffn(activation, x, group_sizes, keep, w_in, w_gate, w_out, *, block: int):
   return jnp.where(in_group[:, None], out[:rows], 0)
 
 
-def _varying_axes(x: jax.Array) -> frozenset:
-  """The mesh axes `x` varies over inside `jax.shard_map` (empty outside)."""
-  aval = jax.typeof(x)
-  axis_type = getattr(aval, "manual_axis_type", None)
-  return frozenset(axis_type.varying if axis_type is not None else getattr(aval, "vma", ()))
-
-
 def _vary_alike(arrays):
   """Inside `jax.shard_map`, mark every array as varying over the union of the arrays'
   varying axes (`jax.lax.pcast`), so that the loops' carries have one type. Autodiff
   transposes the cast into the sum over those axes that a replicated weight's gradient
   needs (e.g. over the data axis for expert weights)."""
-  axes = frozenset().union(*(_varying_axes(a) for a in arrays if a is not None))
+  axes = frozenset().union(*(varying_axes(a) for a in arrays if a is not None))
 
   def vary(a):
-    missing = tuple(sorted(axes - _varying_axes(a)))
+    missing = tuple(sorted(axes - varying_axes(a)))
     return jax.lax.pcast(a, missing, to="varying") if missing else a
 
   return [None if a is None else vary(a) for a in arrays]
@@ -311,7 +313,8 @@ def capacity_ffn(activation, x, keep, w_in, w_gate, w_out):
     on these equal groups (`experiments/benchmarks/expert_matmuls.py`).
   """
   arrays = [None if a is None else jnp.asarray(a) for a in (x, keep, w_in, w_gate, w_out)]
-  return _capacity(activation, *_vary_alike(arrays))
+  with jax.named_scope(SCOPE):
+    return _capacity(activation, *_vary_alike(arrays))
 
 
 def _capacity_forward(activation, x, keep, w_in, w_gate, w_out, save: bool):

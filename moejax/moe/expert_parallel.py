@@ -38,7 +38,7 @@ from jax.sharding import PartitionSpec as P
 from moejax.moe import experts as experts_lib
 from moejax.moe.dispatch import CapacityBuffers, RoutedRows
 from moejax.moe.rows import permute_rows
-from moejax.sharding import EXPERT, axis_size, batch_axes, num_batch_shards
+from moejax.sharding import EXPERT, axis_size, batch_axes, num_batch_shards, varying_axes
 
 
 def shards_groups(mesh, num_groups: int) -> bool:
@@ -209,6 +209,11 @@ def _ragged_exchange(x, vectors, out_rows: int, chunk: int, platform: str):
   """One ragged all-to-all over the expert axis: `x` `[rows, d]` -> `[out_rows, d]`."""
   output = jnp.zeros((out_rows, x.shape[1]), x.dtype)
   if platform in ("gpu", "tpu"):
+    # The result is typed like `output`: make it vary over the mesh axes `x` varies over,
+    # or the backward pass's cotangent would not match its primal's type.
+    varying = tuple(sorted(varying_axes(x)))
+    if varying:
+      output = jax.lax.pcast(output, varying, to="varying")
     return jax.lax.ragged_all_to_all(
       x,
       output,

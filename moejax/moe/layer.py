@@ -47,6 +47,12 @@ from moejax.sharding import EXPERT, axis_size, batch_axes, mesh_platform, num_ba
 from moejax.sharding import logical
 
 
+# The most elements an `einsum` dispatch or combine mask `[group, E, capacity]` may have per
+# routing group (64 MiB in float32): the masks grow as group_size², so a group that spans
+# a pod's global batch would need terabytes.
+EINSUM_MASK_LIMIT = 2**24
+
+
 class SelectionBias(nnx.Variable):
   """Aux-loss-free balancing's per-expert bias `[experts]` (Wang et al. 2024; DeepSeek-V3):
   added to the router scores to select experts, never to gate them; not trained by the
@@ -197,6 +203,12 @@ class MoeLayer(nnx.Module):
     probs = scores if c.score_fn == "softmax" else scores / jnp.sum(scores, -1, keepdims=True)
     aux = {"z_loss": routing.router_z_loss(logits), "seq_aux_loss": jnp.zeros((), jnp.float32)}
     capacity = self.capacity(group)
+    if self.dispatch == "einsum" and group * E * capacity > EINSUM_MASK_LIMIT:
+      raise ValueError(
+        f"group_size={c.group_size}: einsum dispatch masks of {group} tokens x {E} experts x "
+        f"capacity {capacity} exceed {EINSUM_MASK_LIMIT:,} elements per routing group; set a "
+        "smaller model.group_size (e.g. one sequence) or dispatch='sort'."
+      )
 
     if c.router == "expert_choice":
       choice = per_device(

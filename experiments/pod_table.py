@@ -1,0 +1,100 @@
+"""The pod table: every config's `pod` recipe compiled for its own TPU slice.
+
+`python -m experiments.pod_table [--configs=mixtral,olmoe] [--out=docs/pods.md]`
+
+For each `configs/NAME.py` with a `pod` variant, `moejax.aot.report` compiles the train
+step for the slice the config names (`hardware.topology`) and the JSON report is written
+to `docs/results/pods/NAME.json`; then the Markdown table of all the reports there is
+written to `--out`. Needs libtpu (`pip install -e '.[tpu]'`); no TPU.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags
+from etils import epath
+
+from moejax import aot
+from moejax import workdir as workdir_lib
+from moejax.config import load_config, packaged_config_names
+
+_CONFIGS = flags.DEFINE_list("configs", None, "Configs to compile (default: every pod config).")
+_OUT = flags.DEFINE_string("out", "docs/pods.md", "The Markdown table to write.")
+_RESULTS = flags.DEFINE_string("results", "docs/results/pods", "Where each config's JSON goes.")
+
+GIB = 2**30
+
+
+def pod_configs() -> list[str]:
+  """The configs that have a `pod` variant naming its slice."""
+  names = []
+  for name in packaged_config_names():
+    try:
+      config = load_config(f"configs/{name}.py:pod")
+    except ValueError:  # no pod variant (tiny)
+      continue
+    if config.hardware.topology:
+      names.append(name)
+  return names
+
+
+def table_row(name: str, r: dict) -> str:
+  mesh = " × ".join(f"{k} {v}" for k, v in r["mesh"].items() if v > 1) or "—"
+  head = (
+    f"| {name} | {r['param_count'] / 1e9:.1f}B / {r['active_param_count'] / 1e9:.2f}B "
+    f"| {r['slice']} ({r['num_devices']}) | {mesh} "
+  )
+  used = r["bytes_per_device"]["total"] / GIB
+  if "error" in r:  # out of HBM: the compiler made no program
+    return head + (
+      f"| ≥ {used:.1f} / {r['hbm_bytes'] / GIB:.0f} | **no** | {r['model_flops'] / r['num_devices']:.2e} "
+      f"| — | — | — | — | {r['compile_seconds']:.0f} |"
+    )
+  collectives = ", ".join(f"{op} {c['bytes'] / GIB:.1f}" for op, c in r["collectives"].items())
+  bounds = r["roofline_seconds"]
+  return head + (
+    f"| {used:.1f} / {r['hbm_bytes'] / GIB:.0f} | {'yes' if r['fits'] else '**no**'} "
+    f"| {r['model_flops'] / r['num_devices']:.2e} | {collectives or '—'} "
+    f"| {bounds['compute'] * 1e3:.0f} / {bounds['ici'] * 1e3:.0f} "
+    f"| {r['roofline_step_seconds'] * 1e3:.0f} ({r['roofline_bottleneck']}) "
+    f"| {r['roofline_mfu']:.0%} | {r['compile_seconds']:.0f} |"
+  )
+
+
+HEADER = """\
+| config | params total / active | slice (devices) | mesh | GiB per device / HBM | fits | model FLOPs per device | collectives GiB per device | roofline ms: compute / ICI | step ≥ ms (bound) | MFU ≤ | compile s |
+|---|---|---|---|---|---|---|---|---|---|---|---|"""
+
+
+def main(argv) -> None:
+  del argv
+  results = epath.Path(_RESULTS.value)
+  results.mkdir(parents=True, exist_ok=True)
+  names = _CONFIGS.value or pod_configs()
+  for name in names:
+    config = load_config(f"configs/{name}.py:pod")
+    print(f"{name}: compiling for {config.hardware.topology} ...", flush=True)
+    report = aot.report(config, config.hardware.topology)
+    report["config"], report["slice"] = f"configs/{name}.py:pod", config.hardware.topology
+    print(aot.format_report(report), flush=True)
+    text = json.dumps(report, indent=2, sort_keys=True) + "\n"
+    workdir_lib.write_text_atomically(results / f"{name}.json", text)
+  rows = []
+  for path in sorted(results.glob("*.json")):
+    rows.append(table_row(path.stem, json.loads(path.read_text())))
+  out = epath.Path(_OUT.value)
+  template = out.read_text() if out.exists() else "<!-- pod table -->\n"
+  begin, end = "<!-- pod table -->", "<!-- end pod table -->"
+  table = f"{begin}\n{HEADER}\n" + "\n".join(rows) + f"\n{end}"
+  if begin not in template:
+    sys.exit(f"error: {out} has no '{begin}' marker to put the table after.")
+  head, _, rest = template.partition(begin)
+  _, _, tail = rest.partition(end)
+  workdir_lib.write_text_atomically(out, head + table + tail)
+  print(f"wrote {len(rows)} rows to {out}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,412 @@
+"""Compile the training step for a TPU slice on any host, and say whether it fits.
+
+`python -m moejax.aot --config=configs/NAME.py:pod [--topology=v5p-128] [--json=PATH]
+[--config.KEY=VALUE ...]`
+
+JAX can compile for a TPU topology it does not have: with the `libtpu` wheel installed
+(`pip install -e '.[tpu]'`), `jax.experimental.topologies.get_topology_desc` gives the
+devices of a slice, and the train step (`moejax.train.jit_train_step`, the function
+`moejax.main` runs) is lowered and compiled for them from abstract shapes. Nothing is
+allocated and no TPU is needed. XLA then reports, per device: the bytes of the
+arguments, outputs and temporaries (`compiled.memory_analysis()`), the FLOPs
+(`compiled.cost_analysis()`, which counts a loop's body once), and the collectives of the
+partitioned program (`moejax.hlo.collectives`, which counts a loop's body as often as it
+runs).
+
+The slice is named as gcloud names it (`v5p-128`), or as a topology (`v5p:4x4x4`);
+without `--topology` the config's own `hardware.topology` is used. The numbers of a
+slice are the chip's published specification (`CHIPS`).
+
+The roofline is a lower bound on the step time: the larger of the compute time at the
+chip's peak bf16 rate (the program's FLOPs: XLA's count, or the model's own arithmetic
+with the recomputed forward pass when that is more) and the time to send the
+collectives' bytes at the chip's ICI bandwidth in one direction (half the bidirectional
+figure), as if nothing overlapped them. The MFU it implies is the model FLOPs (6 · active
+matmul parameters · tokens plus attention, `moejax.flops`) over that time at peak: an
+upper bound on what the slice could reach with this program.
+
+Exit codes: 0 compiled (fits or not: `fits` says), 2 a wrong command or no libtpu, 1 a
+failed compile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+import time
+from typing import Any
+
+# Compiling for a TPU from a host without one: no metadata server to ask, CPU for the
+# rest, and no lock on libtpu (it holds one per host, for the process that drives the
+# chips; compiling needs none, and tests compile from several processes at once).
+for _key, _value in (
+  ("JAX_PLATFORMS", "cpu"),
+  ("TPU_ACCELERATOR_TYPE", "none"),
+  ("TPU_WORKER_HOSTNAMES", "localhost"),
+  ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
+):
+  os.environ.setdefault(_key, _value)
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from moejax import flops, hlo, sharding
+from moejax.steps import build, make_steps
+from moejax.train import jit_train_step, no_nonfinite_tally
+
+GIB = 2**30
+INSTALL_LINE = "pip install -e '.[tpu]'  (the libtpu wheel that matches the installed jax)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """A TPU generation's per-chip numbers (Cloud TPU system architecture pages,
+  cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e}).
+
+  `cores_per_chip`: TensorCores per chip, which gcloud's `vN-COUNT` names count for v4
+  and v5p (for v5e and v6e COUNT is chips). `ici_bytes_per_second`: bidirectional
+  inter-chip bandwidth per chip. `dims`: the torus's dimensions.
+  """
+
+  hbm_bytes: int
+  peak_bf16_flops: float
+  ici_bytes_per_second: float
+  cores_per_chip: int
+  dims: int
+
+
+CHIPS = {
+  # v4: 275 TFLOP/s, 32 GiB. The page gives no per-chip ICI figure; its
+  # all-reduce bandwidth per pod (1.1 PB/s over 4096 chips) doubled, the ratio the v5e
+  # page's own figures show (51.2 TB/s over 256 chips vs 400 GB/s per chip).
+  "v4": Chip(32 * GIB, 275e12, 2 * 1.1e15 / 4096, 2, 3),
+  # v5e: 197 TFLOP/s, 16 GB, 400 GB/s ICI.
+  "v5e": Chip(16 * 10**9, 197e12, 400e9, 1, 2),
+  # v5p: 459 TFLOP/s, 95 GiB, 1200 GB/s ICI.
+  "v5p": Chip(95 * GIB, 459e12, 1200e9, 2, 3),
+  # v6e: 918 TFLOP/s, 32 GB, 800 GB/s ICI.
+  "v6e": Chip(32 * 10**9, 918e12, 800e9, 1, 2),
+}
+
+# Chips -> the slice shape gcloud gives them (2-D tori for v5e/v6e, 3-D for v4/v5p).
+_SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16"}
+_SHAPES_2D[256] = "16x16"
+_SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8"}
+_SHAPES_3D.update({256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16"})
+_SHAPES_3D[4096] = "16x16x16"
+
+
+def parse_slice(name: str) -> tuple[str, str]:
+  """`'v5p-128'` (gcloud: 128 TensorCores, 64 chips) or `'v5p:4x4x4'` -> `('v5p',
+  'v5p:4x4x4')`, the generation and the topology name `get_topology_desc` takes. A
+  one-line ValueError lists what is allowed."""
+  allowed = ", ".join(f"{g}-N" for g in CHIPS)
+  match = re.fullmatch(r"(v\d+[a-z]?)([-:])([0-9x]+)", name or "")
+  if not match or match.group(1) not in CHIPS:
+    raise ValueError(f"--topology={name!r}: allowed are {allowed} (gcloud names) or GEN:AxB[xC].")
+  generation, separator, size = match.groups()
+  chip = CHIPS[generation]
+  if separator == ":":
+    if len(size.split("x")) != chip.dims:
+      raise ValueError(f"--topology={name!r}: a {generation} topology has {chip.dims} dims.")
+    return generation, name
+  count = int(size)
+  shapes = _SHAPES_2D if chip.dims == 2 else _SHAPES_3D
+  chips, rest = divmod(count, chip.cores_per_chip)
+  if rest or chips not in shapes:
+    counts = ", ".join(str(c * chip.cores_per_chip) for c in shapes)
+    raise ValueError(f"--topology={name!r}: {generation}-N with N one of {counts}.")
+  return generation, f"{generation}:{shapes[chips]}"
+
+
+def has_libtpu() -> bool:
+  return importlib.util.find_spec("libtpu") is not None
+
+
+def slice_devices(topology_name: str) -> list[jax.Device]:
+  """The devices of a TPU topology (`'v5e:2x2'`), from libtpu, on any host. Without
+  libtpu, a one-line ValueError (a wrong command: exit 2) gives the install line."""
+  if not has_libtpu():
+    raise ValueError(f"compiling for a TPU slice needs libtpu: {INSTALL_LINE}")
+  from jax.experimental import topologies
+
+  return list(topologies.get_topology_desc(platform="tpu", topology_name=topology_name).devices)
+
+
+def abstract_train_inputs(config: ml_collections.ConfigDict, mesh):
+  """(graphdef, state shardings, the train step's arguments as shardings-carrying
+  `jax.ShapeDtypeStruct`s): what `jit_train_step` is lowered with, nothing allocated."""
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(config, mesh)[:2]))
+  shardings = sharding.param_shardings(abstract, mesh)
+  state = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
+  replicated, by_batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  tally = {
+    k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated)
+    for k, v in no_nonfinite_tally().items()
+  }
+  tokens = (config.train.batch_size, config.train.seq_len)
+  batch = {
+    key: jax.ShapeDtypeStruct(tokens, jnp.int32, sharding=by_batch) for key in ("inputs", "targets")
+  }
+  step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+  return graphdef, shardings, (state, tally, batch, step)
+
+
+def slice_mesh(config: ml_collections.ConfigDict, devices) -> jax.sharding.Mesh:
+  """The mesh of `config.mesh` over `devices`, checked against the model and batch (a
+  one-line ValueError when it does not fit them)."""
+  m, tc = config.model, config.train
+  mesh = sharding.make_mesh(config.mesh, devices)
+  sharding.validate_mesh(
+    mesh,
+    num_experts=m.num_experts,
+    global_batch_size=tc.batch_size,
+    seq_len=tc.seq_len,
+    group_size=m.group_size,
+  )
+  return mesh
+
+
+def compile_train_step(config: ml_collections.ConfigDict, mesh) -> tuple[Any, dict]:
+  """Lowers and compiles the train step of `config` on `mesh`.
+
+  Returns (compiled, `{'lower_seconds', 'compile_seconds'}`). The model is built on that
+  mesh, so its MoE forms are the ones for the devices' platform (a TPU mesh gets the TPU
+  program on any host). XLA:TPU refuses to compile a program whose temporaries exceed
+  HBM: `OutOfMemory` then says how much it needed.
+  """
+  start = time.perf_counter()
+  graphdef, shardings, arguments = abstract_train_inputs(config, mesh)
+  train_step, _ = make_steps(graphdef, config.model)
+  lowered = jit_train_step(train_step, mesh, shardings).lower(*arguments)
+  lowered_at = time.perf_counter()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as error:
+    needed = _TEMPORARIES_NEEDED.search(str(error))
+    if "RESOURCE_EXHAUSTED" not in str(error) or not needed:
+      raise
+    raise OutOfMemory(float(needed.group(1)) * GIB, time.perf_counter() - lowered_at) from None
+  timings = {
+    "lower_seconds": lowered_at - start,
+    "compile_seconds": time.perf_counter() - lowered_at,
+  }
+  return compiled, timings
+
+
+# XLA:TPU's message: "the total memory required for HLO temporaries (106.82G) exceeds ...".
+_TEMPORARIES_NEEDED = re.compile(r"HLO temporaries \(([0-9.]+)G\)")
+
+
+class OutOfMemory(Exception):
+  """The compiler found that the step's temporaries alone exceed a device's HBM."""
+
+  def __init__(self, temporaries_bytes: float, compile_seconds: float):
+    super().__init__(f"the step's temporaries need {temporaries_bytes / GIB:.1f} GiB per device")
+    self.temporaries_bytes, self.compile_seconds = int(temporaries_bytes), compile_seconds
+
+
+def state_bytes_per_device(config: ml_collections.ConfigDict, mesh) -> dict[str, int]:
+  """`{'params', 'optimizer'}`: the bytes of the model's parameters and of the optimizer
+  state that one device holds in the train state's shardings on `mesh` (None: all of it)."""
+  _, abstract = nnx.split(nnx.eval_shape(lambda: build(config, mesh)[:2]))
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+  leaves = jax.tree_util.tree_flatten_with_path(abstract, is_leaf=is_variable)[0]
+  if mesh is None:
+    shard_shapes = [variable.shape for _, variable in leaves]
+  else:
+    shardings = jax.tree.leaves(sharding.param_shardings(abstract, mesh), is_leaf=is_variable)
+    shard_shapes = [s.get_value().shard_shape(v.shape) for s, (_, v) in zip(shardings, leaves)]
+  totals = {"params": 0, "optimizer": 0}
+  for (path, variable), shape in zip(leaves, shard_shapes):
+    which = (
+      "optimizer" if path[0].key == 1 else "params" if isinstance(variable, nnx.Param) else None
+    )
+    if which is not None:  # RNG streams and counters (a few bytes) are left out
+      totals[which] += math.prod(shape) * jnp.dtype(variable.dtype).itemsize
+  return totals
+
+
+def model_flops_per_step(config: ml_collections.ConfigDict) -> float:
+  """Training FLOPs of one step by the model's arithmetic: 3 × the forward FLOPs per token
+  (`moejax.flops`: 2 · active matmul parameters plus attention) × tokens per step."""
+  tc = config.train
+  forward = flops.flops_per_token(config.model, tc.seq_len)["active"]
+  return 3.0 * forward * tc.batch_size * tc.seq_len
+
+
+def report(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
+  """Compiles the train step of `config` for the slice `topology` and returns what it
+  costs per device (the keys of the module docstring's `--json`)."""
+  generation, topology_name = parse_slice(topology)
+  chip = CHIPS[generation]
+  devices = slice_devices(topology_name)
+  mesh = slice_mesh(config, devices)
+  devices_per_chip = max(1, len(devices) // num_chips(topology_name))  # v4: one per core
+  hbm = chip.hbm_bytes // devices_per_chip
+  state_bytes = state_bytes_per_device(config, mesh)
+  params = flops.count_params(config.model)
+  result = {
+    "topology": topology_name,
+    "num_devices": len(devices),
+    "device_kind": devices[0].device_kind,
+    "mesh": dict(zip(mesh.axis_names, (int(s) for s in mesh.axis_sizes))),
+    "dtype": config.model.dtype,
+    "tokens_per_step": config.train.batch_size * config.train.seq_len,
+    "hbm_bytes": int(hbm),
+    "param_count": int(params["total"]),
+    "active_param_count": int(params["active"]),
+    "param_bytes_per_device": state_bytes["params"],
+    "optimizer_bytes_per_device": state_bytes["optimizer"],
+    "model_flops": model_flops_per_step(config),
+  }
+  try:
+    compiled, timings = compile_train_step(config, mesh)
+  except OutOfMemory as error:  # nothing else to read: no program was made
+    used = {"temporaries": error.temporaries_bytes}
+    used["total"] = used["temporaries"] + state_bytes["params"] + state_bytes["optimizer"]
+    return result | {
+      "bytes_per_device": used,
+      "fits": False,
+      "margin_bytes": int(hbm - used["total"]),
+      "compile_seconds": error.compile_seconds,
+      "error": str(error),
+    }
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  collectives = hlo.collectives(compiled.as_text())
+  used = {
+    "arguments": int(memory.argument_size_in_bytes),
+    "outputs": int(memory.output_size_in_bytes),
+    "temporaries": int(memory.temp_size_in_bytes),
+    "aliased": int(memory.alias_size_in_bytes),
+  }
+  # Donated state is both an argument and an output: count it once.
+  used["total"] = used["arguments"] + used["outputs"] - used["aliased"] + used["temporaries"]
+  flops_per_device = float(cost.get("flops", 0.0))
+  model_flops = result["model_flops"]
+  # XLA's cost analysis counts a loop's body once, so for scanned layers its FLOPs fall
+  # short: the compute bound takes the larger of it and the model's own arithmetic, with
+  # the forward pass done twice when every period is recomputed (`model.remat='full'`).
+  recompute = 4 / 3 if config.model.remat == "full" else 1.0
+  program_flops = max(flops_per_device, model_flops * recompute / len(devices))
+  collective_bytes = sum(c["bytes"] for c in collectives.values())
+  per_device_peak = chip.peak_bf16_flops / devices_per_chip
+  bounds = {
+    "compute": program_flops / per_device_peak,
+    "ici": collective_bytes / (chip.ici_bytes_per_second / 2 / devices_per_chip),
+  }
+  step_seconds = max(bounds.values())
+  return result | {
+    "bytes_per_device": used,
+    "fits": used["total"] <= hbm,
+    "margin_bytes": int(hbm - used["total"]),
+    "collectives": collectives,
+    "flops_per_device": flops_per_device,
+    "program_flops_per_device": program_flops,
+    "roofline_seconds": bounds,
+    "roofline_bottleneck": max(bounds, key=bounds.get),
+    "roofline_step_seconds": step_seconds,
+    "roofline_mfu": model_flops / len(devices) / per_device_peak / step_seconds,
+    "lower_seconds": timings["lower_seconds"],
+    "compile_seconds": timings["compile_seconds"],
+  }
+
+
+def num_chips(topology_name: str) -> int:
+  """Chips of a topology: the product of its shape (`'v5p:4x4x4'` -> 64)."""
+  return math.prod(int(d) for d in topology_name.split(":")[1].split("x"))
+
+
+def format_report(result: dict[str, Any]) -> str:
+  """The report as a few lines of text."""
+  gib = lambda b: f"{b / GIB:.2f} GiB"
+  used = result["bytes_per_device"]
+  mesh = ", ".join(f"{k}={v}" for k, v in result["mesh"].items())
+  lines = [
+    f"{result['topology']}: {result['num_devices']} x {result['device_kind']}; mesh {mesh}; "
+    f"{result['dtype']}; {result['tokens_per_step']:,} tokens per step",
+    f"state per device: parameters {gib(result['param_bytes_per_device'])}, optimizer "
+    f"{gib(result['optimizer_bytes_per_device'])} ({result['param_count']:,} parameters, "
+    f"{result['active_param_count']:,} active per token)",
+  ]
+  if "error" in result:  # the compiler refused: out of HBM
+    return "\n".join(
+      lines
+      + [
+        f"memory per device: does NOT fit {gib(result['hbm_bytes'])} HBM: {result['error']} "
+        f"(at least {gib(used['total'])} with the state)",
+        f"compile gave up after {result['compile_seconds']:.1f} s",
+      ]
+    )
+  lines += [
+    f"memory per device: {gib(used['total'])} of {gib(result['hbm_bytes'])} HBM "
+    f"({'fits' if result['fits'] else 'does NOT fit'}, margin {gib(result['margin_bytes'])}): "
+    f"arguments {gib(used['arguments'])}, outputs {gib(used['outputs'])} "
+    f"({gib(used['aliased'])} of them donated arguments), temporaries {gib(used['temporaries'])}",
+    "collectives per step per device: "
+    + (
+      ", ".join(f"{op} {c['count']}x {gib(c['bytes'])}" for op, c in result["collectives"].items())
+      or "none"
+    ),
+    f"FLOPs per device per step: {result['flops_per_device']:.3e} (XLA, loop bodies once), "
+    f"{result['program_flops_per_device']:.3e} (program); model FLOPs per step "
+    f"{result['model_flops']:.3e} (6·N_active·tokens + attention)",
+    "roofline per step: "
+    + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in result["roofline_seconds"].items())
+    + f" -> at least {result['roofline_step_seconds'] * 1e3:.1f} ms "
+    f"({result['roofline_bottleneck']}-bound), MFU at most {result['roofline_mfu']:.1%}",
+    f"lowered in {result['lower_seconds']:.1f} s, compiled in {result['compile_seconds']:.1f} s",
+  ]
+  return "\n".join(lines)
+
+
+def main(argv) -> None:
+  del argv
+  config = _CONFIG.value
+  topology = _TOPOLOGY.value or config.hardware.topology
+  if not topology:
+    raise ValueError(
+      "--topology is required: the config names no slice (config.hardware.topology); "
+      f"allowed: {', '.join(f'{g}-N' for g in CHIPS)}."
+    )
+  result = report(config, topology)
+  print(format_report(result))
+  if _JSON.value:
+    from etils import epath
+
+    from moejax import workdir as workdir_lib
+
+    path = epath.Path(_JSON.value)
+    existed = path.exists()
+    workdir_lib.write_text_atomically(path, json.dumps(result, indent=2, sort_keys=True) + "\n")
+    print(f"{'replaced' if existed else 'wrote'} {path}")
+
+
+if __name__ == "__main__":
+  from absl import flags
+  from ml_collections import config_flags
+
+  from moejax import cli
+
+  _CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, configs/NAME.py[:ARG].", lock_config=True
+  )
+  _TOPOLOGY = flags.DEFINE_string(
+    "topology",
+    None,
+    "TPU slice, gcloud-style (v5p-128, v5e-256) or GEN:AxB[xC]; "
+    "default: the config's hardware.topology.",
+  )
+  _JSON = flags.DEFINE_string("json", None, "Also write the report as one JSON object here.")
+  flags.mark_flag_as_required("config")
+  cli.run(main, config_flag="config")

@@ -1,0 +1,188 @@
+"""The train step compiled ahead of time for real TPU slices (libtpu, no TPU), read back:
+the forms the model picks for TPU devices, the expert-parallel exchanges, FSDP shardings,
+the memory report; the slice names; the pod recipes; the command line."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from moejax import aot, sharding
+from moejax.config import load_config
+from moejax.moe import block_ffn
+from moejax.model import moe_layer_indices
+
+pytestmark = pytest.mark.skipif(not aot.has_libtpu(), reason="needs libtpu (the tpu extra)")
+
+SMOKE = "configs/mixtral.py:smoke"  # 2 MoE layers, 8 experts top-2, dropless
+
+
+def compile_for(topology: str, **overrides):
+  config = load_config(SMOKE, {"model.remat": "none", **overrides})
+  _, name = aot.parse_slice(topology)
+  mesh = aot.slice_mesh(config, aot.slice_devices(name))
+  compiled, _ = aot.compile_train_step(config, mesh)
+  return config, compiled, mesh
+
+
+@pytest.fixture(scope="module")
+def dropless_ep():
+  """One compile shared by the assertions: dropless experts, 4-way expert parallel, v5e 2x2."""
+  config, compiled, mesh = compile_for("v5e-4", **{"mesh.expert": 4, "mesh.data": 1})
+  return config, compiled.as_text()
+
+
+def test_the_tpu_program_has_the_tpu_forms(dropless_ep):
+  """Built on a TPU mesh from this CPU host, the layer runs `ragged_dot` experts and the
+  ragged all-to-all, not the CPU block loop."""
+  _, text = dropless_ep
+  assert "ragged-dot" in text  # XLA:TPU names its grouped-matmul fusions ragged-dot-*
+  assert block_ffn.SCOPE not in text
+
+
+def test_forcing_the_block_loop_shows_in_the_tpu_program():
+  """The negative control of the test above: the CPU form, forced, is visible."""
+  _, compiled, _ = compile_for(
+    "v5e-4", **{"mesh.expert": 4, "mesh.data": 1, "model.expert_impl": "block_loop"}
+  )
+  assert block_ffn.SCOPE in compiled.as_text()
+
+
+def test_expert_parallel_exchanges_per_layer(dropless_ep):
+  """Per MoE layer: rows out to the expert devices and back, forward and backward."""
+  config, text = dropless_ep
+  found = aot.hlo.collectives(text)
+  assert found["ragged-all-to-all"]["count"] == 4 * len(moe_layer_indices(config.model))
+
+
+def test_einsum_dispatch_uses_dense_all_to_alls():
+  config, compiled, _ = compile_for(
+    "v5e-4", **{"mesh.expert": 4, "mesh.data": 1, "model.dispatch": "auto"}
+  )
+  found = aot.hlo.collectives(compiled.as_text())
+  assert "ragged-all-to-all" not in found
+  assert found["all-to-all"]["count"] == 4 * len(moe_layer_indices(config.model))
+
+
+def test_fsdp_shards_parameters_and_optimizer_state():
+  """fsdp 4 on a v5p 2x2x1: each device holds a quarter of the parameters and of the
+  optimizer state (the smoke model's dimensions all divide by 4), and the step gathers
+  weights and reduce-scatters gradients."""
+  config, compiled, mesh = compile_for("v5p-8", **{"mesh.fsdp": 4, "mesh.data": 1})
+  alone = aot.state_bytes_per_device(config, None)
+  sharded = aot.state_bytes_per_device(config, mesh)
+  assert sharded["params"] == pytest.approx(alone["params"] / 4, rel=0.02)
+  assert sharded["optimizer"] == pytest.approx(alone["optimizer"] / 4, rel=0.02)
+  found = aot.hlo.collectives(compiled.as_text())
+  assert found["all-gather"]["count"] > 0
+  assert "reduce-scatter" in found or "all-reduce" in found
+
+
+def test_report_on_v5e_4():
+  config = load_config(SMOKE, {"mesh.expert": 4, "mesh.data": 1})
+  result = aot.report(config, "v5e-4")
+  for key in (
+    "topology",
+    "num_devices",
+    "device_kind",
+    "mesh",
+    "hbm_bytes",
+    "bytes_per_device",
+    "fits",
+    "param_count",
+    "collectives",
+    "flops_per_device",
+    "model_flops",
+    "roofline_step_seconds",
+    "roofline_mfu",
+    "compile_seconds",
+  ):
+    assert key in result
+  assert result["topology"] == "v5e:2x2" and result["num_devices"] == 4
+  assert result["mesh"] == {"data": 1, "fsdp": 1, "expert": 4}
+  used = result["bytes_per_device"]
+  assert (
+    used["total"] == used["arguments"] + used["outputs"] - used["aliased"] + used["temporaries"]
+  )
+  # The donated state is at least the parameters and optimizer state a device holds.
+  assert (
+    used["arguments"] >= result["param_bytes_per_device"] + result["optimizer_bytes_per_device"]
+  )
+  assert result["fits"] and result["hbm_bytes"] == 16 * 10**9
+  assert 0 < result["roofline_mfu"] <= 1
+
+
+@pytest.mark.parametrize(
+  "name, topology",
+  [
+    ("v5e-4", "v5e:2x2"),
+    ("v5e-256", "v5e:16x16"),
+    ("v6e-64", "v6e:8x8"),
+    ("v5p-8", "v5p:2x2x1"),
+    ("v5p-128", "v5p:4x4x4"),
+    ("v5p-1024", "v5p:8x8x8"),
+    ("v4-128", "v4:4x4x4"),
+    ("v5p:4x4x8", "v5p:4x4x8"),
+  ],
+)
+def test_gcloud_names(name, topology):
+  assert aot.parse_slice(name)[1] == topology
+
+
+@pytest.mark.parametrize("name", ["v5p-6", "v5e-3", "v9-8", "tpu", "v5e:2x2x2", ""])
+def test_wrong_slice_names(name):
+  with pytest.raises(ValueError, match="--topology="):
+    aot.parse_slice(name)
+
+
+def test_without_libtpu_the_install_line(monkeypatch):
+  monkeypatch.setattr(aot, "has_libtpu", lambda: False)
+  with pytest.raises(ValueError, match=r"pip install -e '\.\[tpu\]'"):
+    aot.slice_devices("v5e:2x2")
+
+
+POD_CONFIGS = [
+  "arctic",
+  "deepseek_v2_lite",
+  "deepseek_v3",
+  "dense",
+  "glam",
+  "mixtral",
+  "olmoe",
+  "qwen2_moe",
+  "qwen3_moe",
+  "st_moe",
+  "switch_base",
+]
+
+
+@pytest.mark.parametrize("name", POD_CONFIGS)
+def test_every_pod_recipe_names_a_slice_its_mesh_fits(name):
+  """Each pod variant names its slice, its mesh fills the slice's devices and fits the
+  model and batch, routing groups with a capacity are one sequence, and it computes in
+  bfloat16."""
+  config = load_config(f"configs/{name}.py:pod")
+  generation, topology = aot.parse_slice(config.hardware.topology)
+  devices = aot.num_chips(topology) * (2 if generation == "v4" else 1)
+  sizes = sharding.mesh_shape(config.mesh, devices)
+  assert config.train.batch_size % devices == 0
+  if config.model.num_experts:
+    assert config.model.num_experts % sizes["expert"] == 0
+  capacity = config.model.num_experts and config.model.dispatch != "dropless"
+  assert config.model.group_size == (config.train.seq_len if capacity else None)
+  assert config.model.dtype == "bfloat16"
+
+
+def test_command_line(tmp_path):
+  out = tmp_path / "report.json"
+  command = [sys.executable, "-m", "moejax.aot", f"--config={SMOKE}", "--topology=v5e-4"]
+  overrides = ["--config.mesh.expert=4", "--config.mesh.data=1", f"--json={out}"]
+  done = subprocess.run(command + overrides, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "fits" in done.stdout and json.loads(out.read_text())["num_devices"] == 4
+  wrong = subprocess.run(
+    command[:-1] + ["--topology=v5e-3"], capture_output=True, text=True, timeout=600
+  )
+  assert wrong.returncode == 2
+  assert wrong.stderr.strip().splitlines()[-1].startswith("error: --topology='v5e-3'")
