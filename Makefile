@@ -9,6 +9,10 @@ STAMP := $(VENV)/.installed
 # with 2 MiB pages when asked: the tiny model's step runs about 25% faster on CPU
 # (docs/performance.md). Other systems ignore it.
 CPU_MALLOC := GLIBC_TUNABLES=glibc.malloc.hugetlb=1
+# The test tools bring libtpu (the ahead-of-time TPU compiles need it). On a host without
+# a TPU, jax would probe for one and print libtpu's warnings: the targets below run on the
+# CPU unless JAX_PLATFORMS says otherwise (JAX_PLATFORMS=tpu on a TPU VM).
+export JAX_PLATFORMS ?= cpu
 
 .PHONY: install demo plot clean-demo test lint bench bench-gpu clean
 
@@ -57,7 +61,8 @@ bench: $(STAMP)
 # The GPU checks in one short run, on a host with a GPU and jax[cuda12] (docs/performance.md):
 # the MoE layer in bfloat16 at Mixtral and OLMoE shapes, and a shrunk Mixtral training step.
 bench-gpu: $(STAMP)
-	$(PY) -m experiments.benchmarks.gpu --out=benchmarks/gpu.csv
+	$(PY) -m pip install --quiet -e '.[cuda12]'
+	JAX_PLATFORMS=cuda $(PY) -m experiments.benchmarks.gpu --out=benchmarks/gpu.csv
 
 clean:
 	rm -rf $(VENV) build *.egg-info

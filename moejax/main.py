@@ -92,6 +92,11 @@ def main(argv) -> None:
     print(run_plan.describe_plan(plan, config))
     print("dry run: nothing was written.")
     return
+  if config.hardware.topology and jax.process_index() == 0:
+    print(
+      f"config made for {config.hardware.topology}; running on {jax.device_count()} "
+      f"{jax.devices()[0].device_kind} devices"
+    )
   final = train.train_and_evaluate(config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   if jax.process_index() != 0 or final["preempted"]:
     return

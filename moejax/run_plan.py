@@ -209,6 +209,11 @@ def describe_plan(plan: RunPlan, config: ml_collections.ConfigDict) -> str:
     f"mesh: {', '.join(f'{k}={v}' for k, v in sizes.items())} over {jax.device_count()} "
     f"{jax.devices()[0].platform} devices",
   ]
+  if config.hardware.topology:
+    lines.append(
+      f"recipe: made for {config.hardware.topology} (`python -m moejax.aot` checks its fit "
+      "there ahead of time)"
+    )
   if not plan.workdir.exists():
     lines.append(f"workdir: {plan.workdir} does not exist yet; a new run would create it")
   elif not plan.steps:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import family_reference as ref
-from moejax.moe import routing
+from moejax.moe import balancing, routing
 
 
 def numeric_grad(f, x, eps=1e-6):
@@ -315,30 +315,30 @@ def test_update_selection_bias_matches_reference(num_experts, rate, seed):
   rng = np.random.default_rng(seed)
   bias = rng.normal(size=num_experts).astype(np.float32)
   counts = rng.integers(0, 5, size=num_experts).astype(np.float32)
-  got = routing.update_selection_bias(jnp.asarray(bias), jnp.asarray(counts), rate)
+  got = balancing.update_selection_bias(jnp.asarray(bias), jnp.asarray(counts), rate)
   expected = ref.update_bias(bias.astype(np.float64), counts, rate)
   np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6, atol=1e-7)
   assert np.all(np.abs(np.asarray(got) - bias) <= rate + 1e-6)  # float32 rounding
   # Only the signs of c̄ - c_i matter: scaled counts (0.25, exact in float32) give the same.
-  scaled = routing.update_selection_bias(jnp.asarray(bias), jnp.asarray(counts * 0.25), rate)
+  scaled = balancing.update_selection_bias(jnp.asarray(bias), jnp.asarray(counts * 0.25), rate)
   np.testing.assert_array_equal(np.asarray(scaled), np.asarray(got))
   # No gradient flows through the update.
   grad = jax.grad(
-    lambda b, c: jnp.sum(routing.update_selection_bias(b, c, rate) ** 2), argnums=(0, 1)
+    lambda b, c: jnp.sum(balancing.update_selection_bias(b, c, rate) ** 2), argnums=(0, 1)
   )(jnp.asarray(bias), jnp.asarray(counts))
   assert not np.any(np.asarray(grad[0])) and not np.any(np.asarray(grad[1]))
 
 
 def test_update_selection_bias_rejects_mismatched_shapes():
   with pytest.raises(ValueError, match="must both have shape"):
-    routing.update_selection_bias(jnp.zeros(4), jnp.zeros(5), 0.1)
+    balancing.update_selection_bias(jnp.zeros(4), jnp.zeros(5), 0.1)
 
 
 def test_expert_counts():
   indices = jnp.array([[0, 2], [2, 3], [2, 0]])
-  np.testing.assert_array_equal(routing.expert_counts(indices, 5), [2, 0, 3, 1, 0])
+  np.testing.assert_array_equal(balancing.expert_counts(indices, 5), [2, 0, 3, 1, 0])
   valid = jnp.array([[True, False], [True, True], [False, True]])
-  np.testing.assert_array_equal(routing.expert_counts(indices, 5, valid), [2, 0, 1, 1, 0])
+  np.testing.assert_array_equal(balancing.expert_counts(indices, 5, valid), [2, 0, 1, 1, 0])
 
 
 def test_bias_updates_balance_a_skewed_router():
@@ -350,13 +350,13 @@ def test_bias_updates_balance_a_skewed_router():
 
   def imbalance(bias):
     choice = routing.token_choice(scores, k, selection_bias=bias, normalize=True)
-    counts = routing.expert_counts(choice.expert_indices, num_experts)
+    counts = balancing.expert_counts(choice.expert_indices, num_experts)
     return float(jnp.max(counts) / jnp.mean(counts)), counts
 
   bias = jnp.zeros(num_experts)
   before, counts = imbalance(bias)
   for _ in range(300):
-    bias = routing.update_selection_bias(bias, counts, 0.01)
+    bias = balancing.update_selection_bias(bias, counts, 0.01)
     after, counts = imbalance(bias)
   assert before > 2.5
   assert after < 1.25
@@ -380,7 +380,7 @@ def test_sequence_aux_loss_matches_reference(shape, score_fn, seed):
   logits = _logits(seed, (batch, seq, num_experts), 1.5)
   scores = ref.scores_of(logits, score_fn)
   indices = np.argsort(-scores, -1, kind="stable")[..., :k]
-  got = routing.sequence_aux_loss(
+  got = balancing.sequence_aux_loss(
     routing.router_scores(jnp.asarray(logits, jnp.float32), score_fn),
     jnp.asarray(indices),
     num_experts,
@@ -388,7 +388,7 @@ def test_sequence_aux_loss_matches_reference(shape, score_fn, seed):
   expected = ref.sequence_aux_loss(scores, indices, num_experts)
   np.testing.assert_allclose(float(got), expected, rtol=1e-5)
   grad = jax.grad(
-    lambda l: routing.sequence_aux_loss(routing.router_scores(l, score_fn), indices, num_experts)
+    lambda l: balancing.sequence_aux_loss(routing.router_scores(l, score_fn), indices, num_experts)
   )(jnp.asarray(logits, jnp.float32))
   expected_grad = numeric_grad(
     lambda l: ref.sequence_aux_loss(ref.scores_of(l, score_fn), indices, num_experts), logits
@@ -400,16 +400,16 @@ def test_sequence_aux_loss_is_one_when_uniform_and_per_sequence():
   num_experts, seq = 4, 8
   indices = (np.arange(seq)[:, None] + np.arange(2)[None]) % num_experts  # balanced, k=2
   uniform = jnp.full((3, seq, num_experts), 0.3)
-  loss = routing.sequence_aux_loss(uniform, jnp.asarray(np.stack([indices] * 3)), num_experts)
+  loss = balancing.sequence_aux_loss(uniform, jnp.asarray(np.stack([indices] * 3)), num_experts)
   assert float(loss) == pytest.approx(1.0, rel=1e-6)
   # Each sequence balanced on its own is not the same as the batch balanced: two
   # sequences each collapsed on a different expert give a balanced batch but a high loss.
   scores = jnp.asarray([[[0.9, 0.1]] * 4, [[0.1, 0.9]] * 4])
   collapsed = jnp.asarray([[[0]] * 4, [[1]] * 4])
-  assert float(routing.sequence_aux_loss(scores, collapsed, 2)) == pytest.approx(1.8, rel=1e-6)
+  assert float(balancing.sequence_aux_loss(scores, collapsed, 2)) == pytest.approx(1.8, rel=1e-6)
   flat_probs = scores.reshape(8, 2) / scores.reshape(8, 2).sum(-1, keepdims=True)
   assert float(
-    routing.load_balancing_loss(flat_probs, collapsed.reshape(8, 1), 2)
+    balancing.load_balancing_loss(flat_probs, collapsed.reshape(8, 1), 2)
   ) == pytest.approx(1.0)
 
 
@@ -427,7 +427,7 @@ def test_pooled_load_balancing_losses_match_reference(shape, seed):
   for pooling, reference in cases.items():
 
     def loss(l, pooling=pooling):
-      return routing.pooled_load_balancing_loss(
+      return balancing.pooled_load_balancing_loss(
         jax.nn.softmax(l), jnp.asarray(indices), num_experts, pooling
       )
 
@@ -439,15 +439,15 @@ def test_pooled_load_balancing_losses_match_reference(shape, seed):
     )
   # One group makes 'group' equal 'call'.
   p32 = jnp.asarray(probs, jnp.float32)
-  call = routing.pooled_load_balancing_loss(p32, jnp.asarray(indices), num_experts, "call")
+  call = balancing.pooled_load_balancing_loss(p32, jnp.asarray(indices), num_experts, "call")
   if groups == 1:
-    group = routing.pooled_load_balancing_loss(p32, jnp.asarray(indices), num_experts, "group")
+    group = balancing.pooled_load_balancing_loss(p32, jnp.asarray(indices), num_experts, "group")
     np.testing.assert_allclose(float(group), float(call), rtol=1e-6)
 
 
 def test_pooled_load_balancing_loss_rejects_bad_settings():
   probs, indices = jnp.full((2, 3, 4), 0.25), jnp.zeros((2, 3, 1), jnp.int32)
   with pytest.raises(ValueError, match="lb_pooling='batch'"):
-    routing.pooled_load_balancing_loss(probs, indices, 4, "batch")
+    balancing.pooled_load_balancing_loss(probs, indices, 4, "batch")
   with pytest.raises(ValueError, match="lb_pooling='group' needs"):
-    routing.pooled_load_balancing_loss(probs.reshape(6, 4), indices.reshape(6, 1), 4, "group")
+    balancing.pooled_load_balancing_loss(probs.reshape(6, 4), indices.reshape(6, 1), 4, "group")

@@ -6,6 +6,6 @@ Calls only go down: `layer` -> `routing`, `dispatch` -> `expert_parallel` -> `ex
 
 from moejax.moe.config import MoeConfig
 from moejax.moe.layer import MoeLayer
-from moejax.moe.routing import load_balancing_loss, router_z_loss
+from moejax.moe.balancing import load_balancing_loss, router_z_loss
 
 __all__ = ["MoeConfig", "MoeLayer", "load_balancing_loss", "router_z_loss"]

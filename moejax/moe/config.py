@@ -22,7 +22,8 @@ from __future__ import annotations
 import dataclasses
 
 from moejax.activations import check_activation
-from moejax.moe.routing import LB_POOLINGS, SCORE_FNS
+from moejax.moe.balancing import LB_POOLINGS
+from moejax.moe.routing import SCORE_FNS
 
 ROUTERS = ("top_k", "noisy_top_k", "expert_choice", "dense")
 TOKEN_CHOICE_ROUTERS = ("top_k", "noisy_top_k")

@@ -23,7 +23,7 @@ The call path of one token, on one device or on a mesh (the same code):
     MoeLayer.__call__
       routing.router_logits, softmax              global view  [G, S, E]
       expert_parallel.per_device(top_k_choice)    each device's groups
-      routing.load_balancing_loss, router_z_loss  global view (the same on every mesh)
+      balancing.load_balancing_loss, router_z_loss  global view (the same on every mesh)
       expert_parallel.per_device(form.prepare)    dispatch.{EINSUM, SORT, DROPLESS}
       expert_parallel.run_experts                 experts (+ all-to-all on an expert axis)
       expert_parallel.per_device(form.combine)
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.ffn import FeedForward
-from moejax.moe import routing
+from moejax.moe import balancing, routing
 from moejax.moe.config import MoeConfig
 from moejax.moe.dispatch import FORMS, expert_capacity
 from moejax.moe.experts import Experts
@@ -150,10 +150,10 @@ class MoeLayer(nnx.Module):
 
   def update_selection_bias(self, expert_load: jax.Array) -> None:
     """Aux-loss-free balancing after a step: the bias moves by `bias_update_rate` toward the
-    underloaded experts (`routing.update_selection_bias`), from `expert_load` `[experts]`,
+    underloaded experts (`balancing.update_selection_bias`), from `expert_load` `[experts]`,
     this layer's share of the step's assignments over the global batch; `[..., experts]`
     for a stack of layers."""
-    update = routing.update_selection_bias
+    update = balancing.update_selection_bias
     for _ in range(expert_load.ndim - 1):
       update = jax.vmap(update, in_axes=(0, 0, None))
     self.selection_bias[...] = update(
@@ -201,7 +201,7 @@ class MoeLayer(nnx.Module):
     scores = routing.router_scores(logits, c.score_fn)
     # Sigmoid scores do not sum to 1: the balance statistics use them normalised per token.
     probs = scores if c.score_fn == "softmax" else scores / jnp.sum(scores, -1, keepdims=True)
-    aux = {"z_loss": routing.router_z_loss(logits), "seq_aux_loss": jnp.zeros((), jnp.float32)}
+    aux = {"z_loss": balancing.router_z_loss(logits), "seq_aux_loss": jnp.zeros((), jnp.float32)}
     capacity = self.capacity(group)
     if self.dispatch == "einsum" and group * E * capacity > EINSUM_MASK_LIMIT:
       raise ValueError(
@@ -231,10 +231,10 @@ class MoeLayer(nnx.Module):
       aux["expert_load"] = jnp.zeros((E,), jnp.float32).at[indices].add(1.0 / indices.size)
       aux["lb_loss"] = jnp.zeros((), jnp.float32)
       if c.router != "dense":  # every token uses every expert: nothing to balance
-        aux["lb_loss"] = routing.pooled_load_balancing_loss(
+        aux["lb_loss"] = balancing.pooled_load_balancing_loss(
           probs, choice.expert_indices, E, c.lb_pooling
         )
-        aux["seq_aux_loss"] = routing.sequence_aux_loss(
+        aux["seq_aux_loss"] = balancing.sequence_aux_loss(
           scores.reshape(batch, seq, E), choice.expert_indices.reshape(batch, seq, -1), E
         )
       if c.second_expert_policy == "random" and training:
