@@ -57,6 +57,7 @@ import ml_collections
 from flax import nnx
 
 from moejax import flops, hlo, sharding
+from moejax.run_plan import check_mesh
 from moejax.steps import build, make_steps
 from moejax.train import jit_train_step, no_nonfinite_tally
 
@@ -163,16 +164,7 @@ def abstract_train_inputs(config: ml_collections.ConfigDict, mesh):
 def slice_mesh(config: ml_collections.ConfigDict, devices) -> jax.sharding.Mesh:
   """The mesh of `config.mesh` over `devices`, checked against the model and batch (a
   one-line ValueError when it does not fit them)."""
-  m, tc = config.model, config.train
-  mesh = sharding.make_mesh(config.mesh, devices)
-  sharding.validate_mesh(
-    mesh,
-    num_experts=m.num_experts,
-    global_batch_size=tc.batch_size,
-    seq_len=tc.seq_len,
-    group_size=m.group_size,
-  )
-  return mesh
+  return check_mesh(sharding.make_mesh(config.mesh, devices), config)
 
 
 def compile_train_step(config: ml_collections.ConfigDict, mesh) -> tuple[Any, dict]:

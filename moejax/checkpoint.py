@@ -24,6 +24,21 @@ from moejax import workdir as workdir_lib
 log = logging.getLogger(__name__)
 
 
+class _OrphanedReads(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" for Orbax's reads: when a
+  checkpoint turns out unreadable, the reads of its other arrays are abandoned, and their
+  errors, already reported as one warning naming the checkpoint, would be printed again
+  as tracebacks whenever the tasks are collected."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    orbax = "orbax" in message or "async_deserialize" in message
+    return not (message.startswith("Task exception was never retrieved") and orbax)
+
+
+logging.getLogger("asyncio").addFilter(_OrphanedReads())
+
+
 def is_prng_key(x) -> bool:
   """Whether `x` is an array of typed PRNG keys (an NNX RNG stream's key)."""
   return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)

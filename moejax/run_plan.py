@@ -69,10 +69,24 @@ def _resumable(key: str) -> bool:
   return key in RESUMABLE_KEYS or key.startswith(("mesh.", "hardware."))
 
 
+def check_mesh(mesh, config: ml_collections.ConfigDict):
+  """`mesh` if it fits `config`'s model and batch (`sharding.validate_mesh`: expert count,
+  batch and routing groups), else a one-line ValueError; the one check every entry point
+  (training, the ahead-of-time compile, the benchmarks) makes."""
+  m, tc = config.model, config.train
+  sharding.validate_mesh(
+    mesh,
+    num_experts=m.num_experts,
+    global_batch_size=tc.batch_size,
+    seq_len=tc.seq_len,
+    group_size=m.group_size,
+  )
+  return mesh
+
+
 def fitting_meshes(config: ml_collections.ConfigDict, num_devices: int) -> list[dict[str, int]]:
   """The `{'data': d, 'expert': e}` splits of `num_devices` that `sharding.validate_mesh`
   accepts for this model and batch (other mesh axes at 1)."""
-  m, tc = config.model, config.train
   fits = []
   for expert in range(1, num_devices + 1):
     if num_devices % expert:
@@ -83,13 +97,7 @@ def fitting_meshes(config: ml_collections.ConfigDict, num_devices: int) -> list[
       axis_names=tuple(sizes), axis_sizes=tuple(sizes.values()), shape=sizes
     )
     try:
-      sharding.validate_mesh(
-        mesh,
-        num_experts=m.num_experts,
-        global_batch_size=tc.batch_size,
-        seq_len=tc.seq_len,
-        group_size=m.group_size,
-      )
+      check_mesh(mesh, config)
     except ValueError:
       continue
     fits.append(sizes)
@@ -99,16 +107,8 @@ def fitting_meshes(config: ml_collections.ConfigDict, num_devices: int) -> list[
 def make_run_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   """The mesh of `config.mesh` over all devices, checked against the model and batch; a
   mesh that does not fit raises a one-line ValueError that lists the sizes that would."""
-  m, tc = config.model, config.train
   try:
-    mesh = sharding.make_mesh(config.mesh)
-    sharding.validate_mesh(
-      mesh,
-      num_experts=m.num_experts,
-      global_batch_size=tc.batch_size,
-      seq_len=tc.seq_len,
-      group_size=m.group_size,
-    )
+    mesh = check_mesh(sharding.make_mesh(config.mesh), config)
   except ValueError as error:
     devices = jax.device_count()
     fits = fitting_meshes(config, devices)
@@ -122,7 +122,7 @@ def make_run_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
       hint = (
         f"No data x expert split of the {devices} devices fits: make train.batch_size a "
         f"multiple of {devices}"
-        + (" and model.num_experts divisible by mesh.expert." if m.num_experts else ".")
+        + (" and model.num_experts divisible by mesh.expert." if config.model.num_experts else ".")
       )
     raise ValueError(f"{' '.join(str(error).split())} {hint}") from None
   return mesh

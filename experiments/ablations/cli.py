@@ -16,6 +16,7 @@ from experiments.ablations.accounting import check_constraints, checked_arms, fm
 from experiments.ablations.run import ALL_ARMS, learning_rate_plan, run_ablation
 from experiments.ablations.spec import PRESETS, SWEEP_SEED, Ablation
 from experiments.ablations.workdir import check_workdir
+from moejax.cli import report_error
 
 
 def describe(
@@ -134,6 +135,9 @@ def _parser(ablation: Ablation) -> argparse.ArgumentParser:
     help="only rewrite the results, contrasts, summary and plots from finished runs",
   )
   parser.add_argument("--quiet", action="store_true", help="no progress bars")
+  parser.add_argument(
+    "--verbose", action="store_true", help="on an error, the traceback above the one-line message"
+  )
   return parser
 
 
@@ -188,7 +192,5 @@ def main(ablation: Ablation, argv: Sequence[str] | None = None) -> int:
     )
     return 130 if result["interrupted"] else 0
   except (ValueError, KeyError, TypeError, RuntimeError, OSError, FloatingPointError) as error:
-    message = " ".join(str(error).strip("'\"").split())
-    print(f"error: {message}", file=sys.stderr)
-    # 2: the command, its arms or its workdir are wrong; 1: a run failed.
-    return 2 if isinstance(error, (ValueError, KeyError, TypeError)) else 1
+    # One line; 2: the command, its arms or its workdir are wrong; 1: a run failed.
+    return report_error(error, verbose=args.verbose)

@@ -18,22 +18,15 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402  (after the device count is set)
 
-from moejax import hlo, sharding, steps  # noqa: E402
+from moejax import hlo, run_plan, sharding, steps  # noqa: E402
 from moejax.config import load_config  # noqa: E402
 from moejax.model import moe_layer_indices  # noqa: E402
 
 
 def measure(config) -> dict[str, float]:
   """Compiles the train step of `config` on its mesh; returns measured and minimum bytes."""
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = run_plan.check_mesh(sharding.make_mesh(config.mesh), config)
   m, tc = config.model, config.train
-  sharding.validate_mesh(
-    mesh,
-    num_experts=m.num_experts,
-    global_batch_size=tc.batch_size,
-    seq_len=tc.seq_len,
-    group_size=m.group_size,
-  )
   graphdef, state, shardings = steps.init_state(config, mesh)
   train_step, _ = steps.make_steps(graphdef, m)
   batch_sharding = sharding.batch_sharding(mesh)

@@ -107,6 +107,7 @@ def train_step(layers: int, batch: int, seq_len: int, tiny: bool):
 def parse_flags(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--tiny", action="store_true", help="Shapes small enough for a CPU.")
+  p.add_argument("--shapes", default=",".join(SHAPES), help=f"Layer shapes, of {list(SHAPES)}.")
   p.add_argument("--tokens", type=int, default=8192, help="Tokens per layer call.")
   p.add_argument("--reps", type=int, default=10)
   p.add_argument("--matmul_n", type=int, default=8192)
@@ -119,10 +120,13 @@ def parse_flags(argv=None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> tuple[list[dict], str]:
   """Measures every row; returns them and the CSV's path."""
   tokens, matmul_n, seq_len = args.tokens, args.matmul_n, 1024
-  shapes = dict(SHAPES)
+  unknown = set(args.shapes.split(",")) - set(SHAPES)
+  if unknown:
+    raise SystemExit(f"error: --shapes: {sorted(unknown)} unknown; allowed: {list(SHAPES)}")
+  shapes = {name: SHAPES[name] for name in args.shapes.split(",")}
   if args.tiny:
     tokens, matmul_n, seq_len = 64, 128, 32
-    shapes = {n: (d // 64, h // 64, e, k) for n, (d, h, e, k) in SHAPES.items()}
+    shapes = {n: (d // 64, h // 64, e, k) for n, (d, h, e, k) in shapes.items()}
   device = jax.devices()[0].device_kind
   seconds, rate = matmul_rate(matmul_n, args.reps)
   rows = [dict(name="matmul", seconds=seconds, tflops=rate / 1e12, mfu=1.0)]
