@@ -28,7 +28,7 @@ def _gathered_form(activation, x, group_sizes, keep, w_in, w_gate, w_out):
   return jnp.where(mine[:, None], jnp.einsum("rf,rfd->rd", hidden, w_out[owner]), 0.0)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(
   sizes=st.lists(st.integers(0, 21), min_size=1, max_size=4),
   spare=st.integers(0, 6),
