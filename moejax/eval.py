@@ -20,7 +20,6 @@ import math
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from flax import nnx
@@ -28,7 +27,7 @@ from flax import nnx
 from moejax import cli
 from moejax import data as data_lib
 from moejax.loading import load_model
-from moejax.steps import cross_entropy
+from moejax.steps import eval_sums
 
 
 def define_flags() -> None:
@@ -65,16 +64,7 @@ def evaluate_model(model, batches: Sequence[dict[str, np.ndarray]]) -> dict[str,
   @jax.jit
   def forward(state, batch):
     logits, aux = nnx.merge(graphdef, state)(batch["inputs"])
-    ce = cross_entropy(logits, batch["targets"])
-    is_byte = batch["targets"] < 256
-    return {
-      "ce_sum": jnp.sum(ce),
-      "tokens": jnp.asarray(ce.size, jnp.float32),
-      "byte_ce_sum": jnp.sum(jnp.where(is_byte, ce, 0.0)),
-      "bytes": jnp.sum(is_byte).astype(jnp.float32),
-      "dropped_fraction": aux["dropped_fraction"],
-      "expert_load": aux["expert_load"],
-    }
+    return eval_sums(logits, aux, batch["targets"]) | {"expert_load": aux["expert_load"]}
 
   outputs = [jax.device_get(forward(state, batch)) for batch in batches]
   total = lambda name: float(sum(np.sum(o[name], dtype=np.float64) for o in outputs))

@@ -150,17 +150,24 @@ def make_steps(graphdef, model_config: ml_collections.ConfigDict):
     model, _ = nnx.merge(graphdef, state)
     model.eval()
     logits, aux = model(batch["inputs"])
-    ce = cross_entropy(logits, batch["targets"])
-    is_byte = batch["targets"] < 256
-    return {
-      "ce_sum": jnp.sum(ce),
-      "tokens": jnp.asarray(ce.size, jnp.float32),
-      "byte_ce_sum": jnp.sum(jnp.where(is_byte, ce, 0.0)),
-      "bytes": jnp.sum(is_byte).astype(jnp.float32),
-      "dropped_fraction": aux["dropped_fraction"],
-    }
+    return eval_sums(logits, aux, batch["targets"])
 
   return train_step, eval_step
+
+
+def eval_sums(logits: jax.Array, aux, targets: jax.Array) -> dict[str, jax.Array]:
+  """One evaluation batch's sums, to be added over batches: cross-entropy over all tokens
+  and over byte tokens (`ce_sum`, `tokens`, `byte_ce_sum`, `bytes`), and the batch's
+  `dropped_fraction`. `logits` `[batch, seq, vocab]`, `targets` `[batch, seq]`."""
+  ce = cross_entropy(logits, targets)
+  is_byte = targets < 256
+  return {
+    "ce_sum": jnp.sum(ce),
+    "tokens": jnp.asarray(ce.size, jnp.float32),
+    "byte_ce_sum": jnp.sum(jnp.where(is_byte, ce, 0.0)),
+    "bytes": jnp.sum(is_byte).astype(jnp.float32),
+    "dropped_fraction": aux["dropped_fraction"],
+  }
 
 
 def nonfinite_terms(mask: int) -> list[str]:
