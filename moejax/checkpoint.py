@@ -252,10 +252,6 @@ class Checkpointer:
       raise ValueError(f"{file} is not valid JSON ({describe_failure(error)})") from error
     return restored["config"]
 
-  def restore_config(self, step: int | None = None) -> ml_collections.ConfigDict:
-    step = self.latest_step() if step is None else step
-    return ml_collections.ConfigDict(self.restore_config_dict(step))
-
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()

@@ -44,6 +44,25 @@ def _defaults() -> dict[str, Any]:
   return flatten(as_json(base_config()))
 
 
+def from_saved(saved: dict[str, Any]) -> ml_collections.ConfigDict:
+  """The config a run saved (`config.json`, a checkpoint's config, an ablation's arm.json),
+  with every key added to moejax since then at its `base_config()` default: the same rule
+  that lets such a run resume (see `differences`)."""
+
+  def merged(defaults: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    out = dict(defaults)
+    for key, value in values.items():
+      if isinstance(value, dict) and isinstance(out.get(key), dict):
+        out[key] = merged(out[key], value)
+      else:
+        out[key] = value
+    return out
+
+  from moejax.config import base_config
+
+  return ml_collections.ConfigDict(merged(as_json(base_config()), saved))
+
+
 def differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
   """`{dotted key: (old value, new value)}` for every key whose value differs, in key order
   (a key only one side has is shown with `'absent'` on the other).

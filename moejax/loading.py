@@ -11,11 +11,11 @@ import difflib
 import logging
 import os
 
-import ml_collections
 from etils import epath
 from flax import nnx
 
 from moejax import checkpoint as checkpoint_lib
+from moejax import config_text
 from moejax import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def load_model(workdir: epath.PathLike, step: int | None = None):
     skipped = []
     for candidate in steps:
       try:
-        config = ml_collections.ConfigDict(checkpoints.restore_config_dict(candidate))
+        config = config_text.from_saved(checkpoints.restore_config_dict(candidate))
         model, optimizer, _ = steps_lib.build(config)
         graphdef, state = nnx.split((model, optimizer))
         _, state, _ = checkpoints.restore(state, candidate)

@@ -335,3 +335,18 @@ def test_a_key_added_since_a_run_was_saved_is_no_change_at_its_default():
   assert config_text.differences(saved, now) == {"model.remat": ("absent", "full")}
   del now["model"]["top_k"]
   assert config_text.differences(saved, now)["model.top_k"] == (2, "absent")
+
+
+def test_a_config_saved_before_a_key_existed_reads_back_with_that_key_at_its_default():
+  """What loading a model and collecting an ablation's results read a saved config with."""
+  from moejax import config_text
+  from moejax.config import load_config
+  from moejax.model import validate_config
+
+  config = load_config("configs/tiny.py", {"model.top_k": 1})
+  saved = config_text.as_json(config)
+  del saved["model"]["remat"], saved["hardware"]
+  restored = config_text.from_saved(saved)
+  validate_config(restored.model)  # raised KeyError('remat') on the bare saved dict
+  assert restored.model.remat == "none" and restored.model.top_k == 1
+  assert config_text.as_json(restored) == config_text.as_json(config)

@@ -31,11 +31,11 @@ import re
 import statistics
 from typing import Any, Callable, Sequence
 
-import ml_collections
 
 from experiments.ablations.accounting import accounting
 from experiments.ablations.spec import Ablation, get_arms
 from experiments.ablations.workdir import SWEEP_DIR, read_json, read_records
+from moejax import config_text
 from moejax.model import expert_d_ff_of
 
 RESULT_COLUMNS = (
@@ -137,7 +137,7 @@ def run_row(ablation: Ablation, preset: str, arm, seed: int, run_dir: str) -> di
   """The result row of one finished run, from its arm.json (the config it trained),
   done.json and metrics.jsonl."""
   spec = read_json(os.path.join(run_dir, "arm.json"))
-  config = ml_collections.ConfigDict(spec["config"])
+  config = config_text.from_saved(spec["config"])
   done = read_json(os.path.join(run_dir, "done.json"))
   m, t = config.model, config.train
   moe = m.num_experts > 0
