@@ -28,6 +28,8 @@ setup(
     "tqdm>=4.66",
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
+    # HF-format checkpoints in and out (`moejax.convert`), read and written with numpy.
+    "safetensors>=0.4.3",
   ],
   extras_require={
     # Accelerators: the jax wheels for the host (`pip install -e '.[cuda12]'` or '.[tpu]').
@@ -36,6 +38,8 @@ setup(
     # gs:// workdirs: etils.epath reaches buckets through fsspec (gcsfs); Orbax asks
     # google-cloud-storage about the bucket's layout.
     "gcs": ["gcsfs>=2023.6", "google-cloud-storage>=2.14"],
+    # `moejax.convert import --from=ORG/NAME`: checkpoints downloaded from the Hub.
+    "hub": ["huggingface-hub>=0.20"],
     # The tests compile for TPU slices on the CPU host: libtpu comes with jax[tpu].
     "test": [
       "pytest>=8",

@@ -6,10 +6,10 @@ other commands) can set up their signal handling before jax is imported.
 
 import importlib
 
-__all__ = ["MoeConfig", "MoeLayer", "load_balancing_loss", "router_z_loss"]
+__all__ = ["MoeConfig", "MoeLayer", "load", "load_balancing_loss", "router_z_loss"]
 __version__ = "0.1.0"
 
-_HOMES = {name: "moejax.moe" for name in __all__}
+_HOMES = {name: "moejax.moe" for name in __all__} | {"load": "moejax.loading"}
 
 
 def __getattr__(name: str):

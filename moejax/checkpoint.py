@@ -144,14 +144,75 @@ class Checkpointer:
       force=True,
     )
 
-  def check_fits(self, state: nnx.State, step: int) -> None:
+  def save_model(self, step: int, model_state, config: ml_collections.ConfigDict) -> None:
+    """Saves only a model's state (no optimizer, no data position) as checkpoint `step`:
+    what an import or an upcycle writes. `model_state` is an `nnx.State` or its pure dict
+    (arrays of any float dtype: `restore_model` casts to the model's). `restore_model` and
+    `train.init_from` read it; a training run cannot resume from it (`holds_model_only`)."""
+    if isinstance(model_state, nnx.State):
+      model_state = nnx.to_pure_dict(model_state)
+    pure = _keys_to_data(model_state)
+    self._manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave({"0": pure}),
+        data=ocp.args.JsonSave({}),
+        config=ocp.args.JsonSave(config.to_dict()),
+      ),
+      force=True,
+    )
+    self._manager.wait_until_finished()
+
+  def holds_model_only(self, step: int) -> bool:
+    """Whether checkpoint `step` was written by `save_model` (no optimizer state)."""
+    names = {_path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(self._state_metadata(step))}
+    return not any(name.startswith("1/") for name in names)
+
+  def _state_metadata(self, step: int):
+    return self._manager.item_metadata(step)["state"]
+
+  def restore_model(self, model_state: nnx.State, step: int) -> nnx.State:
+    """Restores the model part of checkpoint `step` (a training checkpoint's or one of
+    `save_model`) into `model_state` (in place, keeping its shardings); the optimizer
+    state, if any, is not read. Raises ValueError naming the parameters whose saved shapes
+    differ from `model_state`'s."""
+    self.check_fits(model_state, step, model_only=True)
+    template = nnx.to_pure_dict(model_state)
+    target = _abstract(_keys_to_data(template))
+    reader = ocp.CheckpointManager(
+      self.directory,
+      options=ocp.CheckpointManagerOptions(create=False),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+    )
+    try:
+      restore_args = jax.tree.map(
+        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), target
+      )
+      restored = reader.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(
+            {"0": target}, restore_args={"0": restore_args}, partial_restore=True
+          )
+        ),
+      )
+    finally:
+      reader.close()
+    nnx.replace_by_pure_dict(model_state, _data_to_keys(restored["state"]["0"], template))
+    return model_state
+
+  def check_fits(self, state, step: int, *, model_only: bool = False) -> None:
     """Raises ValueError naming the parameters whose saved shapes differ from `state`'s
-    (arrays or abstract `jax.ShapeDtypeStruct`s)."""
+    (arrays or abstract `jax.ShapeDtypeStruct`s); with `model_only`, `state` is a model's
+    state and the saved optimizer state is not compared."""
     saved = {
       _path_name(p): tuple(m.shape)
-      for p, m in jax.tree_util.tree_leaves_with_path(self._manager.item_metadata(step)["state"])
+      for p, m in jax.tree_util.tree_leaves_with_path(self._state_metadata(step))
     }
-    shapes = jax.eval_shape(_keys_to_data, nnx.to_pure_dict(state))
+    if model_only:
+      saved = {name: shape for name, shape in saved.items() if name.startswith("0/")}
+    pure = {"0": nnx.to_pure_dict(state)} if model_only else nnx.to_pure_dict(state)
+    shapes = jax.eval_shape(_keys_to_data, pure)
     wanted = {_path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(shapes)}
     differ = [
       f"{name} {saved.get(name, 'absent')} -> {shape}"

@@ -1,6 +1,8 @@
 """A trained model from a run directory: `load_model(WORKDIR) -> (model, config, step)`.
 
-Used by `moejax.generate`, `moejax.eval` and the notebooks. It reads the newest checkpoint
+Used by `moejax.load`, `moejax.generate`, `moejax.eval` and the notebooks; the directory
+may be a training run's or one `moejax.convert import` or `moejax.upcycle` wrote. Only the
+model is read, not the optimizer state. It reads the newest checkpoint
 that can be read, as training resumes from, and changes nothing in the workdir: an
 unreadable newer checkpoint is named in a warning and skipped, not moved.
 """
@@ -71,9 +73,8 @@ def load_model(workdir: epath.PathLike, step: int | None = None):
     for candidate in steps:
       try:
         config = config_text.from_saved(checkpoints.restore_config_dict(candidate))
-        model, optimizer, _ = steps_lib.build(config)
-        graphdef, state = nnx.split((model, optimizer))
-        _, state, _ = checkpoints.restore(state, candidate)
+        graphdef, state = nnx.split(steps_lib.build(config)[0])
+        checkpoints.restore_model(state, candidate)
       except Exception as error:  # any read failure means this checkpoint is not usable
         skipped.append((candidate, checkpoint_lib.describe_failure(error)))
         continue
@@ -81,9 +82,20 @@ def load_model(workdir: epath.PathLike, step: int | None = None):
         log.warning(
           "checkpoint at step %d is unreadable (%s); using step %d", bad_step, reason, candidate
         )
-      model, _ = nnx.merge(graphdef, state)
+      model = nnx.merge(graphdef, state)
       model.eval()
       return model, config, candidate
     raise RuntimeError(checkpoints.none_readable(skipped))
   finally:
     checkpoints.close()
+
+
+def load(workdir: epath.PathLike, step: int | None = None):
+  """`model, config = moejax.load(WORKDIR)`: the model of the newest readable checkpoint of
+  a run, an import or an upcycle (or of `step`), in eval mode, and its config.
+
+  `logits, aux = model(tokens)` with tokens `[batch, seq]` int32 gives logits `[batch,
+  seq, vocab]` float32 and the auxiliary outputs (losses, expert loads).
+  """
+  model, config, _ = load_model(workdir, step)
+  return model, config

@@ -1,0 +1,266 @@
+"""The published model families moejax reads and writes in HF's on-disk format, and how
+each one's `config.json` maps to moejax's model config and back.
+
+Each family is a `model_type` of HF's `config.json` (the names of transformers' classes,
+whose code is not needed: the keys and shapes are read from the files). What each family
+fixes, from its model card, paper and released config:
+
+| model_type | routing | attention | MoE block on disk (`model.layers.N.`) |
+|---|---|---|---|
+| `mixtral` (Jiang et al. 2024) | softmax, top-k renormalised | GQA | `block_sparse_moe.gate`, `.experts.E.w1/w3/w2` |
+| `olmoe` (Muennighoff et al. 2024) | softmax, raw top-k gates (`norm_topk_prob`) | GQA, QK-norm over the whole q/k projection | `mlp.gate`, `mlp.experts.E.gate_proj/up_proj/down_proj` |
+| `qwen2_moe` (Qwen1.5-MoE, Qwen2-MoE) | softmax, `norm_topk_prob` | GQA with q/k/v biases | as OLMoE, plus `mlp.shared_expert.*` scaled by sigmoid(`mlp.shared_expert_gate`) |
+| `qwen3_moe` (Qwen3) | softmax, `norm_topk_prob` | GQA, QK-norm per head | as OLMoE |
+| `deepseek_v3` (arXiv:2412.19437) | sigmoid + selection bias (`gate.e_score_correction_bias`), group-limited, normalised, scaled | MLA | dense `mlp.*` for the first `first_k_dense_replace` layers, then `mlp.gate`, `mlp.experts.E.*`, `mlp.shared_experts.*` |
+| `llama`, `qwen2` (dense) | none | GQA (`qwen2`: q/k/v biases) | `mlp.gate_proj/up_proj/down_proj` |
+
+What moejax cannot express is refused in one line naming the `config.json` key: scaled
+RoPE (`rope_scaling`), sliding-window attention, activations other than SiLU (SwiGLU),
+OLMoE's `clip_qkv`, an output-projection bias, FP8 weights, and Qwen's `mlp_only_layers`
+or a `decoder_sparse_step` that is not a layer interval.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+from moejax.model import layer_kinds
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """One `model_type`: where its MoE block lives on disk and what its routing is.
+
+  Attributes:
+    model_type: `config.json`'s `model_type`.
+    architecture: `config.json`'s `architectures[0]`, written on export.
+    moe_block: the MoE block's module under `model.layers.N.` (`block_sparse_moe`, `mlp`).
+    expert_names: the on-disk names of an expert's (gate, up, down) projections, i.e.
+      moejax's (`w_gate`, `w_in`, `w_out`).
+    shared_name: the shared expert's module under the MoE block, or None.
+    qk_norm: moejax's `model.qk_norm` ('none', 'head', 'full').
+    qkv_bias: whether q/k/v carry biases.
+  """
+
+  model_type: str
+  architecture: str
+  moe_block: str = "mlp"
+  expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+  shared_name: str | None = None
+  qk_norm: str = "none"
+  qkv_bias: bool = False
+
+  @property
+  def is_moe(self) -> bool:
+    return self.model_type not in ("llama", "qwen2")
+
+
+FAMILIES = {
+  f.model_type: f
+  for f in (
+    Family("mixtral", "MixtralForCausalLM", "block_sparse_moe", ("w1", "w3", "w2")),
+    Family("olmoe", "OlmoeForCausalLM", qk_norm="full"),
+    Family("qwen2_moe", "Qwen2MoeForCausalLM", shared_name="shared_expert", qkv_bias=True),
+    Family("qwen3_moe", "Qwen3MoeForCausalLM", qk_norm="head"),
+    Family("deepseek_v3", "DeepseekV3ForCausalLM", shared_name="shared_experts"),
+    Family("llama", "LlamaForCausalLM"),
+    Family("qwen2", "Qwen2ForCausalLM", qkv_bias=True),
+  )
+}
+
+
+def family_of(hf: dict[str, Any]) -> Family:
+  """The family of a `config.json` dict; ValueError naming the supported ones."""
+  model_type = hf.get("model_type")
+  if model_type not in FAMILIES:
+    raise ValueError(
+      f"config.json: model_type={model_type!r} is not one moejax reads; supported: "
+      f"{', '.join(sorted(FAMILIES))}."
+    )
+  return FAMILIES[model_type]
+
+
+def _refuse_unsupported(hf: dict[str, Any], family: Family) -> None:
+  """One line naming the first `config.json` setting moejax cannot compute exactly."""
+
+  def refuse(key: str, allowed: str) -> None:
+    raise ValueError(
+      f"config.json: {key}={hf.get(key)!r} is not supported by moejax ({allowed}); "
+      "the imported model would compute a different function."
+    )
+
+  if hf.get("rope_scaling"):
+    refuse("rope_scaling", "RoPE is unscaled: rope_scaling must be null")
+  if hf.get("hidden_act", "silu") != "silu":
+    refuse("hidden_act", "SwiGLU experts and FFNs: 'silu'")
+  if hf.get("use_sliding_window") or (
+    family.model_type == "mixtral" and hf.get("sliding_window") is not None
+  ):
+    refuse("sliding_window", "full causal attention: null")
+  if hf.get("clip_qkv") is not None:
+    refuse("clip_qkv", "null")
+  if hf.get("attention_bias") and not family.qkv_bias:
+    refuse("attention_bias", "false: no projection biases in this family")
+  if hf.get("quantization_config"):
+    refuse("quantization_config", "unquantized bfloat16/float16/float32 weights")
+  if family.model_type in ("qwen2_moe", "qwen3_moe") and hf.get("mlp_only_layers"):
+    refuse("mlp_only_layers", "[]: dense layers only as an interval")
+  if family.model_type == "deepseek_v3":
+    if hf.get("scoring_func", "sigmoid") != "sigmoid":
+      refuse("scoring_func", "'sigmoid'")
+    if hf.get("moe_layer_freq", 1) != 1:
+      refuse("moe_layer_freq", "1")
+    if hf.get("topk_method", "noaux_tc") != "noaux_tc":
+      refuse("topk_method", "'noaux_tc'")
+
+
+def model_config(hf: dict[str, Any], base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`base` (a full moejax config) with its `model` section set from `config.json` `hf`:
+  the shape, norms, RoPE, routing and layer layout of the published model; dropless
+  dispatch, float32 compute. Raises ValueError for what moejax cannot express."""
+  family = family_of(hf)
+  _refuse_unsupported(hf, family)
+  config = ml_collections.ConfigDict(base.to_dict())
+  m = config.model
+  heads = hf["num_attention_heads"]
+  m.vocab_size, m.d_model, m.num_layers = (
+    hf["vocab_size"],
+    hf["hidden_size"],
+    hf["num_hidden_layers"],
+  )
+  m.num_heads, m.num_kv_heads = heads, hf.get("num_key_value_heads") or heads
+  m.head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+  m.d_ff, m.activation = hf["intermediate_size"], "swiglu"
+  m.norm_eps, m.rope_base = float(hf["rms_norm_eps"]), float(hf.get("rope_theta", 10000.0))
+  m.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
+  m.qk_norm, m.qkv_bias, m.dtype = family.qk_norm, family.qkv_bias, "float32"
+  m.attention, m.first_dense_layers, m.moe_layer_interval = "gqa", 0, 1
+  m.num_shared_experts, m.shared_expert_d_ff, m.shared_expert_gate = 0, None, False
+  m.score_fn, m.routed_scaling_factor, m.num_expert_groups, m.topk_groups = "softmax", 1.0, 1, None
+  m.bias_update_rate, m.seq_aux_loss_weight, m.z_loss_weight = 0.0, 0.0, 0.0
+  m.router, m.dispatch, m.router_jitter, m.router_bias = "top_k", "dropless", 0.0, False
+  if not family.is_moe:
+    m.num_experts = 0
+    return config
+  m.top_k = hf["num_experts_per_tok"]
+  m.num_experts = hf.get("num_local_experts") or hf.get("num_experts") or hf["n_routed_experts"]
+  m.expert_d_ff = hf.get("moe_intermediate_size") or hf["intermediate_size"]
+  m.renormalize = bool(hf.get("norm_topk_prob", family.model_type == "mixtral"))
+  if family.model_type == "qwen2_moe":
+    m.num_shared_experts, m.shared_expert_gate = 1, True
+    m.shared_expert_d_ff = hf["shared_expert_intermediate_size"]
+  if family.model_type in ("qwen2_moe", "qwen3_moe"):
+    m.moe_layer_interval = hf.get("decoder_sparse_step", 1)
+  if family.model_type == "deepseek_v3":
+    m.attention, m.q_lora_rank, m.kv_lora_rank = "mla", hf.get("q_lora_rank"), hf["kv_lora_rank"]
+    m.qk_nope_head_dim, m.qk_rope_head_dim = hf["qk_nope_head_dim"], hf["qk_rope_head_dim"]
+    m.v_head_dim, m.head_dim = hf["v_head_dim"], None
+    m.first_dense_layers = hf.get("first_k_dense_replace", 0)
+    m.num_shared_experts = hf.get("n_shared_experts") or 0
+    m.score_fn, m.routed_scaling_factor = "sigmoid", float(hf.get("routed_scaling_factor", 1.0))
+    m.num_expert_groups, m.topk_groups = hf.get("n_group") or 1, hf.get("topk_group")
+    m.bias_update_rate = 0.001  # DeepSeek-V3 §4.2: the selection bias keeps moving when trained
+  # transformers' load-balancing loss is k times moejax's, pooled over the MoE layers.
+  moe_layers = sum(kind == "moe" for kind in layer_kinds(m))
+  m.lb_loss_weight = float(hf.get("router_aux_loss_coef", 0.0)) * m.top_k / max(moe_layers, 1)
+  return config
+
+
+def hf_config(model: ml_collections.ConfigDict, family: Family, dtype: str) -> dict[str, Any]:
+  """The `config.json` of `family` that describes moejax model config `model`, whose
+  tensors are stored in `dtype` (a numpy dtype name)."""
+  check_expressible(model, family)
+  heads = model.num_heads
+  hf: dict[str, Any] = {
+    "architectures": [family.architecture],
+    "model_type": family.model_type,
+    "vocab_size": model.vocab_size,
+    "hidden_size": model.d_model,
+    "intermediate_size": model.d_ff,
+    "num_hidden_layers": model.num_layers,
+    "num_attention_heads": heads,
+    "num_key_value_heads": model.num_kv_heads,
+    "head_dim": model.head_dim or model.d_model // heads,
+    "hidden_act": "silu",
+    "rms_norm_eps": model.norm_eps,
+    "rope_theta": model.rope_base,
+    "rope_scaling": None,
+    "tie_word_embeddings": bool(model.tie_embeddings),
+    "torch_dtype": {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[dtype],
+  }
+  if not family.is_moe:
+    return hf
+  moe_layers = sum(kind == "moe" for kind in layer_kinds(model))
+  hf["num_experts_per_tok"] = model.top_k
+  hf["router_aux_loss_coef"] = model.lb_loss_weight * moe_layers / model.top_k
+  hf["norm_topk_prob"] = bool(model.renormalize)
+  expert_d_ff = model.expert_d_ff or model.d_ff
+  if family.model_type == "mixtral":
+    hf["num_local_experts"], hf["intermediate_size"] = model.num_experts, expert_d_ff
+    hf["sliding_window"] = None
+    del hf["norm_topk_prob"]
+  elif family.model_type == "olmoe":
+    hf["num_experts"], hf["intermediate_size"] = model.num_experts, expert_d_ff
+  elif family.model_type in ("qwen2_moe", "qwen3_moe"):
+    hf["num_experts"], hf["moe_intermediate_size"] = model.num_experts, expert_d_ff
+    hf["decoder_sparse_step"], hf["mlp_only_layers"] = model.moe_layer_interval, []
+    if family.model_type == "qwen2_moe":
+      hf["shared_expert_intermediate_size"] = model.shared_expert_d_ff or expert_d_ff
+  else:  # deepseek_v3
+    del hf["head_dim"]
+    hf.update(
+      n_routed_experts=model.num_experts,
+      moe_intermediate_size=expert_d_ff,
+      n_shared_experts=model.num_shared_experts,
+      first_k_dense_replace=model.first_dense_layers,
+      moe_layer_freq=1,
+      n_group=model.num_expert_groups,
+      topk_group=model.topk_groups or model.num_expert_groups,
+      routed_scaling_factor=model.routed_scaling_factor,
+      scoring_func="sigmoid",
+      topk_method="noaux_tc",
+      q_lora_rank=model.q_lora_rank,
+      kv_lora_rank=model.kv_lora_rank,
+      qk_nope_head_dim=model.qk_nope_head_dim,
+      qk_rope_head_dim=model.qk_rope_head_dim,
+      v_head_dim=model.v_head_dim,
+      rope_interleave=True,
+    )
+  return hf
+
+
+def check_expressible(model: ml_collections.ConfigDict, family: Family) -> None:
+  """ValueError naming the first moejax setting of `model` that `family` cannot hold."""
+  wanted: dict[str, Any] = {
+    "activation": "swiglu",
+    "qk_norm": family.qk_norm,
+    "qkv_bias": family.qkv_bias,
+    "attention": "mla" if family.model_type == "deepseek_v3" else "gqa",
+  }
+  if family.is_moe:
+    wanted.update(router="top_k", router_bias=False, dense_moe_hybrid=False)
+    wanted["score_fn"] = "sigmoid" if family.model_type == "deepseek_v3" else "softmax"
+    wanted["shared_expert_gate"] = family.model_type == "qwen2_moe"
+    if family.model_type == "mixtral":
+      wanted["renormalize"] = True
+    if family.model_type != "deepseek_v3":
+      wanted.update(first_dense_layers=0, routed_scaling_factor=1.0, num_expert_groups=1)
+    if family.model_type == "qwen2_moe":
+      wanted["num_shared_experts"] = 1
+    elif family.model_type != "deepseek_v3":
+      wanted["num_shared_experts"] = 0
+    if family.model_type not in ("qwen2_moe", "qwen3_moe"):
+      wanted["moe_layer_interval"] = 1
+    if family.model_type == "deepseek_v3":
+      wanted["shared_expert_d_ff"] = None
+  else:
+    wanted["num_experts"] = 0
+  for key, value in wanted.items():
+    if model[key] != value:
+      raise ValueError(
+        f"model.{key}={model[key]!r} cannot be written as {family.model_type} "
+        f"(it needs {value!r}); pick another --family or train with that setting."
+      )

@@ -1,0 +1,71 @@
+"""A moejax model's state as a flat `{path: array}` map, and back: what the importer fills
+and the exporter reads, without building (and initialising) the full model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+from etils import epath
+from flax import nnx
+
+from moejax import checkpoint as checkpoint_lib
+from moejax import workdir as workdir_lib
+from moejax.model import TransformerLM
+
+
+def path_name(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def flat(tree: Any) -> dict[str, Any]:
+  """`{'stacks/0/period/blocks/0/moe/router_kernel': leaf, ...}` of a pure-dict state."""
+  return {path_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def abstract_model(config: ml_collections.ConfigDict):
+  """(graphdef, pure-dict state of `jax.ShapeDtypeStruct`s, the set of Param paths) of
+  the model of `config`, nothing allocated."""
+  build = lambda: TransformerLM(config.model, rngs=nnx.Rngs(config.train.seed))
+  graphdef, state = nnx.split(nnx.eval_shape(build))
+  params = set(flat(nnx.to_pure_dict(nnx.state(nnx.eval_shape(build), nnx.Param))))
+  return graphdef, nnx.to_pure_dict(state), params
+
+
+def fresh_non_params(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The model's state other than its parameters (RNG streams, selection biases) as a
+  fresh model of `config` has it; the parameters are never materialised (XLA drops the
+  unused initialisers)."""
+  build = lambda: TransformerLM(config.model, rngs=nnx.Rngs(config.train.seed))
+  return flat(jax.jit(lambda: nnx.to_pure_dict(nnx.state(build(), nnx.Not(nnx.Param))))())
+
+
+def with_leaves(tree: Any, leaves: dict[str, Any]) -> Any:
+  """`tree` with every leaf replaced by `leaves[its path]`."""
+  return jax.tree_util.tree_map_with_path(lambda p, _: leaves[path_name(p)], tree)
+
+
+def new_run_directory(workdir: epath.PathLike, flag: str = "--workdir") -> epath.Path:
+  """`workdir` resolved, checked to be new or empty (nothing written is overwritten)."""
+  path = workdir_lib.resolve(workdir)
+  if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    raise ValueError(f"{flag}={workdir} already exists and is not empty; choose a new directory.")
+  return path
+
+
+def save_model_run(
+  path: epath.PathLike, tree: Any, config: ml_collections.ConfigDict, record_name: str, record: str
+) -> None:
+  """Writes a model-only run directory: checkpoint 0 holding `tree` (a pure-dict model
+  state), `config.json`, and `record_name` (JSON text `record`: where the weights came from)."""
+  path = workdir_lib.resolve(path)
+  workdir_lib.create(path)
+  checkpoints = checkpoint_lib.Checkpointer(path, keep=1)
+  try:
+    checkpoints.save_model(0, tree, config)
+  finally:
+    checkpoints.close()
+  workdir_lib.write_config(path, config, step=0, changes={})
+  workdir_lib.write_text_atomically(path / record_name, record)

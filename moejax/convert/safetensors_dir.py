@@ -1,0 +1,121 @@
+"""HF-format checkpoint directories: `config.json` plus `*.safetensors`, one file or
+several with a `model.safetensors.index.json` weight map. Read lazily through
+`safetensors.safe_open` (memory-mapped: a tensor is read when asked for) and written in
+shards of at most `max_shard_bytes` with the index HF writes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+import ml_dtypes
+import numpy as np
+from etils import epath
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+INDEX_FILE = "model.safetensors.index.json"
+# safetensors dtype names -> numpy; FP8 and others are refused with the name.
+DTYPES = {
+  "F32": np.dtype(np.float32),
+  "F16": np.dtype(np.float16),
+  "BF16": np.dtype(ml_dtypes.bfloat16),
+  "F64": np.dtype(np.float64),
+}
+
+
+class CheckpointDir:
+  """The tensors of an HF-format checkpoint directory, by name."""
+
+  def __init__(self, directory: epath.PathLike):
+    self.directory = epath.Path(directory)
+    if not self.directory.is_dir():
+      raise ValueError(f"--from={directory} is not a directory.")
+    config = self.directory / "config.json"
+    if not config.exists():
+      raise ValueError(
+        f"--from={directory} holds no config.json (an HF-format checkpoint has one)."
+      )
+    self.config: dict[str, Any] = json.loads(config.read_text())
+    index = self.directory / INDEX_FILE
+    if index.exists():
+      self.files = dict(json.loads(index.read_text())["weight_map"])
+    else:
+      self.files = {}
+      for path in sorted(self.directory.glob("*.safetensors")):
+        with safe_open(str(path), "numpy") as f:
+          self.files.update({key: path.name for key in f.keys()})
+    if not self.files:
+      raise ValueError(f"--from={directory} holds no *.safetensors files.")
+    self._open: dict[str, Any] = {}
+
+  def _file(self, key: str):
+    name = self.files[key]
+    if name not in self._open:
+      self._open[name] = safe_open(str(self.directory / name), "numpy")
+    return self._open[name]
+
+  def dtype(self, key: str) -> np.dtype:
+    name = self._file(key).get_slice(key).get_dtype()
+    if name not in DTYPES:
+      raise ValueError(
+        f"{key} is stored as {name}; moejax reads {', '.join(DTYPES)} tensors "
+        "(dequantize FP8 checkpoints first)."
+      )
+    return DTYPES[name]
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    return tuple(self._file(key).get_slice(key).get_shape())
+
+  def get(self, key: str) -> np.ndarray:
+    """The tensor `key` as a numpy array of its stored dtype (read now)."""
+    self.dtype(key)
+    return self._file(key).get_tensor(key)
+
+  def close(self) -> None:
+    self._open.clear()
+
+
+def write_checkpoint_dir(
+  directory: epath.Path,
+  config: dict[str, Any],
+  tensors: Iterable[tuple[str, tuple[int, ...], np.dtype, Any]],
+  *,
+  max_shard_bytes: int,
+) -> list[str]:
+  """Writes `config.json` and the tensors into `directory` (which must not exist yet or
+  be empty), in shards of at most `max_shard_bytes` (one tensor may exceed it alone).
+
+  `tensors`: (key, shape, dtype, make) with `make()` returning the array; each shard's
+  arrays are made just before it is written, so memory holds one shard at a time.
+  Returns the file names written.
+  """
+  directory.mkdir(parents=True, exist_ok=True)
+  shards: list[list[tuple[str, Any]]] = [[]]
+  size = 0
+  total = 0
+  for key, shape, dtype, make in tensors:
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append((key, make))
+    size += nbytes
+    total += nbytes
+  names = (
+    ["model.safetensors"]
+    if len(shards) == 1
+    else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+  )
+  weight_map = {}
+  for name, shard in zip(names, shards):
+    arrays = {key: np.ascontiguousarray(make()) for key, make in shard}
+    save_file(arrays, str(directory / name), metadata={"format": "pt"})
+    weight_map.update({key: name for key in arrays})
+    del arrays
+  if len(shards) > 1:
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+  (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+  return names + ([INDEX_FILE] if len(shards) > 1 else []) + ["config.json"]

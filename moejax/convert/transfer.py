@@ -1,0 +1,217 @@
+"""Import an HF-format checkpoint into a moejax run directory, and export one back.
+
+`import_checkpoint(SOURCE, WORKDIR)` reads `config.json` and the safetensors files,
+builds the matching moejax config (`families.model_config`) and writes a model-only
+checkpoint (`Checkpointer.save_model`) with `config.json` and `import.json` (the source's
+`config.json`, each tensor's dtype: what export needs to write the same files back).
+Tensors are read one at a time from the memory-mapped files and copied into moejax's
+stacked parameters (`layout.pieces`), kept in their stored dtype: peak host memory is
+about the model's size on disk plus one tensor. `moejax.load(WORKDIR)`,
+`moejax.generate`, `moejax.eval` and `train.init_from` read the result.
+
+`export_checkpoint(WORKDIR, DESTINATION)` writes the model of a run (trained, imported,
+fine-tuned or upcycled) as the same family's files: the key names, shapes and
+`config.json` transformers reads, in shards. An imported model exported unchanged gives
+back every tensor bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import ml_collections
+import numpy as np
+from etils import epath
+from flax import nnx
+
+from moejax.config import base_config
+from moejax.convert import families, layout, model_state
+from moejax.convert.safetensors_dir import DTYPES, CheckpointDir, write_checkpoint_dir
+from moejax.loading import load_model
+from moejax.model import validate_config
+
+IMPORT_RECORD = "import.json"
+
+
+def _unused_is_known(key: str, num_layers: int) -> bool:
+  """Tensors a checkpoint may hold that are not model weights moejax has: RoPE's
+  precomputed frequencies, and DeepSeek-V3's multi-token-prediction layers (numbered
+  from num_hidden_layers on)."""
+  if key.endswith("rotary_emb.inv_freq"):
+    return True
+  parts = key.split(".")
+  return len(parts) > 2 and parts[:2] == ["model", "layers"] and int(parts[2]) >= num_layers
+
+
+def import_checkpoint(
+  source: epath.PathLike,
+  workdir: epath.PathLike,
+  base: ml_collections.ConfigDict | None = None,
+) -> dict[str, Any]:
+  """Writes the HF-format checkpoint in directory `source` as a moejax run in `workdir`
+  (new or empty). `base`: the config whose non-model sections (train, data, mesh) the run
+  gets (default `base_config()`). Returns a summary: family, tensors, bytes, seconds."""
+  start = time.perf_counter()
+  path = model_state.new_run_directory(workdir)
+  src = CheckpointDir(source)
+  try:
+    family = families.family_of(src.config)
+    config = families.model_config(src.config, base if base is not None else base_config())
+    validate_config(config.model)
+    plan = layout.pieces(config.model, family)
+    wanted = {piece.key for piece in plan}
+    missing = sorted(wanted - set(src.files))
+    if missing:
+      shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+      raise ValueError(f"--from={source}: {family.model_type} tensors missing: {shown}.")
+    unknown = [
+      k for k in src.files if k not in wanted and not _unused_is_known(k, config.model.num_layers)
+    ]
+    if unknown:
+      raise ValueError(
+        f"--from={source}: {len(unknown)} tensors moejax's {family.model_type} has no place "
+        f"for (e.g. {unknown[0]}); nothing was written."
+      )
+    dtypes = {key: src.dtype(key) for key in sorted(wanted)}
+    stored = next(iter(set(dtypes.values()))) if len(set(dtypes.values())) == 1 else np.float32
+
+    _, tree, param_paths = model_state.abstract_model(config)
+    shapes = {name: tuple(x.shape) for name, x in model_state.flat(tree).items()}
+    leaves = model_state.fresh_non_params(config)
+    for name in {piece.leaf for piece in plan}:
+      dtype = stored if name in param_paths else leaves[name].dtype
+      leaves[name] = np.empty(shapes[name], dtype)
+    covered = {name: 0 for name in leaves}
+    nbytes = 0
+    for key in dict.fromkeys(piece.key for piece in plan):  # each tensor read once
+      tensor = src.get(key)
+      nbytes += tensor.nbytes
+      for piece in (p for p in plan if p.key == key):
+        value = piece.to_moejax(tensor)
+        target = shapes[piece.leaf][len(piece.index) :]
+        if value.shape != target:
+          raise ValueError(
+            f"--from={source}: {key} has shape {tensor.shape}; config.json implies "
+            f"{layout.hf_shape([piece], shapes)} for {piece.leaf}."
+          )
+        leaves[piece.leaf][piece.index] = value
+        covered[piece.leaf] += value.size
+    unfilled = [n for n in param_paths if covered[n] != int(np.prod(shapes[n]))]
+    if unfilled:
+      raise ValueError(f"the {family.model_type} layout leaves {unfilled[0]} unfilled.")
+    record = {
+      "source": str(source),
+      "model_type": family.model_type,
+      "config": src.config,
+      "dtypes": {key: str(dtype) for key, dtype in dtypes.items()},
+    }
+    model_state.save_model_run(
+      path,
+      model_state.with_leaves(tree, leaves),
+      config,
+      IMPORT_RECORD,
+      json.dumps(record, indent=2, sort_keys=True) + "\n",
+    )
+  finally:
+    src.close()
+  return {
+    "family": family.model_type,
+    "tensors": len(wanted),
+    "bytes": nbytes,
+    "seconds": time.perf_counter() - start,
+    "workdir": str(path),
+  }
+
+
+def infer_family(model: ml_collections.ConfigDict) -> families.Family:
+  """The family a moejax model config is written as when none is named."""
+  if model.attention == "mla":
+    name = "deepseek_v3"
+  elif not model.num_experts:
+    name = "qwen2" if model.qkv_bias else "llama"
+  elif model.shared_expert_gate:
+    name = "qwen2_moe"
+  else:
+    name = {"full": "olmoe", "head": "qwen3_moe"}.get(model.qk_norm, "mixtral")
+  return families.FAMILIES[name]
+
+
+def export_checkpoint(
+  workdir: epath.PathLike,
+  destination: epath.PathLike,
+  *,
+  family: str | None = None,
+  dtype: str | None = None,
+  max_shard_bytes: int = 5 * 2**30,
+  step: int | None = None,
+) -> dict[str, Any]:
+  """Writes the model of run `workdir` (its newest readable checkpoint, or `step`) as an
+  HF-format checkpoint in `destination` (new or empty).
+
+  `family`: the `model_type` to write (default: the imported one, else inferred from the
+  config); `dtype`: float32, bfloat16 or float16 (default: each tensor's imported dtype,
+  else float32). Returns a summary: family, tensors, bytes, files, seconds.
+  """
+  start = time.perf_counter()
+  out = model_state.new_run_directory(destination, flag="--to")
+  record_file = epath.Path(workdir) / IMPORT_RECORD
+  record = json.loads(record_file.read_text()) if record_file.exists() else None
+  if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+    raise ValueError(f"--dtype={dtype!r} must be one of float32, bfloat16, float16.")
+  model, config, _ = load_model(workdir, step)
+  if family is None:
+    chosen = families.FAMILIES[record["model_type"]] if record else infer_family(config.model)
+  elif family in families.FAMILIES:
+    chosen = families.FAMILIES[family]
+  else:
+    raise ValueError(f"--family={family!r} must be one of {', '.join(sorted(families.FAMILIES))}.")
+  same_family = record is not None and record["model_type"] == chosen.model_type
+  default_dtype = np.dtype(DTYPES["BF16"] if dtype == "bfloat16" else dtype or "float32")
+  dtypes = {
+    key: np.dtype(DTYPES["BF16"]) if name == "bfloat16" else np.dtype(name)
+    for key, name in (record["dtypes"].items() if same_family and dtype is None else ())
+  }
+  hf = (
+    dict(record["config"])
+    if same_family
+    else families.hf_config(config.model, chosen, dtype or "float32")
+  )
+  families.check_expressible(config.model, chosen)
+  plan = layout.pieces(config.model, chosen)
+  state = model_state.flat(nnx.to_pure_dict(nnx.state(model)))
+  leaves = {name: np.asarray(state[name]) for name in {piece.leaf for piece in plan}}
+  shapes = {name: value.shape for name, value in leaves.items()}
+  groups: dict[str, list[layout.Piece]] = {}
+  for piece in plan:
+    groups.setdefault(piece.key, []).append(piece)
+
+  def tensors():
+    for key, group in groups.items():
+      shape = layout.hf_shape(group, shapes)
+      kind = dtypes.get(key, default_dtype)
+
+      def make(group=group, shape=shape, kind=kind):
+        value = np.empty(shape, np.float32)
+        for piece in group:
+          piece.to_hf(leaves[piece.leaf][piece.index], value)
+        return value.astype(kind)
+
+      yield key, shape, kind, make
+    if chosen.model_type == "deepseek_v3" and not config.model.bias_update_rate:
+      # No selection bias in the model: DeepSeek-V3's is written as zeros (the same routing).
+      for i, (_, _, layer_kind) in enumerate(layout.layer_locations(config.model)):
+        if layer_kind == "moe":
+          key = f"model.layers.{i}.mlp.gate.e_score_correction_bias"
+          size = config.model.num_experts
+          yield key, (size,), np.dtype(np.float32), lambda size=size: np.zeros(size, np.float32)
+
+  files = write_checkpoint_dir(out, hf, tensors(), max_shard_bytes=max_shard_bytes)
+  return {
+    "family": chosen.model_type,
+    "tensors": len(groups),
+    "files": files,
+    "seconds": time.perf_counter() - start,
+    "destination": str(out),
+  }

@@ -1,0 +1,142 @@
+"""Import and export of HF-format checkpoints (`moejax.convert`), against checkpoints
+written by `hf_reference` with numpy and safetensors, and its NumPy forward pass."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+import hf_reference
+import moejax
+from moejax.convert import transfer
+
+FAMILIES = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v3", "llama", "qwen2"]
+TOKENS = [3, 17, 5, 39, 0, 22]
+
+
+def _read_all(directory) -> dict[str, np.ndarray]:
+  out = {}
+  for path in sorted(directory.glob("*.safetensors")):
+    with safe_open(str(path), "numpy") as f:
+      out.update({k: f.get_tensor(k) for k in f.keys()})
+  return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_import_matches_the_numpy_forward_and_export_gives_every_tensor_back(tmp_path, family):
+  hf = hf_reference.tiny_config(family)
+  source = tmp_path / "hf"
+  source.mkdir()
+  shards = 2 if family in ("mixtral", "deepseek_v3") else 1
+  written = hf_reference.write_checkpoint(source, hf, shards=shards)
+
+  summary = transfer.import_checkpoint(source, tmp_path / "run")
+  assert summary["family"] == family and summary["tensors"] == len(written)
+  model, config = moejax.load(tmp_path / "run")
+  logits, _ = model(jnp.asarray([TOKENS], jnp.int32))
+  expected = hf_reference.forward(hf, written, TOKENS)
+  error = np.max(np.abs(np.asarray(logits[0], np.float64) - expected)) / np.max(np.abs(expected))
+  assert error < 1e-5, error
+  assert config.model.norm_eps == hf["rms_norm_eps"]
+
+  transfer.export_checkpoint(tmp_path / "run", tmp_path / "out", max_shard_bytes=4096)
+  back = _read_all(tmp_path / "out")
+  assert sorted(back) == sorted(written)
+  for key, value in written.items():
+    assert back[key].dtype == value.dtype, key
+    assert back[key].tobytes() == value.tobytes(), key
+  assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == family
+  index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+  assert set(index["weight_map"]) == set(written)
+
+
+def test_a_model_trained_here_exports_in_float32_as_the_same_function(tmp_path):
+  """A model that never came from a checkpoint: written as Mixtral from its config."""
+  from flax import nnx
+
+  from moejax.config import load_config
+  from moejax.convert import model_state
+
+  config = load_config("configs/mixtral.py:smoke", {"model.dispatch": "dropless"})
+  model = moejax.model.TransformerLM(config.model, rngs=nnx.Rngs(0))
+  tree = nnx.to_pure_dict(nnx.state(model))
+  model_state.save_model_run(tmp_path / "run", tree, config, "origin.json", "{}\n")
+  transfer.export_checkpoint(tmp_path / "run", tmp_path / "hf", dtype="float32")
+  hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+  assert hf["model_type"] == "mixtral" and hf["num_local_experts"] == config.model.num_experts
+  tensors = _read_all(tmp_path / "hf")
+  assert all(v.dtype == np.float32 for v in tensors.values())
+  tokens = [1, 2, 3, 4]
+  ours, _ = model(jnp.asarray([tokens], jnp.int32))
+  expected = hf_reference.forward(hf, tensors, tokens)
+  assert np.allclose(np.asarray(ours[0]), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_what_moejax_cannot_compute_is_refused_in_one_line(tmp_path):
+  hf = hf_reference.tiny_config("mixtral", rope_scaling={"type": "yarn", "factor": 4.0})
+  (tmp_path / "hf").mkdir()
+  hf_reference.write_checkpoint(tmp_path / "hf", hf)
+  with pytest.raises(ValueError, match="rope_scaling"):
+    transfer.import_checkpoint(tmp_path / "hf", tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+  hf = hf_reference.tiny_config("gpt2")
+  (tmp_path / "hf" / "config.json").write_text(json.dumps(hf))
+  with pytest.raises(ValueError, match="model_type='gpt2'.*supported"):
+    transfer.import_checkpoint(tmp_path / "hf", tmp_path / "run")
+
+
+def test_a_missing_or_unknown_tensor_writes_nothing(tmp_path):
+  from safetensors.numpy import save_file
+
+  hf = hf_reference.tiny_config("olmoe")
+  source = tmp_path / "hf"
+  source.mkdir()
+  tensors = hf_reference.write_checkpoint(source, hf)
+  tensors.pop("model.layers.1.mlp.experts.3.up_proj.weight")
+  save_file(tensors, str(source / "model.safetensors"))
+  with pytest.raises(ValueError, match=r"missing: model\.layers\.1\.mlp\.experts\.3\.up_proj"):
+    transfer.import_checkpoint(source, tmp_path / "run")
+  tensors["model.layers.1.mlp.experts.3.up_proj.weight"] = np.zeros((8, 16), ml_dtypes.bfloat16)
+  tensors["model.layers.0.extra.weight"] = np.zeros((2,), ml_dtypes.bfloat16)
+  save_file(tensors, str(source / "model.safetensors"))
+  with pytest.raises(
+    ValueError, match=r"1 tensors .* no place for \(e\.g\. model\.layers\.0\.extra"
+  ):
+    transfer.import_checkpoint(source, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
+def test_the_command_line_refuses_an_existing_destination_and_a_hub_id_offline(tmp_path):
+  hf = hf_reference.tiny_config("qwen3_moe")
+  (tmp_path / "hf").mkdir()
+  hf_reference.write_checkpoint(tmp_path / "hf", hf)
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "keep.txt").write_text("mine")
+  command = [sys.executable, "-m", "moejax.convert", "import", f"--from={tmp_path / 'hf'}"]
+  done = subprocess.run(command + [f"--workdir={tmp_path / 'run'}"], capture_output=True, text=True)
+  assert done.returncode == 2, done.stderr
+  assert done.stderr.strip().splitlines() == [
+    f"error: --workdir={tmp_path / 'run'} already exists and is not empty; choose a new directory."
+  ]
+  assert (tmp_path / "run" / "keep.txt").read_text() == "mine"
+  done = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "moejax.convert",
+      "import",
+      "--from=someorg/somemodel",
+      f"--workdir={tmp_path / 'x'}",
+    ],
+    capture_output=True,
+    text=True,
+  )
+  assert done.returncode in (1, 2) and len(done.stderr.strip().splitlines()) == 1, done.stderr
+  assert "someorg/somemodel" in done.stderr and "hub" in done.stderr.lower()
