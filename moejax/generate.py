@@ -163,6 +163,12 @@ def main(argv) -> None:
   FLAGS = flags.FLAGS
   model, config, step = load_model(FLAGS.workdir, FLAGS.step)
   vocab = config.model.vocab_size
+  if vocab != data_lib.VOCAB_SIZE:
+    raise ValueError(
+      f"this model has a vocabulary of {vocab} tokens, not moejax's {data_lib.VOCAB_SIZE} "
+      "bytes (an imported checkpoint with its own tokenizer): moejax.generate samples "
+      "byte-level models; load it with moejax.load(WORKDIR) and use the checkpoint's tokenizer."
+    )
   if FLAGS.top_k > vocab:
     raise ValueError(
       f"--top_k={FLAGS.top_k} is not an integer in the range [0, {vocab}] (this model has "

@@ -140,3 +140,21 @@ def test_the_command_line_refuses_an_existing_destination_and_a_hub_id_offline(t
   )
   assert done.returncode in (1, 2) and len(done.stderr.strip().splitlines()) == 1, done.stderr
   assert "someorg/somemodel" in done.stderr and "hub" in done.stderr.lower()
+
+
+def test_generate_refuses_an_imported_model_with_its_own_vocabulary(tmp_path):
+  hf = hf_reference.tiny_config("olmoe")
+  (tmp_path / "hf").mkdir()
+  hf_reference.write_checkpoint(tmp_path / "hf", hf)
+  transfer.import_checkpoint(tmp_path / "hf", tmp_path / "run")
+  done = subprocess.run(
+    [sys.executable, "-m", "moejax.generate", f"--workdir={tmp_path / 'run'}", "--prompt=ROMEO."],
+    capture_output=True,
+    text=True,
+  )
+  assert done.returncode == 2
+  assert done.stderr.strip().splitlines() == [
+    "error: this model has a vocabulary of 40 tokens, not moejax's 260 bytes (an imported "
+    "checkpoint with its own tokenizer): moejax.generate samples byte-level models; load "
+    "it with moejax.load(WORKDIR) and use the checkpoint's tokenizer."
+  ]
