@@ -116,7 +116,9 @@ def result_line(config, final) -> str:
     load = lambda split: data.load_split(
       config.data.name, split, config.data.data_dir, text_key=config.data.text_key
     )
-    baseline = data.unigram_bits_per_byte(load("train"), load(config.data.eval_split))
+    baseline = data.unigram_bits_per_byte(
+      load(config.data.train_split), load(config.data.eval_split)
+    )
     parts.append(
       f"validation: {final['eval/bits_per_byte']:.3f} bits/byte (unigram baseline {baseline:.3f})"
     )

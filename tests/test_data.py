@@ -339,3 +339,29 @@ def test_build_datasets(data_dir):
   config.eval_batches = 0
   with pytest.raises(ValueError, match="eval_batches"):
     data.build_datasets(config, global_batch_size=8, seq_len=32, seed=0)
+
+
+def test_a_train_split_slice_trains_on_those_plays_only(data_dir, splits):
+  """`data.train_split='validation[:50%]'` (the fine-tuning experiment's split): two whole
+  held-out plays, none of the other two."""
+  config = data.default_data_config()
+  config.data_dir, config.train_split, config.eval_split = (
+    data_dir,
+    "validation[:50%]",
+    "validation[50%:]",
+  )
+  train, eval_batches = data.build_datasets(config, global_batch_size=4, seq_len=64, seed=0)
+  first, second = (
+    set(data.load_split("shakespeare_plays", "validation[:50%]", data_dir)),
+    set(data.load_split("shakespeare_plays", "validation[50%:]", data_dir)),
+  )
+  assert len(first) == len(second) == 2 and not first & second
+  assert first | second == set(splits["validation"].values())
+  held_in, held_out = "\n".join(first), "\n".join(second)
+  for batch in [next(train) for _ in range(5)]:
+    for row in batch["inputs"]:
+      text = data.decode(row).strip("\x00")
+      piece = max(text.split("\n"), key=len)[:30]
+      assert piece in held_in and piece not in held_out, piece
+  eval_text = data.decode(eval_batches[0]["inputs"][1])
+  assert max(eval_text.split("\n"), key=len)[:30] in held_out

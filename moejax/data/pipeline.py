@@ -109,6 +109,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       "name": SHAKESPEARE_NAME,  # TFDS dataset name, e.g. 'lm1b', 'c4/en'
       "data_dir": ml_collections.config_dict.placeholder(str),  # None: default
       "text_key": "text",  # the feature holding the document text
+      "train_split": "train",  # TFDS split (slices too: 'validation[:50%]': two of four plays)
       "eval_split": "validation",  # lm1b has only 'train' and 'test'
       "eval_batches": 16,  # max global eval batches per evaluation
     }
@@ -127,7 +128,7 @@ def build_datasets(
   """Returns (train iterator, eval batches) for this process.
 
   `data_config` has the fields of `default_data_config()`. The train iterator
-  is `make_train_iterator` over the `train` split; the eval batches are
+  is `make_train_iterator` over `data_config.train_split`; the eval batches are
   `make_eval_batches` over `data_config.eval_split`, at most
   `data_config.eval_batches` of them. Both yield per-process batches
   `[global_batch_size // shard_count, seq_len]`.
@@ -140,7 +141,7 @@ def build_datasets(
     return pack_documents(texts, seq_len)
 
   train = make_train_iterator(
-    windows("train"),
+    windows(data_config.train_split),
     global_batch_size=global_batch_size,
     seed=seed,
     shard_index=shard_index,
