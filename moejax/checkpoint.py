@@ -165,7 +165,9 @@ class Checkpointer:
 
   def holds_model_only(self, step: int) -> bool:
     """Whether checkpoint `step` was written by `save_model` (no optimizer state)."""
-    names = {_path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(self._state_metadata(step))}
+    names = {
+      _path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(self._state_metadata(step))
+    }
     return not any(name.startswith("1/") for name in names)
 
   def _state_metadata(self, step: int):
@@ -173,8 +175,8 @@ class Checkpointer:
 
   def restore_model(self, model_state: nnx.State, step: int) -> nnx.State:
     """Restores the model part of checkpoint `step` (a training checkpoint's or one of
-    `save_model`) into `model_state` (in place, keeping its shardings); the optimizer
-    state, if any, is not read. Raises ValueError naming the parameters whose saved shapes
+    `save_model`) into the State `model_state` (its variables replaced, shardings kept) and
+    returns it; the optimizer state, if any, is not read. Raises ValueError naming the parameters whose saved shapes
     differ from `model_state`'s."""
     self.check_fits(model_state, step, model_only=True)
     template = nnx.to_pure_dict(model_state)

@@ -62,6 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
   model.second_expert_policy = "all"  # all, random (GShard: 2nd expert kept w.p. min(1, 2·g2))
   model.router_jitter = 0.0  # Switch: router input scaled by U(1-eps, 1+eps) in training
   model.expert_dropout = 0.0  # dropout rate on the expert hidden layer (ST-MoE)
+  model.dropout = 0.0  # dropout rate on the attention and dense FFN outputs, in training only
   model.num_shared_experts = 0  # experts every token uses, one dense FFN of n · expert_d_ff
   model.shared_expert_d_ff = config_dict.placeholder(int)  # shared FFN width; None: n · expert_d_ff
   model.shared_expert_gate = False  # scale the shared FFN by sigmoid(x · w) (Qwen2-MoE)
@@ -96,6 +97,9 @@ def base_config() -> ml_collections.ConfigDict:
   train.checkpoint_every = 200  # steps between checkpoints (and at the end)
   train.keep_checkpoints = 3  # newest checkpoints kept
   train.nonfinite_policy = "stop"  # a NaN/Inf update: stop the run, or skip the update
+  train.init_from = config_dict.placeholder(str)  # fine-tuning: start from this run dir's model
+  train.trainable = "all"  # a regex over parameter paths, or all, all_but_moe, only_moe, only_router, attention_only
+  train.frozen = ""  # regex over parameter paths that do not train (no gradient, optimizer state or decay); '': none
 
   config.data = default_data_config()
 

@@ -42,6 +42,7 @@ from flax import nnx
 
 from moejax.activations import ACTIVATIONS
 from moejax.attention import CausalSelfAttention, LayerCache, qk_norm_mode
+from moejax.dropout import ResidualDropout, draws_randomness
 from moejax.mla import MultiHeadLatentAttention
 from moejax.ffn import FeedForward, on_rows
 from moejax.moe import MoeConfig, MoeLayer
@@ -214,7 +215,7 @@ def moe_config(config: ml_collections.ConfigDict) -> MoeConfig:
 
 
 class DecoderBlock(nnx.Module):
-  """Pre-norm block: `x + attn(norm(x))`, then `x + ffn(norm(x))`.
+  """Pre-norm block: `x + drop(attn(norm(x)))`, then `x + drop(ffn(norm(x)))` (`model.dropout`).
 
   `kind` 'dense' has a dense FFN; 'moe' an MoE layer, beside a dense FFN with
   `dense_moe_hybrid` (Snowflake Arctic), their outputs summed.
@@ -237,6 +238,7 @@ class DecoderBlock(nnx.Module):
         norm_eps=config.norm_eps, dtype=dtype, rngs=rngs,
       )  # fmt: skip
     self.ffn_norm = RMSNorm(d, eps=config.norm_eps)
+    self.dropout = ResidualDropout(config.dropout, rngs=rngs)  # dense branches; experts: their own
     has_dense = kind == "dense" or config.dense_moe_hybrid
     self.dense_ffn = (
       FeedForward(d, config.d_ff, config.activation, dtype=dtype, rngs=rngs) if has_dense else None
@@ -255,10 +257,10 @@ class DecoderBlock(nnx.Module):
     See `moejax.attention.CausalSelfAttention` for `positions` and `cache`.
     """
     attn_out, cache = self.attention(self.attn_norm(x), positions, cache)
-    x = x + attn_out
+    x = x + self.dropout(attn_out)
     h = self.ffn_norm(x)
     if self.dense_ffn is not None:
-      x = x + self.dense_ffn(h).astype(x.dtype)
+      x = x + self.dropout(self.dense_ffn(h)).astype(x.dtype)
     aux = None
     if self.moe is not None:
       moe_out, aux = self.moe(h)
@@ -315,12 +317,12 @@ class LayerStack(nnx.Module):
     """-> (x, the MoE blocks' aux dicts stacked `[repeats, ...]`, the cache or None).
 
     A `jax.lax.scan` over the stacked state (split once; each step merges its slice), so
-    it runs under any JAX transform. When a block draws randomness (training with router
-    jitter or noise, random routing, expert dropout), the RNG streams' advanced counters
+    it runs under any JAX transform. When a block draws randomness (training with dropout,
+    router jitter or noise, random routing, expert dropout), the RNG streams' advanced counters
     come back as the scan's output and are written to the module.
     """
     graphdef, params, rest = nnx.split(self.period, nnx.Param, ...)
-    random = any(b.moe is not None and b.moe.draws_randomness() for b in self.period.blocks)
+    random = any(draws_randomness(b) for b in self.period.blocks)
 
     def step(x, sliced):
       params, rest, cache = sliced

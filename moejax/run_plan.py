@@ -19,8 +19,8 @@ from flax import nnx
 from moejax import checkpoint as checkpoint_lib
 from moejax import config_text, sharding
 from moejax import workdir as workdir_lib
-
-from moejax.steps import build
+from moejax.init_from import check_init_from
+from moejax.steps import build, optimizer_state_bytes
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,10 @@ class RunPlan:
 
   `workdir` resolved; `mesh` checked against the model and batch; `steps` of the
   checkpoints already there (newest first); `changes`, the config keys that differ from
-  the run's saved config (`{key: (saved, now)}`); `num_params` of the model.
+  the run's saved config (`{key: (saved, now)}`); `num_params` of the model, of which
+  `num_trainable` train; `optimizer_bytes`, the optimizer state's size over all devices;
+  `init_from_step`, the step of the `train.init_from` checkpoint a fresh run starts from
+  (None: a resume, or no `init_from`).
   """
 
   workdir: epath.Path
@@ -142,6 +145,9 @@ class RunPlan:
   steps: list[int]
   changes: dict[str, tuple[Any, Any]]
   num_params: int
+  num_trainable: int
+  optimizer_bytes: int
+  init_from_step: int | None = None
 
   @property
   def resume_step(self) -> int:
@@ -157,13 +163,17 @@ def plan_run(
 
   A resumed run whose config differs from the one saved with its newest readable
   checkpoint (or in `config.json`, before the first checkpoint) in keys outside
-  `RESUMABLE_KEYS` and `mesh.` is refused unless `allow_config_change`.
+  `RESUMABLE_KEYS` and `mesh.` is refused unless `allow_config_change`. A workdir whose
+  newest checkpoint holds a model only (an import's or upcycle's) is refused: it is
+  fine-tuned from with `train.init_from`. A fresh run with `train.init_from` checks that
+  the directory holds a readable checkpoint that fits the model.
   """
   validate_train_config(config.train)
-  _, abstract_state = nnx.split(nnx.eval_shape(lambda: build(config)[:2]))
-  num_params = sum(
-    math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract_state, nnx.Param))
-  )
+  model, optimizer = nnx.eval_shape(lambda: build(config)[:2])
+  _, abstract_state = nnx.split((model, optimizer))
+  size = lambda state: sum(math.prod(x.shape) for x in jax.tree.leaves(state))
+  num_params = size(nnx.state(model, nnx.Param))
+  num_trainable = size(nnx.state(model, optimizer.wrt))
   mesh = make_run_mesh(config)
   path = workdir_lib.check(workdir)
   steps, saved = [], None
@@ -173,6 +183,7 @@ def plan_run(
     )
     try:
       steps = checkpoints.steps()
+      _refuse_model_only(checkpoints, steps, workdir)
       checkpoints.check_fits_newest_readable(abstract_state)
       saved = _newest_saved_config(checkpoints, steps)
     finally:
@@ -187,7 +198,35 @@ def plan_run(
       "saved -> now). Rerun with the run's own config, pass --allow_config_change to go on "
       "with this one (the change is logged in config_changes.jsonl), or use a new --workdir."
     )
-  return RunPlan(path, mesh, steps, changes, num_params)
+  init_from_step = None
+  if not steps and config.train.init_from:
+    init_from_step = check_init_from(config.train.init_from, abstract_state[0])
+  return RunPlan(
+    path,
+    mesh,
+    steps,
+    changes,
+    num_params,
+    num_trainable,
+    optimizer_state_bytes(abstract_state),
+    init_from_step,
+  )
+
+
+def _refuse_model_only(checkpoints, steps, workdir) -> None:
+  """A ValueError when the newest checkpoint whose metadata reads holds a model only."""
+  for step in steps:
+    try:
+      model_only = checkpoints.holds_model_only(step)
+    except Exception:  # unreadable: the next older checkpoint decides
+      continue
+    if model_only:
+      raise ValueError(
+        f"{workdir} holds imported/upcycled weights only (checkpoint {step} has no optimizer "
+        f"state), so it cannot be resumed: fine-tune from it with "
+        f"--config.train.init_from={workdir} --workdir=NEW_DIR."
+      )
+    return
 
 
 def _newest_saved_config(checkpoints, steps) -> dict[str, Any] | None:
@@ -206,6 +245,7 @@ def describe_plan(plan: RunPlan, config: ml_collections.ConfigDict) -> str:
   lines = [
     f"model: {plan.num_params:,} parameters; {tc.num_steps} steps of {tc.batch_size} x "
     f"{tc.seq_len} tokens",
+    f"trains: {trainable_summary(plan, config)}",
     f"mesh: {', '.join(f'{k}={v}' for k, v in sizes.items())} over {jax.device_count()} "
     f"{jax.devices()[0].platform} devices",
   ]
@@ -222,6 +262,21 @@ def describe_plan(plan: RunPlan, config: ml_collections.ConfigDict) -> str:
     lines.append(f"workdir: {plan.workdir} is at step {plan.resume_step} of {tc.num_steps}: done")
   else:
     lines.append(f"workdir: {plan.workdir}: the run would resume from step {plan.resume_step}")
+  if plan.init_from_step is not None:
+    lines.append(
+      f"init_from: the model of {tc.init_from} at step {plan.init_from_step}, a new optimizer"
+    )
   if plan.changes:
     lines.append(f"config changes: {config_text.format_differences(plan.changes, limit=100)}")
   return "\n".join(lines)
+
+
+def trainable_summary(plan: RunPlan, config: ml_collections.ConfigDict) -> str:
+  """`N of M parameters (train.trainable=..., train.frozen=...), optimizer state B bytes`."""
+  tc = config.train
+  frozen = f", train.frozen={tc.frozen!r}" if tc.frozen else ""
+  return (
+    f"{plan.num_trainable:,} of {plan.num_params:,} parameters (train.trainable="
+    f"{tc.trainable!r}{frozen}); optimizer state {plan.optimizer_bytes:,} bytes "
+    f"({plan.optimizer_bytes / 2**20:.2f} MiB)"
+  )

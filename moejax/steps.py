@@ -19,10 +19,12 @@ from flax import nnx
 from moejax import checkpoint as checkpoint_lib
 from moejax import sharding
 from moejax.model import TransformerLM, moe_layer_indices
+from moejax.trainable import trainable_filter
 
 
 def make_optimizer(train_config: ml_collections.ConfigDict):
-  """AdamW with linear warmup and cosine decay, global-norm clipping; no decay on vectors.
+  """AdamW with linear warmup and cosine decay, global-norm clipping; no decay on vectors
+  (nor on frozen parameters, which the optimizer does not hold: `build`).
 
   Returns (optax transformation, learning-rate schedule).
   """
@@ -51,10 +53,12 @@ def make_optimizer(train_config: ml_collections.ConfigDict):
 
 def build(config: ml_collections.ConfigDict, mesh=None):
   """(model, optimizer, learning-rate schedule), initialised from `config.train.seed`; the
-  model runs on `mesh` (None: one device's program)."""
+  model runs on `mesh` (None: one device's program). The optimizer holds state for the
+  parameters that train (`train.trainable`, `train.frozen`: `moejax.trainable`) only; its
+  `wrt` is their filter, which the train step differentiates with respect to."""
   model = TransformerLM(config.model, mesh=mesh, rngs=nnx.Rngs(config.train.seed))
   tx, schedule = make_optimizer(config.train)
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  optimizer = nnx.Optimizer(model, tx, wrt=trainable_filter(config.train, model))
   return model, optimizer, schedule
 
 
@@ -71,6 +75,14 @@ def init_state(config: ml_collections.ConfigDict, mesh):
   shardings = sharding.param_shardings(abstract, mesh)
   state = jax.jit(lambda: nnx.state(pair()), out_shardings=shardings)()
   return graphdef, state, shardings
+
+
+def optimizer_state_bytes(state) -> int:
+  """Bytes of the optimizer state (Adam's moments and counts; not the step) in a `(model,
+  optimizer)` state of arrays or abstract `jax.ShapeDtypeStruct`s, over all devices: frozen
+  parameters (`train.frozen`) add nothing."""
+  leaves = jax.tree.leaves(state[1]["opt_state"])
+  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves)
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -92,6 +104,10 @@ def make_steps(graphdef, model_config: ml_collections.ConfigDict):
   `lb_loss`, `seq_aux_loss` and `z_loss` metrics are the per-layer means. A term whose
   weight is 0 is left out. After the update, layers with aux-loss-free balancing move
   their selection bias (`TransformerLM.update_selection_biases`).
+
+  Gradients are taken with respect to the parameters that train (the optimizer's `wrt`,
+  `train.trainable` / `train.frozen`); the others are constants, and `grad_norm` and the
+  clipping see only the trained ones.
 
   The train step applies an update only when every loss term and the gradient norm are
   finite; otherwise parameters and optimizer state stay as they were (the RNG streams
@@ -119,7 +135,9 @@ def make_steps(graphdef, model_config: ml_collections.ConfigDict):
       loss = ce + sum(w * aux[name] for name, w in weights.items())
       return loss, (ce, aux)
 
-    (loss, (ce, aux)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    # Gradients of the trainable parameters only (`optimizer.wrt`); the rest are constants.
+    trainable = nnx.DiffState(0, optimizer.wrt)
+    (loss, (ce, aux)), grads = nnx.value_and_grad(loss_fn, argnums=trainable, has_aux=True)(model)
     optimizer.update(model, grads)
     if bias_balancing:
       model.update_selection_biases(aux["expert_load"])

@@ -1,6 +1,7 @@
 """The training loop: steps issued asynchronously, evaluations, checkpoints, metrics, and
 stopping on a signal or a non-finite update; `train_and_evaluate` runs a config in a
-workdir, resuming from its newest intact checkpoint.
+workdir, resuming from its newest intact checkpoint, or starting a fresh run from the model
+of `train.init_from` (fine-tuning; `moejax.init_from`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
+from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
@@ -26,7 +28,8 @@ from moejax import data as data_lib
 from moejax import workdir as workdir_lib
 from moejax.metrics import MetricWriter, read_metrics
 from moejax.model import moe_layer_indices
-from moejax.run_plan import plan_run
+from moejax.init_from import restore_init_from
+from moejax.run_plan import plan_run, trainable_summary
 from moejax.steps import evaluate, init_state, make_optimizer, make_steps, nonfinite_terms
 
 log = logging.getLogger(__name__)
@@ -130,6 +133,11 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its newest intact checkpoint if there is one.
 
+  A fresh run (no checkpoint in `workdir`) with `train.init_from` takes its model from the
+  newest readable checkpoint there, with a new optimizer, at step 0; a resume never reads
+  it. Only the parameters `train.trainable` and `train.frozen` select train. One line at
+  the start says where the run starts and what trains (with the optimizer state's bytes).
+
   Everything `plan_run` checks is checked before the workdir is created or written, and
   the data is found before it is created. A run already at `train.num_steps` returns its
   last metrics without training. SIGTERM or SIGINT ends the run after the current step
@@ -179,10 +187,16 @@ def train_and_evaluate(
           config_text.format_differences(plan.changes),
           plan.workdir / workdir_lib.CONFIG_CHANGES_FILE,
         )
+    init_step = None
+    if start_step == 0 and tc.init_from:
+      model_state, init_step = restore_init_from(tc.init_from, state[0], plan.mesh)
+      state = nnx.merge_state(state, {0: model_state})
     train_iter, eval_batches = data or datasets()
     if start_step:
       train_iter.set_state(data_state)
       log.info("resumed from the checkpoint at step %d", start_step)
+    if process == 0:
+      tqdm.write(_startup_line(plan, config, start_step, init_step))
     writer = MetricWriter(plan.workdir, enabled=process == 0, resume_step=start_step)
     try:
       return _train_loop(
@@ -200,6 +214,19 @@ def train_and_evaluate(
       writer.close()
   finally:
     checkpoints.close()
+
+
+def _startup_line(plan, config, start_step: int, init_step: int | None) -> str:
+  """`step 0 of N[, the model from DIR at step S]: training T of P parameters
+  (train.trainable=...); optimizer state B bytes (M MiB)`, or `resuming at step S of N: ...`."""
+  tc = config.train
+  if start_step:
+    start = f"resuming at step {start_step} of {tc.num_steps}"
+  elif init_step is not None:
+    start = f"step 0 of {tc.num_steps}, the model from {tc.init_from} at step {init_step}"
+  else:
+    start = f"step 0 of {tc.num_steps}"
+  return f"{start}: training {trainable_summary(plan, config)}"
 
 
 def _train_loop(

@@ -1,0 +1,10 @@
+"""`python -m experiments.finetune --preset=cpu --workdir=DIR` (see the package docstring;
+the flags are the ablations' runner's)."""
+
+import sys
+
+from experiments.ablations.prerequisites import main_starting_from
+from experiments.finetune import build, prepare
+
+if __name__ == "__main__":
+  sys.exit(main_starting_from(build, prepare))

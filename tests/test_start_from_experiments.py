@@ -1,0 +1,72 @@
+"""The fine-tuning and upcycling experiments at the smoke preset: their prerequisite runs
+are made first, and every arm starts from them (`train.init_from`)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+
+import moejax
+from experiments.ablations.prerequisites import main_starting_from
+
+
+def _rows(workdir):
+  with open(workdir / "results.csv") as f:
+    return list(csv.DictReader(f))
+
+
+def test_finetune_pretrains_once_and_its_arms_start_from_that_model(tmp_path):
+  from experiments import finetune
+
+  args = [
+    "--preset=smoke",
+    f"--workdir={tmp_path}",
+    "--arms=full,freeze_moe",
+    "--seeds=0",
+    "--quiet",
+  ]
+  assert main_starting_from(finetune.build, finetune.prepare, args) == 0
+  pretrained, _ = moejax.load(tmp_path / "pretrain")
+  frozen_run, config = moejax.load(tmp_path / "freeze_moe" / "seed_0")
+  assert config.train.init_from == str(tmp_path / "pretrain")
+  assert config.data.train_split == "validation[:50%]"
+  # freeze_moe kept the pretrained experts bit for bit and trained the attention.
+  np.testing.assert_array_equal(
+    np.asarray(frozen_run.layer(0).moe.experts.w_in[...]),
+    np.asarray(pretrained.layer(0).moe.experts.w_in[...]),
+  )
+  assert not np.array_equal(
+    np.asarray(frozen_run.layer(0).attention.q_proj.kernel[...]),
+    np.asarray(pretrained.layer(0).attention.q_proj.kernel[...]),
+  )
+  assert {r["arm"] for r in _rows(tmp_path)} == {"full", "freeze_moe"}
+  summary = (tmp_path / "summary.md").read_text()
+  assert "## Optimizer state per arm" in summary and "| `freeze_moe` | `all_but_moe` |" in summary
+  # A rerun trains nothing more: the pretraining is found finished, the arms done.
+  stamp = (tmp_path / "pretrain" / "metrics.jsonl").stat().st_mtime_ns
+  assert main_starting_from(finetune.build, finetune.prepare, args) == 0
+  assert (tmp_path / "pretrain" / "metrics.jsonl").stat().st_mtime_ns == stamp
+
+
+def test_upcycle_trains_the_dense_model_upcycles_it_and_holds_the_flops_equal(tmp_path):
+  from experiments import upcycle
+
+  args = [
+    "--preset=smoke",
+    f"--workdir={tmp_path}",
+    "--arms=dense_continued,upcycled",
+    "--seeds=0",
+    "--quiet",
+  ]
+  assert main_starting_from(upcycle.build, upcycle.prepare, args) == 0
+  record = json.loads((tmp_path / "upcycled" / "upcycle.json").read_text())
+  assert record["from"] == str(tmp_path / "dense")
+  _, config = moejax.load(tmp_path / "upcycled" / "seed_0" / ".." / ".." / "upcycled")
+  assert config.model.num_experts == upcycle.EXPERTS
+  rows = {r["arm"]: r for r in _rows(tmp_path)}
+  assert set(rows) == {"dense_continued", "upcycled"}
+  flops = [float(rows[a]["train_flops"]) for a in ("dense_continued", "upcycled")]
+  assert abs(flops[1] / flops[0] - 1) < 0.02
+  assert int(rows["upcycled"]["steps"]) < int(rows["dense_continued"]["steps"])
