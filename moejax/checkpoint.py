@@ -20,6 +20,7 @@ from etils import epath
 from flax import nnx
 
 from moejax import workdir as workdir_lib
+from moejax.tree_paths import path_name
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +84,6 @@ def describe_failure(error: BaseException, limit: int = 200) -> str:
   """A read failure on one line of at most `limit` characters."""
   text = " ".join(str(error).split()) or type(error).__name__
   return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _path_name(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 class Checkpointer:
@@ -166,7 +163,7 @@ class Checkpointer:
   def holds_model_only(self, step: int) -> bool:
     """Whether checkpoint `step` was written by `save_model` (no optimizer state)."""
     names = {
-      _path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(self._state_metadata(step))
+      path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(self._state_metadata(step))
     }
     return not any(name.startswith("1/") for name in names)
 
@@ -208,14 +205,14 @@ class Checkpointer:
     (arrays or abstract `jax.ShapeDtypeStruct`s); with `model_only`, `state` is a model's
     state and the saved optimizer state is not compared."""
     saved = {
-      _path_name(p): tuple(m.shape)
+      path_name(p): tuple(m.shape)
       for p, m in jax.tree_util.tree_leaves_with_path(self._state_metadata(step))
     }
     if model_only:
       saved = {name: shape for name, shape in saved.items() if name.startswith("0/")}
     pure = {"0": nnx.to_pure_dict(state)} if model_only else nnx.to_pure_dict(state)
     shapes = jax.eval_shape(_keys_to_data, pure)
-    wanted = {_path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(shapes)}
+    wanted = {path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(shapes)}
     differ = [
       f"{name} {saved.get(name, 'absent')} -> {shape}"
       for name, shape in wanted.items()

@@ -32,6 +32,8 @@ import jax
 import ml_collections
 from flax import nnx
 
+from moejax.tree_paths import path_name
+
 _MOE = r"(^|/)moe/"
 _ROUTER = r"(^|/)moe/(router_kernel|noise_kernel|router_bias)$"
 _ATTENTION = r"(^|/)attention/"
@@ -44,11 +46,6 @@ PRESETS: dict[str, tuple[str | None, bool]] = {
   "only_router": (_ROUTER, False),
   "attention_only": (_ATTENTION, False),
 }
-
-
-def path_name(path) -> str:
-  """`('stacks', 0, 'period', ...)` (an NNX path) -> `'stacks/0/period/...'`."""
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 def parameter_paths(model_or_state) -> list[str]:

@@ -43,6 +43,7 @@ from ml_collections import config_flags
 from moejax import cli
 from moejax.convert import layout, model_state
 from moejax.loading import load_model
+from moejax.tree_paths import flat
 from moejax.model import expert_d_ff_of
 
 # Model keys that must agree: everything upcycling carries over unchanged.
@@ -114,14 +115,14 @@ def upcycle(
   check_compatible(dense_config.model, config.model)
   dense = {
     name: np.asarray(value)
-    for name, value in model_state.flat(nnx.to_pure_dict(nnx.state(dense_model, nnx.Param))).items()
+    for name, value in flat(nnx.to_pure_dict(nnx.state(dense_model, nnx.Param))).items()
   }
   from moejax.model import TransformerLM
 
   fresh = TransformerLM(config.model, rngs=nnx.Rngs(config.train.seed))
   tree = nnx.to_pure_dict(nnx.state(fresh))
-  params = set(model_state.flat(nnx.to_pure_dict(nnx.state(fresh, nnx.Param))))
-  leaves = model_state.flat(tree)
+  params = set(flat(nnx.to_pure_dict(nnx.state(fresh, nnx.Param))))
+  leaves = flat(tree)
   rng = np.random.default_rng(config.train.seed)
   dense_blocks = layout.layer_locations(dense_config.model)
   rows_of: dict[str, list[tuple[int, int]]] = {}  # MoE block -> (its row, layer index)

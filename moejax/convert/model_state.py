@@ -14,15 +14,7 @@ from flax import nnx
 from moejax import checkpoint as checkpoint_lib
 from moejax import workdir as workdir_lib
 from moejax.model import TransformerLM
-
-
-def path_name(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
-def flat(tree: Any) -> dict[str, Any]:
-  """`{'stacks/0/period/blocks/0/moe/router_kernel': leaf, ...}` of a pure-dict state."""
-  return {path_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+from moejax.tree_paths import flat, path_name
 
 
 def abstract_model(config: ml_collections.ConfigDict):

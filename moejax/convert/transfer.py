@@ -30,6 +30,7 @@ from moejax.config import base_config
 from moejax.convert import families, layout, model_state
 from moejax.convert.safetensors_dir import DTYPES, CheckpointDir, write_checkpoint_dir
 from moejax.loading import load_model
+from moejax.tree_paths import flat
 from moejax.model import validate_config
 
 IMPORT_RECORD = "import.json"
@@ -78,7 +79,7 @@ def import_checkpoint(
     stored = next(iter(set(dtypes.values()))) if len(set(dtypes.values())) == 1 else np.float32
 
     _, tree, param_paths = model_state.abstract_model(config)
-    shapes = {name: tuple(x.shape) for name, x in model_state.flat(tree).items()}
+    shapes = {name: tuple(x.shape) for name, x in flat(tree).items()}
     leaves = model_state.fresh_non_params(config)
     for name in {piece.leaf for piece in plan}:
       dtype = stored if name in param_paths else leaves[name].dtype
@@ -180,7 +181,7 @@ def export_checkpoint(
   )
   families.check_expressible(config.model, chosen)
   plan = layout.pieces(config.model, chosen)
-  state = model_state.flat(nnx.to_pure_dict(nnx.state(model)))
+  state = flat(nnx.to_pure_dict(nnx.state(model)))
   leaves = {name: np.asarray(state[name]) for name in {piece.leaf for piece in plan}}
   shapes = {name: value.shape for name, value in leaves.items()}
   groups: dict[str, list[layout.Piece]] = {}
