@@ -23,7 +23,7 @@ def test_finetune_pretrains_once_and_its_arms_start_from_that_model(tmp_path):
   args = [
     "--preset=smoke",
     f"--workdir={tmp_path}",
-    "--arms=full,freeze_moe",
+    "--arms=freeze_moe",
     "--seeds=0",
     "--quiet",
   ]
@@ -41,7 +41,7 @@ def test_finetune_pretrains_once_and_its_arms_start_from_that_model(tmp_path):
     np.asarray(frozen_run.layer(0).attention.q_proj.kernel[...]),
     np.asarray(pretrained.layer(0).attention.q_proj.kernel[...]),
   )
-  assert {r["arm"] for r in _rows(tmp_path)} == {"full", "freeze_moe"}
+  assert [r["arm"] for r in _rows(tmp_path)] == ["freeze_moe"]
   summary = (tmp_path / "summary.md").read_text()
   assert "## Optimizer state per arm" in summary and "| `freeze_moe` | `all_but_moe` |" in summary
   # A rerun trains nothing more: the pretraining is found finished, the arms done.
@@ -52,21 +52,21 @@ def test_finetune_pretrains_once_and_its_arms_start_from_that_model(tmp_path):
 
 def test_upcycle_trains_the_dense_model_upcycles_it_and_holds_the_flops_equal(tmp_path):
   from experiments import upcycle
+  from experiments.ablations.accounting import accounting
+  from experiments.ablations.spec import arm_config, get_arms
 
-  args = [
-    "--preset=smoke",
-    f"--workdir={tmp_path}",
-    "--arms=dense_continued,upcycled",
-    "--seeds=0",
-    "--quiet",
-  ]
+  args = ["--preset=smoke", f"--workdir={tmp_path}", "--arms=upcycled", "--seeds=0", "--quiet"]
   assert main_starting_from(upcycle.build, upcycle.prepare, args) == 0
-  record = json.loads((tmp_path / "upcycled" / "upcycle.json").read_text())
+  record = json.loads((tmp_path / "dense_upcycled" / "upcycle.json").read_text())
   assert record["from"] == str(tmp_path / "dense")
-  _, config = moejax.load(tmp_path / "upcycled" / "seed_0" / ".." / ".." / "upcycled")
+  _, config = moejax.load(tmp_path / "upcycled" / "seed_0")
+  assert config.train.init_from == str(tmp_path / "dense_upcycled")
   assert config.model.num_experts == upcycle.EXPERTS
-  rows = {r["arm"]: r for r in _rows(tmp_path)}
-  assert set(rows) == {"dense_continued", "upcycled"}
-  flops = [float(rows[a]["train_flops"]) for a in ("dense_continued", "upcycled")]
-  assert abs(flops[1] / flops[0] - 1) < 0.02
-  assert int(rows["upcycled"]["steps"]) < int(rows["dense_continued"]["steps"])
+  assert [r["arm"] for r in _rows(tmp_path)] == ["upcycled"]
+  ablation = upcycle.build(str(tmp_path), "smoke")
+  flops = {
+    arm.name: accounting(arm_config(ablation, "smoke", arm))["train_flops"]
+    for arm in get_arms(ablation, "smoke")
+  }
+  assert abs(flops["upcycled"] / flops["dense_continued"] - 1) < 0.02
+  assert flops["moe_scratch"] > 1.5 * flops["upcycled"]  # it also pays for the pretraining

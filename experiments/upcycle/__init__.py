@@ -10,12 +10,12 @@ Design. A dense model (`configs/dense.py`: 4 layers, d_model 128, SwiGLU FFN of 
 pretrained for P = 600 steps on the training plays (`WORKDIR/dense`). `moejax.upcycle`
 turns it into an MoE of 8 experts of hidden 512, top-2 with renormalised gates (so at
 step 0 it computes the dense model's function exactly: tested in
-`tests/test_upcycle.py`), written to `WORKDIR/upcycled`. The arms then spend the same
+`tests/test_upcycle.py`), written to `WORKDIR/dense_upcycled`. The arms then spend the same
 extra training compute C = M dense steps (M = 300), counted with `moejax.flops` (an MoE
 step costs 1.65× a dense step here: two experts of 512 plus the router):
 
 * `dense_continued`: the dense model, M more steps (`train.init_from=WORKDIR/dense`);
-* `upcycled`: the upcycled MoE, C / (its step FLOPs) steps (`train.init_from=WORKDIR/upcycled`);
+* `upcycled`: the upcycled MoE, C / (its step FLOPs) steps (`train.init_from=WORKDIR/dense_upcycled`);
 * `moe_scratch`: the same MoE from random weights, given the dense model's pretraining
   compute too: (P + M) dense steps' worth, so that it has spent as much compute in all.
 
@@ -113,19 +113,19 @@ def arms_of(preset: str, dense_dir: str, upcycled_dir: str) -> list[Arm]:
 
 
 def prepare(workdir: str, preset: str, train) -> None:
-  """Pretrains the dense model (WORKDIR/dense) and upcycles it (WORKDIR/upcycled)."""
+  """Pretrains the dense model (WORKDIR/dense) and upcycles it (WORKDIR/dense_upcycled)."""
   from moejax.upcycle import upcycle
 
   dense_dir = train("dense", dense_config(preset))
-  upcycled_dir = prerequisite_path(workdir, "upcycled")
+  upcycled_dir = prerequisite_path(workdir, "dense_upcycled")
   if not os.path.isdir(os.path.join(upcycled_dir, "checkpoints")):
     upcycle(dense_dir, upcycled_dir, moe_config(preset))
 
 
 def build(workdir: str | None, preset: str) -> Ablation:
-  """The upcycling ablation, its arms starting from WORKDIR/dense and WORKDIR/upcycled."""
+  """The upcycling ablation, its arms starting from WORKDIR/dense and WORKDIR/dense_upcycled."""
   dense_dir = prerequisite_path(workdir, "dense")
-  upcycled_dir = prerequisite_path(workdir, "upcycled")
+  upcycled_dir = prerequisite_path(workdir, "dense_upcycled")
   return Ablation(
     name="upcycle",
     title="Sparse upcycling vs continued dense training vs an MoE from scratch (Komatsuzaki et al.)",
