@@ -86,19 +86,24 @@ def import_checkpoint(
       leaves[name] = np.empty(shapes[name], dtype)
     covered = {name: 0 for name in leaves}
     nbytes = 0
-    for key in dict.fromkeys(piece.key for piece in plan):  # each tensor read once
-      tensor = src.get(key)
-      nbytes += tensor.nbytes
-      for piece in (p for p in plan if p.key == key):
-        value = piece.to_moejax(tensor)
-        target = shapes[piece.leaf][len(piece.index) :]
-        if value.shape != target:
-          raise ValueError(
-            f"--from={source}: {key} has shape {tensor.shape}; config.json implies "
-            f"{layout.hf_shape([piece], shapes)} for {piece.leaf}."
-          )
-        leaves[piece.leaf][piece.index] = value
-        covered[piece.leaf] += value.size
+    by_key: dict[str, list[layout.Piece]] = {}
+    for piece in plan:
+      by_key.setdefault(piece.key, []).append(piece)
+    for keys in src.in_file_order(by_key):  # each tensor read once, one file mapped at a time
+      for key in keys:
+        tensor = src.get(key)
+        nbytes += tensor.nbytes
+        for piece in by_key[key]:
+          value = piece.to_moejax(tensor)
+          target = shapes[piece.leaf][len(piece.index) :]
+          if value.shape != target:
+            raise ValueError(
+              f"--from={source}: {key} has shape {tensor.shape}; config.json implies "
+              f"{layout.hf_shape([piece], shapes)} for {piece.leaf}."
+            )
+          leaves[piece.leaf][piece.index] = value
+          covered[piece.leaf] += value.size
+      src.release(keys)
     unfilled = [n for n in param_paths if covered[n] != int(np.prod(shapes[n]))]
     if unfilled:
       raise ValueError(f"the {family.model_type} layout leaves {unfilled[0]} unfilled.")
