@@ -166,7 +166,8 @@ def _check_resume(ablation, workdir, arm, rows, cache):
   os.rename(os.path.join(run_dir, "checkpoints", "4"), os.path.join(workdir, "checkpoint_4"))
   again = _run_cli(ablation.name, cache, "--preset=smoke", f"--workdir={workdir}", "--quiet")
   assert again.returncode == 0, again.stderr[-3000:]
-  assert again.stdout.count("resuming") == 1 and f"{arm} seed 0: resuming" in again.stdout
+  # One run resumed (": resuming": the runner's line, not the training loop's own).
+  assert again.stdout.count(": resuming") == 1 and f"{arm} seed 0: resuming" in again.stdout
   assert again.stdout.count("finished earlier, skipped") == len(rows) - 1
   assert os.path.exists(os.path.join(run_dir, "metrics.jsonl.after_step_2"))  # moved, kept
   resumed = read_results_csv(os.path.join(workdir, "results.csv"))
