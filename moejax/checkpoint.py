@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
@@ -145,20 +146,43 @@ class Checkpointer:
     """Saves only a model's state (no optimizer, no data position) as checkpoint `step`:
     what an import or an upcycle writes. `model_state` is an `nnx.State` or its pure dict
     (arrays of any float dtype: `restore_model` casts to the model's). `restore_model` and
-    `train.init_from` read it; a training run cannot resume from it (`holds_model_only`)."""
+    `train.init_from` read it; a training run cannot resume from it (`holds_model_only`).
+
+    NumPy leaves are written without the defensive copy Orbax makes by default (an import's
+    model exists once in host memory, not twice); this returns only once the write is
+    complete, so the caller may reuse them afterwards."""
     if isinstance(model_state, nnx.State):
       model_state = nnx.to_pure_dict(model_state)
     pure = _keys_to_data(model_state)
-    self._manager.save(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave({"0": pure}),
-        data=ocp.args.JsonSave({}),
-        config=ocp.args.JsonSave(config.to_dict()),
-      ),
-      force=True,
+    uncopied = ocp.type_handlers.create_type_handler_registry(
+      (int, ocp.type_handlers.ScalarHandler()),
+      (float, ocp.type_handlers.ScalarHandler()),
+      (np.number, ocp.type_handlers.ScalarHandler()),
+      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+      (jax.Array, ocp.type_handlers.ArrayHandler()),
     )
-    self._manager.wait_until_finished()
+    writer = ocp.CheckpointManager(
+      self.directory,
+      item_handlers={
+        "state": ocp.PyTreeCheckpointHandler(type_handler_registry=uncopied),
+        "data": ocp.JsonCheckpointHandler(),
+        "config": ocp.JsonCheckpointHandler(),
+      },
+    )
+    try:
+      writer.save(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.PyTreeSave({"0": pure}),
+          data=ocp.args.JsonSave({}),
+          config=ocp.args.JsonSave(config.to_dict()),
+        ),
+        force=True,
+      )
+      writer.wait_until_finished()
+    finally:
+      writer.close()
+    self._manager.reload()
 
   def holds_model_only(self, step: int) -> bool:
     """Whether checkpoint `step` was written by `save_model` (no optimizer state)."""

@@ -1,7 +1,7 @@
-"""Every ablation (`experiments/ablations/`) trains at its smoke preset end to end through
-its command line; results.csv's accounting is moejax.flops's; a rerun trains nothing and
-touches nothing; another config in the same workdir is refused; a half-finished run
-resumes; and the wall-time estimator times real steps.
+"""Every ablation (`experiments/ablations/`) trains at its smoke preset (scaling: half its
+arms) end to end through its command line; results.csv's accounting is moejax.flops's; a
+rerun trains nothing and touches nothing; another config in the same workdir is refused;
+a half-finished run resumes; and the wall-time estimator times real steps.
 
 The runner's logic (sweep, contrasts, verdicts, pod commands) is tested without training
 in tests/test_ablation_runner.py, its statistics in tests/test_ablation_stats.py."""
@@ -27,6 +27,13 @@ QUIET = lambda _: None
 # Seeds of the smoke runs: two where a paired contrast can be computed end to end; one for
 # the ablations with many arms (their statistics are tested without training).
 SMOKE_SEEDS = {"capacity": "0", "scaling": "0"}
+# Arms of the smoke runs: all of them, but 6 of scaling's 12 (`--arms`): every size and every
+# expert count, the arms of both its contrasts, and 6 grid points for the law's 4 terms. Its
+# other arms are the same models at other widths; every arm's config, constraints and
+# accounting are checked without training in tests/test_ablation_runner.py.
+SMOKE_ARMS = {
+  "scaling": ("small_e1", "small_e4", "small_e64", "medium_e16", "large_e1", "large_e64"),
+}
 
 
 @pytest.fixture(scope="session")
@@ -48,8 +55,9 @@ def _files(root):
 
 def _run_cli(name, cache, *args):
   """`python -m experiments.ablations.NAME ARGS` on one CPU device (the test process has 8
-  simulated ones, over which training would shard even the smoke models)."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  simulated ones, over which training would shard even the smoke models), with the tests'
+  faster-compiling XLA flags (conftest.py)."""
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("MOEJAX_TEST_XLA_FLAGS", ""))
   env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   return subprocess.run(
     [sys.executable, "-m", f"experiments.ablations.{name}", *args],
@@ -78,11 +86,13 @@ def test_smoke_ablation_end_to_end_and_rerun_skips(name, tmp_path, monkeypatch, 
   ablation = get(name)
   workdir = str(tmp_path / name)
   seeds = SMOKE_SEEDS.get(name, "0,1")
-  done = _run_cli(
-    name, compile_cache, "--preset=smoke", f"--workdir={workdir}", "--quiet", f"--seeds={seeds}"
-  )
+  subset = SMOKE_ARMS.get(name)
+  flags = ["--preset=smoke", f"--workdir={workdir}", "--quiet", f"--seeds={seeds}"]
+  if subset:
+    flags.append("--arms=" + ",".join(subset))
+  done = _run_cli(name, compile_cache, *flags)
   assert done.returncode == 0, done.stderr[-3000:]
-  arms = get_arms(ablation, "smoke")
+  arms = [a for a in get_arms(ablation, "smoke") if subset is None or a.name in subset]
   expected = [(a.name, int(s)) for a in arms for s in seeds.split(",")]
   for arm, seed in expected:
     assert f"{arm} seed {seed}: done in" in done.stdout
@@ -121,6 +131,9 @@ def test_smoke_ablation_end_to_end_and_rerun_skips(name, tmp_path, monkeypatch, 
   with open(os.path.join(workdir, "summary.md")) as f:
     summary = f.read()
   assert all(f"`{a.name}`" in summary for a in arms)
+  if subset:
+    others = [a.name for a in get_arms(ablation, "smoke") if a.name not in subset]
+    assert f"Not finished yet: {', '.join(others)}." in summary
   assert f"## Primary contrast (pre-registered): `{ablation.primary.name}`" in summary
   contrasts = read_results_csv(os.path.join(workdir, "contrasts.csv"))
   assert contrasts[0]["contrast"] == ablation.primary.name
@@ -136,7 +149,9 @@ def test_smoke_ablation_end_to_end_and_rerun_skips(name, tmp_path, monkeypatch, 
   before = _files(workdir)
   spy = TrainSpy(monkeypatch)
   seed_list = [int(s) for s in seeds.split(",")]
-  again = run_ablation(ablation, "smoke", workdir, seeds=seed_list, show_progress=False, log=QUIET)
+  again = run_ablation(
+    ablation, "smoke", workdir, seeds=seed_list, arms=subset, show_progress=False, log=QUIET
+  )
   assert spy.calls == [] and again["skipped"] == expected and again["trained"] == []
   assert _files(workdir) == before
   if name == "top_k":

@@ -1,5 +1,7 @@
 """The MoE layer benchmark (`experiments/benchmarks/moe_layer.py`): its smoke preset runs
-in-process and its table holds what the module docstring says."""
+in-process and its table holds what the module docstring says. The other benchmark scripts'
+smoke runs, too. They compile with most XLA optimisations off (conftest.fast_compile_module): the
+tests check what the rows hold and how they are computed, not how fast the programs run."""
 
 import csv
 import math
@@ -14,9 +16,11 @@ from flax import nnx
 from moejax.moe import MoeConfig, MoeLayer
 from experiments.benchmarks import moe_layer
 
+pytestmark = pytest.mark.usefixtures("fast_compile_module")
+
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+def smoke(tmp_path_factory, fast_compile_module):
   out = tmp_path_factory.mktemp("bench") / "smoke.csv"
   assert moe_layer.main(["--preset=smoke", f"--out={out}"]) == 0
   with open(out, newline="") as fh:

@@ -34,7 +34,7 @@ def test_pod_and_cpu_variants_validate(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_smoke_variant_takes_a_training_step(name):
+def test_smoke_variant_takes_a_training_step(name, fast_compile):
   config = load(name, "smoke")
   model, optimizer, _ = steps.build(config)
   graphdef, state = nnx.split((model, optimizer))

@@ -249,7 +249,7 @@ def test_fsdp_train_step_matches_one_device(dispatch, shape):
   assert "all-gather" in compiled.as_text()  # each weight gathered where a layer uses it
 
 
-def test_fsdp_divides_parameter_and_optimizer_memory():
+def test_fsdp_divides_parameter_and_optimizer_memory(fast_compile):
   """Per-device argument bytes of the compiled train step (parameters, Adam moments, the
   batch), read from XLA's memory analysis, fall as 1/n with the fsdp axis."""
   per_device = {}

@@ -25,9 +25,12 @@ ARGS = [
 
 
 def _env(devices):
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["JAX_PLATFORMS"] = "cpu"
+  """`devices` CPU devices, the tests' faster-compiling XLA flags (conftest.py) and most
+  XLA optimisations off (as the smoke ablations train): the runs are compared with each
+  other, and compiling takes most of their time."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  flags = os.environ.get("MOEJAX_TEST_XLA_FLAGS", "")
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {flags}".strip()
   return env
 
 
