@@ -4,7 +4,6 @@ faster-compiling CPU code generator; one persistent compilation cache for the se
 reports, not how fast it runs; the slowest tests are started first."""
 
 import atexit
-import contextlib
 import os
 import shutil
 import subprocess
@@ -49,34 +48,25 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
-@contextlib.contextmanager
-def _most_optimizations_off():
-  """Most XLA optimisations off for the compiles inside (as the smoke ablations run): for
-  tests of what a program computes or reports (shapes, memory of its arguments, finite
-  losses), whose tiny programs take far longer to compile than to run. The in-memory
-  caches are cleared after, so nothing compiled so is reused elsewhere."""
-  import jax
-
-  previous = bool(jax.config.values.get("jax_disable_most_optimizations", False))
-  jax.config.update("jax_disable_most_optimizations", True)
-  try:
-    yield
-  finally:
-    jax.config.update("jax_disable_most_optimizations", previous)
-    jax.clear_caches()
-
-
+# Most XLA optimisations off (experiments.ablations.run.most_optimizations_off, as the
+# smoke ablations compile), for tests of what a program computes or reports (shapes, memory
+# of its arguments, finite losses), whose tiny programs take far longer to compile than to
+# run. Imported inside: jax must not be imported before XLA_FLAGS is set above.
 @pytest.fixture
 def fast_compile():
-  """`_most_optimizations_off` for one test."""
-  with _most_optimizations_off():
+  """Most XLA optimisations off for one test."""
+  from experiments.ablations.run import most_optimizations_off
+
+  with most_optimizations_off():
     yield
 
 
 @pytest.fixture(scope="module")
 def fast_compile_module():
-  """`_most_optimizations_off` for a whole module (its module-scoped fixtures included)."""
-  with _most_optimizations_off():
+  """Most XLA optimisations off for a whole module (its module-scoped fixtures included)."""
+  from experiments.ablations.run import most_optimizations_off
+
+  with most_optimizations_off():
     yield
 
 

@@ -51,12 +51,10 @@ ALL_ARMS = "*"  # the key of a `--learning_rate` value that fixes every arm's
 
 
 @contextlib.contextmanager
-def compile_mode(preset: str):
-  """Compiles with most XLA optimisations off for FAST_COMPILE_PRESETS; afterwards the
-  in-memory compile caches are cleared so nothing compiled that way is reused."""
-  if preset not in FAST_COMPILE_PRESETS:
-    yield
-    return
+def most_optimizations_off():
+  """Compiles with most XLA optimisations off inside (programs far quicker to compile than
+  to run: smoke runs, tests of what a program computes); afterwards the in-memory compile
+  caches are cleared so nothing compiled that way is reused."""
   import jax
 
   previous = bool(jax.config.values.get("jax_disable_most_optimizations", False))
@@ -66,6 +64,16 @@ def compile_mode(preset: str):
   finally:
     jax.config.update("jax_disable_most_optimizations", previous)
     jax.clear_caches()
+
+
+@contextlib.contextmanager
+def compile_mode(preset: str):
+  """`most_optimizations_off` for FAST_COMPILE_PRESETS, XLA's defaults otherwise."""
+  if preset not in FAST_COMPILE_PRESETS:
+    yield
+    return
+  with most_optimizations_off():
+    yield
 
 
 @dataclasses.dataclass(frozen=True)
