@@ -10,7 +10,7 @@ streams), `data` (the grain iterator state, JSON) and `config` (the run's config
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,10 @@ class _OrphanedReads(logging.Filter):
 
 
 logging.getLogger("asyncio").addFilter(_OrphanedReads())
+
+
+class DoesNotFit(ValueError):
+  """A checkpoint that reads, but whose shapes differ from the model's (`check_fits`)."""
 
 
 def is_prng_key(x) -> bool:
@@ -225,7 +229,7 @@ class Checkpointer:
     return model_state
 
   def check_fits(self, state, step: int, *, model_only: bool = False) -> None:
-    """Raises ValueError naming the parameters whose saved shapes differ from `state`'s
+    """Raises DoesNotFit naming the parameters whose saved shapes differ from `state`'s
     (arrays or abstract `jax.ShapeDtypeStruct`s); with `model_only`, `state` is a model's
     state and the saved optimizer state is not compared."""
     saved = {
@@ -245,7 +249,7 @@ class Checkpointer:
     differ += [f"{name} {shape} -> absent" for name, shape in saved.items() if name not in wanted]
     if differ:
       shown = "; ".join(differ[:6]) + (f"; and {len(differ) - 6} more" if len(differ) > 6 else "")
-      raise ValueError(
+      raise DoesNotFit(
         f"the config does not fit the checkpoint at step {step} in {self.directory} "
         f"(saved -> config): {shown}. Use the run's original config or a new --workdir."
       )
@@ -276,24 +280,42 @@ class Checkpointer:
     if not steps:
       return 0, state, None
     self.check_fits_newest_readable(state)
+    try:
+      step, result, skipped = self.first_readable(lambda s: self.restore(state, s), steps)
+    except RuntimeError as error:
+      raise RuntimeError(f"{error} Nothing was changed.") from None
+    for bad_step, reason in skipped:
+      destination = self._move_aside(bad_step)
+      log.warning(
+        "checkpoint at step %d is unreadable (%s); moved it to %s and resumed from step %d",
+        bad_step,
+        reason,
+        destination,
+        step,
+      )
+    return result
+
+  def first_readable(
+    self,
+    read: Callable[[int], Any],
+    steps: list[int] | None = None,
+    *,
+    fatal: tuple[type[BaseException], ...] = (),
+  ) -> tuple[int, Any, list[tuple[int, str]]]:
+    """`read(step)` for `steps` (default: every complete checkpoint), newest first, until a
+    call returns: (that step, what it returned, the (step, reason) of each call that raised
+    before it). Any error but those of `fatal` (raised as they are) makes a checkpoint
+    unreadable; RuntimeError (`none_readable`) when none is readable. Resuming, loading and
+    `train.init_from` all choose their checkpoint so."""
     skipped = []
-    for step in steps:
+    for step in self.steps() if steps is None else steps:
       try:
-        result = self.restore(state, step)
+        return step, read(step), skipped
+      except fatal:
+        raise
       except Exception as error:  # any read failure means this checkpoint is not usable
         skipped.append((step, describe_failure(error)))
-        continue
-      for bad_step, reason in skipped:
-        destination = self._move_aside(bad_step)
-        log.warning(
-          "checkpoint at step %d is unreadable (%s); moved it to %s and resumed from step %d",
-          bad_step,
-          reason,
-          destination,
-          step,
-        )
-      return result
-    raise RuntimeError(self.none_readable(skipped) + " Nothing was changed.")
+    raise RuntimeError(self.none_readable(skipped))
 
   def none_readable(self, skipped: list[tuple[int, str]]) -> str:
     """The message for checkpoints that all failed to read (`skipped`: (step, reason))."""

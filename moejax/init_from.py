@@ -62,38 +62,34 @@ def _target(checkpoints, step: int, model_state: nnx.State, mesh) -> nnx.State:
 def _fit(checkpoints, step: int, target, directory) -> None:
   try:
     checkpoints.check_fits(target, step, model_only=True)
-  except ValueError as error:
+  except checkpoint_lib.DoesNotFit as error:
     text = str(error)
     text = text[: text.find(" Use the run's")] if " Use the run's" in text else text
-    raise ValueError(
+    raise checkpoint_lib.DoesNotFit(
       f"{_SETTING}={directory}: {text} Fine-tuning keeps the model's shapes: take the model "
       "keys of the config saved there."
     ) from None
 
 
-def _readable_steps(checkpoints, directory, skipped: list[tuple[int, str]]):
-  """The steps whose metadata and config can be read, newest first; an unreadable one goes
-  to `skipped` with a warning."""
-  steps = checkpoints.steps()
-  if not steps:
-    raise ValueError(f"{_SETTING}={directory} holds no complete checkpoint.")
-  for step in steps:
+def _newest(directory: epath.PathLike, read):
+  """(step, `read(checkpoints, step)`) for the newest checkpoint in `directory` that `read`
+  reads without an error. One that reads but does not fit the model (DoesNotFit) ends the
+  search; unreadable ones are skipped, with a warning."""
+  checkpoints = _open(directory)
+  try:
+    if not checkpoints.steps():
+      raise ValueError(f"{_SETTING}={directory} holds no complete checkpoint.")
     try:
-      checkpoints.holds_model_only(step)
-      checkpoints.restore_config_dict(step)
-    except Exception as error:  # any read failure means this checkpoint is not usable
-      _skip(skipped, step, error)
-      continue
-    yield step
-
-
-def _skip(skipped: list[tuple[int, str]], step: int, error: BaseException) -> None:
-  skipped.append((step, checkpoint_lib.describe_failure(error)))
-  log.warning("%s: checkpoint at step %d is unreadable (%s)", _SETTING, step, skipped[-1][1])
-
-
-def _none_readable(checkpoints, directory, skipped) -> RuntimeError:
-  return RuntimeError(f"{_SETTING}={directory}: {checkpoints.none_readable(skipped)}")
+      step, result, skipped = checkpoints.first_readable(
+        lambda s: read(checkpoints, s), fatal=(checkpoint_lib.DoesNotFit,)
+      )
+    except RuntimeError as error:
+      raise RuntimeError(f"{_SETTING}={directory}: {error}") from None
+    for bad_step, reason in skipped:
+      log.warning("%s: checkpoint at step %d is unreadable (%s)", _SETTING, bad_step, reason)
+    return step, result
+  finally:
+    checkpoints.close()
 
 
 def check_init_from(directory: epath.PathLike, abstract_model_state: nnx.State) -> int:
@@ -101,14 +97,11 @@ def check_init_from(directory: epath.PathLike, abstract_model_state: nnx.State) 
   metadata and configs: the newest readable one, checked against the new model's shapes
   (`abstract_model_state`, from `nnx.eval_shape`). A one-line ValueError names
   `train.init_from` when there is none or the shapes differ."""
-  checkpoints, skipped = _open(directory), []
-  try:
-    for step in _readable_steps(checkpoints, directory, skipped):
-      _fit(checkpoints, step, _target(checkpoints, step, abstract_model_state, None), directory)
-      return step
-    raise _none_readable(checkpoints, directory, skipped)
-  finally:
-    checkpoints.close()
+
+  def read(checkpoints, step: int) -> None:
+    _fit(checkpoints, step, _target(checkpoints, step, abstract_model_state, None), directory)
+
+  return _newest(directory, read)[0]
 
 
 def restore_init_from(
@@ -118,18 +111,12 @@ def restore_init_from(
   but its RNG streams replaced by the model of the newest readable checkpoint in
   `directory`, and that checkpoint's step. Shapes that differ: a one-line ValueError naming
   `train.init_from` and the parameters."""
-  checkpoints, skipped = _open(directory), []
-  try:
-    for step in _readable_steps(checkpoints, directory, skipped):
-      target = _target(checkpoints, step, model_state, mesh)
-      _fit(checkpoints, step, target, directory)
-      try:
-        restored = checkpoints.restore_model(target, step)
-      except Exception as error:  # unreadable arrays: the next older checkpoint
-        _skip(skipped, step, error)
-        continue
-      log.info("%s: the model of %s at step %d", _SETTING, directory, step)
-      return nnx.merge_state(model_state, restored.filter(nnx.Not(nnx.RngState))), step
-    raise _none_readable(checkpoints, directory, skipped)
-  finally:
-    checkpoints.close()
+
+  def read(checkpoints, step: int) -> nnx.State:
+    target = _target(checkpoints, step, model_state, mesh)
+    _fit(checkpoints, step, target, directory)
+    return checkpoints.restore_model(target, step)
+
+  step, restored = _newest(directory, read)
+  log.info("%s: the model of %s at step %d", _SETTING, directory, step)
+  return nnx.merge_state(model_state, restored.filter(nnx.Not(nnx.RngState))), step

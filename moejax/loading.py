@@ -69,23 +69,21 @@ def load_model(workdir: epath.PathLike, step: int | None = None):
       if step not in steps:
         raise ValueError(f"--step={step}: {workdir} holds checkpoints at steps {sorted(steps)}.")
       steps = [step]
-    skipped = []
-    for candidate in steps:
-      try:
-        config = config_text.from_saved(checkpoints.restore_config_dict(candidate))
-        graphdef, state = nnx.split(steps_lib.build(config)[0])
-        checkpoints.restore_model(state, candidate)
-      except Exception as error:  # any read failure means this checkpoint is not usable
-        skipped.append((candidate, checkpoint_lib.describe_failure(error)))
-        continue
-      for bad_step, reason in skipped:
-        log.warning(
-          "checkpoint at step %d is unreadable (%s); using step %d", bad_step, reason, candidate
-        )
-      model = nnx.merge(graphdef, state)
-      model.eval()
-      return model, config, candidate
-    raise RuntimeError(checkpoints.none_readable(skipped))
+
+    def read(candidate: int):
+      config = config_text.from_saved(checkpoints.restore_config_dict(candidate))
+      graphdef, state = nnx.split(steps_lib.build(config)[0])
+      checkpoints.restore_model(state, candidate)
+      return config, graphdef, state
+
+    found, (config, graphdef, state), skipped = checkpoints.first_readable(read, steps)
+    for bad_step, reason in skipped:
+      log.warning(
+        "checkpoint at step %d is unreadable (%s); using step %d", bad_step, reason, found
+      )
+    model = nnx.merge(graphdef, state)
+    model.eval()
+    return model, config, found
   finally:
     checkpoints.close()
 
