@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from experiments.ablations.accounting import checked_arms
 from experiments.ablations.run import learning_rate_plan
-from experiments.ablations.spec import SWEEP_SEED, Ablation, Arm, arm_config
+from experiments.ablations.spec import METRICS, SWEEP_SEED, Ablation, Arm, arm_config
 from experiments.ablations.workdir import SWEEP_DIR
 from moejax.config import flatten, load_config
 
@@ -90,6 +90,7 @@ def pod_commands(
   if waiting:
     note(
       f"arms {', '.join(waiting)}: after the sweep, pass --learning_rate ARM=LR,... (the rate "
-      "of lowest final train/ce_loss per sweeping arm) to print their seed commands"
+      f"of lowest final {METRICS[ablation.lr_metric]} per sweeping arm) to print their seed "
+      "commands"
     )
   return commands

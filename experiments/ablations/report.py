@@ -194,7 +194,7 @@ def convergence_lines(
   ]
 
 
-def _sweep_lines(sweep_rows: Sequence[Mapping[str, Any]], rows) -> list[str]:
+def _sweep_lines(ablation: Ablation, sweep_rows: Sequence[Mapping[str, Any]], rows) -> list[str]:
   if not sweep_rows:
     return []
   trained_at = {r["arm"]: r["learning_rate"] for r in rows}
@@ -202,8 +202,9 @@ def _sweep_lines(sweep_rows: Sequence[Mapping[str, Any]], rows) -> list[str]:
     "",
     f"## Learning-rate sweep (seed {SWEEP_SEED})",
     "",
-    "Each arm's learning rate is the grid value with the lowest final train CE of its sweep "
-    "(arms with `lr_from` take that arm's). ✓ marks the rate the seeds trained at.",
+    f"Each arm's learning rate is the grid value with the lowest final "
+    f"{METRICS[ablation.lr_metric]} of its sweep (arms with `lr_from` take that arm's). "
+    "✓ marks the rate the seeds trained at.",
     "",
     "| arm | learning rate | train CE | eval bits/byte | |",
     "|---|---|---|---|---|",
@@ -352,7 +353,7 @@ def summary_markdown(
     for s in ablation.secondary:
       lines.append(f"- `{s.name}`: {s.claim} Expected: {s.expected}.")
     lines += [""] + contrast_table(secondary)
-  lines += _sweep_lines(sweep_rows, rows) + _ranking_lines(ablation, sweep_rows)
+  lines += _sweep_lines(ablation, sweep_rows, rows) + _ranking_lines(ablation, sweep_rows)
   lines += _wall_lines(rows, sweep_rows, estimate)
   if ablation.extra_report is not None:
     lines += [""] + ablation.extra_report(ablation, preset, rows)

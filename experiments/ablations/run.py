@@ -4,10 +4,11 @@ after another, with skip and resume.
 1. **Sweep.** Each arm that sweeps (its own `lr_from` is None, no `--learning_rate` fixes
    it, and its preset's grid has more than one value) trains once per learning rate of
    the grid at `SWEEP_SEED`, in `WORKDIR/lr_sweep/ARM/lr_X/seed_1000`.
-2. **Choice.** An arm's learning rate is the grid value with the lowest final train
-   cross-entropy of its sweep (`final_train_ce_loss`: scored on training batches before
-   the step that trains on them, under one epoch: a held-out estimate that leaves the
-   validation split to the contrasts); an arm with `lr_from` takes that arm's choice.
+2. **Choice.** An arm's learning rate is the grid value with the lowest `lr_metric` of
+   its sweep: by default the final train cross-entropy (`final_train_ce_loss`: scored on
+   training batches before the step that trains on them, under one epoch: a held-out
+   estimate that leaves the validation split to the contrasts); an arm with `lr_from`
+   takes that arm's choice.
 3. **Seeds.** Every arm trains at its learning rate at every seed, in `WORKDIR/ARM/seed_S`.
 
 Skip and resume: a run with `done.json` is skipped; one without it whose final checkpoint
@@ -32,7 +33,7 @@ import ml_collections
 from experiments.ablations import report
 from experiments.ablations.accounting import checked_arms
 from experiments.ablations.results import summarize_run
-from experiments.ablations.spec import SWEEP_SEED, Ablation, Arm, arm_config
+from experiments.ablations.spec import METRICS, SWEEP_SEED, Ablation, Arm, arm_config
 from experiments.ablations.workdir import (
   check_run_dir,
   check_workdir,
@@ -132,12 +133,14 @@ def learning_rate_plan(
   return plan
 
 
-def choose_learning_rate(sweep_rows: Sequence[Mapping[str, Any]]) -> float:
-  """The learning rate of the sweep run with the lowest final train cross-entropy."""
-  finite = [r for r in sweep_rows if math.isfinite(r["final_train_ce_loss"])]
+def choose_learning_rate(
+  sweep_rows: Sequence[Mapping[str, Any]], metric: str = "final_train_ce_loss"
+) -> float:
+  """The learning rate of the sweep run with the lowest `metric` (a key of METRICS)."""
+  finite = [r for r in sweep_rows if math.isfinite(r[metric])]
   if not finite:
-    raise ValueError("no sweep run of this arm finished with a finite train loss")
-  return min(finite, key=lambda r: r["final_train_ce_loss"])["learning_rate"]
+    raise ValueError(f"no sweep run of this arm finished with a finite {METRICS[metric]}")
+  return min(finite, key=lambda r: r[metric])["learning_rate"]
 
 
 def _sweep_outcomes(jobs: Sequence[Job]) -> list[dict[str, float]]:
@@ -280,9 +283,10 @@ def run_ablation(
     rates = {}
     for arm in sweeping:
       rates[arm.name] = choose_learning_rate(
-        _sweep_outcomes([j for j in sweep_jobs if j.arm.name == arm.name])
+        _sweep_outcomes([j for j in sweep_jobs if j.arm.name == arm.name]), ablation.lr_metric
       )
-      log(f"{prefix} {arm.name}: learning rate {rates[arm.name]:g} (lowest final train CE)")
+      lowest = METRICS[ablation.lr_metric]
+      log(f"{prefix} {arm.name}: learning rate {rates[arm.name]:g} (lowest final {lowest})")
     rates = {
       a.name: plan[a.name] if not isinstance(plan[a.name], str) else rates[plan[a.name]]
       for a in chosen

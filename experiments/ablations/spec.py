@@ -121,7 +121,12 @@ class Ablation:
   and the config file the pod commands start from.
 
   `extra_report(ablation, preset, rows)`, if given, returns Markdown lines appended to
-  summary.md (the scaling law fit)."""
+  summary.md (the scaling law fit).
+
+  `lr_metric` (a key of METRICS) chooses each arm's learning rate from its sweep, lowest
+  wins: the final train cross-entropy (default; a held-out estimate while a run sees each
+  batch once), or the final eval bits/byte where training repeats its data (fine-tuning
+  on a few plays for several epochs, where train CE rewards memorising them)."""
 
   name: str
   title: str
@@ -136,6 +141,7 @@ class Ablation:
     default_factory=lambda: dict(DEFAULT_LEARNING_RATES)
   )
   extra_report: Callable[["Ablation", str, Sequence[Mapping[str, Any]]], list[str]] | None = None
+  lr_metric: str = "final_train_ce_loss"
 
   @property
   def contrasts(self) -> tuple[Contrast, ...]:
