@@ -1,6 +1,10 @@
 """Sample from a trained run: `python -m moejax.generate --workdir=DIR --prompt=TEXT
 [--max_new_tokens=N] [--temperature=T] [--top_k=K] [--top_p=P] [--seed=S]`
 
+A model with its own vocabulary (an import) takes token ids instead, and prints ids:
+`--prompt_ids=ID,ID,...` (tokenise with the checkpoint's tokenizer); sampling stops at
+the `eos_token_id` of the imported config.json, if it has one.
+
 Uses the newest readable checkpoint of DIR (a newer unreadable one is named and skipped)
 and never writes to DIR. The model runs in eval mode with token-choice routing and no
 capacity limit, so the prompt's prefill routes every token as decoding it one by one would.
@@ -19,6 +23,7 @@ if __name__ == "__main__":  # first thing: a signal at any later moment ends it 
   signals.handle_signals("sampling stopped; nothing was written.")
 
 import dataclasses  # noqa: E402
+from collections.abc import Collection  # noqa: E402
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +43,13 @@ def define_flags() -> None:
   """The command's flags (defined when it runs, so that importing this module defines none)."""
   flags.DEFINE_string("workdir", None, "Run directory with checkpoints (only read).")
   flags.DEFINE_string("prompt", "", "Text to continue.")
-  flags.DEFINE_integer("max_new_tokens", 200, "Bytes to generate.", lower_bound=1)
+  flags.DEFINE_string(
+    "prompt_ids",
+    "",
+    "Token ids to continue, comma-separated, instead of --prompt (for a model with its own "
+    "vocabulary: an import); the sequence is printed as ids.",
+  )
+  flags.DEFINE_integer("max_new_tokens", 200, "Tokens (bytes) to generate.", lower_bound=1)
   flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.", lower_bound=0.0)
   flags.DEFINE_integer(
     "top_k",
@@ -91,6 +102,7 @@ def sample(
   top_k: int = 0,
   top_p: float = 1.0,
   seed: int = 0,
+  stop_ids: Collection[int] = (data_lib.EOS_ID,),
 ):
   """Continues `prompt_ids` (`[prompt_len]` int) by up to `max_new_tokens` tokens.
 
@@ -98,7 +110,7 @@ def sample(
   the newest `context_len` tokens of the prompt are prefilled into a KV cache of that
   length, then one token is decoded per jitted step. When the cache is full, the newest
   `context_len // 2` tokens are prefilled again from position 0 (the window slides).
-  Stops early at EOS. Compiles three programs: the prompt's prefill, the slide's prefill
+  Stops early at a token of `stop_ids` (not returned). Compiles three programs: the prompt's prefill, the slide's prefill
   and the decode step.
 
   Returns:
@@ -143,7 +155,7 @@ def sample(
   for i in range(max_new_tokens):
     key, sub = jax.random.split(key)
     token = choose(logits, sub)
-    if token == data_lib.EOS_ID:
+    if token in stop_ids:
       break
     out.append(token)
     tokens.append(token)
@@ -158,23 +170,52 @@ def sample(
   return np.asarray(out, np.int32)
 
 
+def _token_ids(text: str, vocab: int) -> list[int]:
+  """`--prompt_ids` as a list of ids, each in [0, vocab)."""
+  try:
+    ids = [int(part) for part in text.split(",")]
+  except ValueError:
+    raise ValueError(f"--prompt_ids={text!r} must be token ids separated by commas.") from None
+  wrong = [i for i in ids if not 0 <= i < vocab]
+  if wrong:
+    raise ValueError(f"--prompt_ids: {wrong[0]} is not a token id of this model's [0, {vocab}).")
+  return ids
+
+
+def _stop_ids(workdir: str, vocab: int) -> tuple[int, ...]:
+  """moejax's EOS for a byte-level model; otherwise the imported config.json's
+  `eos_token_id` (an id or a list of them), or none."""
+  if vocab == data_lib.VOCAB_SIZE:
+    return (data_lib.EOS_ID,)
+  from moejax.convert.transfer import import_record
+
+  record = import_record(workdir)
+  eos = (record or {}).get("config", {}).get("eos_token_id")
+  return tuple(eos) if isinstance(eos, list) else () if eos is None else (eos,)
+
+
 def main(argv) -> None:
   del argv
   FLAGS = flags.FLAGS
+  if FLAGS.prompt and FLAGS.prompt_ids:
+    raise ValueError("--prompt and --prompt_ids: give one of them.")
   model, config, step = load_model(FLAGS.workdir, FLAGS.step)
   vocab = config.model.vocab_size
-  if vocab != data_lib.VOCAB_SIZE:
+  if vocab != data_lib.VOCAB_SIZE and not FLAGS.prompt_ids:
     raise ValueError(
       f"this model has a vocabulary of {vocab} tokens, not moejax's {data_lib.VOCAB_SIZE} "
-      "bytes (an imported checkpoint with its own tokenizer): moejax.generate samples "
-      "byte-level models; load it with moejax.load(WORKDIR) and use the checkpoint's tokenizer."
+      "bytes (an imported checkpoint with its own tokenizer): tokenise with the "
+      "checkpoint's tokenizer and pass --prompt_ids=ID,ID,... instead of --prompt."
     )
   if FLAGS.top_k > vocab:
     raise ValueError(
       f"--top_k={FLAGS.top_k} is not an integer in the range [0, {vocab}] (this model has "
       f"{vocab} tokens)."
     )
-  prompt = [data_lib.BOS_ID, *data_lib.encode(FLAGS.prompt)]
+  if FLAGS.prompt_ids:
+    prompt = _token_ids(FLAGS.prompt_ids, vocab)
+  else:
+    prompt = [data_lib.BOS_ID, *data_lib.encode(FLAGS.prompt)]
   context = config.train.seq_len
   new = sample(
     model,
@@ -185,11 +226,15 @@ def main(argv) -> None:
     top_k=FLAGS.top_k,
     top_p=FLAGS.top_p,
     seed=FLAGS.seed,
+    stop_ids=_stop_ids(FLAGS.workdir, vocab),
   )
   slid = len(prompt) + len(new) > context
-  note = f"; trained on {context}-byte windows, the window slid past it" if slid else ""
+  note = f"; trained on {context}-token windows, the window slid past it" if slid else ""
   print(f"--- sample from step {step}{note} ---")
-  print(FLAGS.prompt + data_lib.decode(new), flush=True)
+  if FLAGS.prompt_ids:
+    print(",".join(str(i) for i in [*prompt, *new]), flush=True)
+  else:
+    print(FLAGS.prompt + data_lib.decode(new), flush=True)
 
 
 if __name__ == "__main__":

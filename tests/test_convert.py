@@ -142,19 +142,44 @@ def test_the_command_line_refuses_an_existing_destination_and_a_hub_id_offline(t
   assert "someorg/somemodel" in done.stderr and "hub" in done.stderr.lower()
 
 
-def test_generate_refuses_an_imported_model_with_its_own_vocabulary(tmp_path):
+def test_generate_samples_an_imported_model_from_token_ids(tmp_path):
+  """An imported vocabulary takes --prompt_ids (text is refused in one line): greedy
+  sampling's every token is the argmax of the model run from scratch on the sequence so
+  far, and it stops at the imported config's eos_token_id."""
   hf = hf_reference.tiny_config("olmoe")
   (tmp_path / "hf").mkdir()
   hf_reference.write_checkpoint(tmp_path / "hf", hf)
   transfer.import_checkpoint(tmp_path / "hf", tmp_path / "run")
-  done = subprocess.run(
-    [sys.executable, "-m", "moejax.generate", f"--workdir={tmp_path / 'run'}", "--prompt=ROMEO."],
-    capture_output=True,
-    text=True,
-  )
+  model, _ = moejax.load(tmp_path / "run")
+  command = [sys.executable, "-m", "moejax.generate", f"--workdir={tmp_path / 'run'}"]
+
+  done = subprocess.run(command + ["--prompt=ROMEO."], capture_output=True, text=True)
   assert done.returncode == 2
   assert done.stderr.strip().splitlines() == [
     "error: this model has a vocabulary of 40 tokens, not moejax's 260 bytes (an imported "
-    "checkpoint with its own tokenizer): moejax.generate samples byte-level models; load "
-    "it with moejax.load(WORKDIR) and use the checkpoint's tokenizer."
+    "checkpoint with its own tokenizer): tokenise with the checkpoint's tokenizer and pass "
+    "--prompt_ids=ID,ID,... instead of --prompt."
   ]
+  done = subprocess.run(command + ["--prompt_ids=3,40"], capture_output=True, text=True)
+  assert done.returncode == 2
+  assert done.stderr.strip().splitlines() == [
+    "error: --prompt_ids: 40 is not a token id of this model's [0, 40)."
+  ]
+
+  greedy = ["--prompt_ids=3,17,5", "--temperature=0", "--max_new_tokens=6"]
+  done = subprocess.run(command + greedy, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-2000:]
+  ids = [int(i) for i in done.stdout.strip().splitlines()[-1].split(",")]
+  assert ids[:3] == [3, 17, 5] and len(ids) == 3 + 6
+  for n in range(3, len(ids)):
+    logits = np.asarray(model(jnp.asarray([ids[:n]], jnp.int32))[0][0, -1])
+    assert logits[ids[n]] >= logits.max() - 1e-4, (n, ids)
+
+  # With the fourth generated token as the imported EOS, sampling stops before it.
+  record = json.loads((tmp_path / "run" / "import.json").read_text())
+  record["config"]["eos_token_id"] = [99, ids[6]]
+  (tmp_path / "run" / "import.json").write_text(json.dumps(record))
+  done = subprocess.run(command + greedy, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-2000:]
+  first = next(n for n in range(3, len(ids)) if ids[n] == ids[6])  # generated, not prompt
+  assert done.stdout.strip().splitlines()[-1] == ",".join(map(str, ids[:first]))

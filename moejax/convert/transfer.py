@@ -131,6 +131,13 @@ def import_checkpoint(
   }
 
 
+def import_record(workdir: epath.PathLike) -> dict[str, Any] | None:
+  """What `import_checkpoint` recorded in `workdir` (the source's family, its config.json as
+  `config`, its tensors' dtypes), or None for a run that is not an import."""
+  record_file = epath.Path(workdir) / IMPORT_RECORD
+  return json.loads(record_file.read_text()) if record_file.exists() else None
+
+
 def infer_family(model: ml_collections.ConfigDict) -> families.Family:
   """The family a moejax model config is written as when none is named."""
   if model.attention == "mla":
@@ -162,8 +169,7 @@ def export_checkpoint(
   """
   start = time.perf_counter()
   out = model_state.new_run_directory(destination, flag="--to")
-  record_file = epath.Path(workdir) / IMPORT_RECORD
-  record = json.loads(record_file.read_text()) if record_file.exists() else None
+  record = import_record(workdir)
   if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"--dtype={dtype!r} must be one of float32, bfloat16, float16.")
   model, config, _ = load_model(workdir, step)
