@@ -45,9 +45,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 
-# A notebook cell may take 900 s: the slowest (notebook 02's 100 training steps, 20 under
-# test: nbmake's mock in the cell's metadata) takes about 100 s on 2 cores loaded 3x over
-# by other work, so the limit holds under heavy load. The slowest tests start first
+# A notebook cell may take 900 s: the slowest notebook (02, its 100 training steps cut to
+# 20 under test by nbmake's mock in the cell's metadata) took 46 s in all on 2 idle cores,
+# so the limit holds under heavy load. The slowest tests start first
 # (tests/conftest.py) and an idle worker takes half of the other's queue (worksteal), so
 # both workers finish together.
 test: $(STAMP)

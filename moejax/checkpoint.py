@@ -45,6 +45,14 @@ class DoesNotFit(ValueError):
   """A checkpoint that reads, but whose shapes differ from the model's (`check_fits`)."""
 
 
+class NoneReadable(RuntimeError):
+  """No checkpoint could be read; `skipped` holds each one's (step, reason)."""
+
+  def __init__(self, message: str, skipped: list[tuple[int, str]]):
+    super().__init__(message)
+    self.skipped = skipped
+
+
 def is_prng_key(x) -> bool:
   """Whether `x` is an array of typed PRNG keys (an NNX RNG stream's key)."""
   return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
@@ -158,12 +166,11 @@ class Checkpointer:
     if isinstance(model_state, nnx.State):
       model_state = nnx.to_pure_dict(model_state)
     pure = _keys_to_data(model_state)
+    # Orbax's own handler for every leaf type but NumPy arrays.
     uncopied = ocp.type_handlers.create_type_handler_registry(
-      (int, ocp.type_handlers.ScalarHandler()),
-      (float, ocp.type_handlers.ScalarHandler()),
-      (np.number, ocp.type_handlers.ScalarHandler()),
+      *[(t, ocp.type_handlers.get_type_handler(t)) for t in (int, float, bytes, np.number, str)],
+      (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)),
       (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
-      (jax.Array, ocp.type_handlers.ArrayHandler()),
     )
     writer = ocp.CheckpointManager(
       self.directory,
@@ -282,7 +289,7 @@ class Checkpointer:
     self.check_fits_newest_readable(state)
     try:
       step, result, skipped = self.first_readable(lambda s: self.restore(state, s), steps)
-    except RuntimeError as error:
+    except NoneReadable as error:
       raise RuntimeError(f"{error} Nothing was changed.") from None
     for bad_step, reason in skipped:
       destination = self._move_aside(bad_step)
@@ -305,8 +312,10 @@ class Checkpointer:
     """`read(step)` for `steps` (default: every complete checkpoint), newest first, until a
     call returns: (that step, what it returned, the (step, reason) of each call that raised
     before it). Any error but those of `fatal` (raised as they are) makes a checkpoint
-    unreadable; RuntimeError (`none_readable`) when none is readable. Resuming, loading and
-    `train.init_from` all choose their checkpoint so."""
+    unreadable; NoneReadable (`none_readable`) when none is readable. Resuming, loading and
+    `train.init_from` all choose their checkpoint so (the first two skip a checkpoint that
+    does not fit its own config; `train.init_from` stops at one that does not fit the new
+    model: `fatal=(DoesNotFit,)`)."""
     skipped = []
     for step in self.steps() if steps is None else steps:
       try:
@@ -315,14 +324,16 @@ class Checkpointer:
         raise
       except Exception as error:  # any read failure means this checkpoint is not usable
         skipped.append((step, describe_failure(error)))
-    raise RuntimeError(self.none_readable(skipped))
+    raise NoneReadable(self.none_readable(skipped), skipped)
 
-  def none_readable(self, skipped: list[tuple[int, str]]) -> str:
+  def none_readable(
+    self, skipped: list[tuple[int, str]], advice: str = " Move them away to start afresh."
+  ) -> str:
     """The message for checkpoints that all failed to read (`skipped`: (step, reason))."""
     reasons = "; ".join(f"step {step}: {reason}" for step, reason in skipped[:3])
     return (
       f"{self.directory} holds checkpoints at steps {[s for s, _ in skipped]}, but none "
-      f"can be read ({reasons}). Move them away to start afresh."
+      f"can be read ({reasons}).{advice}"
     )
 
   def check_fits_newest_readable(self, state: nnx.State) -> None:

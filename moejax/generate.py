@@ -182,16 +182,19 @@ def _token_ids(text: str, vocab: int) -> list[int]:
   return ids
 
 
-def _stop_ids(workdir: str, vocab: int) -> tuple[int, ...]:
-  """moejax's EOS for a byte-level model; otherwise the imported config.json's
-  `eos_token_id` (an id or a list of them), or none."""
-  if vocab == data_lib.VOCAB_SIZE:
-    return (data_lib.EOS_ID,)
+def _context_and_stop_ids(workdir: str, config) -> tuple[int, tuple[int, ...]]:
+  """The tokens the model attends to, and the ids sampling stops at. A moejax run: its
+  `train.seq_len`, and moejax's EOS for a byte-level vocabulary. An import: the
+  `max_position_embeddings` and `eos_token_id` (an id or a list of them) of its
+  config.json. A run fine-tuned from an import has its own `train.seq_len` and no EOS."""
   from moejax.convert.transfer import import_record
 
-  record = import_record(workdir)
-  eos = (record or {}).get("config", {}).get("eos_token_id")
-  return tuple(eos) if isinstance(eos, list) else () if eos is None else (eos,)
+  hf = (import_record(workdir) or {}).get("config", {})
+  context = int(hf.get("max_position_embeddings", config.train.seq_len))
+  if config.model.vocab_size == data_lib.VOCAB_SIZE:
+    return context, (data_lib.EOS_ID,)
+  eos = hf.get("eos_token_id")
+  return context, tuple(eos) if isinstance(eos, list) else () if eos is None else (eos,)
 
 
 def main(argv) -> None:
@@ -216,7 +219,9 @@ def main(argv) -> None:
     prompt = _token_ids(FLAGS.prompt_ids, vocab)
   else:
     prompt = [data_lib.BOS_ID, *data_lib.encode(FLAGS.prompt)]
-  context = config.train.seq_len
+  context, stop_ids = _context_and_stop_ids(FLAGS.workdir, config)
+  if not stop_ids:
+    print(f"(no end-of-sequence id is known for this vocabulary: {FLAGS.max_new_tokens} tokens)")
   new = sample(
     model,
     prompt,
@@ -226,10 +231,10 @@ def main(argv) -> None:
     top_k=FLAGS.top_k,
     top_p=FLAGS.top_p,
     seed=FLAGS.seed,
-    stop_ids=_stop_ids(FLAGS.workdir, vocab),
+    stop_ids=stop_ids,
   )
   slid = len(prompt) + len(new) > context
-  note = f"; trained on {context}-token windows, the window slid past it" if slid else ""
+  note = f"; past its {context}-token context, the window slid" if slid else ""
   print(f"--- sample from step {step}{note} ---")
   if FLAGS.prompt_ids:
     print(",".join(str(i) for i in [*prompt, *new]), flush=True)

@@ -83,8 +83,9 @@ def _newest(directory: epath.PathLike, read):
       step, result, skipped = checkpoints.first_readable(
         lambda s: read(checkpoints, s), fatal=(checkpoint_lib.DoesNotFit,)
       )
-    except RuntimeError as error:
-      raise RuntimeError(f"{_SETTING}={directory}: {error}") from None
+    except checkpoint_lib.NoneReadable as error:  # the directory is only read: no advice to move
+      text = checkpoints.none_readable(error.skipped, advice="")
+      raise RuntimeError(f"{_SETTING}={directory}: {text}") from None
     for bad_step, reason in skipped:
       log.warning("%s: checkpoint at step %d is unreadable (%s)", _SETTING, bad_step, reason)
     return step, result

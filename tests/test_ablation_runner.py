@@ -17,11 +17,10 @@ import shlex
 
 import pytest
 
-import experiments.finetune
 from experiments.ablations import NAMES, get, presets, report, stats
 from experiments.ablations.accounting import accounting, checked_arms, ffn_params
 from experiments.ablations.cli import main
-from experiments.ablations.run import choose_learning_rate, learning_rate_plan, run_ablation
+from experiments.ablations.run import learning_rate_plan, run_ablation
 from experiments.ablations.spec import (
   PRESETS,
   SWEEP_SEED,
@@ -247,25 +246,6 @@ def _fake_ablation():
     learning_rates={"smoke": (1e-3, 2e-3, 4e-3), "cpu": (1e-3,), "pod": (1e-3,)},
     pod_config=presets.POD_CONFIG,
   )
-
-
-def test_the_rate_is_chosen_by_the_ablations_metric():
-  """Lowest final train CE by default; lowest held-out bits/byte for an ablation whose
-  training repeats its data (experiments/finetune), where the two disagree."""
-  nan = float("nan")
-  rows = [
-    {"learning_rate": 1e-4, "final_train_ce_loss": 1.60, "final_eval_bits_per_byte": 2.30},
-    {"learning_rate": 1e-3, "final_train_ce_loss": 1.40, "final_eval_bits_per_byte": 2.42},
-    {"learning_rate": 3e-3, "final_train_ce_loss": nan, "final_eval_bits_per_byte": nan},
-  ]
-  assert choose_learning_rate(rows) == 1e-3
-  assert choose_learning_rate(rows, "final_eval_bits_per_byte") == 1e-4
-  with pytest.raises(ValueError, match="no sweep run of this arm finished with a finite eval"):
-    choose_learning_rate(rows[2:], "final_eval_bits_per_byte")
-  finetune = experiments.finetune.build(None, "cpu")
-  assert finetune.lr_metric == "final_eval_bits_per_byte"
-  lines = report._sweep_lines(finetune, [dict(rows[0], arm="full")], [])
-  assert "the lowest final eval bits/byte of its sweep" in "\n".join(lines)
 
 
 def test_sweep_picks_the_rate_and_report_computes_the_contrasts(tmp_path, monkeypatch):

@@ -143,6 +143,13 @@ class Ablation:
   extra_report: Callable[["Ablation", str, Sequence[Mapping[str, Any]]], list[str]] | None = None
   lr_metric: str = "final_train_ce_loss"
 
+  def __post_init__(self):
+    if self.lr_metric not in ("final_train_ce_loss", "final_eval_bits_per_byte"):
+      raise ValueError(
+        f"{self.name}: lr_metric={self.lr_metric!r} must be final_train_ce_loss or "
+        "final_eval_bits_per_byte."
+      )
+
   @property
   def contrasts(self) -> tuple[Contrast, ...]:
     return (self.primary, *self.secondary)

@@ -28,6 +28,7 @@ from flax import nnx
 
 from moejax.config import base_config
 from moejax.convert import families, layout, model_state
+from moejax import workdir as workdir_lib
 from moejax.convert.safetensors_dir import DTYPES, CheckpointDir, write_checkpoint_dir
 from moejax.loading import load_model
 from moejax.tree_paths import flat
@@ -134,7 +135,7 @@ def import_checkpoint(
 def import_record(workdir: epath.PathLike) -> dict[str, Any] | None:
   """What `import_checkpoint` recorded in `workdir` (the source's family, its config.json as
   `config`, its tensors' dtypes), or None for a run that is not an import."""
-  record_file = epath.Path(workdir) / IMPORT_RECORD
+  record_file = workdir_lib.resolve(workdir) / IMPORT_RECORD
   return json.loads(record_file.read_text()) if record_file.exists() else None
 
 
