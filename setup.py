@@ -40,8 +40,7 @@ setup(
     "gcs": ["gcsfs>=2023.6", "google-cloud-storage>=2.14"],
     # `moejax.convert import --from=ORG/NAME`: checkpoints downloaded from the Hub.
     "hub": ["huggingface-hub>=0.20"],
-    # The tests compile for TPU slices on the CPU host: libtpu comes with jax[tpu]. They
-    # share one compilation cache between processes: jax locks it with filelock.
+    # The tests compile for TPU slices on the CPU host: libtpu comes with jax[tpu].
     "test": [
       "pytest>=8",
       "hypothesis>=6.100",
@@ -49,7 +48,6 @@ setup(
       "pytest-xdist>=3.5",
       "ruff>=0.6",
       "jax[tpu]>=0.10",
-      "filelock>=3.12",
     ],
   },
 )

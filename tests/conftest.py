@@ -41,14 +41,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent XLA compilation cache for the session, shared by both workers and the
 # processes the tests start: many tests build the same tiny models and compile the same
 # programs. Made once, in the process that starts the workers, and removed when it exits.
-# A size limit (far above the ~50 MB a session writes) makes jax lock the cache for every
-# read and write (filelock), so no process reads an entry another is still writing.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="moejax-tests-xla-cache-")
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 * 2**30))
 
 
 # Most XLA optimisations off (experiments.ablations.run.most_optimizations_off, as the
