@@ -110,8 +110,8 @@ def sample(
   the newest `context_len` tokens of the prompt are prefilled into a KV cache of that
   length, then one token is decoded per jitted step. When the cache is full, the newest
   `context_len // 2` tokens are prefilled again from position 0 (the window slides).
-  Stops early at a token of `stop_ids` (not returned). Compiles three programs: the prompt's prefill, the slide's prefill
-  and the decode step.
+  Stops early at a token of `stop_ids` (not returned). Compiles three programs: the
+  prompt's prefill, the slide's prefill and the decode step.
 
   Returns:
     `[new_tokens]` int32, the generated continuation.
