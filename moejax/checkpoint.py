@@ -21,6 +21,7 @@ from etils import epath
 from flax import nnx
 
 from moejax import workdir as workdir_lib
+from moejax.streamed_array import StreamedArray, StreamedArrayHandler
 from moejax.tree_paths import path_name
 
 log = logging.getLogger(__name__)
@@ -160,9 +161,10 @@ class Checkpointer:
     (arrays of any float dtype: `restore_model` casts to the model's). `restore_model` and
     `train.init_from` read it; a training run cannot resume from it (`holds_model_only`).
 
-    NumPy leaves are written without the defensive copy Orbax makes by default (an import's
-    model exists once in host memory, not twice); this returns only once the write is
-    complete, so the caller may reuse them afterwards."""
+    Leaves may be `StreamedArray`s, made and written one block at a time (an import's
+    stacked parameters). NumPy leaves are written without the defensive copy Orbax makes by
+    default; this returns only once the write is complete, so the caller may reuse them
+    afterwards."""
     if isinstance(model_state, nnx.State):
       model_state = nnx.to_pure_dict(model_state)
     pure = _keys_to_data(model_state)
@@ -171,6 +173,7 @@ class Checkpointer:
       *[(t, ocp.type_handlers.get_type_handler(t)) for t in (int, float, bytes, np.number, str)],
       (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)),
       (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+      (StreamedArray, StreamedArrayHandler()),
     )
     writer = ocp.CheckpointManager(
       self.directory,

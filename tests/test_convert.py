@@ -110,6 +110,11 @@ def test_a_missing_or_unknown_tensor_writes_nothing(tmp_path):
     ValueError, match=r"1 tensors .* no place for \(e\.g\. model\.layers\.0\.extra"
   ):
     transfer.import_checkpoint(source, tmp_path / "run")
+  del tensors["model.layers.0.extra.weight"]
+  tensors["model.layers.1.mlp.experts.3.up_proj.weight"] = np.zeros((8, 15), ml_dtypes.bfloat16)
+  save_file(tensors, str(source / "model.safetensors"))
+  with pytest.raises(ValueError, match=r"experts\.3\.up_proj\.weight has shape \(8, 15\)"):
+    transfer.import_checkpoint(source, tmp_path / "run")
   assert not (tmp_path / "run").exists()
 
 

@@ -68,6 +68,9 @@ class CheckpointDir:
   def shape(self, key: str) -> tuple[int, ...]:
     return tuple(self._file(key).get_slice(key).get_shape())
 
+  def nbytes(self, key: str) -> int:
+    return int(np.prod(self.shape(key))) * self.dtype(key).itemsize
+
   def get(self, key: str) -> np.ndarray:
     """The tensor `key` as a numpy array of its stored dtype (read now)."""
     self.dtype(key)
@@ -82,7 +85,8 @@ class CheckpointDir:
     return [groups[name] for name in sorted(groups)]
 
   def release(self, keys) -> None:
-    """Unmaps the files holding `keys` (their pages count as this process's memory)."""
+    """Unmaps the files holding `keys` (their pages count as this process's memory); they
+    are mapped again when next read."""
     for name in {self.files[key] for key in keys}:
       self._open.pop(name, None)
 

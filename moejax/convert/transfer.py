@@ -4,9 +4,11 @@
 builds the matching moejax config (`families.model_config`) and writes a model-only
 checkpoint (`Checkpointer.save_model`) with `config.json` and `import.json` (the source's
 `config.json`, each tensor's dtype: what export needs to write the same files back).
-Tensors are read one at a time from the memory-mapped files and copied into moejax's
-stacked parameters (`layout.pieces`), kept in their stored dtype: peak host memory is
-about the model's size on disk plus one tensor. `moejax.load(WORKDIR)`,
+Every shape is checked against `config.json` before anything is written. Then each
+moejax parameter is made and written one layer row at a time (`StreamedArray`): the row's
+tensors are read from the memory-mapped files, copied into place (`layout.pieces`) in
+their stored dtype, and the files unmapped. Peak host memory is about the largest
+unstacked tensor (the embedding) or one layer's expert stack, plus what Orbax buffers. `moejax.load(WORKDIR)`,
 `moejax.generate`, `moejax.eval` and `train.init_from` read the result.
 
 `export_checkpoint(WORKDIR, DESTINATION)` writes the model of a run (trained, imported,
@@ -33,6 +35,7 @@ from moejax.convert.safetensors_dir import DTYPES, CheckpointDir, write_checkpoi
 from moejax.loading import load_model
 from moejax.tree_paths import flat
 from moejax.model import validate_config
+from moejax.streamed_array import StreamedArray
 
 IMPORT_RECORD = "import.json"
 
@@ -45,6 +48,29 @@ def _unused_is_known(key: str, num_layers: int) -> bool:
     return True
   parts = key.split(".")
   return len(parts) > 2 and parts[:2] == ["model", "layers"] and int(parts[2]) >= num_layers
+
+
+def _streamed_leaf(
+  src: CheckpointDir, pieces: list[layout.Piece], shape: tuple[int, ...], dtype: np.dtype
+) -> StreamedArray:
+  """The moejax parameter `pieces` fill, made one row of its first axis (one layer of a
+  stack) at a time when every piece is indexed by row, else whole; each block's tensors
+  are read, copied in, and their files unmapped before the next block is made."""
+  by_row = all(piece.index for piece in pieces)
+
+  def make_block(start: int, stop: int) -> np.ndarray:
+    block = np.empty((stop - start, *shape[1:]) if by_row else shape, dtype)
+    keys = set()
+    for piece in pieces:
+      if by_row and not start <= piece.index[0] < stop:
+        continue
+      index = (piece.index[0] - start, *piece.index[1:]) if by_row else piece.index
+      block[index] = piece.to_moejax(src.get(piece.key))
+      keys.add(piece.key)
+    src.release(keys)
+    return block
+
+  return StreamedArray(shape, dtype, make_block, block_rows=1 if by_row else 0)
 
 
 def import_checkpoint(
@@ -81,33 +107,30 @@ def import_checkpoint(
 
     _, tree, param_paths = model_state.abstract_model(config)
     shapes = {name: tuple(x.shape) for name, x in flat(tree).items()}
-    leaves = model_state.fresh_non_params(config)
-    for name in {piece.leaf for piece in plan}:
-      dtype = stored if name in param_paths else leaves[name].dtype
-      leaves[name] = np.empty(shapes[name], dtype)
-    covered = {name: 0 for name in leaves}
-    nbytes = 0
     by_key: dict[str, list[layout.Piece]] = {}
+    by_leaf: dict[str, list[layout.Piece]] = {}
     for piece in plan:
       by_key.setdefault(piece.key, []).append(piece)
-    for keys in src.in_file_order(by_key):  # each tensor read once, one file mapped at a time
-      for key in keys:
-        tensor = src.get(key)
-        nbytes += tensor.nbytes
-        for piece in by_key[key]:
-          value = piece.to_moejax(tensor)
-          target = shapes[piece.leaf][len(piece.index) :]
-          if value.shape != target:
-            raise ValueError(
-              f"--from={source}: {key} has shape {tensor.shape}; config.json implies "
-              f"{layout.hf_shape([piece], shapes)} for {piece.leaf}."
-            )
-          leaves[piece.leaf][piece.index] = value
-          covered[piece.leaf] += value.size
-      src.release(keys)
-    unfilled = [n for n in param_paths if covered[n] != int(np.prod(shapes[n]))]
+      by_leaf.setdefault(piece.leaf, []).append(piece)
+    for key, group in by_key.items():  # every shape checked before anything is written
+      expected = layout.hf_shape(group, shapes)
+      if src.shape(key) != expected:
+        raise ValueError(
+          f"--from={source}: {key} has shape {src.shape(key)}; config.json implies "
+          f"{expected} for {group[0].leaf}."
+        )
+    covered = {
+      name: sum(int(np.prod(shapes[name][len(p.index) :])) for p in pieces)
+      for name, pieces in by_leaf.items()
+    }
+    unfilled = [n for n in param_paths if covered.get(n, 0) != int(np.prod(shapes[n]))]
     if unfilled:
       raise ValueError(f"the {family.model_type} layout leaves {unfilled[0]} unfilled.")
+    leaves = model_state.fresh_non_params(config)
+    for name, pieces in by_leaf.items():
+      dtype = np.dtype(stored if name in param_paths else leaves[name].dtype)
+      leaves[name] = _streamed_leaf(src, pieces, shapes[name], dtype)
+    nbytes = sum(src.nbytes(key) for key in wanted)
     record = {
       "source": str(source),
       "model_type": family.model_type,
