@@ -70,6 +70,8 @@ class StreamedArrayHandler(type_handlers.NumpyHandler):
     ]
 
   async def _write_in_turn(self, values, infos, args) -> None:
+    if jax.process_index() != 0:  # host arrays are the same on every process: one writes
+      return
     for value, info, arg in zip(values, infos, args):
       await info.await_path_creation()
       spec = type_handlers.get_json_tspec_write(
