@@ -17,7 +17,7 @@ setup(
     "jax>=0.10",
     "flax>=0.12",
     "optax>=0.2.4",
-    "orbax-checkpoint>=0.11",
+    "orbax-checkpoint>=0.12",  # moejax.streamed_array writes through its NumpyHandler
     "tensorflow-datasets>=4.9.9",
     "array-record>=0.7",
     "ml-collections>=1.0",

@@ -1,12 +1,15 @@
 """An array written to an Orbax checkpoint block by block, never whole in host memory.
 
-An import stacks every layer's tensors into one moejax parameter (`[layers, experts,
-d_model, d_ff]` for an expert weight). Built whole, every such parameter would be in
-memory at once before Orbax writes the tree. A `StreamedArray` instead names the array's
-shape and dtype and a function that makes each block of its first axis (one layer's row)
-on demand; `StreamedArrayHandler` writes the blocks one after another as the chunks of
-the stored array, so memory holds one block at a time. Read back, it is an ordinary
-NumPy array of the checkpoint (the handler records itself as one).
+An import stacks each run of identical layers into one moejax parameter (an expert
+weight is `[repeats, experts, d_model, d_ff]`, the first axis one row per layer). Built
+whole, every such parameter would be in memory at once before Orbax writes the tree. A
+`StreamedArray` instead names the array's shape and dtype and a function that makes each
+block of rows of its first axis on demand; `StreamedArrayHandler` writes the blocks one
+after another as the chunks of the stored array (Orbax splits a block over its data-file
+size target, 2 GiB on local disk, further), so memory holds one block at a time. Read
+back, it is an ordinary NumPy array of the checkpoint (the handler records itself as one).
+
+Needs Orbax's `NumpyHandler` write path of orbax-checkpoint 0.12 (`setup.py` pins it).
 """
 
 from __future__ import annotations
@@ -14,10 +17,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
-import jax
 import numpy as np
 import tensorstore as ts
-from orbax.checkpoint import type_handlers
+from orbax.checkpoint import multihost, type_handlers
 from orbax.checkpoint.future import CommitFutureAwaitingContractedSignals
 
 
@@ -40,6 +42,7 @@ class StreamedArray:
     return len(self.shape)
 
   def block_shape(self) -> tuple[int, ...]:
+    """The shape of a full block (the stored chunk)."""
     if not self.shape or not self.block_rows:
       return self.shape
     return (self.block_rows, *self.shape[1:])
@@ -70,7 +73,9 @@ class StreamedArrayHandler(type_handlers.NumpyHandler):
     ]
 
   async def _write_in_turn(self, values, infos, args) -> None:
-    if jax.process_index() != 0:  # host arrays are the same on every process: one writes
+    """Writes `values` one after another, each block by block, from process 0 only (host
+    arrays are the same on every process)."""
+    if multihost.process_index() != 0:
       return
     for value, info, arg in zip(values, infos, args):
       await info.await_path_creation()
@@ -81,7 +86,12 @@ class StreamedArrayHandler(type_handlers.NumpyHandler):
         local_shape=value.block_shape(),  # the chunk: one block
         dtype=np.dtype(value.dtype),
         use_ocdbt=info.is_ocdbt_checkpoint,
-        process_index=jax.process_index() if info.is_ocdbt_checkpoint else None,
+        process_index=(
+          (self._override_ocdbt_process_id or multihost.process_index())
+          if info.is_ocdbt_checkpoint
+          else None
+        ),
+        metadata_key=self._metadata_key,
       )
       store = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
       for index, block in value.blocks():
@@ -89,5 +99,6 @@ class StreamedArrayHandler(type_handlers.NumpyHandler):
           raise ValueError(
             f"{info.name}: a block of shape {block.shape} for rows {index} of {value.shape}."
           )
-        await store[index].write(block)
+        # The block is not touched again, so TensorStore may write from it without a copy.
+        await store[index].write(block, can_reference_source_data_indefinitely=True)
         del block

@@ -118,6 +118,35 @@ def test_a_missing_or_unknown_tensor_writes_nothing(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+def test_an_import_that_fails_while_writing_removes_what_it_wrote(tmp_path, monkeypatch):
+  from moejax.convert.safetensors_dir import CheckpointDir
+
+  source = tmp_path / "hf"
+  source.mkdir()
+  hf_reference.write_checkpoint(source, hf_reference.tiny_config("mixtral"))
+  read = CheckpointDir.get
+  calls = []
+
+  def fails_on_the_fifth_read(self, key):
+    calls.append(key)
+    if len(calls) == 5:
+      raise OSError("the disk went away")
+    return read(self, key)
+
+  monkeypatch.setattr(CheckpointDir, "get", fails_on_the_fifth_read)
+  (tmp_path / "empty").mkdir()
+  for workdir in (tmp_path / "new", tmp_path / "empty"):
+    calls.clear()
+    with pytest.raises(OSError, match="the disk went away"):
+      transfer.import_checkpoint(source, workdir)
+    assert len(calls) == 5
+  assert not (tmp_path / "new").exists()
+  assert list((tmp_path / "empty").iterdir()) == []
+  monkeypatch.undo()
+  transfer.import_checkpoint(source, tmp_path / "empty")  # the same command again works
+  assert moejax.load(tmp_path / "empty")[1].model.num_experts == 4
+
+
 def test_the_command_line_refuses_an_existing_destination_and_a_hub_id_offline(tmp_path):
   hf = hf_reference.tiny_config("qwen3_moe")
   (tmp_path / "hf").mkdir()

@@ -50,14 +50,23 @@ def new_run_directory(workdir: epath.PathLike, flag: str = "--workdir") -> epath
 def save_model_run(
   path: epath.PathLike, tree: Any, config: ml_collections.ConfigDict, record_name: str, record: str
 ) -> None:
-  """Writes a model-only run directory: checkpoint 0 holding `tree` (a pure-dict model
-  state), `config.json`, and `record_name` (JSON text `record`: where the weights came from)."""
+  """Writes a model-only run directory (new or empty): checkpoint 0 holding `tree` (a
+  pure-dict model state), `config.json`, and `record_name` (JSON text `record`: where the
+  weights came from). If writing fails or is interrupted, what it wrote is removed, so the
+  same command can be run again."""
   path = workdir_lib.resolve(path)
-  workdir_lib.create(path)
-  checkpoints = checkpoint_lib.Checkpointer(path, keep=1)
+  existed = path.exists()
   try:
-    checkpoints.save_model(0, tree, config)
-  finally:
-    checkpoints.close()
-  workdir_lib.write_config(path, config, step=0, changes={})
-  workdir_lib.write_text_atomically(path / record_name, record)
+    workdir_lib.create(path)
+    checkpoints = checkpoint_lib.Checkpointer(path, keep=1)
+    try:
+      checkpoints.save_model(0, tree, config)
+    finally:
+      checkpoints.close()
+    workdir_lib.write_config(path, config, step=0, changes={})
+    workdir_lib.write_text_atomically(path / record_name, record)
+  except BaseException:
+    if path.exists():
+      for written in list(path.iterdir()) if existed else [path]:
+        written.rmtree() if written.is_dir() else written.unlink()
+    raise

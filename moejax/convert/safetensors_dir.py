@@ -76,14 +76,6 @@ class CheckpointDir:
     self.dtype(key)
     return self._file(key).get_tensor(key)
 
-  def in_file_order(self, keys) -> list[list[str]]:
-    """`keys` grouped by the file that holds them, in file order: reading a file's tensors
-    together, then `release`-ing it, keeps one file mapped at a time."""
-    groups: dict[str, list[str]] = {}
-    for key in keys:
-      groups.setdefault(self.files[key], []).append(key)
-    return [groups[name] for name in sorted(groups)]
-
   def release(self, keys) -> None:
     """Unmaps the files holding `keys` (their pages count as this process's memory); they
     are mapped again when next read."""

@@ -7,8 +7,9 @@ checkpoint (`Checkpointer.save_model`) with `config.json` and `import.json` (the
 Every shape is checked against `config.json` before anything is written. Then each
 moejax parameter is made and written one layer row at a time (`StreamedArray`): the row's
 tensors are read from the memory-mapped files, copied into place (`layout.pieces`) in
-their stored dtype, and the files unmapped. Peak host memory is about the largest
-unstacked tensor (the embedding) or one layer's expert stack, plus what Orbax buffers. `moejax.load(WORKDIR)`,
+their stored dtype, and the files unmapped. Peak host memory is about the largest row (one
+weight of one layer's experts) or unstacked tensor (the embedding: read, then copied), not
+the model. A failed import removes what it wrote. `moejax.load(WORKDIR)`,
 `moejax.generate`, `moejax.eval` and `train.init_from` read the result.
 
 `export_checkpoint(WORKDIR, DESTINATION)` writes the model of a run (trained, imported,
@@ -65,7 +66,10 @@ def _streamed_leaf(
       if by_row and not start <= piece.index[0] < stop:
         continue
       index = (piece.index[0] - start, *piece.index[1:]) if by_row else piece.index
-      block[index] = piece.to_moejax(src.get(piece.key))
+      value = piece.to_moejax(src.get(piece.key))
+      if value.shape != block[index].shape:  # no broadcasting into a wrong layout
+        raise ValueError(f"{piece.key} gives {value.shape} for {block[index].shape} of a leaf.")
+      block[index] = value
       keys.add(piece.key)
     src.release(keys)
     return block
