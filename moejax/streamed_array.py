@@ -33,14 +33,6 @@ class StreamedArray:
   make_block: Callable[[int, int], np.ndarray]
   block_rows: int = 0
 
-  @property
-  def size(self) -> int:
-    return int(np.prod(self.shape))
-
-  @property
-  def ndim(self) -> int:
-    return len(self.shape)
-
   def block_shape(self) -> tuple[int, ...]:
     """The shape of a full block (the stored chunk)."""
     if not self.shape or not self.block_rows:
@@ -101,4 +93,4 @@ class StreamedArrayHandler(type_handlers.NumpyHandler):
           )
         # The block is not touched again, so TensorStore may write from it without a copy.
         await store[index].write(block, can_reference_source_data_indefinitely=True)
-        del block
+        del block  # before the next block is made

@@ -68,5 +68,8 @@ def save_model_run(
   except BaseException:
     if path.exists():
       for written in list(path.iterdir()) if existed else [path]:
-        written.rmtree() if written.is_dir() else written.unlink()
+        if written.is_dir():
+          written.rmtree()
+        else:
+          written.unlink()
     raise
