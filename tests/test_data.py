@@ -28,9 +28,9 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def splits(data_dir):
-  """{split: {title: text}} for both splits."""
+  """{split: {title: text}} for every split."""
   out = {}
-  for split in ("train", "validation"):
+  for split in ("train", "validation", "plays", "sonnets_and_short_poems", "lucrece"):
     titles = data.load_split("shakespeare_plays", split, data_dir, text_key="title")
     texts = data.load_split("shakespeare_plays", split, data_dir)
     out[split] = dict(zip(titles, texts, strict=True))
@@ -133,6 +133,21 @@ def test_splits_are_disjoint_by_play(splits):
     for start in range(0, len(text) - 200, 4000):
       assert text[start : start + 200] not in train_text
   assert all(t not in "\x00".join(validation.values()) for t in train.values())
+
+
+def test_genre_splits_cut_train_into_plays_short_poems_and_lucrece(splits):
+  plays, short, long = (splits[s] for s in ("plays", "sonnets_and_short_poems", "lucrece"))
+  assert set(long) == {"The Rape of Lucrece"}
+  assert set(short) == {
+    "Sonnets",
+    "A Lover's Complaint",
+    "The Passionate Pilgrim",
+    "The Phoenix and the Turtle",
+  }
+  assert len(plays) == 33 and not set(plays) & (set(short) | set(long))
+  assert plays | short | long == splits["train"]  # same titles, same texts
+  assert sum(len(t.encode()) for t in short.values()) == 120_717
+  assert sum(len(t.encode()) for t in long.values()) == 86_173
 
 
 def test_texts_are_plays_without_gutenberg_boilerplate(splits):
@@ -342,8 +357,8 @@ def test_build_datasets(data_dir):
 
 
 def test_a_train_split_slice_trains_on_those_plays_only(data_dir, splits):
-  """`data.train_split='validation[:50%]'` (the fine-tuning experiment's split): two whole
-  held-out plays, none of the other two."""
+  """`data.train_split='validation[:50%]'` (a TFDS slice): two whole held-out plays, none
+  of the other two."""
   config = data.default_data_config()
   config.data_dir, config.train_split, config.eval_split = (
     data_dir,

