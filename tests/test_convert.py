@@ -79,6 +79,28 @@ def test_a_model_trained_here_exports_in_float32_as_the_same_function(tmp_path):
   assert np.allclose(np.asarray(ours[0]), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_the_rope_base_of_transformers_5s_config_layout(tmp_path):
+  """transformers 5 saves RoPE's base as `rope_parameters.rope_theta`, with no top-level
+  `rope_theta`: read as 1e6 (not the 10000 default), the logits match the forward pass."""
+  hf = hf_reference.tiny_config("qwen3_moe")
+  (tmp_path / "hf").mkdir()
+  written = hf_reference.write_checkpoint(tmp_path / "hf", hf)
+  layout_5 = {k: v for k, v in hf.items() if k != "rope_theta"}
+  layout_5["rope_parameters"] = {"rope_type": "default", "rope_theta": hf["rope_theta"]}
+  (tmp_path / "hf" / "config.json").write_text(json.dumps(layout_5))
+  transfer.import_checkpoint(tmp_path / "hf", tmp_path / "run")
+  model, config = moejax.load(tmp_path / "run")
+  assert config.model.rope_base == 1e6
+  logits, _ = model(jnp.asarray([TOKENS], jnp.int32))
+  expected = hf_reference.forward(hf, written, TOKENS)
+  assert np.max(np.abs(np.asarray(logits[0]) - expected)) / np.max(np.abs(expected)) < 1e-5
+  layout_5["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}
+  (tmp_path / "hf" / "config.json").write_text(json.dumps(layout_5))
+  with pytest.raises(ValueError, match="rope_parameters=.*rope_type must be 'default'"):
+    transfer.import_checkpoint(tmp_path / "hf", tmp_path / "run2")
+  assert not (tmp_path / "run2").exists()
+
+
 def test_what_moejax_cannot_compute_is_refused_in_one_line(tmp_path):
   hf = hf_reference.tiny_config("mixtral", rope_scaling={"type": "yarn", "factor": 4.0})
   (tmp_path / "hf").mkdir()

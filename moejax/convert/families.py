@@ -14,8 +14,12 @@ fixes, from its model card, paper and released config:
 | `deepseek_v3` (arXiv:2412.19437) | sigmoid + selection bias (`gate.e_score_correction_bias`), group-limited, normalised, scaled | MLA | dense `mlp.*` for the first `first_k_dense_replace` layers, then `mlp.gate`, `mlp.experts.E.*`, `mlp.shared_experts.*` |
 | `llama`, `qwen2` (dense) | none | GQA (`qwen2`: q/k/v biases) | `mlp.gate_proj/up_proj/down_proj` |
 
+The RoPE base is read from either layout of `config.json`: transformers 4 writes
+`rope_theta` (and `rope_scaling`) at the top level, transformers 5 writes
+`rope_parameters: {"rope_type": "default", "rope_theta": ...}`.
+
 What moejax cannot express is refused in one line naming the `config.json` key: scaled
-RoPE (`rope_scaling`), sliding-window attention, activations other than SiLU (SwiGLU),
+RoPE (`rope_scaling`, or a `rope_parameters.rope_type` other than "default"), sliding-window attention, activations other than SiLU (SwiGLU),
 OLMoE's `clip_qkv`, an output-projection bias, FP8 weights, and Qwen's `mlp_only_layers`
 or a `decoder_sparse_step` that is not a layer interval.
 """
@@ -83,6 +87,13 @@ def family_of(hf: dict[str, Any]) -> Family:
   return FAMILIES[model_type]
 
 
+def rope_base(hf: dict[str, Any]) -> float:
+  """RoPE's base θ (Su et al. 2021): `rope_parameters.rope_theta` (transformers 5's
+  layout) where given, else the top-level `rope_theta` (transformers 4's), else 10000."""
+  parameters = hf.get("rope_parameters") or {}
+  return float(parameters.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
 def _refuse_unsupported(hf: dict[str, Any], family: Family) -> None:
   """One line naming the first `config.json` setting moejax cannot compute exactly."""
 
@@ -94,6 +105,8 @@ def _refuse_unsupported(hf: dict[str, Any], family: Family) -> None:
 
   if hf.get("rope_scaling"):
     refuse("rope_scaling", "RoPE is unscaled: rope_scaling must be null")
+  if (hf.get("rope_parameters") or {}).get("rope_type", "default") != "default":
+    refuse("rope_parameters", "RoPE is unscaled: rope_type must be 'default'")
   if hf.get("hidden_act", "silu") != "silu":
     refuse("hidden_act", "SwiGLU experts and FFNs: 'silu'")
   if hf.get("use_sliding_window") or (
@@ -134,7 +147,7 @@ def model_config(hf: dict[str, Any], base: ml_collections.ConfigDict) -> ml_coll
   m.num_heads, m.num_kv_heads = heads, hf.get("num_key_value_heads") or heads
   m.head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
   m.d_ff, m.activation = hf["intermediate_size"], "swiglu"
-  m.norm_eps, m.rope_base = float(hf["rms_norm_eps"]), float(hf.get("rope_theta", 10000.0))
+  m.norm_eps, m.rope_base = float(hf["rms_norm_eps"]), rope_base(hf)
   m.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
   m.qk_norm, m.qkv_bias, m.dtype = family.qk_norm, family.qkv_bias, "float32"
   m.attention, m.first_dense_layers, m.moe_layer_interval = "gqa", 0, 1
