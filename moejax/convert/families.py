@@ -19,9 +19,10 @@ The RoPE base is read from either layout of `config.json`: transformers 4 writes
 `rope_parameters: {"rope_type": "default", "rope_theta": ...}`.
 
 What moejax cannot express is refused in one line naming the `config.json` key: scaled
-RoPE (`rope_scaling`, or a `rope_parameters.rope_type` other than "default"), sliding-window attention, activations other than SiLU (SwiGLU),
-OLMoE's `clip_qkv`, an output-projection bias, FP8 weights, and Qwen's `mlp_only_layers`
-or a `decoder_sparse_step` that is not a layer interval.
+RoPE (`rope_scaling`, or a `rope_parameters.rope_type` other than "default"),
+sliding-window attention, activations other than SiLU (SwiGLU), OLMoE's `clip_qkv`, an
+output-projection bias, FP8 weights, and Qwen's `mlp_only_layers` or a
+`decoder_sparse_step` that is not a layer interval.
 """
 
 from __future__ import annotations
