@@ -76,14 +76,21 @@ def test_upcycle_trains_the_dense_model_upcycles_it_and_holds_the_flops_equal(tm
   from experiments.ablations.accounting import accounting
   from experiments.ablations.spec import arm_config, get_arms
 
-  args = ["--preset=smoke", f"--workdir={tmp_path}", "--arms=upcycled", "--seeds=0", "--quiet"]
+  args = ["--preset=smoke", f"--workdir={tmp_path}", "--arms=upcycled,dense_continued"]
+  args += ["--seeds=0", "--quiet"]
   _run("experiments.upcycle", *args)
   record = json.loads((tmp_path / "dense_upcycled" / "upcycle.json").read_text())
   assert record["from"] == str(tmp_path / "dense")
   _, config = moejax.load(tmp_path / "upcycled" / "seed_0")
   assert config.train.init_from == str(tmp_path / "dense_upcycled")
   assert config.model.num_experts == upcycle.EXPERTS
-  assert [r["arm"] for r in _rows(tmp_path)] == ["upcycled"]
+  rows = _rows(tmp_path)
+  assert sorted(r["arm"] for r in rows) == ["dense_continued", "upcycled"]
+  # Equal FLOPs, unequal steps: summary.md's protocol line gives each arm's.
+  steps = {r["arm"]: int(float(r["steps"])) for r in rows}
+  assert steps["dense_continued"] > steps["upcycled"]
+  header = (tmp_path / "summary.md").read_text()
+  assert all(f"`{arm}` {n}" in header.split("\n\n")[1] for arm, n in steps.items())
   ablation = upcycle.build(str(tmp_path), "smoke")
   flops = {
     arm.name: accounting(arm_config(ablation, "smoke", arm))["train_flops"]

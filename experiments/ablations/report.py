@@ -284,9 +284,16 @@ def summary_markdown(
     if len(grid) > 1
     else f"learning rate {grid[0]:g} (no sweep at this preset)"
   )
+  steps = {r["arm"]: r["steps"] for r in rows}  # arms of equal FLOPs may differ in steps
+  length = (
+    f"{r0['steps']:.0f} steps of {_human(r0['tokens'] / r0['steps'])} tokens "
+    f"({_human(r0['tokens'])} tokens per run)"
+    if len(set(steps.values())) == 1
+    else f"steps of {_human(r0['tokens'] / r0['steps'])} tokens, per arm: "
+    + ", ".join(f"`{arm}` {n:.0f}" for arm, n in steps.items())
+  )
   lines += [
-    f"Protocol: {r0['steps']:.0f} steps of {_human(r0['tokens'] / r0['steps'])} tokens "
-    f"({_human(r0['tokens'])} tokens per run); evaluation on {r0['eval_batches']:.0f} "
+    f"Protocol: {length}; evaluation on {r0['eval_batches']:.0f} "
     f"validation batches during training and at the end; seeds {', '.join(map(str, seeds))}, "
     f"paired across arms; {rates}. Mean ± sample sd over seeds. Train CE: mean over the "
     "last 10% of steps; eval: the last evaluation; eval drop: from the last evaluation at "
