@@ -157,6 +157,22 @@ def test_spec_refuses_what_the_runner_sets_and_dangling_names():
     Contrast("a", "b", "better", "claim")
 
 
+def test_a_row_counts_the_eval_batches_the_run_evaluated():
+  """The fine-tuning arms evaluate on Lucrece: 20 batches, not the cap of 108 that the
+  config carries; the row gives what the data pipeline builds."""
+  from experiments import finetune
+  from experiments.ablations.results import eval_batches_of
+  from moejax import data
+
+  config = finetune.finetune_base("cpu", "WORKDIR/pretrain")
+  t = config.train
+  _, batches = data.build_datasets(
+    config.data, global_batch_size=t.batch_size, seq_len=t.seq_len, seed=0
+  )
+  assert eval_batches_of(config) == len(batches) == 20 < config.data.eval_batches == 108
+  assert eval_batches_of(presets.base_config("cpu")) == 108
+
+
 def test_cpu_preset_evaluates_the_whole_validation_split():
   from moejax import data
 

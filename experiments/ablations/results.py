@@ -5,7 +5,8 @@ Each row holds the arm's shape, its accounting (`accounting.py`, all `moejax.flo
 the outcome read from the run's `metrics.jsonl`:
 
 * `final_eval_bits_per_byte`, `final_eval_loss`: the last evaluation (the whole
-  validation split at the cpu preset, `eval_batches` batches);
+  validation split at the cpu preset), over `eval_batches` batches: the eval split's
+  full batches, at most `data.eval_batches`;
 * `final_train_ce_loss`, `final_train_loss`: mean over the train records of the last 10%
   of steps (each logged batch is scored before the step trains on it, and no cpu preset
   trains a full epoch, so this is a held-out estimate on the training plays);
@@ -23,6 +24,7 @@ the outcome read from the run's `metrics.jsonl`:
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
@@ -35,7 +37,7 @@ from typing import Any, Callable, Sequence
 from experiments.ablations.accounting import accounting
 from experiments.ablations.spec import Ablation, get_arms
 from experiments.ablations.workdir import SWEEP_DIR, read_json, read_records
-from moejax import config_text
+from moejax import config_text, data
 from moejax.model import expert_d_ff_of
 
 RESULT_COLUMNS = (
@@ -160,11 +162,26 @@ def run_row(ablation: Ablation, preset: str, arm, seed: int, run_dir: str) -> di
     "capacity_factor": m.capacity_factor if moe and m.dispatch != "dropless" else float("nan"),
     **accounting(config),
     "steps": t.num_steps,
-    "eval_batches": config.data.eval_batches,
+    "eval_batches": eval_batches_of(config),
     **summarize_run(run_dir, t.num_steps, t.batch_size * t.seq_len),
     "wall_s": done.get("wall_s", float("nan")),
   }
   return {k: row[k] for k in RESULT_COLUMNS}
+
+
+def eval_batches_of(config) -> int:
+  """The number of batches a run of `config` evaluates on (`moejax.data.build_datasets`)."""
+  d, t = config.data, config.train
+  return _eval_batches(
+    d.name, d.eval_split, d.data_dir, d.text_key, t.seq_len, t.batch_size, d.eval_batches
+  )
+
+
+@functools.lru_cache(maxsize=None)
+def _eval_batches(name, split, data_dir, text_key, seq_len, batch_size, max_batches) -> int:
+  texts = data.load_split(name, split, data_dir, text_key=text_key)
+  windows = data.pack_documents(texts, seq_len)
+  return data.eval_batch_count(len(windows), batch_size, max_batches)
 
 
 def _seed_dirs(directory: str) -> list[int]:
