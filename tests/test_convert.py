@@ -99,6 +99,10 @@ def test_the_rope_base_of_transformers_5s_config_layout(tmp_path):
   with pytest.raises(ValueError, match="rope_parameters=.*rope_type must be 'default'"):
     transfer.import_checkpoint(tmp_path / "hf", tmp_path / "run2")
   assert not (tmp_path / "run2").exists()
+  layout_5["rope_parameters"] = {"full_attention": {"rope_type": "default", "rope_theta": 1e6}}
+  (tmp_path / "hf" / "config.json").write_text(json.dumps(layout_5))
+  with pytest.raises(ValueError, match="rope_parameters=.*one RoPE for every layer"):
+    transfer.import_checkpoint(tmp_path / "hf", tmp_path / "run2")
 
 
 def test_what_moejax_cannot_compute_is_refused_in_one_line(tmp_path):

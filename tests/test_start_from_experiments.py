@@ -40,10 +40,9 @@ def test_finetune_pretrains_then_its_arm_starts_from_that_model(tmp_path):
     "--quiet",
   ]
   _run("experiments.finetune", *args)
-  pretrained, _ = moejax.load(tmp_path / "pretrain")
+  pretrained, pretrain_config = moejax.load(tmp_path / "pretrain")
   frozen_run, config = moejax.load(tmp_path / "freeze_moe" / "seed_0")
   assert config.train.init_from == str(tmp_path / "pretrain")
-  _, pretrain_config = moejax.load(tmp_path / "pretrain")
   assert pretrain_config.data.train_split == "plays"
   assert (config.data.train_split, config.data.eval_split) == ("sonnets_and_short_poems", "lucrece")
   # freeze_moe kept the pretrained experts bit for bit and trained the attention.
@@ -64,10 +63,12 @@ def test_finetune_pretrains_then_its_arm_starts_from_that_model(tmp_path):
 
   reference = json.loads((tmp_path / "pretrained_on_held_out.json").read_text())
   batches = eval_batches(config, split="lucrece", max_batches=config.data.eval_batches)
-  assert reference["batches"] == len(batches) and reference["split"] == "lucrece"
+  row = _rows(tmp_path)[0]
+  assert reference["batches"] == len(batches) == int(row["eval_batches"])
+  assert reference["split"] == config.data.eval_split == "lucrece"
   expected = evaluate_model(pretrained, batches)["bits_per_byte"]
   np.testing.assert_allclose(reference["eval_bits_per_byte"], expected, rtol=1e-6)
-  gain = float(_rows(tmp_path)[0]["final_eval_bits_per_byte"]) - expected
+  gain = float(row["final_eval_bits_per_byte"]) - expected
   assert f"| `freeze_moe` | 1 | {gain:+.4f} (one seed) | – |" in summary
 
 
@@ -98,3 +99,22 @@ def test_upcycle_trains_the_dense_model_upcycles_it_and_holds_the_flops_equal(tm
   }
   assert abs(flops["upcycled"] / flops["dense_continued"] - 1) < 0.02
   assert flops["moe_scratch"] > 1.5 * flops["upcycled"]  # it also pays for the pretraining
+
+
+def test_the_pretrained_reference_is_used_only_where_the_arms_were_scored_alike(tmp_path):
+  """Gains over the pretrained model: a one-sample t interval over seeds (hand-computed
+  here), and no table at all when the arms' batches differ from the reference's."""
+  from experiments import finetune
+
+  reference = {"step": 600, "split": "lucrece", "batches": 20, "batch_tokens": 4096}
+  reference["eval_bits_per_byte"] = 2.0
+  (tmp_path / finetune.REFERENCE_FILE).write_text(json.dumps(reference))
+  row = dict(arm="full", eval_batches=20, tokens=409600.0, steps=100)
+  rows = [dict(row, seed=s, final_eval_bits_per_byte=v) for s, v in enumerate((1.9, 1.8))]
+  lines = finetune.gain_over_pretrained(str(tmp_path), rows)
+  # differences -0.1, -0.2: mean -0.15, sd 0.0707, se 0.05; t(1) 97.5% = 12.7062;
+  # t = 3 on 1 df (Cauchy): p = 1 - 2·atan(3)/π = 0.205
+  assert "| `full` | 2 | -0.1500 [-0.7853, +0.4853] | 0.2 |" in lines
+  rows[1]["eval_batches"] = 21
+  text = "\n".join(finetune.gain_over_pretrained(str(tmp_path), rows))
+  assert "Not comparable" in text and "| `full` |" not in text

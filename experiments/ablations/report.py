@@ -294,7 +294,7 @@ def summary_markdown(
   )
   lines += [
     f"Protocol: {length}; evaluation on {r0['eval_batches']:.0f} "
-    f"validation batches during training and at the end; seeds {', '.join(map(str, seeds))}, "
+    f"held-out batches during training and at the end; seeds {', '.join(map(str, seeds))}, "
     f"paired across arms; {rates}. Mean ± sample sd over seeds. Train CE: mean over the "
     "last 10% of steps; eval: the last evaluation; eval drop: from the last evaluation at "
     "or before 80% of the steps to the end.",

@@ -4,12 +4,13 @@ learning-rate sweep run (lr_sweep.csv).
 Each row holds the arm's shape, its accounting (`accounting.py`, all `moejax.flops`), and
 the outcome read from the run's `metrics.jsonl`:
 
-* `final_eval_bits_per_byte`, `final_eval_loss`: the last evaluation (the whole
-  validation split at the cpu preset), over `eval_batches` batches: the eval split's
-  full batches, at most `data.eval_batches`;
+* `final_eval_bits_per_byte`, `final_eval_loss`: the last evaluation, over `eval_batches`
+  batches: the eval split's full batches, at most `data.eval_batches` (at the cpu
+  preset, the whole validation split);
 * `final_train_ce_loss`, `final_train_loss`: mean over the train records of the last 10%
-  of steps (each logged batch is scored before the step trains on it, and no cpu preset
-  trains a full epoch, so this is a held-out estimate on the training plays);
+  of steps (each logged batch is scored before the step trains on it; where a run trains
+  under one epoch, as every ablation's cpu preset does, this is a held-out estimate on the
+  training data, and where it trains several, as `experiments/finetune` does, it is not);
 * `eval_drop_last_20pct`: how much the eval bits/byte fell from the last evaluation at or
   before 80% of the steps (`eval_drop_from_step`) to the end: the curve's remaining slope;
 * `tokens_per_sec` (median over log intervals, the first, which includes compiling, left
@@ -24,7 +25,6 @@ the outcome read from the run's `metrics.jsonl`:
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import json
 import math
@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 from experiments.ablations.accounting import accounting
 from experiments.ablations.spec import Ablation, get_arms
 from experiments.ablations.workdir import SWEEP_DIR, read_json, read_records
-from moejax import config_text, data
+from moejax import config_text
 from moejax.model import expert_d_ff_of
 
 RESULT_COLUMNS = (
@@ -170,18 +170,18 @@ def run_row(ablation: Ablation, preset: str, arm, seed: int, run_dir: str) -> di
 
 
 def eval_batches_of(config) -> int:
-  """The number of batches a run of `config` evaluates on (`moejax.data.build_datasets`)."""
+  """The number of batches a run of `config` evaluated on: its eval split's full batches,
+  at most `data.eval_batches` (the batches `moejax.eval.eval_batches` builds)."""
   d, t = config.data, config.train
-  return _eval_batches(
-    d.name, d.eval_split, d.data_dir, d.text_key, t.seq_len, t.batch_size, d.eval_batches
-  )
+  key = (d.name, d.eval_split, d.data_dir, d.text_key, t.seq_len, t.batch_size, d.eval_batches)
+  if key not in _EVAL_BATCHES:
+    from moejax.eval import eval_batches
+
+    _EVAL_BATCHES[key] = len(eval_batches(config, split=d.eval_split, max_batches=d.eval_batches))
+  return _EVAL_BATCHES[key]
 
 
-@functools.lru_cache(maxsize=None)
-def _eval_batches(name, split, data_dir, text_key, seq_len, batch_size, max_batches) -> int:
-  texts = data.load_split(name, split, data_dir, text_key=text_key)
-  windows = data.pack_documents(texts, seq_len)
-  return data.eval_batch_count(len(windows), batch_size, max_batches)
+_EVAL_BATCHES: dict[tuple, int] = {}  # eval_batches_of's answers, by data settings
 
 
 def _seed_dirs(directory: str) -> list[int]:

@@ -166,7 +166,12 @@ def main() -> int:
   print(f"{'family':<12} {'tensors':<8} {'load':<6} rel")
   failed = False
   for family in families:
-    r = check(family, args.dir, args.moejax_python)
+    try:
+      r = check(family, args.dir, args.moejax_python)
+    except RuntimeError as error:  # a moejax command failed: report it, go on
+      print(f"{family:<12} FAIL  {error}")
+      failed = True
+      continue
     ok = r["tensors"] and r["load"] and r["rel"] < 1e-5
     failed |= not ok
     print(

@@ -106,7 +106,10 @@ def _refuse_unsupported(hf: dict[str, Any], family: Family) -> None:
 
   if hf.get("rope_scaling"):
     refuse("rope_scaling", "RoPE is unscaled: rope_scaling must be null")
-  if (hf.get("rope_parameters") or {}).get("rope_type", "default") != "default":
+  rope = hf.get("rope_parameters") or {}
+  if rope and "rope_theta" not in rope:  # e.g. one RoPE per attention type
+    refuse("rope_parameters", "one RoPE for every layer: {'rope_type', 'rope_theta'}")
+  if rope.get("rope_type", "default") != "default":
     refuse("rope_parameters", "RoPE is unscaled: rope_type must be 'default'")
   if hf.get("hidden_act", "silu") != "silu":
     refuse("hidden_act", "SwiGLU experts and FFNs: 'silu'")

@@ -5,7 +5,6 @@ from moejax.data.packing import pack_documents, split_inputs_targets
 from moejax.data.pipeline import (
   build_datasets,
   default_data_config,
-  eval_batch_count,
   make_eval_batches,
   make_train_iterator,
 )
@@ -24,7 +23,6 @@ __all__ = [
   "decode",
   "default_data_config",
   "encode",
-  "eval_batch_count",
   "load_split",
   "make_eval_batches",
   "make_train_iterator",

@@ -67,13 +67,6 @@ def make_train_iterator(
   return iter(dataset.to_iter_dataset(_READ_OPTIONS))
 
 
-def eval_batch_count(num_windows: int, global_batch_size: int, max_batches: int | None) -> int:
-  """How many eval batches `num_windows` windows make: the full global batches, capped at
-  `max_batches` (None: no cap)."""
-  num_batches = num_windows // global_batch_size
-  return num_batches if max_batches is None else min(num_batches, max_batches)
-
-
 def make_eval_batches(
   windows: np.ndarray,
   *,
@@ -95,12 +88,14 @@ def make_eval_batches(
   batch_size = _per_process_batch_size(global_batch_size, shard_index, shard_count)
   if max_batches is not None and max_batches < 1:
     raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
-  if len(windows) < global_batch_size:
+  num_batches = len(windows) // global_batch_size
+  if num_batches < 1:
     raise ValueError(
       f"make_eval_batches: {len(windows)} eval windows, fewer than one global "
       f"batch of {global_batch_size}"
     )
-  num_batches = eval_batch_count(len(windows), global_batch_size, max_batches)
+  if max_batches is not None:
+    num_batches = min(num_batches, max_batches)
   blocks = windows[: num_batches * global_batch_size].reshape(
     num_batches, shard_count, batch_size, windows.shape[-1]
   )
