@@ -117,7 +117,8 @@ def _f(x: float, fmt: str = ".4f") -> str:
   return "–"
 
 
-def _p(p: float) -> str:
+def format_p(p: float) -> str:
+  """A p-value as the reports print it: two significant digits, or "<0.0001"."""
   if not (isinstance(p, float) and math.isfinite(p)):
     return "–"
   return "<0.0001" if p < 1e-4 else f"{p:.2g}"
@@ -151,12 +152,12 @@ def contrast_table(results: Sequence[Mapping[str, Any]]) -> list[str]:
     if math.isfinite(r["pooled_mean"]):
       pooled = (
         f"{r['pooled_mean']:+.4f} [{r['pooled_lo']:+.4f}, {r['pooled_hi']:+.4f}] "
-        f"({r['pooled_df']:.0f}), {_p(r['pooled_p'])}"
+        f"({r['pooled_df']:.0f}), {format_p(r['pooled_p'])}"
       )
     ci = f"[{r['lo']:+.4f}, {r['hi']:+.4f}]" if math.isfinite(r["lo"]) else "–"
     lines.append(
       f"| `{r['contrast']}` | {METRICS[r['metric']]} | {r['n']} | {_f(r['mean'], '+.4f')} | "
-      f"{_f(r['sd'])} | {ci} | {_f(r['t'], '.2f')} ({_f(r['df'], '.0f')}) | {_p(r['p'])} | "
+      f"{_f(r['sd'])} | {ci} | {_f(r['t'], '.2f')} ({_f(r['df'], '.0f')}) | {format_p(r['p'])} | "
       f"**{r['verdict']}** | {pooled} |"
     )
   return lines
@@ -352,7 +353,7 @@ def summary_markdown(
     lines += [
       "",
       f"Pooled arm + seed model over all {len({r['arm'] for r in rows})} arms: "
-      f"F = {primary['pooled_f']:.2f}, p = {_p(primary['pooled_f_p'])} (some arm differs).",
+      f"F = {primary['pooled_f']:.2f}, p = {format_p(primary['pooled_f_p'])} (some arm differs).",
     ]
   secondary = [r for r in contrasts if r["role"] == "secondary"]
   if secondary:

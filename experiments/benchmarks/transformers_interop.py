@@ -42,7 +42,6 @@ FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v3", "llama"
 ROPE_BASE = dict(
   mixtral=1e6, olmoe=1e4, qwen2_moe=1e6, qwen3_moe=1e6, deepseek_v3=1e4, llama=5e5, qwen2=1e6
 )
-MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
 MOEJAX_LOGITS = """
 import sys, numpy as np, jax.numpy as jnp, moejax
 model, _ = moejax.load(sys.argv[1])
@@ -59,10 +58,12 @@ def tiny_model(family: str):
     num_key_value_heads=2, max_position_embeddings=64, hidden_act="silu", intermediate_size=96,
     bos_token_id=None, eos_token_id=None, pad_token_id=None,
   )  # fmt: skip
-  qwen = dict(MOE, decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False)
+  experts = dict(num_experts=4, num_experts_per_tok=2)  # 4 experts, top-2, in every family
+  qwen = dict(experts, moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[])
+  qwen["use_sliding_window"] = False
   config = {
     "mixtral": lambda: t.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2),
-    "olmoe": lambda: t.OlmoeConfig(**common, num_experts=4, num_experts_per_tok=2),
+    "olmoe": lambda: t.OlmoeConfig(**common, **experts),
     "qwen2_moe": lambda: t.Qwen2MoeConfig(**common, **qwen, shared_expert_intermediate_size=48),
     "qwen3_moe": lambda: t.Qwen3MoeConfig(**common, **qwen, head_dim=24),
     "deepseek_v3": lambda: t.DeepseekV3Config(

@@ -40,7 +40,7 @@ and every arm gets the same choice.
 
 Budget (cpu, 2 cores): pretraining ≈ 16 s + 704 × 0.30 s ≈ 3.8 min; a fine-tune run of
 100 steps ≈ 40 s of steps plus 3 evaluations of 20 batches and a compile; 4 arms × (3
-sweep + 3 seeds) = 24 runs. Measured, on cores shared with other work: 4.5 min of
+sweep + 3 seeds) = 24 runs. Measured, on cores shared with other work: about 4.7 min of
 pretraining, then 24 runs in 23.4 min (58 s each).
 
     python -m experiments.finetune --preset=cpu --workdir=workdirs/finetune
@@ -53,6 +53,7 @@ import math
 import os
 
 from experiments.ablations import presets, stats
+from experiments.ablations.report import format_p
 from experiments.ablations.prerequisites import prerequisite_path
 from experiments.ablations.spec import Ablation, Arm, Constraint, Contrast, arm_config, get_arms
 
@@ -194,7 +195,7 @@ def gain_over_pretrained(workdir: str | None, rows) -> list[str]:
     gain = stats.paired(gains)
     lines.append(
       f"| `{arm}` | {gain.n} | {gain.estimate:+.4f} [{gain.lo:+.4f}, {gain.hi:+.4f}] | "
-      f"{'<0.0001' if gain.p < 1e-4 else f'{gain.p:.2g}'} |"
+      f"{format_p(gain.p)} |"
     )
   return lines
 
