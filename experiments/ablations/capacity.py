@@ -20,7 +20,7 @@ arm's quality, dropped fraction (train and eval) and ms per step.
 Budget (cpu, 2 cores; per run ≈ 16 s + (steps + 104) x step; step ≈ 0.12 s for this
 model (0.10-0.15 s over the arms, measured relative to configs/tiny.py's 0.30 s)):
 8 arms x 5 seeds + 2 sweeps x 3 = 46 runs of 400 steps ≈ 46 x 76 s ≈ 58 min. 1.64M tokens
-per run, 5.8 (top-1) / 5.0 (top-2) tokens per active parameter.
+per run, 8.2 (top-1) / 5.5 (top-2) tokens per active parameter.
 
     python -m experiments.ablations.capacity --preset=cpu --workdir=workdirs/ablations/capacity
 """
