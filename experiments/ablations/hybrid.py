@@ -20,7 +20,7 @@ lower. Both dropless.
 Budget (cpu, 2 cores; per run ≈ 16 s + (steps + 104) x step; step ≈ 0.25 s for `hybrid`,
 ≈ 0.29 s for `pure_moe`, measured relative to configs/tiny.py's 0.30 s): 2 arms x (3 sweep
 + 5 seeds) = 16 runs of 550 steps ≈ 8 x 180 s + 8 x 206 s ≈ 51 min. 2.25M tokens per
-run, 2.8 tokens per active parameter.
+run, 2.4 tokens per active parameter.
 
     python -m experiments.ablations.hybrid --preset=cpu --workdir=workdirs/ablations/hybrid
 """
