@@ -380,6 +380,12 @@ def test_convergence_says_no_when_the_curve_still_falls_faster_than_the_effect()
   assert line.startswith("Long enough: **no**") and "0.0200" in line
 
 
+def test_plot_colours_stay_distinct_past_ten_arms():
+  # tab10 alone would give the 11th and 12th arms the 1st and 2nd arms' colours.
+  assert len(set(report.arm_colors(12))) == 12
+  assert len(set(report.arm_colors(3))) == 3
+
+
 def test_learning_rate_plan():
   ablation = _fake_ablation()
   arms = get_arms(ablation, "smoke")

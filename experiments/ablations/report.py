@@ -375,13 +375,21 @@ def summary_markdown(
   return "\n".join(lines)
 
 
+def arm_colors(count: int) -> list[tuple[float, float, float]]:
+  """One RGB colour per arm: tab10's, or tab20's past 10 arms (`scaling` has 12), so that
+  no two arms share a colour up to 20 arms."""
+  from matplotlib import colormaps
+
+  palette = colormaps["tab10" if count <= 10 else "tab20"].colors
+  return [palette[i % len(palette)] for i in range(count)]
+
+
 def plot_curves(
   ablation: Ablation, preset: str, arms, curves: Mapping[tuple[str, int], tuple[list, list]]
 ) -> dict[str, bytes]:
   """PNG bytes of eval bits/byte and train CE vs step, one line per arm (the mean over
   seeds; the band spans the seeds' min to max)."""
   # Figure objects of their own: no pyplot state, no backend switch for the caller.
-  from matplotlib import colormaps
   from matplotlib.figure import Figure
 
   out = {}
@@ -390,7 +398,7 @@ def plot_curves(
   ):
     fig = Figure(figsize=(6.4, 4.2), dpi=100)
     ax = fig.subplots()
-    for color, arm in zip(colormaps["tab10"].colors * 3, arms):
+    for color, arm in zip(arm_colors(len(arms)), arms):
       series = [dict(curves[key][index]) for key in sorted(curves) if key[0] == arm.name]
       if not series:
         continue
