@@ -4,8 +4,9 @@ Arm `kK_cfC` routes each token to K of 8 experts with a capacity of C · T·K/E 
 per expert and routing group (`model.dispatch='auto'`: sort on CPU/GPU, einsum on TPU;
 every top-1 choice is placed before any top-2 choice, and assignments past capacity are
 dropped); `kK_dropless` has no capacity (`model.dispatch='dropless'`). Evaluation uses
-`eval_capacity_factor` 2.0 for the capacity arms, as Switch does. The arms of one k have the same parameters and
-shapes, so each takes the learning rate its dropless arm's sweep chooses (`lr_from`).
+`eval_capacity_factor` 2.0 for the capacity arms, as Switch does. The arms of one k have
+the same parameters and shapes, so each takes the learning rate its dropless arm's sweep
+chooses (`lr_from`).
 
     cpu: a smaller model than the other ablations, so that 8 arms x 5 seeds fit the hour:
     4 layers, d_model 64, 2 heads, 8 experts of hidden 128. smoke: configs/tiny.py:smoke's
