@@ -1,5 +1,5 @@
 """Causal self-attention: rotary positions (RoPE), grouped key/value heads (GQA), QK-norm,
-and a KV cache for decoding.
+document masking for packed rows (`moejax.packing`), and a KV cache for decoding.
 
 Multi-head latent attention (DeepSeek-V2) is in `moejax.mla`, with the same call.
 """
@@ -14,6 +14,7 @@ from flax import nnx
 
 from moejax.ffn import on_rows
 from moejax.norms import RMSNorm
+from moejax.packing import check_segments, self_attention_mask
 from moejax.sharding import logical
 
 # One layer's KV cache: {'k': [batch, max_len, num_kv_heads, head_dim], 'v': same}.
@@ -42,7 +43,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
 
   Args:
     x: `[batch, seq, heads, head_dim]`, head_dim even.
-    positions: `[seq]` int, the absolute position of every sequence slot.
+    positions: int, the position of every sequence slot: `[seq]`, shared by the rows, or
+      `[batch, seq]`, one per row (packed documents, positions restarting at each).
     base: the RoPE base (10_000 in the paper; 500_000 in LLaMA 3).
 
   Returns:
@@ -50,9 +52,9 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
   """
   half = x.shape[-1] // 2
   inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [D/2]
-  angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [seq, D/2]
-  cos = jnp.cos(angles)[None, :, None, :]  # [1, seq, 1, D/2]
-  sin = jnp.sin(angles)[None, :, None, :]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [(batch,) seq, D/2]
+  cos = jnp.cos(angles)[..., None, :]  # [(batch,) seq, 1, D/2]
+  sin = jnp.sin(angles)[..., None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return rotated.astype(x.dtype)
@@ -69,8 +71,8 @@ def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.
     q: `[batch, q_len, heads, head_dim]`.
     k: `[batch, kv_len, kv_heads, head_dim]`.
     v: `[batch, kv_len, kv_heads, head_dim]`.
-    mask: `[q_len, kv_len]` bool, True where the query may attend to the key. Every query
-      must see at least one key.
+    mask: `[q_len, kv_len]` (all rows) or `[batch, q_len, kv_len]` (per row) bool, True
+      where the query may attend to the key. Every query must see at least one key.
 
   Returns:
     `[batch, q_len, heads, head_dim]` in q's dtype.
@@ -80,6 +82,8 @@ def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.
   q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
   scores = jnp.einsum("bqkgd,btkd->bkgqt", q, k, preferred_element_type=jnp.float32)
   scores = scores / jnp.sqrt(jnp.float32(head_dim))
+  if mask.ndim == 3:  # [batch, q, kv] -> over the heads [batch, 1, 1, q, kv]
+    mask = mask[:, None, None]
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgqt,btkd->bqkgd", probs, v)
@@ -141,20 +145,30 @@ class CausalSelfAttention(nnx.Module):
     self.q_norm, self.k_norm = norm(q_dim, names[0]), norm(k_dim, names[1])
 
   def __call__(
-    self, x: jax.Array, positions: jax.Array, cache: LayerCache | None = None
+    self,
+    x: jax.Array,
+    positions: jax.Array,
+    cache: LayerCache | None = None,
+    segment_ids: jax.Array | None = None,
   ) -> tuple[jax.Array, LayerCache | None]:
-    """Attends every position to itself and to every earlier position.
+    """Attends every position to itself and to every earlier position (of its document).
 
     Args:
       x: `[batch, seq, d_model]`.
-      positions: `[seq]` int32, consecutive absolute positions `start + arange(seq)`.
+      positions: int32 RoPE positions: `[seq]`, consecutive absolute positions
+        `start + arange(seq)` shared by the rows, or `[batch, seq]` per row (packed
+        documents: each restarts at 0). Only `[seq]` with a cache.
       cache: None, or this layer's `{'k', 'v'}` each `[batch, max_len, kv_heads,
         head_dim]`; the new keys and values are written at `positions`, and the queries
         attend to every cached slot at a position <= their own.
+      segment_ids: None (one document per row), or `[batch, seq]` int32, the document of
+        each token (0 = padding): the mask is `moejax.packing.self_attention_mask`
+        (causal & same segment). Not with a cache.
 
     Returns:
       `([batch, seq, d_model], updated cache or None)`.
     """
+    check_segments(x, positions, segment_ids, cache)
     batch, seq, _ = x.shape
     q, k, v = on_rows(self.q_proj, x), on_rows(self.k_proj, x), on_rows(self.v_proj, x)
     if self.qk_norm == "full":
@@ -167,14 +181,14 @@ class CausalSelfAttention(nnx.Module):
     q = apply_rope(q, positions, self.rope_base)
     k = apply_rope(k, positions, self.rope_base)
     if cache is None:
-      key_positions = positions
+      mask = self_attention_mask(positions, segment_ids)  # [(batch,) seq, seq]
     else:
       slot = (0, positions[0], 0, 0)
       k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), slot)
       v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), slot)
       cache = {"k": k, "v": v}
       key_positions = jnp.arange(k.shape[1], dtype=jnp.int32)
-    mask = key_positions[None, :] <= positions[:, None]  # [seq, kv_len]
+      mask = key_positions[None, :] <= positions[:, None]  # [seq, kv_len]
     out = grouped_query_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
     return on_rows(self.o_proj, out.reshape(batch, seq, self.num_heads * self.head_dim)), cache
 

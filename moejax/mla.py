@@ -58,6 +58,7 @@ from flax import nnx
 
 from moejax.attention import apply_rope
 from moejax.norms import RMSNorm
+from moejax.packing import check_segments, self_attention_mask
 from moejax.ffn import on_rows
 from moejax.sharding import logical
 
@@ -72,9 +73,11 @@ def _positive(name: str, value) -> None:
 
 
 def _masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
-  """Softmax over the last axis of float32 `scores` `[..., q_len, kv_len]` where `mask`
-  `[q_len, kv_len]` is True; masked scores get the float32 minimum (as
-  `moejax.model.grouped_query_attention` does)."""
+  """Softmax over the last axis of float32 `scores` `[batch, heads, q_len, kv_len]` where
+  `mask` `[q_len, kv_len]` (all rows) or `[batch, q_len, kv_len]` (per row) is True; masked
+  scores get the float32 minimum (as `moejax.attention.grouped_query_attention` does)."""
+  if mask.ndim == 3:  # [batch, q, kv] -> over the heads [batch, 1, q, kv]
+    mask = mask[:, None]
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   return jax.nn.softmax(scores, axis=-1)
 
@@ -82,8 +85,9 @@ def _masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
 class MultiHeadLatentAttention(nnx.Module):
   """Causal multi-head latent attention (DeepSeek-V2 §2.1); no biases.
 
-  Called as `moejax.model.CausalSelfAttention`: `(x [batch, seq, d_model], positions [seq],
-  cache or None) -> ([batch, seq, d_model], cache or None)`. See the module docstring for
+  Called as `moejax.attention.CausalSelfAttention`: `(x [batch, seq, d_model], positions
+  [seq] or [batch, seq], cache or None, segment_ids [batch, seq] or None) -> ([batch, seq,
+  d_model], cache or None)`. See the module docstring for
   the formulas, the RoPE layout and the cache.
 
   Args:
@@ -181,20 +185,30 @@ class MultiHeadLatentAttention(nnx.Module):
     }
 
   def __call__(
-    self, x: jax.Array, positions: jax.Array, cache: MlaCache | None = None
+    self,
+    x: jax.Array,
+    positions: jax.Array,
+    cache: MlaCache | None = None,
+    segment_ids: jax.Array | None = None,
   ) -> tuple[jax.Array, MlaCache | None]:
-    """Attends every position to itself and to every earlier position.
+    """Attends every position to itself and to every earlier position (of its document).
 
     Args:
       x: `[batch, seq, d_model]`.
-      positions: `[seq]` int32, consecutive absolute positions `start + arange(seq)`.
+      positions: int32 RoPE positions: `[seq]`, consecutive absolute positions
+        `start + arange(seq)` shared by the rows, or `[batch, seq]` per row (packed
+        documents: each restarts at 0). Only `[seq]` with a cache.
       cache: None, or this layer's cache (`init_cache`); the new latents and rope keys are
         written at `positions`, and the queries attend to every cached slot at a position
         <= their own.
+      segment_ids: None (one document per row), or `[batch, seq]` int32, the document of
+        each token (0 = padding): the mask is `moejax.packing.self_attention_mask`
+        (causal & same segment; Zhao et al. 2024, arXiv:2402.13991). Not with a cache.
 
     Returns:
       `([batch, seq, d_model], updated cache or None)`.
     """
+    check_segments(x, positions, segment_ids, cache)
     batch, seq, _ = x.shape
     heads, nope, rope = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
     x = x.astype(self.dtype)
@@ -210,7 +224,7 @@ class MultiHeadLatentAttention(nnx.Module):
     k_rope = k_rope[:, :, 0, :]  # [b, s, rope]
 
     if cache is None:
-      mask = positions[None, :] <= positions[:, None]  # [seq, seq]
+      mask = self_attention_mask(positions, segment_ids)  # [(batch,) seq, seq]
       out = self._expanded(q_nope, q_rope, latent, k_rope, mask)
     else:
       slot = (0, positions[0], 0)

@@ -23,6 +23,10 @@ and faster steps for small models on CPU (the tiny model's step: 323 ms unrolled
 379-398 ms as a loop, `experiments/benchmarks/train_step.py`). The layout is cut into at
 most three stacks: the first dense layers, the periods, and a remainder (`layer_stacks`).
 
+Packed rows (several documents per row) pass `segment_ids` and `positions` `[batch, seq]`:
+attention stays within each document and RoPE restarts at each (document masking, Zhao
+et al. 2024, arXiv:2402.13991), and padding (segment 0) takes no part in the MoE layers.
+
 Decoding uses an explicit KV cache pytree (see `TransformerLM.init_cache`):
 
     cache = model.init_cache(batch, max_len)
@@ -46,7 +50,9 @@ from moejax.dropout import ResidualDropout, draws_randomness
 from moejax.mla import MultiHeadLatentAttention
 from moejax.ffn import FeedForward, on_rows
 from moejax.moe import MoeConfig, MoeLayer
+from moejax.moe.aggregate import aggregate_aux
 from moejax.norms import RMSNorm
+from moejax.packing import check_documents
 from moejax.sharding import logical
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -250,13 +256,14 @@ class DecoderBlock(nnx.Module):
     )
 
   def __call__(
-    self, x: jax.Array, positions: jax.Array, cache: LayerCache | None = None
+    self, x: jax.Array, positions: jax.Array, cache: LayerCache | None = None, segment_ids=None
   ) -> tuple[jax.Array, dict[str, jax.Array] | None, LayerCache | None]:
     """`[batch, seq, d_model]` -> (`[batch, seq, d_model]`, the MoE aux dict or None, cache).
 
-    See `moejax.attention.CausalSelfAttention` for `positions` and `cache`.
+    See `moejax.attention.CausalSelfAttention` for `positions` (`[seq]` or `[batch, seq]`),
+    `cache` and `segment_ids` (`[batch, seq]`; its padding, 0, is masked out of the MoE).
     """
-    attn_out, cache = self.attention(self.attn_norm(x), positions, cache)
+    attn_out, cache = self.attention(self.attn_norm(x), positions, cache, segment_ids)
     x = x + self.dropout(attn_out)
     h = self.ffn_norm(x)
     if self.dense_ffn is not None:
@@ -276,11 +283,11 @@ class Period(nnx.Module):
       [DecoderBlock(config, kind, dtype=dtype, mesh=mesh, rngs=rngs) for kind in kinds]
     )
 
-  def __call__(self, x, positions, caches):
+  def __call__(self, x, positions, caches, segment_ids=None):
     """-> (x, the MoE blocks' aux dicts in order, the blocks' caches or None)."""
     auxes, new_caches = [], []
     for i, block in enumerate(self.blocks):
-      x, aux, cache = block(x, positions, None if caches is None else caches[i])
+      x, aux, cache = block(x, positions, None if caches is None else caches[i], segment_ids)
       new_caches.append(cache)
       if aux is not None:
         auxes.append(aux)
@@ -313,7 +320,7 @@ class LayerStack(nnx.Module):
       for block in self.period.blocks
     )
 
-  def __call__(self, x, positions, cache):
+  def __call__(self, x, positions, cache, segment_ids=None):
     """-> (x, the MoE blocks' aux dicts stacked `[repeats, ...]`, the cache or None).
 
     A `jax.lax.scan` over the stacked state (split once; each step merges its slice), so
@@ -327,7 +334,7 @@ class LayerStack(nnx.Module):
     def step(x, sliced):
       params, rest, cache = sliced
       period = nnx.merge(graphdef, params, rest)
-      x, auxes, cache = period(x, positions, cache)
+      x, auxes, cache = period(x, positions, cache, segment_ids)
       return x, (auxes, cache, nnx.state(period, nnx.Not(nnx.Param)) if random else None)
 
     if self.remat != "none":
@@ -425,11 +432,21 @@ class TransformerLM(nnx.Module):
     to `__call__` and thread the result."""
     return tuple(stack.init_cache(batch, max_len, self.dtype) for stack in self.stacks)
 
-  def __call__(self, tokens: jax.Array, *, cache=None, start: int | jax.Array = 0):
+  def __call__(
+    self, tokens, *, segment_ids=None, positions=None, cache=None, start: int | jax.Array = 0
+  ):
     """Next-token logits for every position.
 
     Args:
       tokens: `[batch, seq]` int32.
+      segment_ids: None (one document per row), or `[batch, seq]` int32, the document of
+        each token within its row (>= 1; 0 = padding); needs `positions`. A token attends
+        only to earlier tokens of its segment (padding, one segment of its own, too; see
+        `moejax.packing.self_attention_mask`), and padding takes no part in the MoE
+        layers (no capacity, no balance statistics, zero MoE output).
+      positions: None (`start + arange(seq)`), or `[batch, seq]` int32, each token's
+        position within its document (0 at each document's first token); needs
+        `segment_ids`. Neither is derived from the other.
       cache: None for a plain forward pass; or the KV cache from `init_cache` (or a
         previous call), to prefill a prompt or decode one or more tokens.
       start: int or int32 scalar (may be traced), the absolute position of `tokens[:, 0]`
@@ -446,15 +463,19 @@ class TransformerLM(nnx.Module):
       `[0, 0]` for a dense model); `routing`: one dict per MoE layer (see `MoeLayer`).
     """
     seq = tokens.shape[1]
+    check_documents(tokens, segment_ids, positions, cache, start)
     if cache is not None and isinstance(start, int):
       max_len = jax.tree.leaves(cache)[0].shape[2]  # [repeats, batch, max_len, ...]
       if start + seq > max_len:
         raise ValueError(f"start={start} + seq={seq} exceeds the cache's max_len={max_len}")
-    positions = start + jnp.arange(seq, dtype=jnp.int32)
+    if positions is None:
+      positions = start + jnp.arange(seq, dtype=jnp.int32)
     x = self.embed(tokens).astype(self.dtype)
     auxes, new_cache = [], []
     for i, stack in enumerate(self.stacks):
-      x, stack_auxes, stack_cache = stack(x, positions, None if cache is None else cache[i])
+      x, stack_auxes, stack_cache = stack(
+        x, positions, None if cache is None else cache[i], segment_ids
+      )
       new_cache.append(stack_cache)
       # Layer order within a stack: repeat-major, then the MoE blocks of the period.
       auxes += [
@@ -468,30 +489,7 @@ class TransformerLM(nnx.Module):
       )
     else:
       logits = on_rows(self.lm_head, h).astype(jnp.float32)
-    aux = self._aggregate_aux(auxes)
+    aux = aggregate_aux(auxes, self.num_experts)
     if cache is None:
       return logits, aux
     return logits, aux, tuple(new_cache)
-
-  def _aggregate_aux(self, auxes: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
-    """Means of the scalar MoE metrics over MoE layers; per-layer expert loads stacked;
-    each MoE layer's routing (`MoeLayer`'s `aux['routing']`) in a tuple."""
-    if not auxes:
-      zero = jnp.zeros((), jnp.float32)
-      return {
-        "lb_loss": zero,
-        "seq_aux_loss": zero,
-        "z_loss": zero,
-        "dropped_fraction": zero,
-        "expert_load": jnp.zeros((0, self.num_experts), jnp.float32),
-        "routing": (),
-      }
-    mean = lambda name: jnp.mean(jnp.stack([a[name].astype(jnp.float32) for a in auxes]))
-    return {
-      "lb_loss": mean("lb_loss"),
-      "seq_aux_loss": mean("seq_aux_loss"),
-      "z_loss": mean("z_loss"),
-      "dropped_fraction": mean("dropped_fraction"),
-      "expert_load": jnp.stack([a["expert_load"] for a in auxes]),
-      "routing": tuple(a["routing"] for a in auxes),
-    }
