@@ -270,7 +270,7 @@ class DecoderBlock(nnx.Module):
       x = x + self.dropout(self.dense_ffn(h)).astype(x.dtype)
     aux = None
     if self.moe is not None:
-      moe_out, aux = self.moe(h)
+      moe_out, aux = self.moe(h, token_mask=None if segment_ids is None else segment_ids > 0)
       x = x + moe_out.astype(x.dtype)
     return x, aux, cache
 

@@ -5,7 +5,9 @@ The key test packs a document B between two others (A | B | C, segment ids 1, 2,
 positions restarting) and checks that B's logits equal those of B alone in a row, for GQA
 and MLA, every dispatch form, and under expert parallelism on an 8-device mesh. The
 attention layers are checked against NumPy references of the masked attention; calling
-without segments is the model as it was (one document per row).
+without segments is the model as it was (one document per row). Padding (segment 0) in
+the MoE layers: it takes no capacity, counts in no balance statistic, gets a zero output,
+and leaves the real tokens' logits and the model's MoE metrics as they are without it.
 """
 
 import numpy as np
@@ -21,6 +23,7 @@ from moejax import sharding
 from moejax.attention import CausalSelfAttention, apply_rope
 from moejax.mla import MultiHeadLatentAttention
 from moejax.model import TransformerLM
+from moejax.moe import MoeConfig, MoeLayer, balancing
 from moejax.moe.dispatch import FORMS
 from moejax.packing import self_attention_mask
 from small_models import VOCAB, dense_model_config
@@ -105,10 +108,15 @@ def test_packed_document_gives_the_logits_of_the_document_alone(attention, dispa
   check_packed_document_matches_alone(model)
 
 
+def expert_parallel_mesh():
+  """8 simulated devices: 2-way data parallel, 4-way expert parallel (4 experts, one each)."""
+  assert len(jax.devices()) == 8
+  return sharding.make_mesh(ConfigDict(dict(data=2, fsdp=1, expert=4)), keep_order=True)
+
+
 @pytest.mark.parametrize("dispatch", sorted(FORMS))
 def test_packed_document_matches_alone_under_expert_parallelism(dispatch):
-  assert len(jax.devices()) == 8
-  mesh = sharding.make_mesh(ConfigDict(dict(data=2, fsdp=1, expert=4)), keep_order=True)
+  mesh = expert_parallel_mesh()
   model = TransformerLM(moe_config("gqa", dispatch), mesh=mesh, rngs=nnx.Rngs(0))
   check_packed_document_matches_alone(model)
 
@@ -269,3 +277,129 @@ def test_packing_argument_errors():
   layer = model.layer(0).attention
   with pytest.raises(ValueError, match="KV cache takes positions"):
     layer(jnp.zeros((2, 4, 32)), ones, layer.init_cache(2, 8, jnp.float32))
+
+
+# ----------------------------------------------------------------------------- padding in MoE
+
+REAL, PAD = 10, 5  # 8 rows of 10 real tokens and 5 padding: even rows end with it, odd start
+
+
+def padded_batch(seed=3):
+  """`(tokens, segment_ids, positions)` `[ROWS, REAL + PAD]`, `plain` `[ROWS, REAL]` (the
+  real tokens alone) and `is_real` `[ROWS, REAL + PAD]` bool."""
+  keys = jax.random.split(jax.random.key(seed))
+  plain = np.asarray(jax.random.randint(keys[0], (ROWS, REAL), 0, VOCAB, jnp.int32))
+  tokens = np.array(jax.random.randint(keys[1], (ROWS, REAL + PAD), 0, VOCAB, jnp.int32))
+  is_real = np.zeros(tokens.shape, bool)
+  positions = np.zeros(tokens.shape, np.int32)
+  for r in range(ROWS):
+    where = slice(0, REAL) if r % 2 == 0 else slice(PAD, PAD + REAL)
+    tokens[r, where], is_real[r, where], positions[r, where] = plain[r], True, np.arange(REAL)
+  as_int = lambda a: jnp.asarray(a, jnp.int32)
+  return as_int(tokens), as_int(is_real), as_int(positions), as_int(plain), is_real
+
+
+@nnx.jit
+def padded_and_plain(model, tokens, segment_ids, positions, plain):
+  return model(tokens, segment_ids=segment_ids, positions=positions), model(plain)
+
+
+@pytest.mark.parametrize(
+  "dispatch,on_mesh",
+  [(d, False) for d in sorted(FORMS)] + [("dropless", True), ("sort", True)],
+  ids=lambda v: {True: "mesh", False: "one-device"}.get(v, v),
+)
+def test_padding_changes_nothing_for_the_real_tokens(dispatch, on_mesh):
+  """A row with padding (segment 0) gives its real tokens the logits, and the model the
+  balance losses and expert loads, of the rows without it; padding takes no expert."""
+  mesh = expert_parallel_mesh() if on_mesh else None
+  model = TransformerLM(moe_config("gqa", dispatch), mesh=mesh, rngs=nnx.Rngs(0))
+  model.eval()
+  tokens, segment_ids, positions, plain, is_real = padded_batch()
+  (logits, aux), (plain_logits, plain_aux) = padded_and_plain(
+    model, tokens, segment_ids, positions, plain
+  )
+  np.testing.assert_allclose(
+    np.asarray(logits)[is_real], np.asarray(plain_logits).reshape(-1, VOCAB), **TOL
+  )
+  assert np.all(np.isfinite(logits))  # padding's logits too
+  assert float(aux["dropped_fraction"]) == float(plain_aux["dropped_fraction"]) == 0.0
+  for name in ("lb_loss", "z_loss", "seq_aux_loss"):
+    np.testing.assert_allclose(aux[name], plain_aux[name], rtol=1e-5, err_msg=name)
+  np.testing.assert_allclose(aux["expert_load"], plain_aux["expert_load"], atol=1e-6)
+  for routing in aux["routing"]:
+    kept = np.asarray(routing["kept"]).reshape(ROWS, REAL + PAD, -1)
+    assert not kept[~is_real].any() and kept[is_real].all()
+
+
+@pytest.mark.parametrize(
+  "router,dispatch",
+  [
+    ("top_k", "einsum"),
+    ("top_k", "sort"),
+    ("top_k", "dropless"),
+    ("expert_choice", "sort"),
+    ("expert_choice", "einsum"),
+  ],
+)
+def test_padding_gets_no_capacity_and_a_zero_output(router, dispatch):
+  """The layer with a shared expert and capacity factor 0.5 (real tokens dropped): padding's
+  output is exactly zero, and what padding holds changes nothing else, although it comes
+  first in its row and would take capacity (top-k: token order) or be chosen (expert
+  choice: the largest router probabilities) were it not masked."""
+  config = MoeConfig(
+    num_experts=4, d_ff=12, top_k=2, router=router, dispatch=dispatch, num_shared_experts=1,
+    eval_capacity_factor=0.5, min_capacity=1,
+  )  # fmt: skip
+  layer = MoeLayer(config, d_model=8, rngs=nnx.Rngs(0))
+  layer.router_kernel[...] = jax.random.normal(jax.random.key(7), layer.router_kernel.shape)
+  layer.eval()
+  x = jax.random.normal(jax.random.key(0), (2, 10, 8))
+  mask = np.ones((2, 10), bool)
+  mask[0, 6:] = mask[1, :4] = False
+  other = jnp.where(mask[..., None], x, 50.0 * x + 3.0)  # other padding, and loud
+  run = nnx.jit(lambda layer, x, m: layer(x, token_mask=m))
+  (y, aux), (y_other, aux_other) = run(layer, x, mask), run(layer, other, mask)
+  assert np.all(np.asarray(y)[~mask] == 0.0) and np.all(np.asarray(y_other)[~mask] == 0.0)
+  np.testing.assert_allclose(y_other, y, rtol=1e-6, atol=1e-6)
+  for name in ("lb_loss", "z_loss", "seq_aux_loss", "dropped_fraction", "expert_load"):
+    np.testing.assert_allclose(aux_other[name], aux[name], rtol=1e-6, err_msg=name)
+  if router == "expert_choice":
+    picked = np.asarray(aux["routing"]["token_indices"])  # [groups = rows, E, C]
+    taken = np.zeros((2, 11), bool)
+    for g in range(2):
+      taken[g, picked[g].reshape(-1)] = True
+    assert not taken[:, :10][~mask].any()
+    np.testing.assert_allclose(aux["dropped_fraction"], 1.0 - taken[:, :10][mask].mean(), rtol=1e-6)
+  else:
+    kept = np.asarray(aux["routing"]["kept"]).reshape(2, 10, -1)
+    assert not kept[~mask].any()
+    assert kept[mask].all() if dispatch == "dropless" else 0 < kept[mask].mean() < 1
+    np.testing.assert_allclose(aux["dropped_fraction"], 1.0 - kept[mask].mean(), rtol=1e-6)
+
+
+def test_balance_statistics_count_real_tokens_only():
+  """The masked LB loss ('call' and 'group' pooling), z-loss and sequence loss are the
+  unmasked ones of the real tokens alone; a group or sequence of padding only is left out."""
+  rng = np.random.default_rng(5)
+  logits = jnp.asarray(rng.normal(size=(3, 6, 4)), jnp.float32)  # 3 groups (sequences) of 6
+  probs = jax.nn.softmax(logits)
+  indices = jax.lax.top_k(logits, 2)[1]
+  mask = np.array([[1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0], [0, 1, 1, 1, 1, 1]], bool)
+  rows = [g for g in range(3) if mask[g].any()]
+  lb = balancing.pooled_load_balancing_loss(probs, indices, 4, "call", jnp.asarray(mask))
+  np.testing.assert_allclose(
+    lb, balancing.load_balancing_loss(probs[mask], indices[mask], 4), rtol=1e-6
+  )
+  per_group = [
+    balancing.load_balancing_loss(probs[g][mask[g]], indices[g][mask[g]], 4) for g in rows
+  ]
+  lb_group = balancing.pooled_load_balancing_loss(probs, indices, 4, "group", jnp.asarray(mask))
+  np.testing.assert_allclose(lb_group, np.mean(per_group), rtol=1e-6)
+  z = balancing.router_z_loss(logits, jnp.asarray(mask))
+  np.testing.assert_allclose(z, balancing.router_z_loss(logits[mask]), rtol=1e-6)
+  per_row = [
+    balancing.sequence_aux_loss(probs[g][None, mask[g]], indices[g][None, mask[g]], 4) for g in rows
+  ]
+  seq = balancing.sequence_aux_loss(probs, indices, 4, jnp.asarray(mask))
+  np.testing.assert_allclose(seq, np.mean(per_row), rtol=1e-6)

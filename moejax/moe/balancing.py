@@ -1,7 +1,9 @@
 """Load balance: the auxiliary losses on the router and aux-loss-free balancing's bias.
 
 Each function acts on router outputs (`moejax.moe.routing`) and returns a float32 scalar
-loss, or the new bias; all math is float32, whatever the layer's compute dtype.
+loss, or the new bias; all math is float32, whatever the layer's compute dtype. The losses
+take an optional `token_mask` (bool, True = a real token): padding of packed rows
+(`moejax.packing`) then counts nowhere, every mean being over the real tokens only.
 
 | piece | function | config key |
 |---|---|---|
@@ -19,8 +21,20 @@ import jax.numpy as jnp
 LB_POOLINGS = ("group", "call")
 
 
+def _masked_mean(values: jax.Array, token_mask: jax.Array, axis=None) -> jax.Array:
+  """The mean of float32 `values` over the True entries of `token_mask` (same shape, or a
+  prefix of it); 0.0 where there are none. Masked entries do not reach the result."""
+  mask = token_mask.reshape(token_mask.shape + (1,) * (values.ndim - token_mask.ndim))
+  total = jnp.sum(jnp.where(mask, values, 0.0), axis=axis)
+  count = jnp.sum(jnp.broadcast_to(mask, values.shape), axis=axis, dtype=jnp.float32)
+  return total / jnp.maximum(count, 1.0)
+
+
 def load_balancing_loss(
-  router_probs: jax.Array, expert_indices: jax.Array, num_experts: int
+  router_probs: jax.Array,
+  expert_indices: jax.Array,
+  num_experts: int,
+  token_mask: jax.Array | None = None,
 ) -> jax.Array:
   """Auxiliary load-balancing loss E · Σᵢ fᵢ · Pᵢ (Switch Transformer, Fedus et al. 2021, eq. 4).
 
@@ -32,11 +46,18 @@ def load_balancing_loss(
     router_probs: `[..., experts]` softmax router probabilities; leading dims are tokens.
     expert_indices: `[..., k]` chosen experts for the same tokens.
     num_experts: E.
+    token_mask: None (every token), or `[...]` bool: f and P over the True tokens only
+      (0.0 when there are none).
 
   Returns:
     A float32 scalar.
   """
   probs = router_probs.reshape(-1, router_probs.shape[-1]).astype(jnp.float32)
+  if token_mask is not None:
+    real = token_mask.reshape(-1)  # [T]
+    chosen = jax.nn.one_hot(expert_indices.reshape(real.shape[0], -1), num_experts)  # [T, k, E]
+    assignment_share = _masked_mean(jnp.sum(chosen, axis=1), real, axis=0) / chosen.shape[1]
+    return num_experts * jnp.sum(assignment_share * _masked_mean(probs, real, axis=0))
   indices = expert_indices.reshape(-1)
   assignment_share = jnp.zeros((num_experts,), jnp.float32).at[indices].add(1.0)
   assignment_share = assignment_share / indices.shape[0]
@@ -44,17 +65,19 @@ def load_balancing_loss(
   return num_experts * jnp.sum(assignment_share * mean_prob)
 
 
-def router_z_loss(router_logits: jax.Array) -> jax.Array:
+def router_z_loss(router_logits: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
   """Router z-loss: mean over tokens of logsumexp(logits)² (ST-MoE, Zoph et al. 2022, eq. 5).
 
   Args:
     router_logits: `[..., experts]`; leading dims are tokens.
+    token_mask: None (every token), or `[...]` bool: the mean over the True tokens only.
 
   Returns:
     A float32 scalar.
   """
   logits = router_logits.astype(jnp.float32)
-  return jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
+  z = jnp.square(jax.nn.logsumexp(logits, axis=-1))
+  return jnp.mean(z) if token_mask is None else _masked_mean(z, token_mask)
 
 
 def expert_counts(
@@ -103,7 +126,12 @@ def update_selection_bias(bias: jax.Array, counts: jax.Array, rate: float) -> ja
   return jax.lax.stop_gradient(bias.astype(jnp.float32) + rate * jnp.sign(error))
 
 
-def sequence_aux_loss(scores: jax.Array, expert_indices: jax.Array, num_experts: int) -> jax.Array:
+def sequence_aux_loss(
+  scores: jax.Array,
+  expert_indices: jax.Array,
+  num_experts: int,
+  token_mask: jax.Array | None = None,
+) -> jax.Array:
   """DeepSeek-V3's complementary sequence-wise balance loss Σ_i f_i · P_i, mean over sequences.
 
   DeepSeek-V3 (arXiv:2412.19437, §2.1.2, eqs. 17-20), for one sequence of T tokens with
@@ -124,6 +152,8 @@ def sequence_aux_loss(scores: jax.Array, expert_indices: jax.Array, num_experts:
       too and then s' = s), positive.
     expert_indices: `[batch, seq, k]` the chosen experts (chosen with the selection bias).
     num_experts: N_r.
+    token_mask: None (every token), or `[batch, seq]` bool: T, f and P of a sequence count
+      its True tokens only, and the mean is over the sequences that have any.
 
   Returns:
     A float32 scalar.
@@ -136,14 +166,22 @@ def sequence_aux_loss(scores: jax.Array, expert_indices: jax.Array, num_experts:
   scores = scores.astype(jnp.float32)
   _, seq, k = expert_indices.shape
   normalised = scores / jnp.sum(scores, axis=-1, keepdims=True)
-  mean_score = jnp.mean(normalised, axis=1)  # P: [batch, experts]
   chosen = jax.nn.one_hot(expert_indices, num_experts, dtype=jnp.float32)  # [b, s, k, E]
+  if token_mask is not None:
+    mean_score = _masked_mean(normalised, token_mask, axis=1)  # P: [batch, experts]
+    fraction = num_experts / k * _masked_mean(jnp.sum(chosen, axis=2), token_mask, axis=1)
+    has_tokens = jnp.any(token_mask, axis=1)  # [batch]
+    return _masked_mean(jnp.sum(fraction * mean_score, axis=-1), has_tokens)
+  mean_score = jnp.mean(normalised, axis=1)  # P: [batch, experts]
   fraction = num_experts / (k * seq) * jnp.sum(chosen, axis=(1, 2))  # f: [batch, experts]
   return jnp.mean(jnp.sum(fraction * mean_score, axis=-1))
 
 
 def load_balancing_loss_per_group(
-  router_probs: jax.Array, expert_indices: jax.Array, num_experts: int
+  router_probs: jax.Array,
+  expert_indices: jax.Array,
+  num_experts: int,
+  token_mask: jax.Array | None = None,
 ) -> jax.Array:
   """The Switch LB loss of every routing group, averaged over groups ('group' pooling).
 
@@ -158,6 +196,8 @@ def load_balancing_loss_per_group(
     router_probs: `[groups, group_size, experts]`.
     expert_indices: `[groups, group_size, k]`.
     num_experts: E.
+    token_mask: None, or `[groups, group_size]` bool: each group's loss over its True
+      tokens, and the mean over the groups that have any.
 
   Returns:
     A float32 scalar.
@@ -167,6 +207,11 @@ def load_balancing_loss_per_group(
       f"lb_pooling='group' needs [groups, group_size, ...] inputs, got {router_probs.shape} "
       f"and {expert_indices.shape}."
     )
+  if token_mask is not None:
+    per_group = jax.vmap(load_balancing_loss, in_axes=(0, 0, None, 0))(
+      router_probs, expert_indices, num_experts, token_mask
+    )
+    return _masked_mean(per_group, jnp.any(token_mask, axis=1))
   per_group = jax.vmap(load_balancing_loss, in_axes=(0, 0, None))(
     router_probs, expert_indices, num_experts
   )
@@ -174,7 +219,11 @@ def load_balancing_loss_per_group(
 
 
 def pooled_load_balancing_loss(
-  router_probs: jax.Array, expert_indices: jax.Array, num_experts: int, pooling: str
+  router_probs: jax.Array,
+  expert_indices: jax.Array,
+  num_experts: int,
+  pooling: str,
+  token_mask: jax.Array | None = None,
 ) -> jax.Array:
   """The Switch LB loss E · Σ_i f_i · P_i pooled as `model.lb_pooling` says.
 
@@ -191,11 +240,12 @@ def pooled_load_balancing_loss(
     expert_indices: the chosen experts, `[groups, group_size, k]`.
     num_experts: E.
     pooling: 'group' or 'call'.
+    token_mask: None (every token), or `[groups, group_size]` bool, True for real tokens.
   """
   check_choice("lb_pooling", pooling, LB_POOLINGS)
   if pooling == "group":
-    return load_balancing_loss_per_group(router_probs, expert_indices, num_experts)
-  return load_balancing_loss(router_probs, expert_indices, num_experts)
+    return load_balancing_loss_per_group(router_probs, expert_indices, num_experts, token_mask)
+  return load_balancing_loss(router_probs, expert_indices, num_experts, token_mask)
 
 
 def check_choice(name: str, value, allowed) -> None:

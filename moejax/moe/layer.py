@@ -60,15 +60,24 @@ class SelectionBias(nnx.Variable):
 
 
 class MoeLayer(nnx.Module):
-  """Sparse Mixture-of-Experts FFN: `y, aux = layer(x)`, x and y `[batch, seq, d_model]`.
+  """Sparse Mixture-of-Experts FFN: `y, aux = layer(x, token_mask=None)`, x and y
+  `[batch, seq, d_model]`.
 
   `aux` holds the float32 scalars `lb_loss` (pooled as `lb_pooling` says), `seq_aux_loss`
   (DeepSeek-V3's sequence-wise balance loss, before its weight), `z_loss`,
   `dropped_fraction` (share of the T·k token→expert assignments not processed: past
   capacity, or past a dropless receive buffer), `expert_load` `[experts]` (share of
-  assignments per expert before capacity; sums to 1), and `routing`: `probs` `[T, E]` router probabilities, and for token choice
-  `expert_indices` `[T, k]` and `kept` `[T, k]`, for expert choice `token_indices`
-  `[groups, E, C]` (T = batch·seq, tokens in order).
+  assignments per expert before capacity; sums to 1), and `routing`: `probs` `[T, E]`
+  router probabilities, and for token choice `expert_indices` `[T, k]` and `kept`
+  `[T, k]`, for expert choice `token_indices` `[groups, E, C]` (T = batch·seq, tokens in
+  order).
+
+  `token_mask` `[batch, seq]` bool (True = a real token; None: all real) leaves padding
+  out (packed rows, `moejax.packing`): its assignments are invalid (`TokenChoice.valid`),
+  so no dispatch form gives them capacity or counts them dropped; expert choice takes
+  real tokens only; every statistic above is over the real tokens (T·k real assignments
+  for `dropped_fraction`); and a padding token's output is zero (shared experts too). The
+  capacity still comes from the group size, padding included.
 
   `layer.eval()` switches to `eval_capacity_factor` and turns off router noise, jitter,
   the random second expert and expert dropout; `layer.train()` switches back.
@@ -173,13 +182,15 @@ class MoeLayer(nnx.Module):
     factor = c.eval_capacity_factor if self.deterministic else c.capacity_factor
     return expert_capacity(group_tokens, c.num_experts, c.top_k, factor, c.min_capacity)
 
-  def __call__(self, x: jax.Array):
+  def __call__(self, x: jax.Array, token_mask: jax.Array | None = None):
     if x.ndim != 3 or x.shape[-1] != self.d_model:
       raise ValueError(
         f"MoeLayer input must be [batch, seq, d_model={self.d_model}], got shape {x.shape}."
       )
     c, E = self.config, self.config.num_experts
     batch, seq, d = x.shape
+    if token_mask is not None and token_mask.shape != (batch, seq):
+      raise ValueError(f"token_mask must be [batch, seq]={x.shape[:2]}, got {token_mask.shape}.")
     group = seq if c.group_size is None or self.dispatch == "dropless" else c.group_size
     num_tokens = batch * seq
     if num_tokens % group:
@@ -187,6 +198,8 @@ class MoeLayer(nnx.Module):
     num_groups = num_tokens // group
     self._check_mesh(num_tokens, num_groups)
     grouped = x.reshape(num_groups, group, d)
+    # [G, S] True for real tokens, or None: every token real (the unmasked code path).
+    mask = None if token_mask is None else token_mask.astype(bool).reshape(num_groups, group)
 
     training = not self.deterministic
     needs_key = training and (c.router_jitter or c.router == "noisy_top_k")
@@ -201,7 +214,10 @@ class MoeLayer(nnx.Module):
     scores = routing.router_scores(logits, c.score_fn)
     # Sigmoid scores do not sum to 1: the balance statistics use them normalised per token.
     probs = scores if c.score_fn == "softmax" else scores / jnp.sum(scores, -1, keepdims=True)
-    aux = {"z_loss": balancing.router_z_loss(logits), "seq_aux_loss": jnp.zeros((), jnp.float32)}
+    aux = {
+      "z_loss": balancing.router_z_loss(logits, mask),
+      "seq_aux_loss": jnp.zeros((), jnp.float32),
+    }
     capacity = self.capacity(group)
     if self.dispatch == "einsum" and group * E * capacity > EINSUM_MASK_LIMIT:
       raise ValueError(
@@ -211,9 +227,8 @@ class MoeLayer(nnx.Module):
       )
 
     if c.router == "expert_choice":
-      choice = per_device(
-        self.mesh, jax.vmap(functools.partial(routing.expert_choice, capacity=capacity)), probs
-      )
+      choose = jax.vmap(lambda p, *m: routing.expert_choice(p, capacity, *m))
+      choice = per_device(self.mesh, choose, probs, *(() if mask is None else (mask,)))
       aux["lb_loss"] = jnp.zeros((), jnp.float32)  # balanced by construction
       aux["expert_load"] = jnp.full((E,), 1.0 / E, jnp.float32)
     else:
@@ -228,14 +243,22 @@ class MoeLayer(nnx.Module):
         biased = jax.vmap(lambda s, b: choose(s, selection_bias=b), in_axes=(0, None))
         choice = per_device(self.mesh, biased, scores, replicated=(self.selection_bias[...],))
       indices = choice.expert_indices.reshape(-1)
-      aux["expert_load"] = jnp.zeros((E,), jnp.float32).at[indices].add(1.0 / indices.size)
+      if mask is None:
+        aux["expert_load"] = jnp.zeros((E,), jnp.float32).at[indices].add(1.0 / indices.size)
+      else:  # padding's assignments are invalid: no capacity, not dropped, not counted
+        choice = choice.replace(valid=choice.valid & mask[..., None])
+        counts = balancing.expert_counts(indices, E, choice.valid)
+        aux["expert_load"] = counts / jnp.maximum(jnp.sum(counts), 1.0)
       aux["lb_loss"] = jnp.zeros((), jnp.float32)
       if c.router != "dense":  # every token uses every expert: nothing to balance
         aux["lb_loss"] = balancing.pooled_load_balancing_loss(
-          probs, choice.expert_indices, E, c.lb_pooling
+          probs, choice.expert_indices, E, c.lb_pooling, mask
         )
         aux["seq_aux_loss"] = balancing.sequence_aux_loss(
-          scores.reshape(batch, seq, E), choice.expert_indices.reshape(batch, seq, -1), E
+          scores.reshape(batch, seq, E),
+          choice.expert_indices.reshape(batch, seq, -1),
+          E,
+          token_mask,
         )
       if c.second_expert_policy == "random" and training:
         flat = jax.tree.map(lambda a: a.reshape(num_tokens, -1), choice)
@@ -256,10 +279,16 @@ class MoeLayer(nnx.Module):
         gate = jax.nn.sigmoid(tokens.astype(jnp.float32) @ self.shared_gate[...])
         shared = shared * gate.astype(shared.dtype)
       out = out + shared
+    real = None if mask is None else mask.reshape(num_tokens, 1)
+    if real is not None:
+      out = jnp.where(real, out, jnp.zeros((), out.dtype))
 
     kept = plan.kept.reshape(num_tokens, -1)
-    if c.router == "expert_choice":  # the share of tokens that no expert took
-      aux["dropped_fraction"] = 1.0 - jnp.mean(kept.astype(jnp.float32))
+    if c.router == "expert_choice":  # the share of (real) tokens that no expert took
+      taken = kept.astype(jnp.float32)
+      aux["dropped_fraction"] = 1.0 - (
+        jnp.mean(taken) if real is None else jnp.sum(taken * real) / jnp.maximum(jnp.sum(real), 1)
+      )
       aux["routing"] = {
         "probs": probs.reshape(num_tokens, E),
         "token_indices": choice.token_indices,
@@ -267,7 +296,8 @@ class MoeLayer(nnx.Module):
     else:
       valid = choice.valid.reshape(num_tokens, -1)
       dropped = jnp.sum(valid & ~kept) + overflow
-      aux["dropped_fraction"] = dropped.astype(jnp.float32) / valid.size
+      assignments = valid.size if real is None else jnp.maximum(jnp.sum(real) * valid.shape[1], 1)
+      aux["dropped_fraction"] = dropped.astype(jnp.float32) / assignments
       aux["routing"] = {
         "probs": probs.reshape(num_tokens, E),
         "expert_indices": choice.expert_indices.reshape(num_tokens, -1),

@@ -41,7 +41,8 @@ class TokenChoice:
     expert_indices: `[tokens, k]` int32, the chosen experts, best first.
     gates: `[tokens, k]` float32, the weight of each chosen expert in the combine.
     valid: `[tokens, k]` bool; False for an assignment the router decided not to send
-      (GShard's random second expert). Invalid assignments take no capacity.
+      (GShard's random second expert) and for every assignment of a padding token
+      (`MoeLayer`'s `token_mask`). Invalid assignments take no capacity.
   """
 
   expert_indices: jax.Array
@@ -54,7 +55,8 @@ class ExpertChoice:
   """Expert-choice routing of one group of tokens.
 
   Attributes:
-    token_indices: `[experts, capacity]` int32, the tokens each expert takes, best first.
+    token_indices: `[experts, capacity]` int32, the tokens each expert takes, best first;
+      `tokens` marks an empty slot (only with padding, `expert_choice(token_mask=)`).
     gates: `[experts, capacity]` float32, the router probability of each (token, expert).
   """
 
@@ -96,7 +98,9 @@ def random_second_expert(choice: TokenChoice, key: jax.Array) -> TokenChoice:
   return choice.replace(valid=valid)
 
 
-def expert_choice(router_probs: jax.Array, capacity: int) -> ExpertChoice:
+def expert_choice(
+  router_probs: jax.Array, capacity: int, token_mask: jax.Array | None = None
+) -> ExpertChoice:
   """Each expert takes the `capacity` tokens of the group with the highest probability for it.
 
   Expert choice is not causal: whether a token is taken depends on the other tokens of
@@ -106,12 +110,24 @@ def expert_choice(router_probs: jax.Array, capacity: int) -> ExpertChoice:
   Args:
     router_probs: `[tokens, experts]` float32 softmax over experts (Zhou et al. 2022).
     capacity: tokens per expert, at most the number of tokens.
+    token_mask: None (every token real), or `[tokens]` bool, False for padding: an expert
+      takes real tokens only; a slot left over for want of real tokens holds the index
+      `tokens` (no token: the dispatch forms leave it empty) with gate 0.
 
   Returns:
     `ExpertChoice` with `[experts, capacity]` fields.
   """
-  gates, token_indices = jax.lax.top_k(router_probs.T, capacity)
-  return ExpertChoice(token_indices=token_indices.astype(jnp.int32), gates=gates)
+  if token_mask is None:
+    gates, token_indices = jax.lax.top_k(router_probs.T, capacity)
+    return ExpertChoice(token_indices=token_indices.astype(jnp.int32), gates=gates)
+  ranked = jnp.where(token_mask[None, :], router_probs.T, -1.0)  # padding after every real
+  gates, token_indices = jax.lax.top_k(ranked, capacity)
+  real = token_mask[token_indices]
+  num_tokens = router_probs.shape[0]
+  return ExpertChoice(
+    token_indices=jnp.where(real, token_indices, num_tokens).astype(jnp.int32),
+    gates=jnp.where(real, gates, 0.0),
+  )
 
 
 def noisy_logits(clean_logits: jax.Array, noise_logits: jax.Array, key: jax.Array) -> jax.Array:
