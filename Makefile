@@ -14,7 +14,7 @@ CPU_MALLOC := GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 # CPU unless JAX_PLATFORMS says otherwise (JAX_PLATFORMS=tpu on a TPU VM).
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: install demo plot clean-demo test lint bench bench-gpu clean
+.PHONY: install demo stores demo-bpe plot clean-demo test lint bench bench-gpu clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,21 @@ DEMO := workdirs/demo
 demo: $(STAMP)
 	$(CPU_MALLOC) $(PY) -m moejax.main --config=configs/tiny.py --workdir=$(DEMO)
 	$(CPU_MALLOC) $(PY) -m moejax.generate --workdir=$(DEMO) --prompt="ROMEO." --max_new_tokens=300
+
+# The second demo: the same model on subword text (configs/tiny.py:bpe), both embedded
+# corpora tokenized once by the built-in BPE into token stores (docs/data.md).
+STORES := workdirs/stores
+BPE := hf:moejax/data/assets/bpe_2048
+CORPORA = --source=tfds:shakespeare_plays:$(1) --source=tfds:kjv_bible:$(1)
+stores: $(STAMP)
+	$(PY) -m moejax.data.prepare $(call CORPORA,train) --tokenizer=$(BPE) --out=$(STORES)/bpe2048_train
+	$(PY) -m moejax.data.prepare $(call CORPORA,validation) --tokenizer=$(BPE) --out=$(STORES)/bpe2048_validation
+	$(PY) -m moejax.data.prepare $(call CORPORA,train) --tokenizer=bytes --out=$(STORES)/bytes_train
+	$(PY) -m moejax.data.prepare $(call CORPORA,validation) --tokenizer=bytes --out=$(STORES)/bytes_validation
+
+demo-bpe: stores
+	$(CPU_MALLOC) $(PY) -m moejax.main --config=configs/tiny.py:bpe --workdir=workdirs/demo-bpe
+	$(CPU_MALLOC) $(PY) -m moejax.generate --workdir=workdirs/demo-bpe --prompt="ROMEO." --max_new_tokens=100
 
 # Loss curves, dropped fraction and per-layer expert load of the demo run, as PNGs.
 plot: $(STAMP)

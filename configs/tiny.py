@@ -1,10 +1,14 @@
 """The CPU default: a 4-layer byte-level MoE LM on the Shakespeare plays (`make demo`).
 
 8 experts, top-2, every layer MoE, SwiGLU experts of hidden 256. ARG: '' (the demo run,
-a few minutes on 2 CPU cores) or 'smoke' (a handful of steps, for tests).
+a few minutes on 2 CPU cores), 'smoke' (a handful of steps, for tests), or 'bpe': the same
+model on subword text, the Shakespeare plays and the King James Bible tokenized by the
+built-in byte-level BPE of 2,048 tokens (`make demo-bpe`, which prepares the token stores
+first: `moejax.data.builtin`), with document masking.
 """
 
 from moejax.config import apply_variant, base_config
+from moejax.data import builtin
 
 
 def get_config(arg: str = ""):
@@ -24,6 +28,12 @@ def get_config(arg: str = ""):
 
   if arg == "smoke":
     return apply_variant(config, arg, "tiny")
+  if arg == "bpe":
+    m.vocab_size = 2048
+    config.data.tokenizer = builtin.BPE_2048
+    config.data.tokens_dir = builtin.store_dir("bpe2048", "train")
+    config.data.eval_tokens_dir = builtin.store_dir("bpe2048", "validation")
+    return config
   if arg:
-    raise ValueError(f"configs/tiny.py: unknown ARG {arg!r}; allowed: '' or 'smoke'.")
+    raise ValueError(f"configs/tiny.py: unknown ARG {arg!r}; allowed: '', 'smoke' or 'bpe'.")
   return config

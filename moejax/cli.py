@@ -76,26 +76,38 @@ def did_you_mean(word: str, choices: Sequence[str], template: str = "; did you m
 _HELP = ("-h", "--help", "-help", "--helpshort", "--helpfull", "-?")
 
 
-def run(main: Callable[[list[str]], None], *, config_flag: str | None = None) -> None:
+def run(
+  main: Callable[[list[str]], None],
+  *,
+  config_flag: str | None = None,
+  subcommands: Sequence[str] = (),
+) -> None:
   """Runs an absl command: signals handled from here on, flags parsed with one-line errors
   (exit 2), `main(argv)` with every exception reduced to one line (exit 2 or 1).
 
   `config_flag` names the command's `config_flags.DEFINE_config_file` flag: its file is
   found as `moejax.config.load_config` finds it, its override keys are checked (a "did
   you mean" at every level), and `--help` lists the config keys with their comments.
+  With `subcommands`, the first argument must be one of them (`main` reads it in `argv[1]`).
   """
   handle_signals()
   app.run(
-    functools.partial(_run_main, main),
+    functools.partial(_run_main, main, subcommands=tuple(subcommands)),
     flags_parser=functools.partial(parse_flags, config_flag=config_flag),
   )
 
 
-def _run_main(main: Callable[[list[str]], None], argv: list[str]) -> None:
+def _run_main(
+  main: Callable[[list[str]], None], argv: list[str], subcommands: tuple[str, ...] = ()
+) -> None:
   absl_logging.set_verbosity(absl_logging.WARNING)  # keep Orbax/XLA info lines out of the way
   try:
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected argument {argv[1]!r}; every option is a --flag=VALUE.")
+    if subcommands and (len(argv) < 2 or argv[1] not in subcommands):
+      given = f"{argv[1]!r} is not a command" if len(argv) > 1 else "no command given"
+      raise app.UsageError(f"{given}; the commands: {', '.join(subcommands)}.")
+    if len(argv) > 1 + bool(subcommands):
+      extra = argv[1 + bool(subcommands)]
+      raise app.UsageError(f"unexpected argument {extra!r}; every option is a --flag=VALUE.")
     main(argv)
   except Exception as error:  # every failure: one line and its exit code
     sys.exit(report_error(error, verbose=VERBOSE.value))

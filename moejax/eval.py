@@ -27,7 +27,7 @@ from flax import nnx
 from moejax import cli
 from moejax import data as data_lib
 from moejax.loading import load_model
-from moejax.steps import eval_sums
+from moejax.steps import document_layout, eval_sums
 
 
 def define_flags() -> None:
@@ -42,7 +42,15 @@ def define_flags() -> None:
 
 
 def eval_batches(config, *, split: str, max_batches: int) -> list[dict[str, np.ndarray]]:
-  """The batches training evaluates on (`[batch_size, seq_len]` inputs and targets)."""
+  """The batches training evaluates on (`[batch_size, seq_len]` inputs and targets); for a
+  run on token stores, its held-out tokens (`split` does not apply)."""
+  if data_lib.uses_token_stores(config.data):
+    return data_lib.token_eval_batches(
+      config.data,
+      global_batch_size=config.train.batch_size,
+      seq_len=config.train.seq_len,
+      max_batches=max_batches,
+    )
   texts = data_lib.load_split(
     config.data.name, split, config.data.data_dir, text_key=config.data.text_key
   )
@@ -55,7 +63,7 @@ def eval_batches(config, *, split: str, max_batches: int) -> list[dict[str, np.n
 def evaluate_model(model, batches: Sequence[dict[str, np.ndarray]]) -> dict[str, Any]:
   """`model` in eval mode over `batches`.
 
-  Returns `loss` (nats per token), `bits_per_byte` (byte targets only), `dropped_fraction`
+  Returns `loss` (nats per token), `bits_per_byte` (text targets over their bytes), `dropped_fraction`
   (mean over batches) and `expert_load` (`[moe_layers, experts]`, mean over batches).
   """
   model.eval()
@@ -63,14 +71,14 @@ def evaluate_model(model, batches: Sequence[dict[str, np.ndarray]]) -> dict[str,
 
   @jax.jit
   def forward(state, batch):
-    logits, aux = nnx.merge(graphdef, state)(batch["inputs"])
-    return eval_sums(logits, aux, batch["targets"]) | {"expert_load": aux["expert_load"]}
+    logits, aux = nnx.merge(graphdef, state)(batch["inputs"], **document_layout(batch))
+    return eval_sums(logits, aux, batch) | {"expert_load": aux["expert_load"]}
 
   outputs = [jax.device_get(forward(state, batch)) for batch in batches]
   total = lambda name: float(sum(np.sum(o[name], dtype=np.float64) for o in outputs))
   return {
     "loss": total("ce_sum") / total("tokens"),
-    "bits_per_byte": total("byte_ce_sum") / total("bytes") / math.log(2),
+    "bits_per_byte": total("text_ce_sum") / total("bytes") / math.log(2),
     "dropped_fraction": total("dropped_fraction") / len(outputs),
     "expert_load": np.mean([o["expert_load"] for o in outputs], axis=0),
   }

@@ -191,10 +191,22 @@ def _context_and_stop_ids(workdir: str, config) -> tuple[int, tuple[int, ...]]:
 
   hf = (import_record(workdir) or {}).get("config", {})
   context = int(hf.get("max_position_embeddings", config.train.seq_len))
-  if config.model.vocab_size == data_lib.VOCAB_SIZE:
-    return context, (data_lib.EOS_ID,)
+  text = _text_tokenizer(config)
+  if text is not None:
+    return context, (text[0].eos_id,)
   eos = hf.get("eos_token_id")
   return context, tuple(eos) if isinstance(eos, list) else () if eos is None else (eos,)
+
+
+def _text_tokenizer(config):
+  """(tokenizer, ids put before a `--prompt`'s) of a run: its token stores' tokenizer
+  (documents follow no BOS), or the byte tokenizer after BOS for the byte vocabulary; None
+  when the run's tokenizer is unknown (an import)."""
+  if data_lib.uses_token_stores(config.data):
+    return data_lib.run_tokenizer(config.data), []
+  if config.model.vocab_size == data_lib.VOCAB_SIZE:
+    return data_lib.load_tokenizer("bytes"), [data_lib.BOS_ID]
+  return None
 
 
 def main(argv) -> None:
@@ -204,7 +216,8 @@ def main(argv) -> None:
     raise ValueError("--prompt and --prompt_ids: give one of them.")
   model, config, step = load_model(FLAGS.workdir, FLAGS.step)
   vocab = config.model.vocab_size
-  if vocab != data_lib.VOCAB_SIZE and not FLAGS.prompt_ids:
+  text = _text_tokenizer(config)
+  if text is None and not FLAGS.prompt_ids:
     raise ValueError(
       f"this model has a vocabulary of {vocab} tokens, not moejax's {data_lib.VOCAB_SIZE} "
       "bytes (an imported checkpoint with its own tokenizer): tokenise with the "
@@ -218,7 +231,9 @@ def main(argv) -> None:
   if FLAGS.prompt_ids:
     prompt = _token_ids(FLAGS.prompt_ids, vocab)
   else:
-    prompt = [data_lib.BOS_ID, *data_lib.encode(FLAGS.prompt)]
+    tokenizer, prefix = text
+    prompt = [*prefix, *(int(i) for i in tokenizer.encode(FLAGS.prompt))]
+    prompt = prompt or [tokenizer.eos_id]  # nothing to continue: start after a document
   context, stop_ids = _context_and_stop_ids(FLAGS.workdir, config)
   if not stop_ids:
     print(f"(no end-of-sequence id is known for this vocabulary: {FLAGS.max_new_tokens} tokens)")
@@ -239,7 +254,7 @@ def main(argv) -> None:
   if FLAGS.prompt_ids:
     print(",".join(str(i) for i in [*prompt, *new]), flush=True)
   else:
-    print(FLAGS.prompt + data_lib.decode(new), flush=True)
+    print(FLAGS.prompt + text[0].decode(new), flush=True)
 
 
 if __name__ == "__main__":

@@ -112,7 +112,12 @@ def result_line(config, final) -> str:
   from moejax import data
 
   parts = []
-  if "eval/bits_per_byte" in final:
+  if "eval/bits_per_byte" in final and data.uses_token_stores(config.data):
+    parts.append(
+      f"validation: {final['eval/bits_per_byte']:.3f} bits/byte, {final['eval/loss']:.3f} "
+      "nats/token"
+    )
+  elif "eval/bits_per_byte" in final:
     load = lambda split: data.load_split(
       config.data.name, split, config.data.data_dir, text_key=config.data.text_key
     )

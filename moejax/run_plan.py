@@ -17,6 +17,7 @@ from etils import epath
 from flax import nnx
 
 from moejax import checkpoint as checkpoint_lib
+from moejax import data as data_lib
 from moejax import config_text, sharding
 from moejax import workdir as workdir_lib
 from moejax.init_from import check_init_from
@@ -167,8 +168,13 @@ def plan_run(
   newest checkpoint holds a model only (an import's or upcycle's) is refused: it is
   fine-tuned from with `train.init_from`. A fresh run with `train.init_from` checks that
   the directory holds a readable checkpoint that fits the model.
+
+  A run on token stores checks them first (`moejax.data.token_data`), and takes
+  `model.vocab_size` from their tokenizer where it is the byte vocabulary: `config` is
+  updated in place, so the saved config records it.
   """
   validate_train_config(config.train)
+  data_lib.resolve_vocab_size(config)
   model, optimizer = nnx.eval_shape(lambda: build(config)[:2])
   _, abstract_state = nnx.split((model, optimizer))
   size = lambda state: sum(math.prod(x.shape) for x in jax.tree.leaves(state))

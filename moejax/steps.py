@@ -130,8 +130,8 @@ def make_steps(graphdef, model_config: ml_collections.ConfigDict):
     model.train()
 
     def loss_fn(model):
-      logits, aux = model(batch["inputs"])
-      ce = jnp.mean(cross_entropy(logits, batch["targets"]))
+      logits, aux = model(batch["inputs"], **document_layout(batch))
+      ce = masked_mean(cross_entropy(logits, batch["targets"]), batch.get("loss_mask"))
       loss = ce + sum(w * aux[name] for name, w in weights.items())
       return loss, (ce, aux)
 
@@ -167,23 +167,41 @@ def make_steps(graphdef, model_config: ml_collections.ConfigDict):
   def eval_step(state, batch):
     model, _ = nnx.merge(graphdef, state)
     model.eval()
-    logits, aux = model(batch["inputs"])
-    return eval_sums(logits, aux, batch["targets"])
+    logits, aux = model(batch["inputs"], **document_layout(batch))
+    return eval_sums(logits, aux, batch)
 
   return train_step, eval_step
 
 
-def eval_sums(logits: jax.Array, aux, targets: jax.Array) -> dict[str, jax.Array]:
-  """One evaluation batch's sums, to be added over batches: cross-entropy over all tokens
-  and over byte tokens (`ce_sum`, `tokens`, `byte_ce_sum`, `bytes`), and the batch's
-  `dropped_fraction`. `logits` `[batch, seq, vocab]`, `targets` `[batch, seq]`."""
-  ce = cross_entropy(logits, targets)
-  is_byte = targets < 256
+def document_layout(batch) -> dict[str, jax.Array]:
+  """The model's `segment_ids` and `positions` `[batch, seq]` where the batch has them
+  (batches from token stores), for attention within each packed document only."""
+  return {key: batch[key] for key in ("segment_ids", "positions") if key in batch}
+
+
+def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """The mean of `values` `[batch, seq]` over the positions where `mask` is nonzero (all
+  positions without a mask)."""
+  if mask is None:
+    return jnp.mean(values)
+  mask = mask.astype(values.dtype)
+  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def eval_sums(logits: jax.Array, aux, batch) -> dict[str, jax.Array]:
+  """One evaluation batch's sums, to be added over batches: cross-entropy over the targets
+  the loss counts (`ce_sum`, `tokens`), and over the targets that carry text with the bytes
+  they carry (`text_ce_sum`, `bytes`: bits per byte for any tokenizer, from the batch's
+  `target_bytes`), and the batch's `dropped_fraction`. `logits` `[batch, seq, vocab]`;
+  `targets`, `target_bytes` and the optional `loss_mask` `[batch, seq]`."""
+  ce = cross_entropy(logits, batch["targets"])
+  counted = jnp.ones_like(ce) if "loss_mask" not in batch else batch["loss_mask"].astype(ce.dtype)
+  carries_text = (batch["target_bytes"] > 0) & (counted > 0)
   return {
-    "ce_sum": jnp.sum(ce),
-    "tokens": jnp.asarray(ce.size, jnp.float32),
-    "byte_ce_sum": jnp.sum(jnp.where(is_byte, ce, 0.0)),
-    "bytes": jnp.sum(is_byte).astype(jnp.float32),
+    "ce_sum": jnp.sum(ce * counted),
+    "tokens": jnp.sum(counted),
+    "text_ce_sum": jnp.sum(jnp.where(carries_text, ce, 0.0)),
+    "bytes": jnp.sum(jnp.where(carries_text, batch["target_bytes"], 0)).astype(jnp.float32),
     "dropped_fraction": aux["dropped_fraction"],
   }
 
@@ -194,13 +212,14 @@ def nonfinite_terms(mask: int) -> list[str]:
 
 
 def evaluate(eval_step, state, batches) -> dict[str, float]:
-  """Mean eval loss (nats/token) and bits per byte (specials excluded) over `batches`."""
+  """Mean eval loss (nats/token) and bits per byte (the cross-entropy of the targets that
+  carry text over the bytes they carry) over `batches`."""
   totals: dict[str, float] = {}
   for batch in batches:
     for name, value in jax.device_get(eval_step(state, batch)).items():
       totals[name] = totals.get(name, 0.0) + float(value)
   return {
     "eval/loss": totals["ce_sum"] / totals["tokens"],
-    "eval/bits_per_byte": totals["byte_ce_sum"] / totals["bytes"] / math.log(2),
+    "eval/bits_per_byte": totals["text_ce_sum"] / totals["bytes"] / math.log(2),
     "eval/dropped_fraction": totals["dropped_fraction"] / len(batches),
   }

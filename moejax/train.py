@@ -154,7 +154,8 @@ def train_and_evaluate(
   process, num_processes = jax.process_index(), jax.process_count()
 
   def datasets():
-    if num_processes > 1:  # one process builds the built-in corpus; the others wait for it
+    if num_processes > 1 and not data_lib.uses_token_stores(config.data):
+      # one process builds the built-in corpus; the others wait for it
       if process == 0:
         data_lib.prepare(config.data.name, config.data.data_dir)
       multihost_utils.sync_global_devices("moejax: dataset prepared")

@@ -1,4 +1,6 @@
-"""Data: byte tokenizer, the `shakespeare_plays` TFDS dataset, packed LM batches."""
+"""Data: tokenizers, token stores, the embedded corpora (`shakespeare_plays`, `kjv_bible`),
+and a run's batches (seeded windows over token stores, or packed byte windows of a TFDS
+split)."""
 
 from moejax.data.baseline import unigram_bits_per_byte
 from moejax.data.packing import pack_documents, split_inputs_targets
@@ -10,7 +12,11 @@ from moejax.data.pipeline import (
 )
 from moejax.data.shakespeare import VALIDATION_PLAYS, ShakespearePlays
 from moejax.data.sources import load_split, prepare, resolve_data_dir
-from moejax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, decode, encode
+from moejax.data.store import TokenStore
+from moejax.data.token_data import eval_batches as token_eval_batches
+from moejax.data.token_data import resolve_vocab_size, run_tokenizer, uses_token_stores
+from moejax.data.tokenizer import Tokenizer, load_tokenizer
+from moejax.data.byte_tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, decode, encode
 
 __all__ = [
   "BOS_ID",
@@ -19,16 +25,23 @@ __all__ = [
   "VALIDATION_PLAYS",
   "VOCAB_SIZE",
   "ShakespearePlays",
+  "TokenStore",
+  "Tokenizer",
   "build_datasets",
   "decode",
   "default_data_config",
   "encode",
   "load_split",
+  "load_tokenizer",
   "make_eval_batches",
   "make_train_iterator",
   "pack_documents",
   "prepare",
   "resolve_data_dir",
+  "resolve_vocab_size",
+  "run_tokenizer",
   "split_inputs_targets",
+  "token_eval_batches",
   "unigram_bits_per_byte",
+  "uses_token_stores",
 ]

@@ -4,7 +4,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from moejax.data.tokenizer import encode
+from moejax.data.byte_tokenizer import encode
 
 
 def _byte_counts(texts: Sequence[str]) -> np.ndarray:

@@ -4,7 +4,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from moejax.data.tokenizer import BOS_ID, EOS_ID
+from moejax.data.byte_tokenizer import BOS_ID, EOS_ID
 
 
 def pack_documents(documents: Sequence[str], seq_len: int) -> np.ndarray:

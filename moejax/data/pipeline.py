@@ -1,15 +1,18 @@
-"""Train and eval batches of packed byte windows, sharded across processes.
+"""Train and eval batches for a run: from token stores (`moejax.data.windows`), or packed
+byte windows of a TFDS split held in memory (the embedded corpora's original path).
 
-A batch is `{'inputs': int32[batch, seq_len], 'targets': int32[batch, seq_len]}`
-with `targets` = `inputs` shifted by one token. Global batch `t` is split into
-`shard_count` consecutive blocks of `global_batch_size // shard_count` rows;
-process `shard_index` gets block `shard_index`.
+A batch holds `inputs` and `targets` int32 `[batch, seq_len]` (targets = inputs shifted by
+one token); batches from token stores add `segment_ids`, `positions` and `loss_mask`, and
+every eval batch has `target_bytes`, the UTF-8 bytes each target token carries (for bits
+per byte). Global batch `t` is split into `shard_count` consecutive blocks of
+`global_batch_size // shard_count` rows; process `shard_index` gets block `shard_index`.
 """
 
 import grain
 import ml_collections
 import numpy as np
 
+from moejax.data import token_data
 from moejax.data.packing import pack_documents, split_inputs_targets
 from moejax.data.shakespeare import NAME as SHAKESPEARE_NAME
 from moejax.data.sources import load_split
@@ -99,7 +102,10 @@ def make_eval_batches(
   blocks = windows[: num_batches * global_batch_size].reshape(
     num_batches, shard_count, batch_size, windows.shape[-1]
   )
-  return [split_inputs_targets(block) for block in blocks[:, shard_index]]
+  batches = [split_inputs_targets(block) for block in blocks[:, shard_index]]
+  for batch in batches:  # byte ids carry one byte each; PAD, BOS and EOS none
+    batch["target_bytes"] = (batch["targets"] < 256).astype(np.int32)
+  return batches
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -112,6 +118,17 @@ def default_data_config() -> ml_collections.ConfigDict:
       "train_split": "train",  # TFDS split (slices too: 'validation[:50%]': two of four plays)
       "eval_split": "validation",  # lm1b has only 'train' and 'test'
       "eval_batches": 16,  # max global eval batches per evaluation
+      # Token stores (`python -m moejax.data.prepare`); set, they replace name/splits.
+      "tokens_dir": ml_collections.config_dict.placeholder(str),  # a token store to train on
+      "eval_tokens_dir": ml_collections.config_dict.placeholder(str),  # a store to evaluate on
+      "eval_fraction": ml_collections.config_dict.placeholder(float),  # or this tail held out
+      "mixture": ml_collections.config_dict.placeholder(str),  # 'DIR=WEIGHT,DIR=WEIGHT,...'
+      "tokenizer": ml_collections.config_dict.placeholder(
+        str
+      ),  # None: the store's; else must match it
+      "packing": "window",  # window: seeded windows over the token stream (pretraining)
+      "document_masking": True,  # attend within a document only; positions restart per document
+      "workers": 2,  # threads that read token-store batches ahead of the step
     }
   )
 
@@ -135,6 +152,15 @@ def build_datasets(
   """
   if data_config.eval_batches < 1:
     raise ValueError(f"data.eval_batches must be >= 1, got {data_config.eval_batches}")
+  if token_data.uses_token_stores(data_config):
+    return token_data.build(
+      data_config,
+      global_batch_size=global_batch_size,
+      seq_len=seq_len,
+      seed=seed,
+      shard_index=shard_index,
+      shard_count=shard_count,
+    )
 
   def windows(split: str) -> np.ndarray:
     texts = load_split(data_config.name, split, data_config.data_dir, text_key=data_config.text_key)

