@@ -2,6 +2,8 @@
 residual MoE of 128 experts with top-2 routing; outputs are summed. Snowflake published
 no balancing coefficient: Switch's 0.01 per MoE layer. ARG: 'cpu' (default), 'pod',
 'smoke'.
+Pod vocabulary: the Llama 2 tokenizer Arctic uses (32,000 tokens), read from
+`tokenizers/snowflake-arctic` (`data.tokenizer`).
 """
 
 from moejax.config import apply_variant, base_config
@@ -15,5 +17,10 @@ def get_config(arg: str = ""):
   m.dense_moe_hybrid = True
   m.router, m.dispatch = "top_k", "dropless"
   return apply_variant(
-    config, arg, "arctic", pod_topology="v5p-512", pod_mesh={"fsdp": 8, "expert": 32}
+    config,
+    arg,
+    "arctic",
+    pod_topology="v5p-512",
+    pod_mesh={"fsdp": 8, "expert": 32},
+    pod_tokenizer=("hf:tokenizers/snowflake-arctic", 32000),
   )

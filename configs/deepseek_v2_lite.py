@@ -4,6 +4,8 @@ top-6 of softmax scores, raw gates; multi-head latent attention without a query 
 (16 heads, kv latent 512, 128 + 64 RoPE query/key channels, 128 value channels).
 Balance: the expert-level loss α1 = 0.001 computed per sequence (the released code's
 `seq_aux`), in moejax's per-layer convention. ARG: 'cpu' (default), 'pod', 'smoke'.
+Pod vocabulary: DeepSeek-V2's byte-level BPE (102,400 tokens), read from
+`tokenizers/deepseek-v2-lite` (`data.tokenizer`).
 """
 
 from moejax.config import apply_variant, base_config
@@ -21,5 +23,10 @@ def get_config(arg: str = ""):
   m.router, m.dispatch, m.renormalize = "top_k", "dropless", False
   m.lb_loss_weight, m.seq_aux_loss_weight, m.z_loss_weight = 0.0, 0.001, 0.0
   return apply_variant(
-    config, arg, "deepseek_v2_lite", pod_topology="v5p-32", pod_mesh={"expert": 16}
+    config,
+    arg,
+    "deepseek_v2_lite",
+    pod_topology="v5p-32",
+    pod_mesh={"expert": 16},
+    pod_tokenizer=("hf:tokenizers/deepseek-v2-lite", 102400),
   )

@@ -6,6 +6,8 @@ heads, q latent 1536, kv latent 512, 128 + 64 RoPE query/key channels, 128 value
 channels). Balance: bias update speed 0.001 and the sequence-wise loss α = 0.0001 (§4.2),
 no Switch LB loss. The multi-token-prediction module is left out (not in the 671B).
 ARG: 'cpu' (default), 'pod', 'smoke'.
+Pod vocabulary: DeepSeek-V3's byte-level BPE (129,280 embedding rows), read from
+`tokenizers/deepseek-v3` (`data.tokenizer`).
 """
 
 from moejax.config import apply_variant, base_config
@@ -25,5 +27,10 @@ def get_config(arg: str = ""):
   m.bias_update_rate, m.seq_aux_loss_weight = 0.001, 0.0001
   m.lb_loss_weight, m.z_loss_weight = 0.0, 0.0
   return apply_variant(
-    config, arg, "deepseek_v3", pod_topology="v5p-512", pod_mesh={"fsdp": 8, "expert": 32}
+    config,
+    arg,
+    "deepseek_v3",
+    pod_topology="v5p-512",
+    pod_mesh={"fsdp": 8, "expert": 32},
+    pod_tokenizer=("hf:tokenizers/deepseek-v3", 129280),
   )

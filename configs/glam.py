@@ -2,6 +2,8 @@
 
 Top-2 routing to 64 experts on every other FFN with GShard's random second expert,
 GELU experts, capacity factor 1.25 per assignment (T·k/E convention). ARG: 'cpu' (default), 'pod', 'smoke'.
+Pod vocabulary: GLaM's SentencePiece vocabulary, "256K" in the paper (256,000 tokens, as
+PaLM's 256k), read from `tokenizers/glam/spiece.model` (`data.tokenizer`).
 """
 
 from moejax.config import apply_variant, base_config
@@ -18,5 +20,10 @@ def get_config(arg: str = ""):
   m.capacity_factor, m.eval_capacity_factor = 1.25, 2.0
   m.lb_loss_weight, m.z_loss_weight = 0.01, 0.0
   return apply_variant(
-    config, arg, "glam", pod_topology="v5p-256", pod_mesh={"fsdp": 2, "expert": 64}
+    config,
+    arg,
+    "glam",
+    pod_topology="v5p-256",
+    pod_mesh={"fsdp": 2, "expert": 64},
+    pod_tokenizer=("spm:tokenizers/glam/spiece.model", 256000),
   )

@@ -3,6 +3,8 @@ top-8 in every layer, raw softmax gates, dropless, QK-norm over the whole q and 
 projections, RMSNorm eps 1e-5. Balance: the paper's α = 0.01 and β = 0.001 weigh losses
 averaged over the 16 layers (MegaBlocks' batched losses, which OLMoE trained with), so
 0.01 / 16 and 0.001 / 16 per MoE layer here. ARG: 'cpu' (default), 'pod', 'smoke'.
+Pod vocabulary: the GPT-NeoX-derived tokenizer (50,280 tokens; the embedding is padded to
+50,304), read from `tokenizers/olmoe-1b-7b` (`data.tokenizer`).
 """
 
 from moejax.config import apply_variant, base_config
@@ -17,4 +19,11 @@ def get_config(arg: str = ""):
   m.router, m.dispatch, m.renormalize = "top_k", "dropless", False
   m.norm_eps = 1e-5
   m.lb_loss_weight, m.z_loss_weight = 0.01 / 16, 0.001 / 16
-  return apply_variant(config, arg, "olmoe", pod_topology="v5p-32", pod_mesh={"expert": 16})
+  return apply_variant(
+    config,
+    arg,
+    "olmoe",
+    pod_topology="v5p-32",
+    pod_mesh={"expert": 16},
+    pod_tokenizer=("hf:tokenizers/olmoe-1b-7b", 50304),
+  )

@@ -4,6 +4,8 @@ scores with raw gates, and a shared expert of hidden 5632 scaled by sigmoid(x ·
 biases; RoPE base 1e6. Balance: the released coefficient 0.001 is in transformers'
 convention (k times moejax's loss, pooled over layers): 0.001 · k / layers per MoE layer
 here. ARG: 'cpu' (default), 'pod', 'smoke'.
+Pod vocabulary: Qwen's byte-level BPE (151,936 embedding rows), read from
+`tokenizers/qwen1.5-moe-a2.7b` (`data.tokenizer`).
 """
 
 from moejax.config import apply_variant, base_config
@@ -19,5 +21,10 @@ def get_config(arg: str = ""):
   m.router, m.dispatch, m.renormalize = "top_k", "dropless", False
   m.lb_loss_weight, m.z_loss_weight = 0.001 * 4 / 24, 0.0
   return apply_variant(
-    config, arg, "qwen2_moe", pod_topology="v5p-32", pod_mesh={"fsdp": 4, "expert": 4}
+    config,
+    arg,
+    "qwen2_moe",
+    pod_topology="v5p-32",
+    pod_mesh={"fsdp": 4, "expert": 4},
+    pod_tokenizer=("hf:tokenizers/qwen1.5-moe-a2.7b", 151936),
   )

@@ -5,6 +5,8 @@ per-head QK-norm; RoPE base 1e6. Balance: global-batch LB loss (Qiu et al. 2025;
 'call' pooling is over the step's global batch), the released 0.001 converted from
 transformers' convention: 0.001 · k / layers per MoE layer. ARG: 'cpu' (default), 'pod',
 'smoke'.
+Pod vocabulary: Qwen's byte-level BPE (151,936 embedding rows), read from
+`tokenizers/qwen3-30b-a3b` (`data.tokenizer`).
 """
 
 from moejax.config import apply_variant, base_config
@@ -18,4 +20,11 @@ def get_config(arg: str = ""):
   m.num_experts, m.top_k, m.expert_d_ff, m.moe_layer_interval = 128, 8, 768, 1
   m.router, m.dispatch, m.renormalize, m.lb_pooling = "top_k", "dropless", True, "call"
   m.lb_loss_weight, m.z_loss_weight = 0.001 * 8 / 48, 0.0
-  return apply_variant(config, arg, "qwen3_moe", pod_topology="v5p-64", pod_mesh={"expert": 32})
+  return apply_variant(
+    config,
+    arg,
+    "qwen3_moe",
+    pod_topology="v5p-64",
+    pod_mesh={"expert": 32},
+    pod_tokenizer=("hf:tokenizers/qwen3-30b-a3b", 151936),
+  )

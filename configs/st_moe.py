@@ -3,6 +3,8 @@
 Top-2 routing to 32 experts on every fourth FFN, GEGLU experts, capacity factor 1.25
 (2.0 at eval), balancing loss 0.01 and router z-loss 0.001. ARG: 'cpu' (default), 'pod',
 'smoke'.
+Pod vocabulary: T5's SentencePiece model (32,000 pieces; 32,128 embedding rows), read from
+`tokenizers/t5/spiece.model` (`data.tokenizer`).
 """
 
 from moejax.config import apply_variant, base_config
@@ -17,4 +19,11 @@ def get_config(arg: str = ""):
   m.router, m.dispatch, m.renormalize = "top_k", "auto", False
   m.capacity_factor, m.eval_capacity_factor = 1.25, 2.0
   m.lb_loss_weight, m.z_loss_weight = 0.01, 0.001
-  return apply_variant(config, arg, "st_moe", pod_topology="v5e-32", pod_mesh={"expert": 32})
+  return apply_variant(
+    config,
+    arg,
+    "st_moe",
+    pod_topology="v5e-32",
+    pod_mesh={"expert": 32},
+    pod_tokenizer=("spm:tokenizers/t5/spiece.model", 32128),
+  )

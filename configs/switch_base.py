@@ -3,6 +3,8 @@
 Top-1 routing to 128 experts on every other FFN, raw softmax gates, capacity factor 1.25
 (2.0 at eval), router jitter 0.01, balancing loss 0.01, no z-loss. ARG: 'cpu' (default),
 'pod' (published shape), 'smoke'.
+Pod vocabulary: T5's SentencePiece model (32,000 pieces; 32,128 embedding rows), read from
+`tokenizers/t5/spiece.model` (`data.tokenizer`).
 """
 
 from moejax.config import apply_variant, base_config
@@ -17,4 +19,11 @@ def get_config(arg: str = ""):
   m.router, m.dispatch, m.renormalize = "top_k", "auto", False
   m.capacity_factor, m.eval_capacity_factor, m.router_jitter = 1.25, 2.0, 0.01
   m.lb_loss_weight, m.z_loss_weight = 0.01, 0.0
-  return apply_variant(config, arg, "switch_base", pod_topology="v5e-32", pod_mesh={"expert": 32})
+  return apply_variant(
+    config,
+    arg,
+    "switch_base",
+    pod_topology="v5e-32",
+    pod_mesh={"expert": 32},
+    pod_tokenizer=("spm:tokenizers/t5/spiece.model", 32128),
+  )

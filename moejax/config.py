@@ -122,6 +122,7 @@ def apply_variant(
   pod_topology: str | None = None,
   pod_mesh: Mapping[str, int] | None = None,
   pod_batch_size: int = 256,
+  pod_tokenizer: tuple[str, int] | None = None,
 ) -> ml_collections.ConfigDict:
   """Picks the size of a published-architecture config: ARG 'pod' keeps the published
   shape; 'cpu' (the default) shrinks it to train in minutes on 2 CPU cores on the
@@ -132,7 +133,10 @@ def apply_variant(
   routing group where there is a capacity (dropless routing has none), bfloat16 compute (parameters, router and losses stay float32), every
   scanned period recomputed in the backward pass, on the slice `pod_topology`
   (`hardware.topology`, gcloud-style) with the mesh axes `pod_mesh` (the data axis takes
-  the rest). `python -m moejax.aot --config=configs/NAME.py:pod` checks that it fits.
+  the rest), with the published vocabulary `pod_tokenizer` = (`data.tokenizer`,
+  `model.vocab_size`): the tokenizer file is not shipped, the kind names where a run
+  expects it (`docs/data.md`). `python -m moejax.aot --config=configs/NAME.py:pod` checks
+  that it fits.
   """
   arg = arg or "cpu"
   if arg not in ("pod", "cpu", "smoke"):
@@ -146,6 +150,8 @@ def apply_variant(
       config.model.group_size = config.train.seq_len
     config.model.dtype, config.model.remat = "bfloat16", "full"
     config.hardware.topology = pod_topology
+    if pod_tokenizer is not None:
+      config.data.tokenizer, config.model.vocab_size = pod_tokenizer
     for axis, size in (pod_mesh or {}).items():
       config.mesh[axis] = size
     return config
