@@ -58,7 +58,7 @@ from flax import nnx
 
 from moejax.attention import apply_rope
 from moejax.norms import RMSNorm
-from moejax.packing import check_segments, self_attention_mask
+from moejax.document_mask import check_segments, self_attention_mask
 from moejax.ffn import on_rows
 from moejax.sharding import logical
 
@@ -202,7 +202,7 @@ class MultiHeadLatentAttention(nnx.Module):
         written at `positions`, and the queries attend to every cached slot at a position
         <= their own.
       segment_ids: None (one document per row), or `[batch, seq]` int32, the document of
-        each token (0 = padding): the mask is `moejax.packing.self_attention_mask`
+        each token (0 = padding): the mask is `moejax.document_mask.self_attention_mask`
         (causal & same segment; Zhao et al. 2024, arXiv:2402.13991). Not with a cache.
 
     Returns:

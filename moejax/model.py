@@ -52,7 +52,7 @@ from moejax.ffn import FeedForward, on_rows
 from moejax.moe import MoeConfig, MoeLayer
 from moejax.moe.aggregate import aggregate_aux
 from moejax.norms import RMSNorm
-from moejax.packing import check_documents
+from moejax.document_mask import check_documents
 from moejax.sharding import logical
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -442,7 +442,7 @@ class TransformerLM(nnx.Module):
       segment_ids: None (one document per row), or `[batch, seq]` int32, the document of
         each token within its row (>= 1; 0 = padding); needs `positions`. A token attends
         only to earlier tokens of its segment (padding, one segment of its own, too; see
-        `moejax.packing.self_attention_mask`), and padding takes no part in the MoE
+        `moejax.document_mask.self_attention_mask`), and padding takes no part in the MoE
         layers (no capacity, no balance statistics, zero MoE output).
       positions: None (`start + arange(seq)`), or `[batch, seq]` int32, each token's
         position within its document (0 at each document's first token); needs

@@ -25,7 +25,7 @@ from moejax.mla import MultiHeadLatentAttention
 from moejax.model import TransformerLM
 from moejax.moe import MoeConfig, MoeLayer, balancing
 from moejax.moe.dispatch import FORMS
-from moejax.packing import self_attention_mask
+from moejax.document_mask import self_attention_mask
 from small_models import VOCAB, dense_model_config
 
 pytestmark = pytest.mark.usefixtures("fast_compile_module")

@@ -73,7 +73,7 @@ class MoeLayer(nnx.Module):
   order).
 
   `token_mask` `[batch, seq]` bool (True = a real token; None: all real) leaves padding
-  out (packed rows, `moejax.packing`): its assignments are invalid (`TokenChoice.valid`),
+  out (packed rows, `moejax.document_mask`): its assignments are invalid (`TokenChoice.valid`),
   so no dispatch form gives them capacity or counts them dropped; expert choice takes
   real tokens only; every statistic above is over the real tokens (T·k real assignments
   for `dropped_fraction`); and a padding token's output is zero (shared experts too). The
