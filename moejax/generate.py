@@ -184,7 +184,7 @@ def _token_ids(text: str, vocab: int) -> list[int]:
 
 def _context_and_stop_ids(workdir: str, config) -> tuple[int, tuple[int, ...]]:
   """The tokens the model attends to, and the ids sampling stops at. A moejax run: its
-  `train.seq_len`, and moejax's EOS for a byte-level vocabulary. An import: the
+  `train.seq_len`, and its tokenizer's EOS (moejax's for bytes). An import: the
   `max_position_embeddings` and `eos_token_id` (an id or a list of them) of its
   config.json. A run fine-tuned from an import has its own `train.seq_len` and no EOS."""
   from moejax.convert.transfer import import_record
@@ -192,18 +192,24 @@ def _context_and_stop_ids(workdir: str, config) -> tuple[int, tuple[int, ...]]:
   hf = (import_record(workdir) or {}).get("config", {})
   context = int(hf.get("max_position_embeddings", config.train.seq_len))
   text = _text_tokenizer(config)
-  if text is not None:
+  if text is not None and not hf:
     return context, (text[0].eos_id,)
+  if config.model.vocab_size == data_lib.VOCAB_SIZE:
+    return context, (data_lib.EOS_ID,)
   eos = hf.get("eos_token_id")
   return context, tuple(eos) if isinstance(eos, list) else () if eos is None else (eos,)
 
 
 def _text_tokenizer(config):
   """(tokenizer, ids put before a `--prompt`'s) of a run: its token stores' tokenizer
-  (documents follow no BOS), or the byte tokenizer after BOS for the byte vocabulary; None
-  when the run's tokenizer is unknown (an import)."""
+  (documents follow no BOS); an import's own `tokenizer.json` (`data.tokenizer`), after
+  what its post-processor puts first; the byte tokenizer after BOS for the byte
+  vocabulary; None when the run's tokenizer is unknown."""
   if data_lib.uses_token_stores(config.data):
     return data_lib.run_tokenizer(config.data), []
+  if config.data.tokenizer and config.data.tokenizer.startswith("hf:"):
+    tokenizer = data_lib.load_tokenizer(config.data.tokenizer)
+    return tokenizer, tokenizer.prompt_prefix()
   if config.model.vocab_size == data_lib.VOCAB_SIZE:
     return data_lib.load_tokenizer("bytes"), [data_lib.BOS_ID]
   return None

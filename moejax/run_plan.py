@@ -175,6 +175,7 @@ def plan_run(
   """
   validate_train_config(config.train)
   data_lib.resolve_vocab_size(config)
+  data_lib.check_init_from_tokenizer(config.data, config.train.init_from)
   model, optimizer = nnx.eval_shape(lambda: build(config)[:2])
   _, abstract_state = nnx.split((model, optimizer))
   size = lambda state: sum(math.prod(x.shape) for x in jax.tree.leaves(state))

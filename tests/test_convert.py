@@ -243,3 +243,56 @@ def test_generate_samples_an_imported_model_from_token_ids(tmp_path):
   assert done.returncode == 0, done.stderr[-2000:]
   first = next(n for n in range(3, len(ids)) if ids[n] == ids[6])  # generated, not prompt
   assert done.stdout.strip().splitlines()[-1] == ",".join(map(str, ids[:first]))
+
+
+def _word_tokenizer(directory, vocab_size: int) -> None:
+  """A word-level `tokenizer.json` of `vocab_size` ids: `</s>`, then w1, w2, ..."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+  vocab = {"</s>": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
+  tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="</s>"))
+  tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+  tokenizer.save(str(directory / "tokenizer.json"))
+
+
+def test_an_import_keeps_its_tokenizer_for_text_in_and_out(tmp_path):
+  """The source's tokenizer.json travels with the import: generate takes --prompt text,
+  and fine-tuning accepts only token stores prepared with that file."""
+  from moejax.config import load_config
+  from moejax.data import check_init_from_tokenizer, load_tokenizer
+  from moejax.data.store_writer import prepare
+
+  hf = hf_reference.tiny_config("olmoe")
+  (tmp_path / "hf").mkdir()
+  hf_reference.write_checkpoint(tmp_path / "hf", hf)
+  _word_tokenizer(tmp_path / "hf", hf["vocab_size"])
+  transfer.import_checkpoint(tmp_path / "hf", tmp_path / "run")
+  run = tmp_path / "run"
+  assert (run / "tokenizer.json").read_bytes() == (tmp_path / "hf" / "tokenizer.json").read_bytes()
+  assert json.loads((run / "import.json").read_text())["tokenizer_files"] == ["tokenizer.json"]
+  _, config = moejax.load(run)
+  assert config.data.tokenizer == f"hf:{run}"
+
+  command = [sys.executable, "-m", "moejax.generate", f"--workdir={run}", "--temperature=0"]
+  done = subprocess.run(
+    command + ["--prompt=w3 w17", "--max_new_tokens=4"], capture_output=True, text=True
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+  sample = done.stdout.strip().splitlines()[-1]
+  assert sample.startswith("w3 w17") and all(w.startswith("w") for w in sample.split()[2:])
+
+  corpus = tmp_path / "corpus.jsonl"
+  corpus.write_text("".join(json.dumps({"text": f"w{i} w{i + 1} w7"}) + "\n" for i in range(1, 30)))
+  own, other = str(tmp_path / "own"), str(tmp_path / "other")
+  prepare([f"jsonl:{corpus}"], f"hf:{run}", own)
+  prepare([f"jsonl:{corpus}"], "bytes", other)
+  fine_tune = load_config("configs/tiny.py:smoke")
+  with pytest.raises(ValueError, match="holds its own tokenizer.json: fine-tune it on a token"):
+    check_init_from_tokenizer(fine_tune.data, str(run))
+  fine_tune.data.tokens_dir = other
+  with pytest.raises(ValueError, match="was prepared with bytes, not with the tokenizer.json"):
+    check_init_from_tokenizer(fine_tune.data, str(run))
+  fine_tune.data.tokens_dir = own
+  check_init_from_tokenizer(fine_tune.data, str(run))
+  assert load_tokenizer(f"hf:{run}").vocab_size == hf["vocab_size"]

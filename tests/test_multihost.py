@@ -8,7 +8,10 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
+from moejax.data import builtin
+from moejax.data.store_writer import prepare
 from moejax.metrics import read_metrics
 
 from test_train import REPO
@@ -40,10 +43,26 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_reproduce_one_process(tmp_path):
+@pytest.fixture(scope="module")
+def bpe_store(tmp_path_factory):
+  """The validation plays and chapters in the built-in BPE: a small store to train on."""
+  out = str(tmp_path_factory.mktemp("stores") / "bpe")
+  sources = ["tfds:shakespeare_plays:validation", "tfds:kjv_bible:validation"]
+  prepare(sources, builtin.BPE_2048, out)
+  return out
+
+
+@pytest.mark.parametrize("data", ["bytes", "bpe_store"])
+def test_two_processes_reproduce_one_process(tmp_path, data, request):
+  """The byte corpus, and a BPE token store with document masking (each process reads
+  only its rows of every global batch)."""
+  args = list(ARGS)
+  if data == "bpe_store":
+    store = request.getfixturevalue("bpe_store")
+    args += [f"--config.data.tokens_dir={store}", "--config.data.eval_fraction=0.1"]
   single = tmp_path / "single"
   result = subprocess.run(
-    [sys.executable, "-m", "moejax.main", f"--workdir={single}", *ARGS],
+    [sys.executable, "-m", "moejax.main", f"--workdir={single}", *args],
     cwd=REPO,
     env=_env(8),
     capture_output=True,
@@ -61,7 +80,7 @@ def test_two_processes_reproduce_one_process(tmp_path):
         "-m",
         "moejax.main",
         f"--workdir={multi}",
-        *ARGS,
+        *args,
         f"--coordinator_address=127.0.0.1:{port}",
         "--num_processes=2",
         f"--process_id={i}",

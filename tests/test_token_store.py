@@ -287,3 +287,31 @@ def test_killed_prepare_leaves_no_store_and_the_rerun_completes(tmp_path):
   big.write_text(line * 10)
   assert _prepare_command(f"--source=jsonl:{big}", f"--out={out}").returncode == 0
   assert len(TokenStore(str(out))) == 10 and not list(tmp_path.glob("store.partial-*"))
+
+
+def test_vocab_size_comes_from_the_store_and_mismatches_are_one_line(store, bpe):
+  from moejax.config import load_config
+
+  config = load_config("configs/tiny.py:smoke")
+  config.data.tokens_dir, config.data.eval_fraction = store.directory, 0.1
+  vocab = store.vocab_size  # the trainer stops short of 300 when merges run out
+  assert f"model.vocab_size={vocab}" in token_data.resolve_vocab_size(config)
+  assert config.model.vocab_size == vocab
+  config.model.vocab_size = vocab + 20  # a padded embedding is allowed
+  assert token_data.resolve_vocab_size(config) is None
+  config.model.vocab_size = 200
+  with pytest.raises(ValueError, match=f"model.vocab_size=200 is smaller than .* {vocab}"):
+    token_data.resolve_vocab_size(config)
+  config.model.vocab_size = vocab
+  config.data.tokenizer = BUILT_IN_BPE
+  with pytest.raises(ValueError, match="is not the tokenizer token store"):
+    token_data.resolve_vocab_size(config)
+  config.data.tokenizer = bpe
+  token_data.resolve_vocab_size(config)
+  byte_config = load_config("configs/tiny.py:smoke")
+  byte_config.data.tokenizer = "hf:/nonexistent/tokenizer"
+  with pytest.raises(ValueError, match="no such tokenizer.json"):
+    token_data.resolve_vocab_size(byte_config)
+  byte_config.data.tokenizer = BUILT_IN_BPE
+  with pytest.raises(ValueError, match="read from token stores"):
+    token_data.resolve_vocab_size(byte_config)

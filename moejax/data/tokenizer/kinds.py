@@ -154,6 +154,11 @@ class HfTokenizer(Tokenizer):
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
 
+  def prompt_prefix(self) -> list[int]:
+    """The ids the file's own post-processor puts before a text (Llama's and Mixtral's
+    BOS; none for Qwen's): what a model trained with this file saw first."""
+    return list(self._tok.encode("", add_special_tokens=True).ids)
+
   def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
     encodings = self._tok.encode_batch_fast(texts, add_special_tokens=False)
     return [np.asarray(e.ids, np.int32) for e in encodings]
