@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from moejax import checkpoint as checkpoint_lib
+from moejax import data_position
 from moejax import config_text, sharding, signals
 from moejax import data as data_lib
 from moejax import workdir as workdir_lib
@@ -194,7 +195,7 @@ def train_and_evaluate(
       state = nnx.merge_state(state, {0: model_state})
     train_iter, eval_batches = data or datasets()
     if start_step:
-      train_iter.set_state(data_state)
+      train_iter.set_state(data_position.own(data_state))
       log.info("resumed from the checkpoint at step %d", start_step)
     if process == 0:
       tqdm.write(_startup_line(plan, config, start_step, init_step))
@@ -319,7 +320,7 @@ def _train_loop(
             f"{last_eval['eval/bits_per_byte']:.4f} bits/byte"
           )
         if save_now:
-          checkpoints.save(step, state, train_iter.get_state(), config)
+          checkpoints.save(step, state, data_position.gather(train_iter.get_state()), config)
           saved_step = step
         clock.start()
       progress.update(1)

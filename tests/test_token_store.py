@@ -1,5 +1,6 @@
 """Tokenizers, token stores and their window batches, against hand-built references."""
 
+import collections
 import json
 import os
 import signal
@@ -10,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from moejax.data import documents, load_tokenizer, token_data, windows
+from moejax.data import documents, load_tokenizer, packed, token_data, windows
 from moejax.data.store import TokenStore
 from moejax.data.store_writer import prepare
 from moejax.data.tokenizer.__main__ import train_bpe
@@ -315,3 +316,123 @@ def test_vocab_size_comes_from_the_store_and_mismatches_are_one_line(store, bpe)
   byte_config.data.tokenizer = BUILT_IN_BPE
   with pytest.raises(ValueError, match="read from token stores"):
     token_data.resolve_vocab_size(byte_config)
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+@pytest.fixture(scope="module")
+def short_store(bpe, tmp_path_factory):
+  """300 documents of 1 to 6 words: short enough to pack whole into rows of 33 tokens."""
+  root = tmp_path_factory.mktemp("short")
+  rng = np.random.default_rng(1)
+  words = ["the", "king", "é", "lord", "thou", "日本", "and"]
+  with open(root / "short.jsonl", "w", encoding="utf-8") as f:
+    for _ in range(300):
+      f.write(json.dumps({"text": " ".join(rng.choice(words, rng.integers(1, 7)))}) + "\n")
+  prepare([f"jsonl:{root}/short.jsonl"], bpe, str(root / "store"))
+  return TokenStore(str(root / "store"))
+
+
+@pytest.mark.parametrize("packing", ["first_fit", "best_fit"])
+def test_packing_keeps_every_document_whole_once_an_epoch(short_store, packing):
+  """Every document ends with EOS and holds no other: a segment's inputs, plus the last
+  column when its EOS sits there, are one whole document; a target counts in the loss iff
+  its input is a real token other than EOS."""
+  store, seq, eos = short_store, 32, short_store.eos_id
+  documents = packed.Documents(store, 0, len(store))
+  it = packed.train_iterator(
+    documents, packing=packing, seq_len=seq, batch_size=4, seed=0, pad_id=store.tokenizer.pad_id
+  )
+  seen = []
+  while len(seen) < 2 * len(store):  # the packer's bins may hold a document over an epoch end
+    batch = next(it)
+    full = np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1)  # [4, seq + 1]
+    for row in range(4):
+      ids, inputs = batch["segment_ids"][row], batch["inputs"][row]
+      expected_mask = ((ids > 0) & (inputs != eos)).astype(np.int32)
+      np.testing.assert_array_equal(batch["loss_mask"][row], expected_mask)
+      for segment in range(1, ids.max() + 1):
+        where = np.flatnonzero(ids == segment)
+        assert np.array_equal(where, np.arange(where[0], where[-1] + 1))  # contiguous
+        np.testing.assert_array_equal(batch["positions"][row, where], np.arange(len(where)))
+        tokens = full[row, where[0] : where[-1] + 1]
+        if tokens[-1] != eos:
+          assert where[-1] == seq - 1 and full[row, seq] == eos
+          tokens = full[row, where[0] :]
+        seen.append(tuple(tokens))
+  whole = collections.Counter(
+    tuple(int(t) for t in np.append(store[i], eos)) for i in range(len(store))
+  )
+  seen = collections.Counter(tuple(int(t) for t in doc) for doc in seen)
+  assert set(seen) <= set(whole)  # nothing cut, nothing merged
+  # Two epochs' worth of documents hold every document (texts repeat: counted as such).
+  assert all(seen[text] >= count for text, count in whole.items())
+
+
+def test_packing_resumes_exactly_and_splits_documents_across_processes(short_store):
+  store = short_store
+  documents = packed.Documents(store, 0, len(store))
+  make = lambda index=0, count=1: packed.train_iterator(
+    documents, packing="first_fit", seq_len=32, batch_size=4, seed=5, pad_id=0,
+    shard_index=index, shard_count=count,
+  )  # fmt: skip
+  it = make()
+  for _ in range(3):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))
+  following = [next(it) for _ in range(4)]
+  resumed = make()
+  resumed.set_state(state)
+  for a in following:
+    b = next(resumed)
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  # Two processes pack disjoint halves of the documents: together, each once an epoch.
+  n = len(store)
+  halves = [packed.process_documents(n, 5, index, 2) for index in range(2)]
+  first_epoch = [[int(d[i]) for i in range(n // 2)] for d in halves]
+  assert not set(first_epoch[0]) & set(first_epoch[1])
+  assert sorted(first_epoch[0] + first_epoch[1]) == list(range(n))
+  with pytest.raises(ValueError, match="does not fit train.seq_len=4"):
+    packed.train_iterator(documents, packing="first_fit", seq_len=4, batch_size=4, seed=0, pad_id=0)
+
+
+def test_data_position_is_per_process():
+  from moejax import data_position
+
+  assert data_position.gather({"next_index": 3}) == {"processes": [{"next_index": 3}]}
+  assert data_position.own({"processes": [{"a": 1}]}) == {"a": 1}
+  assert data_position.own({"next_index": 4}) == {"next_index": 4}  # older checkpoints
+  assert data_position.own({"processes": [{"a": 1}, {"a": 1}]}) == {"a": 1}
+  with pytest.raises(ValueError, match="resume with 2 processes, not 1"):
+    data_position.own({"processes": [{"a": 1}, {"a": 2}]})
+
+
+@pytest.mark.parametrize("packing", ["window", "first_fit"])
+def test_training_on_a_store_resumes_exactly(short_store, packing, tmp_path):
+  import shutil
+
+  from moejax import train
+  from moejax.config import load_config
+  from moejax.metrics import read_metrics
+
+  config = load_config("configs/tiny.py:smoke")
+  config.data.tokens_dir, config.data.eval_fraction = short_store.directory, 0.2
+  config.data.packing = packing
+  t = config.train
+  t.num_steps, t.checkpoint_every, t.eval_every, t.log_every = 6, 3, 6, 1
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir, show_progress=False)
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  shutil.rmtree(os.path.join(copy, "checkpoints", "6"))
+  train.train_and_evaluate(config, copy, show_progress=False)
+  keys = lambda r: {k: v for k, v in r.items() if k.startswith(("train/", "eval/"))}
+  original = {r["step"]: keys(r) for r in read_metrics(workdir)}
+  resumed = {r["step"]: keys(r) for r in read_metrics(copy)}
+  assert original.keys() == resumed.keys()
+  for step, record in original.items():
+    for key, value in record.items():
+      if key != "train/tokens_per_sec":
+        np.testing.assert_allclose(resumed[step][key], value, rtol=1e-6, err_msg=f"{step} {key}")

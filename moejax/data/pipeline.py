@@ -126,7 +126,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       "tokenizer": ml_collections.config_dict.placeholder(
         str
       ),  # None: the store's; else must match it
-      "packing": "window",  # window: seeded windows over the token stream (pretraining)
+      "packing": "window",  # window: pretraining; first_fit, best_fit: whole documents
       "document_masking": True,  # attend within a document only; positions restart per document
       "workers": 2,  # threads that read token-store batches ahead of the step
     }

@@ -6,7 +6,9 @@ this process's train iterator and eval batches (`moejax.data.windows`).
     data.eval_tokens_dir a store to evaluate on, or
     data.eval_fraction   the last fraction of every training store's tokens, held out
     data.tokenizer       None: the stores'; else the kind they must have been prepared with
-    data.packing         'window' (seeded windows over the token stream)
+    data.packing         'window' (seeded windows over the token stream, pretraining), or
+                         'first_fit' / 'best_fit' (whole documents packed by grain,
+                         fine-tuning; `moejax.data.packed`)
     data.document_masking, data.workers
 
 Every store of a run must share one tokenizer (the same fingerprint).
@@ -19,12 +21,12 @@ import os
 import ml_collections
 import numpy as np
 
-from moejax.data import windows
+from moejax.data import packed, windows
 from moejax.data.byte_tokenizer import VOCAB_SIZE as BYTE_VOCAB_SIZE
 from moejax.data.store import TokenStore
 from moejax.data.tokenizer import load_tokenizer
 
-PACKINGS = ("window",)
+PACKINGS = ("window", "first_fit", "best_fit")
 
 
 def uses_token_stores(data_config: ml_collections.ConfigDict) -> bool:
@@ -155,18 +157,24 @@ def _eval_regions(data_config, stores, seq_len) -> tuple[list, list, list[float]
 
 
 def build(data_config, *, global_batch_size, seq_len, seed, shard_index=0, shard_count=1):
-  """(train iterator, eval batches) of this process; see `moejax.data.pipeline`."""
+  """(train iterator, eval batches) of this process; see `moejax.data.pipeline`. Held-out
+  tokens are evaluated in windows whatever the packing."""
   stores = training_stores(data_config)
   rows = windows.process_rows(global_batch_size, shard_index, shard_count)
   train_regions, _, _ = _eval_regions(data_config, stores, seq_len)
-  train = windows.MixtureBatches(
-    train_regions,
-    [w for _, w in stores],
-    global_batch_size=global_batch_size,
-    seed=seed,
-    document_masking=bool(data_config.document_masking),
-  )
-  iterator = windows.train_iterator(train, rows, threads=data_config.workers)
+  if data_config.packing == "window":
+    train = windows.MixtureBatches(
+      train_regions,
+      [w for _, w in stores],
+      global_batch_size=global_batch_size,
+      seed=seed,
+      document_masking=bool(data_config.document_masking),
+    )
+    iterator = windows.train_iterator(train, rows, threads=data_config.workers)
+  else:
+    iterator = _packed_iterator(
+      data_config, train_regions, seq_len, seed, rows, shard_index, shard_count
+    )
   evaluation = eval_batches(
     data_config,
     global_batch_size=global_batch_size,
@@ -176,6 +184,31 @@ def build(data_config, *, global_batch_size, seq_len, seed, shard_index=0, shard
     shard_count=shard_count,
   )
   return iterator, evaluation
+
+
+def _packed_iterator(data_config, regions, seq_len, seed, rows, shard_index, shard_count):
+  if len(regions) > 1:
+    raise ValueError(
+      f"data.packing={data_config.packing} packs one store; data.mixture needs data.packing=window."
+    )
+  if not data_config.document_masking:
+    raise ValueError(
+      f"data.packing={data_config.packing} packs whole documents, which only attend to "
+      "themselves: it needs data.document_masking=True."
+    )
+  region = regions[0]
+  documents = packed.Documents(region.store, 0, packed.documents_before(region.store, region.end))
+  return packed.train_iterator(
+    documents,
+    packing=data_config.packing,
+    seq_len=seq_len,
+    batch_size=rows.stop - rows.start,
+    seed=seed,
+    pad_id=region.store.tokenizer.pad_id,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    threads=data_config.workers,
+  )
 
 
 def eval_batches(
