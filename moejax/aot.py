@@ -58,6 +58,7 @@ from flax import nnx
 
 from moejax import flops, hlo, sharding
 from moejax.run_plan import check_mesh
+from moejax import data as data_lib
 from moejax.steps import build, make_steps
 from moejax.train import jit_train_step, no_nonfinite_tally
 
@@ -142,7 +143,9 @@ def slice_devices(topology_name: str) -> list[jax.Device]:
 
 def abstract_train_inputs(config: ml_collections.ConfigDict, mesh):
   """(graphdef, state shardings, the train step's arguments as shardings-carrying
-  `jax.ShapeDtypeStruct`s): what `jit_train_step` is lowered with, nothing allocated."""
+  `jax.ShapeDtypeStruct`s): what `jit_train_step` is lowered with, nothing allocated.
+  The batch is a token store's (`data_lib.batch_keys`): with document masking, the
+  program masks attention per document, as a pod run on real text does."""
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(config, mesh)[:2]))
   shardings = sharding.param_shardings(abstract, mesh)
   state = jax.tree.map(
@@ -155,7 +158,8 @@ def abstract_train_inputs(config: ml_collections.ConfigDict, mesh):
   }
   tokens = (config.train.batch_size, config.train.seq_len)
   batch = {
-    key: jax.ShapeDtypeStruct(tokens, jnp.int32, sharding=by_batch) for key in ("inputs", "targets")
+    key: jax.ShapeDtypeStruct(tokens, jnp.int32, sharding=by_batch)
+    for key in data_lib.batch_keys(config.data)
   }
   step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
   return graphdef, shardings, (state, tally, batch, step)

@@ -104,6 +104,11 @@ def main(argv) -> None:
   del argv
   FLAGS = flags.FLAGS
   model, config, step = load_model(FLAGS.workdir, FLAGS.step)
+  if FLAGS.split and data_lib.uses_token_stores(config.data):
+    raise ValueError(
+      "--split: this run reads token stores, whose held-out tokens are data.eval_tokens_dir "
+      "or data.eval_fraction; drop --split."
+    )
   split = FLAGS.split or config.data.eval_split
   try:
     batches = eval_batches(
@@ -113,8 +118,13 @@ def main(argv) -> None:
     raise ValueError(f"--split={split}: {cli.one_line(error)}") from error
   result = evaluate_model(model, batches)
   t = config.train
+  held_out = config.data.eval_tokens_dir or (
+    f"the last {config.data.eval_fraction:g} of the training stores"
+    if data_lib.uses_token_stores(config.data)
+    else f"{config.data.name}[{split}]"
+  )
   print(
-    f"checkpoint at step {step} of {FLAGS.workdir}, on {config.data.name}[{split}]: "
+    f"checkpoint at step {step} of {FLAGS.workdir}, on {held_out}: "
     f"{len(batches)} batches of {t.batch_size} x {t.seq_len} tokens"
   )
   print(report(result, model.moe_layer_indices), flush=True)

@@ -32,6 +32,7 @@ from absl import flags
 from flax import nnx
 
 from moejax import cli
+from moejax import workdir as workdir_lib
 from moejax import data as data_lib
 from moejax.loading import load_model
 from moejax.moe import MoeLayer
@@ -191,7 +192,7 @@ def _context_and_stop_ids(workdir: str, config) -> tuple[int, tuple[int, ...]]:
 
   hf = (import_record(workdir) or {}).get("config", {})
   context = int(hf.get("max_position_embeddings", config.train.seq_len))
-  text = _text_tokenizer(config)
+  text = _text_tokenizer(workdir, config)
   if text is not None and not hf:
     return context, (text[0].eos_id,)
   if config.model.vocab_size == data_lib.VOCAB_SIZE:
@@ -200,18 +201,21 @@ def _context_and_stop_ids(workdir: str, config) -> tuple[int, tuple[int, ...]]:
   return context, tuple(eos) if isinstance(eos, list) else () if eos is None else (eos,)
 
 
-def _text_tokenizer(config):
-  """(tokenizer, ids put before a `--prompt`'s) of a run: its token stores' tokenizer
-  (documents follow no BOS); an import's own `tokenizer.json` (`data.tokenizer`), after
-  what its post-processor puts first; the byte tokenizer after BOS for the byte
-  vocabulary; None when the run's tokenizer is unknown."""
-  if data_lib.uses_token_stores(config.data):
-    return data_lib.run_tokenizer(config.data), []
-  if config.data.tokenizer and config.data.tokenizer.startswith("hf:"):
-    tokenizer = data_lib.load_tokenizer(config.data.tokenizer)
-    return tokenizer, tokenizer.prompt_prefix()
+def _text_tokenizer(workdir: str, config):
+  """(tokenizer, ids put before a `--prompt`'s) of the run in `workdir`, from the
+  tokenizer files it keeps (a run on token stores copies its stores', an import its
+  source's): a run on token stores reads documents that follow no BOS, an import gets what
+  its file's post-processor puts first; else the byte tokenizer, after BOS unless the run
+  read byte token stores; None when the run's tokenizer is unknown."""
+  stores = data_lib.uses_token_stores(config.data)
+  directory = workdir_lib.resolve(workdir)
+  for name, kind in (("tokenizer.json", "hf"), ("tokenizer.model", "spm")):
+    if (directory / name).exists():
+      tokenizer = data_lib.load_tokenizer(f"{kind}:{directory / name}")
+      prefix = [] if stores or kind == "spm" else tokenizer.prompt_prefix()
+      return tokenizer, prefix
   if config.model.vocab_size == data_lib.VOCAB_SIZE:
-    return data_lib.load_tokenizer("bytes"), [data_lib.BOS_ID]
+    return data_lib.load_tokenizer("bytes"), [] if stores else [data_lib.BOS_ID]
   return None
 
 
@@ -222,7 +226,7 @@ def main(argv) -> None:
     raise ValueError("--prompt and --prompt_ids: give one of them.")
   model, config, step = load_model(FLAGS.workdir, FLAGS.step)
   vocab = config.model.vocab_size
-  text = _text_tokenizer(config)
+  text = _text_tokenizer(FLAGS.workdir, config)
   if text is None and not FLAGS.prompt_ids:
     raise ValueError(
       f"this model has a vocabulary of {vocab} tokens, not moejax's {data_lib.VOCAB_SIZE} "

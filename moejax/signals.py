@@ -7,6 +7,7 @@ anything else heavy is imported.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import signal
 import sys
@@ -37,6 +38,8 @@ def handle_signals(note: str | None = None) -> None:
     _state["note"] = note
   if _state["installed"] or threading.current_thread() is not threading.main_thread():
     return
+  if multiprocessing.parent_process() is not None:
+    return  # a command's worker process (spawned, it imports the command's module): its parent handles signals
   if hasattr(signal, "pthread_sigmask"):
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     # A child made by fork() starts with the parent's mask but without its waiting thread.

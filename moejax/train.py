@@ -158,7 +158,7 @@ def train_and_evaluate(
     if num_processes > 1 and not data_lib.uses_token_stores(config.data):
       # one process builds the built-in corpus; the others wait for it
       if process == 0:
-        data_lib.prepare(config.data.name, config.data.data_dir)
+        data_lib.prepare_corpus(config.data.name, config.data.data_dir)
       multihost_utils.sync_global_devices("moejax: dataset prepared")
     return data_lib.build_datasets(
       config.data,
@@ -172,6 +172,8 @@ def train_and_evaluate(
   # A finished run needs no data (unless its last checkpoint turns out unreadable).
   data = None if plan.resume_step >= tc.num_steps else datasets()
   workdir_lib.create(plan.workdir)
+  if process == 0:  # the run keeps its tokenizer: generate reads text with it anywhere
+    workdir_lib.keep_copies(plan.workdir, data_lib.run_tokenizer_files(config.data))
   checkpoints = checkpoint_lib.Checkpointer(plan.workdir, keep=tc.keep_checkpoints)
   try:
     graphdef, state, state_shardings = init_state(config, plan.mesh)

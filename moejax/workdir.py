@@ -120,3 +120,12 @@ def write_config(
   file = path / CONFIG_FILE
   if not file.exists() or file.read_text() != text:
     write_text_atomically(file, text)
+
+
+def keep_copies(path: epath.PathLike, files: dict[str, str]) -> None:
+  """Copies `files` (`{name: source path}`) into the run directory `path`, each unless a
+  file of that name is there already (a resumed run keeps what it started with)."""
+  path = resolve(path)
+  for name, source in files.items():
+    if not (path / name).exists():
+      epath.Path(source).copy(path / name)

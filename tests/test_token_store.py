@@ -69,6 +69,28 @@ def test_tokenizers_round_trip(bpe):
   assert len(built_in.encode(text)) < len(text.encode("utf-8"))  # it merges
 
 
+def test_metaspace_tokenizer_json_counts_the_spaces_it_stands_for(corpus, tmp_path):
+  """A tokenizer.json converted from SentencePiece (Mistral's, Llama 2's) writes spaces as
+  `▁`; decoding a piece alone drops it, so the bytes come from the piece itself."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  tok = Tokenizer(models.BPE(byte_fallback=True))
+  tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+  tok.decoder = decoders.Metaspace(prepend_scheme="never")
+  special = ["<unk>", "<s>", "</s>"]
+  bytes_ = [f"<0x{b:02X}>" for b in range(256)]
+  trainer = trainers.BpeTrainer(
+    vocab_size=400, special_tokens=special + bytes_, show_progress=False
+  )
+  tok.train_from_iterator(corpus[1], trainer=trainer)
+  tok.save(str(tmp_path / "tokenizer.json"))
+  loaded = load_tokenizer(f"hf:{tmp_path}")
+  text = "the king ſhall thou 日本 lord"
+  ids = loaded.encode(text)
+  assert loaded.decode(ids) == text
+  assert loaded.token_bytes()[ids].sum() == len(text.encode("utf-8"))
+
+
 def test_sentencepiece_kind(corpus, tmp_path):
   spm = pytest.importorskip("sentencepiece")
   spm.SentencePieceTrainer.train(
@@ -261,9 +283,24 @@ def test_bad_inputs_are_one_line_with_exit_2_and_write_nothing(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], (message, result.stderr)
     assert not out.exists() and not list(tmp_path.glob(f"out{i}.partial-*"))
-  skipped = _prepare_command(f"--source=jsonl:{bad}", "--not_utf8=skip", f"--out={tmp_path}/s")
-  assert skipped.returncode == 0 and "skipped 1 documents that are not UTF-8" in skipped.stdout
+  # A lone surrogate is no UTF-8 either; two workers finish without a word on stderr.
+  with open(bad, "a") as f:
+    f.write(json.dumps({"text": "half \ud800 a pair"}) + "\n")
+  skipped = _prepare_command(
+    f"--source=jsonl:{bad}", "--not_utf8=skip", f"--out={tmp_path}/s", "--workers=2"
+  )
+  assert skipped.returncode == 0 and "skipped 2 documents that are not UTF-8" in skipped.stdout
+  assert skipped.stderr == ""
   assert len(TokenStore(str(tmp_path / "s"))) == 2
+
+
+def test_a_tfds_split_with_a_colon_prepares(tmp_path):
+  """`validation[:50%]` holds a colon: the shards keep name, split and directory apart."""
+  data_dir = str(tmp_path / "tfds")
+  source = "tfds:shakespeare_plays:validation[:50%]"
+  prepare([source], "bytes", str(tmp_path / "half"), data_dir=data_dir)
+  texts = list(documents.iter_documents(source, data_dir))
+  assert len(texts) == 2 and len(TokenStore(str(tmp_path / "half"))) == 2
 
 
 def test_killed_prepare_leaves_no_store_and_the_rerun_completes(tmp_path):

@@ -49,6 +49,8 @@ def _time_arm(config, steps: int) -> dict[str, float]:
   import numpy as np
   from flax import nnx
 
+  from moejax import data as data_lib
+
   from moejax import checkpoint as checkpoint_lib
   from moejax import steps as steps_lib
 
@@ -60,9 +62,18 @@ def _time_arm(config, steps: int) -> dict[str, float]:
   train_step, eval_step = steps_lib.make_steps(graphdef, config.model)
   tokens = np.random.default_rng(0).integers(0, 256, (t.batch_size, t.seq_len + 1))
   batch = {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32)}
+  if data_lib.uses_token_stores(config.data):  # the arrays a token store's batch carries
+    shape = (t.batch_size, t.seq_len)
+    layout = {
+      "loss_mask": np.ones(shape, np.int32),
+      "segment_ids": np.ones(shape, np.int32),
+      "positions": np.broadcast_to(np.arange(t.seq_len, dtype=np.int32), shape).copy(),
+    }
+    batch |= {k: v for k, v in layout.items() if k in data_lib.batch_keys(config.data)}
+  eval_batch = batch | {"target_bytes": np.ones((t.batch_size, t.seq_len), np.int32)}
   start = time.perf_counter()
   train_c = jax.jit(train_step, donate_argnums=0).lower(state, batch).compile()
-  eval_c = jax.jit(eval_step).lower(state, batch).compile()
+  eval_c = jax.jit(eval_step).lower(state, eval_batch).compile()
   compile_s = time.perf_counter() - start
   state, metrics = train_c(state, batch)
   jax.block_until_ready(metrics)
@@ -75,7 +86,7 @@ def _time_arm(config, steps: int) -> dict[str, float]:
   eval_times = []
   for _ in range(4):
     start = time.perf_counter()
-    jax.block_until_ready(eval_c(state, batch))
+    jax.block_until_ready(eval_c(state, eval_batch))
     eval_times.append(time.perf_counter() - start)
   with tempfile.TemporaryDirectory() as directory:
     checkpoints = checkpoint_lib.Checkpointer(directory, keep=1)

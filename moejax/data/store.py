@@ -5,8 +5,9 @@ A store is a directory (written by `python -m moejax.data.prepare`):
     tokens.bin          the corpus as one flat stream, uint16 where the vocabulary fits, else
                         uint32, little-endian; every document is followed by the EOS id
     document_ends.bin   int64 little-endian `[num_documents]`: one past each document's EOS
-    tokenizer.json      a copy of the tokenizer file (`tokenizer.model` for SentencePiece;
-                        none for `bytes`), so the store reads on any machine
+    tokenizer.json      a copy of the tokenizer's files (`tokenizer.json` and the
+                        `tokenizer_config.json` naming its special tokens, or
+                        `tokenizer.model`; none for `bytes`), so the store reads anywhere
     meta.json           the format, source, tokenizer kind and fingerprint, dtype, and the
                         document, token and byte counts; written last
 
@@ -29,7 +30,7 @@ VERSION = 1
 META = "meta.json"
 TOKENS = "tokens.bin"
 DOCUMENT_ENDS = "document_ends.bin"
-TOKENIZER_COPY = {"hf": "tokenizer.json", "spm": "tokenizer.model"}
+TOKENIZER_COPY = {"hf": "tokenizer.json", "spm": "tokenizer.model"}  # a kind's main file
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -86,25 +87,33 @@ class TokenStore:
     return self.num_documents
 
   def __getitem__(self, i: int) -> np.ndarray:
+    return self.document(i)
+
+  def document(self, i: int, *, with_eos: bool = False) -> np.ndarray:
+    """The ids of document i, int32 `[length]` (`+ 1` with its EOS)."""
     if not -self.num_documents <= i < self.num_documents:
       raise IndexError(f"document {i} of a store of {self.num_documents}")
     i %= self.num_documents
     start = int(self.document_ends[i - 1]) if i else 0
-    return np.asarray(self.tokens[start : int(self.document_ends[i]) - 1], np.int32)
+    stop = int(self.document_ends[i]) - (0 if with_eos else 1)
+    return np.asarray(self.tokens[start:stop], np.int32)
 
   @functools.cached_property
   def tokenizer(self) -> Tokenizer:
+    """The tokenizer from the store's copy of its files; its EOS is the separator the
+    store was written with (checked)."""
     kind = self.meta["tokenizer"]
     prefix = kind.partition(":")[0]
     if prefix in TOKENIZER_COPY:
       kind = f"{prefix}:{os.path.join(self.directory, TOKENIZER_COPY[prefix])}"
-    return load_tokenizer(kind)
+    tokenizer = load_tokenizer(kind)
+    if tokenizer.eos_id != self.eos_id:
+      raise ValueError(
+        f"token store {self.directory}: its tokenizer copy ends documents with id "
+        f"{tokenizer.eos_id}, the store with {self.eos_id}."
+      )
+    return tokenizer
 
   @property
   def tokenizer_fingerprint(self) -> str:
     return self.meta["tokenizer_fingerprint"]
-
-  def document_starts(self) -> np.ndarray:
-    """int64 `[num_documents]`: where each document begins in `tokens` (in memory)."""
-    ends = np.asarray(self.document_ends)
-    return np.concatenate([[0], ends[:-1]]).astype(np.int64)

@@ -19,6 +19,8 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
+import socket
 
 import numpy as np
 
@@ -74,12 +76,21 @@ def _encode_shard(args) -> dict:
 
 
 def source_fingerprint(shards: list[documents.Shard]) -> str:
-  """SHA-256 over each shard and its file's size and modification time."""
+  """SHA-256 over the corpus's files (absolute path, size, modification time) or TFDS
+  splits (name, split, directory, records), in order: not over how they were cut."""
   digest = hashlib.sha256()
+  seen = set()
   for shard in shards:
-    stat = "" if shard.kind == "tfds" else os.stat(shard.path)
-    stamp = f"{stat.st_size}:{stat.st_mtime_ns}" if stat else ""
-    digest.update(f"{shard}|{stamp}\n".encode())
+    if shard.kind == "tfds":
+      stamp = (shard.kind, shard.path, shard.split, shard.data_dir)
+    else:
+      stat = os.stat(shard.path)
+      stamp = (shard.kind, shard.path, shard.key, stat.st_size, stat.st_mtime_ns)
+    if stamp not in seen:
+      seen.add(stamp)
+      digest.update(f"{stamp}\n".encode())
+  records = sum(s.stop - s.start for s in shards if s.kind == "tfds")
+  digest.update(f"tfds records {records}".encode())
   return digest.hexdigest()
 
 
@@ -93,13 +104,34 @@ def _identity(source: str, tokenizer: Tokenizer, shards, not_utf8: str) -> dict:
   }
 
 
+def _partial_prefix(out: str) -> str:
+  """`OUT.partial-HOST-`: a partial store names its host and process, so that on a shared
+  disk a host removes only its own dead processes' leftovers."""
+  return f"{out}.partial-{socket.gethostname()}-"
+
+
 def _remove_stale_partials(out: str) -> None:
-  parent, name = os.path.split(os.path.abspath(out))
-  for entry in os.listdir(parent or "."):
-    if entry.startswith(name + ".partial-"):
-      pid = entry.rsplit("-", 1)[1]
-      if pid.isdigit() and not _alive(int(pid)):
-        shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+  prefix = _partial_prefix(out)
+  parent = os.path.dirname(prefix)
+  for entry in os.listdir(parent):
+    path = os.path.join(parent, entry)
+    pid = path[len(prefix) :] if path.startswith(prefix) else ""
+    if pid.isdigit() and not _alive(int(pid)):
+      shutil.rmtree(path, ignore_errors=True)
+
+
+def _sync(directory: str) -> None:
+  """fsync every file in `directory`, then the directory itself."""
+  for entry in os.listdir(directory):
+    path = os.path.join(directory, entry)
+    if os.path.isfile(path):
+      with open(path, "rb") as f:
+        os.fsync(f.fileno())
+  descriptor = os.open(directory, os.O_RDONLY)
+  try:
+    os.fsync(descriptor)
+  finally:
+    os.close(descriptor)
 
 
 def _alive(pid: int) -> bool:
@@ -145,13 +177,15 @@ def prepare(
     raise ValueError(f"--out={out} exists and is not a token store; nothing was overwritten.")
   os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
   _remove_stale_partials(out)
-  partial = f"{out}.partial-{os.getpid()}"
+  partial = f"{_partial_prefix(out)}{os.getpid()}"
   os.makedirs(partial)
   try:
     meta = _write(partial, shards, tokenizer, identity, workers, not_utf8)
+    _sync(partial)  # the files on disk before the name says the store is complete
     if os.path.isdir(out):
       os.rmdir(out)  # empty (checked above)
     os.rename(partial, out)
+    _sync(os.path.dirname(out))
   finally:
     shutil.rmtree(partial, ignore_errors=True)
   return meta | {"already_prepared": False}
@@ -168,6 +202,7 @@ def _write(partial, shards, tokenizer, identity, workers, not_utf8) -> dict:
   ends_path = os.path.join(partial, store_lib.DOCUMENT_ENDS)
   context = multiprocessing.get_context("spawn")
   pool = context.Pool(workers, initializer=_worker_setup) if workers > 1 else None
+  finished = False
   try:
     results = pool.imap(_encode_shard, tasks) if pool else map(_encode_shard, tasks)
     with open(tokens_path, "wb") as tokens_file, open(ends_path, "wb") as ends_file:
@@ -182,14 +217,17 @@ def _write(partial, shards, tokenizer, identity, workers, not_utf8) -> dict:
         os.remove(part + ".ends")
         for key in totals:
           totals[key] += counts[key]
+    finished = True
   finally:
-    if pool:
+    if pool and finished:
+      pool.close()
+      pool.join()
+    elif pool:  # an error: the workers' shards are of no use
       pool.terminate()
   if totals["documents"] == 0:
     raise ValueError(f"--source={identity['source']}: the corpus holds no document with text")
-  prefix, _, path = tokenizer.kind.partition(":")
-  if prefix in store_lib.TOKENIZER_COPY:
-    shutil.copyfile(tokenizer.path, os.path.join(partial, store_lib.TOKENIZER_COPY[prefix]))
+  for name, source in tokenizer.files().items():  # the store's own copy, specials included
+    shutil.copyfile(source, os.path.join(partial, name))
   meta = {
     "format": store_lib.FORMAT,
     "version": store_lib.VERSION,
@@ -210,7 +248,9 @@ def _write(partial, shards, tokenizer, identity, workers, not_utf8) -> dict:
 
 
 def _worker_setup() -> None:
-  """One thread per worker for the tokenizers package: `--workers` processes, `--workers`
-  cores."""
+  """One thread per worker for the tokenizers package (`--workers` processes, `--workers`
+  cores); Ctrl-C reaches the whole process group, and the parent alone answers it."""
   os.environ["RAYON_NUM_THREADS"] = "1"
   os.environ["TOKENIZERS_PARALLELISM"] = "false"
+  if multiprocessing.parent_process() is not None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

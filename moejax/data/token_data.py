@@ -16,17 +16,24 @@ Every store of a run must share one tokenizer (the same fingerprint).
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
 import numpy as np
+from etils import epath
 
 from moejax.data import packed, windows
 from moejax.data.byte_tokenizer import VOCAB_SIZE as BYTE_VOCAB_SIZE
 from moejax.data.store import TokenStore
 from moejax.data.tokenizer import load_tokenizer
+from moejax.data.tokenizer.kinds import hf_fingerprint
 
 PACKINGS = ("window", "first_fit", "best_fit")
+
+
+def batch_keys(data_config) -> tuple[str, ...]:
+  """The arrays of a training batch from token stores, each int32 `[batch, seq_len]`:
+  with document masking, the segment ids and positions the model masks attention by."""
+  keys = ("inputs", "targets", "loss_mask")
+  return keys + (("segment_ids", "positions") if data_config.document_masking else ())
 
 
 def uses_token_stores(data_config: ml_collections.ConfigDict) -> bool:
@@ -88,11 +95,16 @@ def run_tokenizer(data_config):
   return training_stores(data_config)[0][0].tokenizer
 
 
+def run_tokenizer_files(data_config) -> dict[str, str]:
+  """The files of a run's tokenizer by name (none for bytes, or without token stores)."""
+  return run_tokenizer(data_config).files() if uses_token_stores(data_config) else {}
+
+
 def check_init_from_tokenizer(data_config, init_from: str | None) -> None:
-  """A run that starts from an import holding its `tokenizer.json` trains on text in that
-  vocabulary: token stores prepared with the same file (same fingerprint), one line
-  otherwise."""
-  if not init_from or not os.path.isfile(os.path.join(init_from, "tokenizer.json")):
+  """A run that starts from a run holding its `tokenizer.json` (an import's, or a run on
+  token stores) trains on text in that vocabulary: token stores prepared with the same
+  file (same fingerprint), one line otherwise. `init_from` may be any etils path."""
+  if not init_from or not (epath.Path(init_from) / "tokenizer.json").exists():
     return
   kind = f"hf:{init_from}"
   if not uses_token_stores(data_config):
@@ -102,7 +114,9 @@ def check_init_from_tokenizer(data_config, init_from: str | None) -> None:
       "data.tokens_dir=DIR), not on bytes."
     )
   store = training_stores(data_config)[0][0]
-  if load_tokenizer(kind).fingerprint() != store.tokenizer_fingerprint:
+  names = ("tokenizer.json", "tokenizer_config.json")
+  files = [epath.Path(init_from) / name for name in names]
+  if hf_fingerprint(f.read_bytes() for f in files if f.exists()) != store.tokenizer_fingerprint:
     raise ValueError(
       f"token store {store.directory} was prepared with {store.meta['tokenizer']}, not with "
       f"the tokenizer.json of train.init_from={init_from}; prepare it with --tokenizer={kind}."
@@ -215,7 +229,8 @@ def eval_batches(
   data_config, *, global_batch_size, seq_len, max_batches, shard_index=0, shard_count=1
 ) -> list[dict[str, np.ndarray]]:
   """This process's rows of the first `max_batches` global batches of the held-out tokens,
-  in order (as many as fit without drawing a window twice), with `target_bytes`."""
+  in order (as many as fit without drawing a window twice), with `target_bytes`; a
+  packed run's leave out the targets after an EOS, as its training does."""
   stores = training_stores(data_config)
   rows = windows.process_rows(global_batch_size, shard_index, shard_count)
   _, eval_regions, eval_weights = _eval_regions(data_config, stores, seq_len)
@@ -233,5 +248,12 @@ def eval_batches(
       f"the eval tokens hold fewer than one global batch of {global_batch_size} windows of "
       f"{seq_len + 1} tokens; hold out more (data.eval_fraction) or lower train.batch_size."
     )
-  token_bytes = np.asarray(stores[0][0].tokenizer.token_bytes(), np.int32)
-  return windows.eval_batches(held_out, rows, count, token_bytes)
+  tokenizer = stores[0][0].tokenizer
+  return windows.eval_batches(
+    held_out,
+    rows,
+    count,
+    np.asarray(tokenizer.token_bytes(), np.int32),
+    eos_id=tokenizer.eos_id,
+    count_document_starts=data_config.packing == "window",  # as training counts them
+  )

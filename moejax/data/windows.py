@@ -190,13 +190,23 @@ def train_iterator(
 
 
 def eval_batches(
-  batches: MixtureBatches, rows: slice, num_batches: int, token_bytes: np.ndarray
+  batches: MixtureBatches,
+  rows: slice,
+  num_batches: int,
+  token_bytes: np.ndarray,
+  *,
+  eos_id: int,
+  count_document_starts: bool = True,
 ) -> list[dict[str, np.ndarray]]:
   """This process's rows of the first `num_batches` global batches of an unshuffled
-  mixture, each with `target_bytes` `[rows, seq_len]`: the UTF-8 bytes each target carries."""
+  mixture, each with `target_bytes` `[rows, seq_len]`: the UTF-8 bytes each target carries.
+  Without `count_document_starts`, `loss_mask` leaves out the targets after an EOS (the
+  next document's first token), as packed training does."""
   out = []
   for b in range(num_batches):
     batch = batches.rows(b, rows)
     batch["target_bytes"] = token_bytes[batch["targets"]]
+    if not count_document_starts:
+      batch["loss_mask"] = (batch["inputs"] != eos_id).astype(np.int32)
     out.append(batch)
   return out

@@ -51,6 +51,10 @@ class Tokenizer:
   def token_bytes(self) -> np.ndarray:
     raise NotImplementedError
 
+  def files(self) -> dict[str, str]:
+    """The files that make this tokenizer, by the name a copy of them goes by."""
+    return {}
+
 
 class ByteTokenizer(Tokenizer):
   """UTF-8 bytes as ids 0..255, then PAD, BOS, EOS (`moejax.data.byte_tokenizer`)."""
@@ -73,12 +77,24 @@ class ByteTokenizer(Tokenizer):
     return (np.arange(self.vocab_size) < 256).astype(np.int32)
 
 
-def _file_sha256(path: str) -> str:
+def hf_fingerprint(contents) -> str:
+  """SHA-256 over byte strings in order: an `hf:` tokenizer's `tokenizer.json`, then its
+  `tokenizer_config.json` where there is one."""
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
+  for content in contents:
+    digest.update(content)
   return digest.hexdigest()
+
+
+def _files_sha256(paths) -> str:
+  """`hf_fingerprint` of the files' contents."""
+
+  def contents():
+    for path in paths:
+      with open(path, "rb") as f:
+        yield f.read()
+
+  return hf_fingerprint(contents())
 
 
 def _gpt2_byte_of_char() -> dict[str, int]:
@@ -112,12 +128,14 @@ class HfTokenizer(Tokenizer):
     if not os.path.isfile(path):
       raise ValueError(f"tokenizer=hf:{path}: no such tokenizer.json")
     self.kind, self.path = f"hf:{path}", path
+    config = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+    self.config_path = config if os.path.isfile(config) else None
     try:
       self._tok = tokenizers.Tokenizer.from_file(path)
     except Exception as e:  # the Rust reader raises a bare Exception
       raise ValueError(f"tokenizer=hf:{path}: not a readable tokenizer.json ({e})") from None
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-    named = self._configured_specials(os.path.dirname(path))
+    named = self._configured_specials(self.config_path)
     self.eos_id = self._special(named.get("eos_token"), _EOS_NAMES)
     if self.eos_id is None:
       raise ValueError(
@@ -129,9 +147,8 @@ class HfTokenizer(Tokenizer):
     self.pad_id = self.eos_id if pad is None else pad
 
   @staticmethod
-  def _configured_specials(directory: str) -> dict[str, str]:
-    config_path = os.path.join(directory, "tokenizer_config.json")
-    if not os.path.isfile(config_path):
+  def _configured_specials(config_path: str | None) -> dict[str, str]:
+    if config_path is None:
       return {}
     with open(config_path, encoding="utf-8") as f:
       config = json.load(f)
@@ -167,13 +184,22 @@ class HfTokenizer(Tokenizer):
     ids = np.asarray(ids).reshape(-1)
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
+  def files(self) -> dict[str, str]:
+    out = {"tokenizer.json": self.path}
+    if self.config_path:  # it names the special tokens, the EOS a store separates with
+      out["tokenizer_config.json"] = self.config_path
+    return out
+
   @functools.cache
   def fingerprint(self) -> str:
-    return _file_sha256(self.path)
+    """SHA-256 of `tokenizer.json`, and of `tokenizer_config.json` when there is one."""
+    return _files_sha256(self.files().values())
 
   def token_bytes(self) -> np.ndarray:
-    """Byte-level vocabularies (GPT-2's table): one byte per char of the token string;
-    others: the UTF-8 length of the token decoded alone, one byte for `<0xNN>` pieces."""
+    """From each token's string: in a byte-level vocabulary (GPT-2's table) one byte per
+    char; a `<0xNN>` byte piece one byte; otherwise the UTF-8 of the string with
+    SentencePiece's `▁` as the space it stands for (decoding a piece alone would drop
+    it). Special tokens 0."""
     decoder = json.loads(self._tok.to_str()).get("decoder") or {}
     byte_level = decoder.get("type") == "ByteLevel"
     specials = {a.content for a in self._tok.get_added_tokens_decoder().values() if a.special}
@@ -188,7 +214,7 @@ class HfTokenizer(Tokenizer):
       elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
         lengths[i] = 1
       else:
-        lengths[i] = len(self._tok.decode([i]).encode("utf-8"))
+        lengths[i] = len(token.replace("\u2581", " ").encode("utf-8"))
     return lengths
 
 
@@ -221,9 +247,12 @@ class SpmTokenizer(Tokenizer):
   def decode(self, ids) -> str:
     return self._sp.decode([int(i) for i in np.asarray(ids).reshape(-1)])
 
+  def files(self) -> dict[str, str]:
+    return {"tokenizer.model": self.path}
+
   @functools.cache
   def fingerprint(self) -> str:
-    return _file_sha256(self.path)
+    return _files_sha256([self.path])
 
   def token_bytes(self) -> np.ndarray:
     """`▁` is one space; `<0xNN>` byte pieces are one byte; control and unknown pieces 0."""
