@@ -372,6 +372,11 @@ class Checkpointer:
       raise ValueError(f"{file} is not valid JSON ({describe_failure(error)})") from error
     return restored["config"]
 
+  def wait_until_finished(self) -> None:
+    """Returns once the previous save is written (Orbax finishes saves in a background
+    thread, whose cross-process barriers must not interleave with other collectives)."""
+    self._manager.wait_until_finished()
+
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()

@@ -16,10 +16,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 
-def gather(state: dict[str, Any]) -> dict[str, Any]:
-  """Every process's iterator `state`, in process order. Called by all processes at once
-  (a collective when there are several)."""
-  if jax.process_count() == 1:
+def gather(state: dict[str, Any], *, per_process: bool) -> dict[str, Any]:
+  """Every process's iterator `state`, in process order: with `per_process` (packed
+  batches) a collective, called by all processes at once, with no other cross-process
+  work in flight (an Orbax save finishing in the background); else this process's
+  state, the same on every process, once."""
+  if jax.process_count() == 1 or not per_process:
     return {"processes": [state]}
   text = np.frombuffer(json.dumps(state, sort_keys=True).encode(), np.uint8)
   lengths = multihost_utils.process_allgather(np.array([len(text)], np.int64)).reshape(-1)

@@ -155,9 +155,11 @@ def train_and_evaluate(
   process, num_processes = jax.process_index(), jax.process_count()
 
   def datasets():
-    if num_processes > 1 and not data_lib.uses_token_stores(config.data):
-      # one process builds the built-in corpus; the others wait for it
-      if process == 0:
+    if num_processes > 1:
+      # One process builds an embedded corpus; the others wait for it. The barrier also
+      # lines the processes up before Orbax's checkpoint manager is made (its first save
+      # writes root metadata that every process must agree is new).
+      if process == 0 and not data_lib.uses_token_stores(config.data):
         data_lib.prepare_corpus(config.data.name, config.data.data_dir)
       multihost_utils.sync_global_devices("moejax: dataset prepared")
     return data_lib.build_datasets(
@@ -172,8 +174,6 @@ def train_and_evaluate(
   # A finished run needs no data (unless its last checkpoint turns out unreadable).
   data = None if plan.resume_step >= tc.num_steps else datasets()
   workdir_lib.create(plan.workdir)
-  if process == 0:  # the run keeps its tokenizer: generate reads text with it anywhere
-    workdir_lib.keep_copies(plan.workdir, data_lib.run_tokenizer_files(config.data))
   checkpoints = checkpoint_lib.Checkpointer(plan.workdir, keep=tc.keep_checkpoints)
   try:
     graphdef, state, state_shardings = init_state(config, plan.mesh)
@@ -184,6 +184,8 @@ def train_and_evaluate(
       return _finished_result(plan.workdir, start_step)
     if process == 0:
       workdir_lib.write_config(plan.workdir, config, step=start_step, changes=plan.changes)
+      # The run keeps its tokenizer: generate reads text with it, anywhere.
+      workdir_lib.keep_copies(plan.workdir, data_lib.run_tokenizer_files(config.data))
       if plan.changes:
         log.warning(
           "continuing with a changed config from step %d: %s (logged in %s)",
@@ -247,6 +249,7 @@ def _train_loop(
   tc, m = config.train, config.model
   train_step, eval_step = steps
   state, state_shardings = state_and_shardings
+  per_process_data = data_lib.per_process_position(config.data) and jax.process_count() > 1
   train_iter, eval_batches = data
   _, schedule = make_optimizer(tc)
   moe_layers = moe_layer_indices(m)
@@ -322,7 +325,10 @@ def _train_loop(
             f"{last_eval['eval/bits_per_byte']:.4f} bits/byte"
           )
         if save_now:
-          checkpoints.save(step, state, data_position.gather(train_iter.get_state()), config)
+          if per_process_data:  # the gather is a collective: Orbax's last save finished first
+            checkpoints.wait_until_finished()
+          position = data_position.gather(train_iter.get_state(), per_process=per_process_data)
+          checkpoints.save(step, state, position, config)
           saved_step = step
         clock.start()
       progress.update(1)

@@ -438,7 +438,9 @@ def test_packing_resumes_exactly_and_splits_documents_across_processes(short_sto
 def test_data_position_is_per_process():
   from moejax import data_position
 
-  assert data_position.gather({"next_index": 3}) == {"processes": [{"next_index": 3}]}
+  for per_process in (True, False):
+    gathered = data_position.gather({"next_index": 3}, per_process=per_process)
+    assert gathered == {"processes": [{"next_index": 3}]}
   assert data_position.own({"processes": [{"a": 1}]}) == {"a": 1}
   assert data_position.own({"next_index": 4}) == {"next_index": 4}  # older checkpoints
   assert data_position.own({"processes": [{"a": 1}, {"a": 1}]}) == {"a": 1}

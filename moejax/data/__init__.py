@@ -17,6 +17,7 @@ from moejax.data.token_data import eval_batches as token_eval_batches
 from moejax.data.token_data import (
   batch_keys,
   check_init_from_tokenizer,
+  per_process_position,
   resolve_vocab_size,
   run_tokenizer,
   run_tokenizer_files,
@@ -45,6 +46,7 @@ __all__ = [
   "make_eval_batches",
   "make_train_iterator",
   "pack_documents",
+  "per_process_position",
   "prepare_corpus",
   "resolve_data_dir",
   "resolve_vocab_size",

@@ -36,6 +36,12 @@ def batch_keys(data_config) -> tuple[str, ...]:
   return keys + (("segment_ids", "positions") if data_config.document_masking else ())
 
 
+def per_process_position(data_config) -> bool:
+  """Whether each process's data iterator stands somewhere of its own (packed batches),
+  rather than at the shared batch index (windows, the byte pipeline)."""
+  return uses_token_stores(data_config) and data_config.packing != "window"
+
+
 def uses_token_stores(data_config: ml_collections.ConfigDict) -> bool:
   return bool(data_config.tokens_dir or data_config.mixture)
 
