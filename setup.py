@@ -6,6 +6,7 @@ setup(
   name="moejax",
   version="0.1.0",
   description="Sparse Mixture-of-Experts transformer language models in JAX and Flax NNX.",
+  license="Apache-2.0",
   long_description=open("README.md", encoding="utf-8").read(),
   long_description_content_type="text/markdown",
   # jax, flax, grain, orbax-checkpoint and numpy of the versions below need Python 3.11+.
