@@ -16,6 +16,7 @@ from moejax.data import token_data
 from moejax.data.packing import pack_documents, split_inputs_targets
 from moejax.data.shakespeare import NAME as SHAKESPEARE_NAME
 from moejax.data.sources import load_split
+from moejax.data.windows import process_rows
 
 # Elements are cheap slices of an in-memory array: two threads and a short
 # prefetch queue are plenty (grain's defaults are 16 threads, 500 batches).
@@ -23,16 +24,8 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 
 
 def _per_process_batch_size(global_batch_size: int, shard_index: int, shard_count: int) -> int:
-  if shard_count < 1:
-    raise ValueError(f"shard_count must be >= 1, got {shard_count}")
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
-  if global_batch_size < 1 or global_batch_size % shard_count:
-    raise ValueError(
-      f"global_batch_size ({global_batch_size}) must be a positive multiple of "
-      f"shard_count ({shard_count})"
-    )
-  return global_batch_size // shard_count
+  rows = process_rows(global_batch_size, shard_index, shard_count)
+  return rows.stop - rows.start
 
 
 def make_train_iterator(

@@ -172,8 +172,8 @@ def process_rows(global_batch_size: int, shard_index: int, shard_count: int) -> 
     raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count}).")
   if global_batch_size < 1 or global_batch_size % shard_count:
     raise ValueError(
-      f"train.batch_size={global_batch_size} must be a positive multiple of the "
-      f"{shard_count} processes."
+      f"train.batch_size (global_batch_size={global_batch_size}) must be a positive multiple "
+      f"of the processes (shard_count={shard_count})."
     )
   size = global_batch_size // shard_count
   return slice(shard_index * size, (shard_index + 1) * size)
