@@ -5,7 +5,10 @@
 For each `configs/NAME.py` with a `pod` variant, `moejax.aot.report` compiles the train
 step for the slice the config names (`hardware.topology`) and the JSON report is written
 to `docs/results/pods/NAME.json`; then the Markdown table of all the reports there is
-written to `--out`. Needs libtpu (`pip install -e '.[tpu]'`); no TPU.
+written to `--out`. A dropless config on an expert axis is compiled a second time with the
+opt-in bounded exchange (`model.dropless_overflow='drop'`), and the report keeps that
+program's memory (`dropless_drop`) beside the default's. Needs libtpu
+(`pip install -e '.[tpu]'`); no TPU.
 """
 
 from __future__ import annotations
@@ -40,6 +43,25 @@ def pod_configs() -> list[str]:
   return names
 
 
+def dropless_opt_in(config) -> dict | None:
+  """The memory and collectives of `config`'s step with `dropless_overflow='drop'` (one
+  bounded exchange round), for a dropless config on an expert axis; else None."""
+  if config.model.dispatch != "dropless" or config.mesh.expert <= 1:
+    return None
+  config = config.copy_and_resolve_references()
+  config.model.dropless_overflow = "drop"
+  report = aot.report(config, config.hardware.topology)
+  return {k: report[k] for k in ("bytes_per_device", "fits", "collectives") if k in report}
+
+
+def _dropless_cell(r: dict) -> str:
+  """'rounds / drop' GiB per device of a dropless config, else '—'."""
+  if "dropless_drop" not in r:
+    return "—"
+  rounds = r["bytes_per_device"]["total"] / GIB
+  return f"{rounds:.1f} / {r['dropless_drop']['bytes_per_device']['total'] / GIB:.1f}"
+
+
 def table_row(name: str, r: dict) -> str:
   mesh = " × ".join(f"{k} {v}" for k, v in r["mesh"].items() if v > 1) or "—"
   head = (
@@ -50,7 +72,7 @@ def table_row(name: str, r: dict) -> str:
   if "error" in r:  # out of HBM: the compiler made no program
     return head + (
       f"| ≥ {used:.1f} / {r['hbm_bytes'] / GIB:.0f} | **no** | {r['model_flops'] / r['num_devices']:.2e} "
-      f"| — | — | — | — | {r['compile_seconds']:.0f} |"
+      f"| — | — | — | — | {_dropless_cell(r)} | {r['compile_seconds']:.0f} |"
     )
   collectives = ", ".join(f"{op} {c['bytes'] / GIB:.1f}" for op, c in r["collectives"].items())
   bounds = r["roofline_seconds"]
@@ -59,13 +81,13 @@ def table_row(name: str, r: dict) -> str:
     f"| {r['model_flops'] / r['num_devices']:.2e} | {collectives or '—'} "
     f"| {bounds['compute'] * 1e3:.0f} / {bounds['ici'] * 1e3:.0f} "
     f"| {r['roofline_step_seconds'] * 1e3:.0f} ({r['roofline_bottleneck']}) "
-    f"| {r['roofline_mfu']:.0%} | {r['compile_seconds']:.0f} |"
+    f"| {r['roofline_mfu']:.0%} | {_dropless_cell(r)} | {r['compile_seconds']:.0f} |"
   )
 
 
 HEADER = """\
-| config | params total / active | slice (devices) | mesh | GiB per device / HBM | fits | model FLOPs per device | collectives GiB per device | roofline ms: compute / ICI | step ≥ ms (bound) | MFU ≤ | compile s |
-|---|---|---|---|---|---|---|---|---|---|---|---|"""
+| config | params total / active | slice (devices) | mesh | GiB per device / HBM | fits | model FLOPs per device | collectives GiB per device | roofline ms: compute / ICI | step ≥ ms (bound) | MFU ≤ | dropless GiB: rounds / drop | compile s |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|"""
 
 
 def main(argv) -> None:
@@ -78,6 +100,13 @@ def main(argv) -> None:
     print(f"{name}: compiling for {config.hardware.topology} ...", flush=True)
     report = aot.report(config, config.hardware.topology)
     report["config"], report["slice"] = f"configs/{name}.py:pod", config.hardware.topology
+    opt_in = dropless_opt_in(config)
+    if opt_in is not None:
+      report["dropless_drop"] = opt_in
+      print(
+        f"{name}: with dropless_overflow='drop': {opt_in['bytes_per_device']['total'] / GIB:.2f} GiB per device",
+        flush=True,
+      )
     print(aot.format_report(report), flush=True)
     text = json.dumps(report, indent=2, sort_keys=True) + "\n"
     workdir_lib.write_text_atomically(results / f"{name}.json", text)

@@ -11,7 +11,8 @@ allocated and no TPU is needed. XLA then reports, per device: the bytes of the
 arguments, outputs and temporaries (`compiled.memory_analysis()`), the FLOPs
 (`compiled.cost_analysis()`, which counts a loop's body once), and the collectives of the
 partitioned program (`moejax.hlo.collectives`, which counts a loop's body as often as it
-runs).
+runs; the later rounds of a dropless exchange, which run only when a skewed router
+overfills a receive buffer, are counted apart: `collectives_per_extra_round`).
 
 The slice is named as gcloud names it (`v5p-128`), or as a topology (`v5p:4x4x4`);
 without `--topology` the config's own `hardware.topology` is used. The numbers of a
@@ -279,7 +280,17 @@ def report(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  collectives = hlo.collectives(compiled.as_text())
+  # Loops whose trip count is known only at run time (dropless's later exchange rounds,
+  # taken only when a skewed router overfills a receive buffer) count zero times: the
+  # step of a balanced router. What each such trip adds is reported beside it.
+  hlo_text = compiled.as_text()
+  collectives = hlo.collectives(hlo_text, unknown_trips=0)
+  once = hlo.collectives(hlo_text, unknown_trips=1)
+  per_extra_round = {
+    op: {k: once[op][k] - collectives.get(op, {}).get(k, 0) for k in ("count", "bytes")}
+    for op in once
+    if once[op] != collectives.get(op)
+  }
   used = {
     "arguments": int(memory.argument_size_in_bytes),
     "outputs": int(memory.output_size_in_bytes),
@@ -307,6 +318,7 @@ def report(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
     "fits": used["total"] <= hbm,
     "margin_bytes": int(hbm - used["total"]),
     "collectives": collectives,
+    "collectives_per_extra_round": per_extra_round,
     "flops_per_device": flops_per_device,
     "program_flops_per_device": program_flops,
     "roofline_seconds": bounds,
@@ -354,6 +366,16 @@ def format_report(result: dict[str, Any]) -> str:
       ", ".join(f"{op} {c['count']}x {gib(c['bytes'])}" for op, c in result["collectives"].items())
       or "none"
     ),
+  ]
+  if result.get("collectives_per_extra_round"):
+    lines.append(
+      "each further dropless exchange round (under a skewed router) adds: "
+      + ", ".join(
+        f"{op} {c['count']}x {gib(c['bytes'])}"
+        for op, c in result["collectives_per_extra_round"].items()
+      )
+    )
+  lines += [
     f"FLOPs per device per step: {result['flops_per_device']:.3e} (XLA, loop bodies once), "
     f"{result['program_flops_per_device']:.3e} (program); model FLOPs per step "
     f"{result['model_flops']:.3e} (6·N_active·tokens + attention)",

@@ -73,7 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
   model.topk_groups = config_dict.placeholder(int)  # groups a token may route to; None: all
   model.router_bias = False  # a trained bias on the router logits (Switch)
   model.group_size = config_dict.placeholder(int)  # tokens per routing group; None: a sequence
-  model.dropless_buffer_factor = 2.0  # dropless expert parallelism: receive rows / own rows
+  model.dropless_buffer_factor = 2.0  # dropless expert parallelism: round's receive / own rows
+  model.dropless_overflow = "rounds"  # rows past the buffer: more rounds, or drop (opt-in)
   model.dense_moe_hybrid = False  # MoE layers keep a dense FFN beside the experts (Arctic)
   model.lb_loss_weight = 0.01  # load-balancing loss weight, per MoE layer (summed over layers)
   model.z_loss_weight = 0.001  # router z-loss weight, per MoE layer (summed over layers)

@@ -77,14 +77,15 @@ def array_bytes(dtype: str, dims: tuple[int, ...]) -> int:
   return _DTYPE_BYTES[dtype] * math.prod(dims)
 
 
-def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+def collectives(hlo_text: str, unknown_trips: int = 1) -> dict[str, dict[str, int]]:
   """`{op: {"count": executions, "bytes": result bytes per device}}` per step for each op of
   `COLLECTIVES` in a compiled HLO module (ops that never run are left out).
 
   Counts what runs, not what is written: the entry computation's ops, plus those of every
   computation it calls, a `while` body as many times as XLA's `known_trip_count` says (a
-  scan over layers runs its body once per layer; a loop without a known count counts
-  once), each branch of a conditional once. An op's bytes are its result's; an async
+  scan over layers runs its body once per layer; a loop whose count is only known at run
+  time, such as dropless's later exchange rounds, counts `unknown_trips` times), each
+  branch of a conditional once. An op's bytes are its result's; an async
   `-start` whose result is a tuple (the operand beside the result, or context scalars)
   counts its largest array.
   """
@@ -99,7 +100,7 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
         for op, size in _collective(line):
           entry_ = counts.setdefault(op, [0, 0])
           entry_[0], entry_[1] = entry_[0] + 1, entry_[1] + size
-        for callee, times in _callees(line, computations):
+        for callee, times in _callees(line, computations, unknown_trips):
           for op, (count, size) in total(callee).items():
             entry_ = counts.setdefault(op, [0, 0])
             entry_[0], entry_[1] = entry_[0] + times * count, entry_[1] + times * size
@@ -161,9 +162,9 @@ def _collective(line: str):
       return
 
 
-def _trip_count(line: str, computations: dict[str, list[str]]) -> int:
+def _trip_count(line: str, computations: dict[str, list[str]], unknown: int) -> int:
   """How often the `while` on `line` runs: XLA's `known_trip_count` (CPU, GPU), else read
-  from its condition when that is `counter < constant` (TPU); 1 when unknown."""
+  from its condition when that is `counter < constant` (TPU); `unknown` when neither."""
   trips = _TRIP_COUNT.search(line)
   if trips:
     return int(trips.group(1))
@@ -174,19 +175,19 @@ def _trip_count(line: str, computations: dict[str, list[str]]) -> int:
     compare = _LESS_THAN.search(instruction)
     if instruction.lstrip().startswith("ROOT") and compare and compare.group(1) in constants:
       return int(constants[compare.group(1)])
-  return 1
+  return unknown
 
 
 _CONSTANT = re.compile(r"%([\w.\-]+) = s32\[\] constant\((\d+)\)")
 _LESS_THAN = re.compile(r"compare\(%[\w.\-]+, %([\w.\-]+)\), direction=LT")
 
 
-def _callees(line: str, computations: dict[str, list[str]]):
+def _callees(line: str, computations: dict[str, list[str]], unknown_trips: int):
   """`(computation, times)` for each computation the instruction on `line` runs."""
   if " while(" in line:
     body = re.search(r"\bbody=%?([\w.\-]+)", line)
     if body:
-      yield body.group(1), _trip_count(line, computations)
+      yield body.group(1), _trip_count(line, computations, unknown_trips)
     return
   for key in ("calls", "to_apply", "true_computation", "false_computation"):
     for callee in re.findall(r"\b" + key + r"=%?([\w.\-]+)", line):

@@ -43,6 +43,20 @@ def _train_record(metrics: dict[str, Any], moe_layers: tuple[int, ...]) -> dict[
   return record
 
 
+def dropless_drop_warning(step: int, record: dict[str, Any], model) -> str | None:
+  """The line a log step prints when `dispatch='dropless'` dropped assignments (only the
+  opt-in `dropless_overflow='drop'` can), else None."""
+  dropped = record.get("train/dropped_fraction", 0.0)
+  if model.dispatch != "dropless" or not dropped > 0:
+    return None
+  return (
+    f"step {step}: dropless dropped {dropped:.2%} of this step's expert assignments "
+    f"(model.dropless_overflow={model.dropless_overflow!r} caps each exchange at "
+    f"dropless_buffer_factor={model.dropless_buffer_factor:g} times a device's rows; "
+    "'rounds' drops none)"
+  )
+
+
 def _finished_result(path: epath.Path, step: int) -> dict[str, Any]:
   """The result of a run already at its last step `step`, from its metrics.jsonl."""
   result: dict[str, Any] = {"preempted": False, "step": step, "start_step": step}
@@ -316,6 +330,8 @@ def _train_loop(
           record["train/skipped_steps"] = skipped
           writer.write(step, record)
           last_train = record
+          if warning := dropless_drop_warning(step, record, m):
+            log.warning(warning)
           progress.set_postfix(loss=f"{record['train/loss']:.3f}")
         if eval_now:
           last_eval = evaluate(eval_step, state, eval_batches)

@@ -46,7 +46,7 @@ def apply_form(form, experts, x, routing, capacity):
   """`x` `[G, S, d]` through prepare -> the experts (one device) -> combine; also `kept`."""
   E = experts.num_experts
   inputs, plan = form.prepare(x, routing, num_experts=E, capacity=capacity, dtype=jnp.float32)
-  spec = ExpertSpec("swiglu", "block_loop", "cpu", 2.0, routing_k(routing))
+  spec = ExpertSpec("swiglu", "block_loop", "cpu", 2.0, "rounds", routing_k(routing))
   outputs, overflow = run_experts(None, inputs, experts.weights(), spec)
   assert int(overflow) == 0
   return form.combine(outputs, plan).reshape(x.shape), plan.kept

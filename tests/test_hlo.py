@@ -75,6 +75,24 @@ def test_collectives_in_a_loop_body_count_once_per_trip():
   }
 
 
+def test_a_loop_counted_only_at_run_time_counts_as_asked():
+  """A `while` with no known trip count, and a condition on a run-time value (dropless's
+  later exchange rounds): counted `unknown_trips` times."""
+  body = "%rounds.1 (t: (s32[], f32[4])) -> (s32[], f32[4]) {\n"
+  body += "  %a = f32[4]{0} all-to-all(f32[4]{0} %x), dimensions={0}\n}\n"
+  condition = "%more.2 (t: (s32[], f32[4])) -> pred[] {\n"
+  condition += "  ROOT %lt = pred[] compare(%i, %n), direction=LT\n}\n"
+  text = module(
+    "  %w = (s32[], f32[4]) while((s32[], f32[4]) %t), condition=%more.2, body=%rounds.1\n"
+    "  %z = f32[2]{0} all-to-all(f32[2]{0} %q)\n",
+    body,
+    condition,
+  )
+  assert hlo.collectives(text) == {"all-to-all": {"count": 2, "bytes": 16 + 8}}
+  assert hlo.collectives(text, unknown_trips=0) == {"all-to-all": {"count": 1, "bytes": 8}}
+  assert hlo.collectives(text, unknown_trips=3)["all-to-all"] == {"count": 4, "bytes": 56}
+
+
 def test_find_array_matches_dimensions_in_any_order():
   text = (
     "%w = f32[16,512,1024]{2,1,0} parameter(0)\n"

@@ -36,6 +36,8 @@ def make(**overrides) -> MoeConfig:
     (dict(router_jitter=1.0), "router_jitter"),
     (dict(expert_dropout=-0.1), "expert_dropout"),
     (dict(dropless_buffer_factor=0.0), "dropless_buffer_factor"),
+    (dict(dropless_overflow="spill"), "dropless_overflow"),
+    (dict(dropless_overflow="drop", dispatch="sort"), "dropless_overflow='drop' does nothing"),
   ],
 )
 def test_bad_settings_raise_one_clear_line(overrides, needle):

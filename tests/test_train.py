@@ -291,3 +291,14 @@ def test_filter_logits_against_numpy():
   assert keep(generate.filter_logits(logits, temperature=0.0, top_k=0, top_p=1.0)) == [1, 0, 0, 0]
   scaled = generate.filter_logits(logits, temperature=0.5, top_k=0, top_p=1.0)
   np.testing.assert_allclose(np.asarray(scaled), np.asarray(logits) * 2, rtol=1e-6)
+
+
+def test_a_log_step_where_dropless_dropped_warns_in_one_line():
+  model = load_config("configs/tiny.py:smoke", {"model.dispatch": "dropless"}).model
+  assert train.dropless_drop_warning(4, {"train/dropped_fraction": 0.0}, model) is None
+  model.dropless_overflow = "drop"
+  line = train.dropless_drop_warning(4, {"train/dropped_fraction": 0.2812}, model)
+  assert line.startswith("step 4: dropless dropped 28.12% ") and "\n" not in line
+  assert "dropless_overflow='drop'" in line and "dropless_buffer_factor=2" in line
+  model.dispatch = "sort"  # capacity drops are the dispatch's meaning, not a warning
+  assert train.dropless_drop_warning(4, {"train/dropped_fraction": 0.2812}, model) is None

@@ -1,7 +1,7 @@
 """The Mixture-of-Experts layer: config, routing, dispatch, experts, expert parallelism.
 
-Calls only go down: `layer` -> `routing`, `dispatch` -> `expert_parallel` -> `experts`
--> `block_ffn`; `rows` holds the gathers they share.
+Calls only go down: `layer` -> `routing`, `dispatch` -> `expert_parallel` (->
+`dropless_exchange`) -> `experts` -> `block_ffn`; `rows` holds the gathers they share.
 """
 
 from moejax.moe.config import MoeConfig

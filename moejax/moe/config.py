@@ -11,7 +11,7 @@ simply does not apply are ignored, and listed here:
 | option | ignored when |
 |---|---|
 | `capacity_factor`, `eval_capacity_factor`, `min_capacity`, `group_size` | `dispatch='dropless'` (no capacity; dropless takes every assignment) |
-| `dropless_buffer_factor` | any dispatch but `dropless`, or no expert axis > 1 |
+| `dropless_buffer_factor`, `dropless_overflow` (default `'rounds'`) | any dispatch but `dropless`, or no expert axis > 1 |
 | `second_expert_policy` (default `'all'`), `renormalize` (default False) | `router='expert_choice'` or `'dense'` |
 | the load-balancing loss (0.0 is reported) | `router='expert_choice'` (balanced by construction) and `'dense'` (every token uses every expert) |
 | `lb_pooling` | the load-balancing loss is not computed (the two routers above) |
@@ -30,6 +30,7 @@ TOKEN_CHOICE_ROUTERS = ("top_k", "noisy_top_k")
 SECOND_EXPERT_POLICIES = ("all", "random")
 
 DISPATCHES = ("auto", "einsum", "sort", "dropless")
+DROPLESS_OVERFLOWS = ("rounds", "drop")
 EXPERT_IMPLS = ("auto", "block_loop", "grouped_matmul")
 
 
@@ -65,8 +66,11 @@ class MoeConfig:
       num_shared_experts · d_ff (DeepSeekMoE).
     group_size: tokens per routing group; None makes each sequence one group.
     dropless_buffer_factor: with dropless dispatch and an expert axis n > 1, each device
-      receives at most factor × (its own routed rows) rows; rows past that are dropped
-      and counted in `dropped_fraction` (`moejax.moe.expert_parallel`).
+      receives at most factor × (its own routed rows) rows per exchange round
+      (`moejax.moe.dropless_exchange`).
+    dropless_overflow: what happens to rows past that buffer: 'rounds' (the default)
+      moves them in further rounds, so nothing is ever dropped; 'drop' (an opt-in bound
+      on time) drops them and counts them in `dropped_fraction`.
     score_fn: 'softmax' or 'sigmoid' router scores (DeepSeek-V3, Llama 4).
     routed_scaling_factor: multiplies every routed gate (DeepSeek-V2/V3).
     bias_update_rate: > 0 turns on auxiliary-loss-free balancing (Wang et al. 2024;
@@ -98,6 +102,7 @@ class MoeConfig:
   num_shared_experts: int = 0
   group_size: int | None = None
   dropless_buffer_factor: float = 2.0
+  dropless_overflow: str = "rounds"
   score_fn: str = "softmax"
   routed_scaling_factor: float = 1.0
   bias_update_rate: float = 0.0
@@ -114,6 +119,12 @@ class MoeConfig:
     _choice("expert_impl", self.expert_impl, EXPERT_IMPLS)
     _choice("second_expert_policy", self.second_expert_policy, SECOND_EXPERT_POLICIES)
     _choice("score_fn", self.score_fn, SCORE_FNS)
+    _choice("dropless_overflow", self.dropless_overflow, DROPLESS_OVERFLOWS)
+    if self.dropless_overflow == "drop" and self.dispatch != "dropless":
+      raise ValueError(
+        f"dropless_overflow='drop' does nothing with dispatch={self.dispatch!r} (only "
+        "dropless exchanges rows); set dispatch='dropless' or leave it at 'rounds'."
+      )
     if self.lb_pooling == "global":
       raise ValueError(
         "lb_pooling='global' is what 'call' computes here: every step routes its whole global "

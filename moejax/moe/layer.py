@@ -107,7 +107,12 @@ class MoeLayer(nnx.Module):
     self.dispatch = config.resolved_dispatch(platform)
     self.expert_impl = config.resolved_expert_impl(platform)
     self.expert_spec = ExpertSpec(
-      config.activation, self.expert_impl, platform, config.dropless_buffer_factor, config.top_k
+      config.activation,
+      self.expert_impl,
+      platform,
+      config.dropless_buffer_factor,
+      config.dropless_overflow,
+      config.top_k,
     )
     self.deterministic = False
     if config.router == "noisy_top_k":
