@@ -144,6 +144,34 @@ def test_a_missing_or_unknown_tensor_writes_nothing(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+def test_layers_past_the_configs_count_are_refused_unless_prediction_layers(tmp_path):
+  """A config saying 1 layer for a 2-layer file is refused, not imported by half;
+  DeepSeek-V3's multi-token-prediction layer (`num_nextn_predict_layers`) is skipped."""
+  hf = hf_reference.tiny_config("olmoe")
+  source = tmp_path / "olmoe"
+  source.mkdir()
+  hf_reference.write_checkpoint(source, hf)
+  (source / "config.json").write_text(json.dumps({**hf, "num_hidden_layers": 1}))
+  with pytest.raises(ValueError, match=r"tensors .* no place for \(e\.g\. model\.layers\.1\."):
+    transfer.import_checkpoint(source, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+  from safetensors.numpy import save_file
+
+  hf = hf_reference.tiny_config("deepseek_v3")
+  source = tmp_path / "deepseek"
+  source.mkdir()
+  tensors = hf_reference.write_checkpoint(source, hf)
+  layers = hf["num_hidden_layers"]
+  tensors[f"model.layers.{layers}.eh_proj.weight"] = np.zeros((4, 8), ml_dtypes.bfloat16)
+  save_file(tensors, str(source / "model.safetensors"))
+  with pytest.raises(ValueError, match=rf"no place for \(e\.g\. model\.layers\.{layers}\."):
+    transfer.import_checkpoint(source, tmp_path / "run")
+  (source / "config.json").write_text(json.dumps({**hf, "num_nextn_predict_layers": 1}))
+  summary = transfer.import_checkpoint(source, tmp_path / "run")
+  assert summary["family"] == "deepseek_v3"
+
+
 def test_an_import_that_fails_while_writing_removes_what_it_wrote(tmp_path, monkeypatch):
   from moejax.convert.safetensors_dir import CheckpointDir
 

@@ -41,14 +41,17 @@ from moejax.streamed_array import StreamedArray
 IMPORT_RECORD = "import.json"
 
 
-def _unused_is_known(key: str, num_layers: int) -> bool:
+def _unused_is_known(key: str, num_layers: int, prediction_layers: int) -> bool:
   """Tensors a checkpoint may hold that are not model weights moejax has: RoPE's
-  precomputed frequencies, and DeepSeek-V3's multi-token-prediction layers (numbered
-  from num_hidden_layers on)."""
+  precomputed frequencies, and DeepSeek-V3's multi-token-prediction layers (the config's
+  `num_nextn_predict_layers`, numbered from num_hidden_layers on). Any other layer past
+  num_hidden_layers is a config that does not describe its file."""
   if key.endswith("rotary_emb.inv_freq"):
     return True
   parts = key.split(".")
-  return len(parts) > 2 and parts[:2] == ["model", "layers"] and int(parts[2]) >= num_layers
+  if len(parts) <= 2 or parts[:2] != ["model", "layers"] or not parts[2].isdigit():
+    return False
+  return num_layers <= int(parts[2]) < num_layers + prediction_layers
 
 
 def _streamed_leaf(
@@ -98,8 +101,11 @@ def import_checkpoint(
     if missing:
       shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
       raise ValueError(f"--from={source}: {family.model_type} tensors missing: {shown}.")
+    prediction_layers = int(src.config.get("num_nextn_predict_layers") or 0)
     unknown = [
-      k for k in src.files if k not in wanted and not _unused_is_known(k, config.model.num_layers)
+      k
+      for k in src.files
+      if k not in wanted and not _unused_is_known(k, config.model.num_layers, prediction_layers)
     ]
     if unknown:
       raise ValueError(
