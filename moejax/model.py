@@ -53,7 +53,7 @@ from moejax.moe import MoeConfig, MoeLayer
 from moejax.moe.aggregate import aggregate_aux
 from moejax.norms import RMSNorm
 from moejax.document_mask import check_documents
-from moejax.sharding import logical
+from moejax.sharding import logical, on_batch_axes
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ATTENTIONS = ("gqa", "mla")
@@ -364,7 +364,7 @@ class TransformerLM(nnx.Module):
 
   def __init__(self, config: ml_collections.ConfigDict, *, mesh=None, rngs: nnx.Rngs):
     validate_config(config)
-    self.dtype = DTYPES[config.dtype]
+    self.dtype, self.mesh = DTYPES[config.dtype], mesh
     self.num_experts, self.num_layers = config.num_experts, config.num_layers
     self.moe_layer_indices = moe_layer_indices(config)
     self.embed = nnx.Embed(
@@ -470,7 +470,7 @@ class TransformerLM(nnx.Module):
         raise ValueError(f"start={start} + seq={seq} exceeds the cache's max_len={max_len}")
     if positions is None:
       positions = start + jnp.arange(seq, dtype=jnp.int32)
-    x = self.embed(tokens).astype(self.dtype)
+    x = on_batch_axes(self.embed(tokens).astype(self.dtype), self.mesh)
     auxes, new_cache = [], []
     for i, stack in enumerate(self.stacks):
       x, stack_auxes, stack_cache = stack(
@@ -489,7 +489,7 @@ class TransformerLM(nnx.Module):
       )
     else:
       logits = on_rows(self.lm_head, h).astype(jnp.float32)
-    aux = aggregate_aux(auxes, self.num_experts)
+    logits, aux = on_batch_axes(logits, self.mesh), aggregate_aux(auxes, self.num_experts)
     if cache is None:
       return logits, aux
     return logits, aux, tuple(new_cache)

@@ -8,10 +8,15 @@ neighbours in device order (same host, same NVLink/ICI island), while the data a
 carries only the once-per-step gradient all-reduce. Every axis shards the batch (GShard:
 in expert parallelism the expert axis is also a data axis). The expert axis also shards
 the expert weights, so each device holds E/n of every MoE layer's experts. The fsdp axis
-also shards every parameter and its optimizer state along the parameter's largest
-dimension that no other axis shards and that it divides (ZeRO-3, Rajbhandari et al. 2020;
-PyTorch FSDP): XLA gathers a weight where a layer uses it and reduce-scatters its
-gradient, so parameter and optimizer memory per device fall as 1/fsdp.
+and the expert axis together shard every parameter that is not an expert weight, and its
+optimizer state, along the parameter's largest dimension that no other axis shards and that they divide (ZeRO-3,
+Rajbhandari et al. 2020; PyTorch FSDP; MaxText puts its expert axis in the dense layers'
+sharding the same way): XLA gathers a weight where a layer uses it and reduce-scatters
+its gradient, so the memory of non-expert parameters and their optimizer state falls as
+1/(fsdp · expert), and no gradient is all-reduced across the expert axis. Expert weights
+hold `expert` on their expert dimension and `fsdp` on their largest other one. The data
+axis stays pure data parallelism: it carries only the gradient reduction, the traffic
+that can cross slices.
 
 Axis types: the mesh axes are `AxisType.Auto` (not `jax.make_mesh`'s default
 `Explicit`). Shardings are given where they matter (jit `in_shardings`/`out_shardings`,
@@ -60,6 +65,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 DATA, FSDP, EXPERT = "data", "fsdp", "expert"
 MESH_AXES = (DATA, FSDP, EXPERT)  # outermost first
 BATCH_AXES = (DATA, FSDP, EXPERT)  # the mesh axes that shard the batch, in this order
+ZERO_AXES = (FSDP, EXPERT)  # the mesh axes that shard parameters and optimizer state
 AXIS_TYPES = (AxisType.Auto,) * len(MESH_AXES)
 
 # The one table from logical axis names to mesh axes (None = replicated). Mesh axes that a
@@ -259,7 +265,8 @@ def _variable_sharding(var: nnx.Variable, mesh, path: str, require_names: bool) 
   shape = getattr(value, "shape", ())
   if len(names) != len(shape):
     raise ValueError(f"{path}: logical axes {tuple(names)} do not match its shape {shape}.")
-  spec = with_fsdp(logical_to_mesh(names, mesh), names, shape, axis_size(mesh, FSDP))
+  zero = {a: axis_size(mesh, a) for a in ZERO_AXES}
+  spec = with_fsdp(logical_to_mesh(names, mesh), names, shape, zero)
   for dim, axes in zip(shape, spec):
     size = math.prod(axis_size(mesh, a) for a in ((axes,) if isinstance(axes, str) else axes or ()))
     if dim % size:
@@ -270,20 +277,30 @@ def _variable_sharding(var: nnx.Variable, mesh, path: str, require_names: bool) 
   return NamedSharding(mesh, spec)
 
 
-def with_fsdp(spec: P, names, shape, fsdp: int) -> P:
-  """`spec` with the fsdp axis on the largest dimension that `spec` leaves unsharded, that
-  is not a stacked-layers axis, and that `fsdp` divides (ties: the first); unchanged when
-  fsdp is 1 or no dimension qualifies (the parameter stays whole on the fsdp axis)."""
+def with_fsdp(spec: P, names, shape, zero_axes: dict[str, int]) -> P:
+  """`spec` with the ZeRO axes on the largest dimension that `spec` leaves unsharded, that
+  is not a stacked-layers axis, and that they divide (ties: the first).
+
+  `zero_axes` are `{axis: size}` in `ZERO_AXES` order; those of size 1 and those `spec`
+  already uses are left out (expert weights keep `expert` on their expert dimension).
+  The rest shard one dimension together when some dimension divides by their product,
+  else the first alone that does (fsdp before expert); the parameter stays whole when
+  none does.
+  """
   entries = list(spec) + [None] * (len(shape) - len(spec))
-  if fsdp <= 1:
-    return P(*entries)
-  free = [
+  used = {a for e in entries for a in ((e,) if isinstance(e, str) else e or ())}
+  axes = [a for a, size in zero_axes.items() if size > 1 and a not in used]
+  free = lambda n: [
     i
     for i, (dim, entry, name) in enumerate(zip(shape, entries, names))
-    if entry is None and name != "layers" and dim % fsdp == 0
+    if entry is None and name != "layers" and dim % n == 0
   ]
-  if free:
-    entries[max(free, key=lambda i: (shape[i], -i))] = FSDP
+  choices = ([tuple(axes)] if len(axes) > 1 else []) + [(a,) for a in axes]
+  for choice in choices:
+    dims = free(math.prod(zero_axes[a] for a in choice))
+    if dims:
+      entries[max(dims, key=lambda i: (shape[i], -i))] = choice[0] if len(choice) == 1 else choice
+      break
   return P(*entries)
 
 
@@ -362,6 +379,17 @@ def replicated(mesh) -> NamedSharding:
 def batch_sharding(mesh) -> NamedSharding:
   """Sharding of a batch array `[batch, ...]`: the batch over the data and expert axes."""
   return NamedSharding(mesh, P(batch_axes(mesh)))
+
+
+def on_batch_axes(x: jax.Array, mesh) -> jax.Array:
+  """`x` `[batch, ...]` held sharded over the batch axes only (unchanged without a mesh).
+
+  Where a ZeRO-sharded weight meets the activations (the embedding lookup, the logits),
+  XLA could otherwise shard the result like the weight (the logits over the vocabulary)
+  and reshard it by all-to-all; pinned, the weight is gathered instead, as FSDP means."""
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, batch_sharding(mesh))
 
 
 def shard_batch(batch, mesh):

@@ -95,10 +95,13 @@ def test_param_shardings_names_every_param_and_follows_optimizer_state():
   moe = "['stacks'][0]['period']['blocks'][0]['moe']"
   expert_spec = P(None, "expert", None, None)
   assert specs[moe + "['experts']['w_in'].value"] == expert_spec
-  assert specs["['embed']['embedding'].value"] == P(None, None)
-  assert specs[moe + "['router_kernel'].value"] == P(None, None, None)
+  # Every other parameter is ZeRO-sharded over the expert axis too (fsdp is 1 here), on
+  # its largest dimension that 4 divides: the vocabulary of 260, the router's d_model.
+  assert specs["['embed']['embedding'].value"] == P("expert", None)
+  assert specs[moe + "['router_kernel'].value"] == P(None, "expert", None)
   assert sum(s == expert_spec for s in specs.values()) == 3
-  assert all(s == expert_spec or all(a is None for a in s) for s in specs.values())
+  params = {p: s for p, s in specs.items() if "rng" not in p}  # RNG state is replicated
+  assert all(s == expert_spec or list(s).count("expert") == 1 for s in params.values())
 
   # nnx.Optimizer copies the names to its state.
   optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
@@ -117,9 +120,12 @@ def test_param_shardings_names_every_param_and_follows_optimizer_state():
   opt_sh = sharding.tree_shardings(opt_state, mesh, params)
   leaves = jax.tree_util.tree_flatten_with_path(opt_sh)[0]
   assert len(leaves) == len(jax.tree.leaves(opt_state))
+  by_suffix = {p.replace(".value", ""): s for p, s in specs.items()}
   for path, leaf_sharding in leaves:
-    expected = expert_spec if "experts" in jax.tree_util.keystr(path) else P()
-    assert normalize(leaf_sharding.spec) == normalize(expected), jax.tree_util.keystr(path)
+    name = jax.tree_util.keystr(path)
+    param = [s for p, s in by_suffix.items() if name.endswith(p)]
+    expected = param[0] if param else P()  # the step counts: replicated
+    assert normalize(leaf_sharding.spec) == normalize(expected), name
   placed = jax.device_put(opt_state, opt_sh)
   assert jax.tree.leaves(placed)[0].sharding is not None
 
@@ -145,16 +151,27 @@ def test_param_shardings_rejects_unnamed_params_and_bad_shapes():
 
 def test_fsdp_takes_the_largest_free_divisible_dimension():
   with_fsdp = sharding.with_fsdp
+  zero = lambda fsdp, expert=1: {"fsdp": fsdp, "expert": expert}
   # Experts already on the expert axis: fsdp takes the larger of the other two.
-  assert with_fsdp(P("expert", None, None), ("expert", "embed", "mlp"), (8, 32, 64), 4) == P(
-    "expert", None, "fsdp"
-  )
-  assert with_fsdp(P(None, None), ("vocab", "embed"), (260, 32), 4) == P("fsdp", None)
-  assert with_fsdp(P(None, None), ("vocab", "embed"), (260, 32), 8) == P(None, "fsdp")  # 260 % 8
-  assert with_fsdp(P(None, None, None), ("layers", "embed", "mlp"), (64, 4, 4), 8) == P(
+  assert with_fsdp(
+    P("expert", None, None), ("expert", "embed", "mlp"), (8, 32, 64), zero(4, 8)
+  ) == P("expert", None, "fsdp")
+  assert with_fsdp(P(None, None), ("vocab", "embed"), (260, 32), zero(4)) == P("fsdp", None)
+  assert with_fsdp(P(None, None), ("vocab", "embed"), (260, 32), zero(8)) == P(
+    None, "fsdp"
+  )  # 260 % 8
+  assert with_fsdp(P(None, None, None), ("layers", "embed", "mlp"), (64, 4, 4), zero(8)) == P(
     None, None, None
   )  # the stacked-layers axis is never sharded; nothing else divides
-  assert with_fsdp(P(None), ("embed",), (32,), 1) == P(None)
+  assert with_fsdp(P(None), ("embed",), (32,), zero(1)) == P(None)
+  # A non-expert weight: fsdp and expert together on one dimension (ZeRO over both) ...
+  assert with_fsdp(P(None, None), ("embed", "mlp"), (32, 64), zero(2, 4)) == P(
+    None, ("fsdp", "expert")
+  )
+  assert with_fsdp(P(None), ("embed",), (32,), zero(1, 8)) == P("expert")
+  # ... else the first alone that divides a dimension: 12 % 8, 12 % 2 == 0; then expert.
+  assert with_fsdp(P(None), ("embed",), (12,), zero(2, 4)) == P("fsdp")
+  assert with_fsdp(P(None), ("embed",), (12,), zero(8, 4)) == P("expert")
 
 
 @pytest.mark.parametrize(
