@@ -27,6 +27,7 @@ from moejax import data_position
 from moejax import config_text, sharding, signals
 from moejax import data as data_lib
 from moejax import workdir as workdir_lib
+from moejax import workdir_lock
 from moejax.metrics import MetricWriter, read_metrics
 from moejax.model import moe_layer_indices
 from moejax.init_from import restore_init_from
@@ -154,7 +155,8 @@ def train_and_evaluate(
   the start says where the run starts and what trains (with the optimizer state's bytes).
 
   Everything `plan_run` checks is checked before the workdir is created or written, and
-  the data is found before it is created. A run already at `train.num_steps` returns its
+  the data is found before it is created. The run holds the workdir's lock from before
+  its first write (`moejax.workdir_lock`): a second run on it is refused. A run already at `train.num_steps` returns its
   last metrics without training. SIGTERM or SIGINT ends the run after the current step
   with a checkpoint (all processes agree on the step). A non-finite loss term or gradient
   is never applied; with `train.nonfinite_policy='stop'` the run ends with
@@ -188,6 +190,38 @@ def train_and_evaluate(
   # A finished run needs no data (unless its last checkpoint turns out unreadable).
   data = None if plan.resume_step >= tc.num_steps else datasets()
   workdir_lib.create(plan.workdir)
+  lock = _lock_workdir(plan.workdir, process, num_processes)
+  try:
+    return _train(config, plan, data or datasets, process, show_progress)
+  finally:
+    if lock is not None:
+      workdir_lock.release(plan.workdir, lock)
+
+
+def _lock_workdir(workdir, process: int, num_processes: int) -> dict | None:
+  """Process 0 takes the workdir's lock (`moejax.workdir_lock`); every process learns
+  whether it did, and all raise `WorkdirBusy` together when it did not."""
+  owner, error = None, None
+  if process == 0:
+    try:
+      owner = workdir_lock.acquire(workdir)
+    except workdir_lock.WorkdirBusy as busy:
+      error = busy
+  if num_processes > 1:
+    locked = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+    if not locked and error is None:
+      error = workdir_lock.WorkdirBusy(
+        f"--workdir={workdir} is in use by another run (process 0 could not lock it)."
+      )
+  if error is not None:
+    raise error
+  return owner
+
+
+def _train(config, plan, data, process: int, show_progress: bool) -> dict[str, Any]:
+  """`train_and_evaluate` once the workdir is created and locked; `data` the datasets, or
+  the function that builds them (a finished run builds them only if it must train)."""
+  tc = config.train
   checkpoints = checkpoint_lib.Checkpointer(plan.workdir, keep=tc.keep_checkpoints)
   try:
     graphdef, state, state_shardings = init_state(config, plan.mesh)
@@ -211,7 +245,7 @@ def train_and_evaluate(
     if start_step == 0 and tc.init_from:
       model_state, init_step = restore_init_from(tc.init_from, state[0], plan.mesh)
       state = nnx.merge_state(state, {0: model_state})
-    train_iter, eval_batches = data or datasets()
+    train_iter, eval_batches = data() if callable(data) else data
     if start_step:
       train_iter.set_state(data_position.own(data_state))
       log.info("resumed from the checkpoint at step %d", start_step)

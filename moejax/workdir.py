@@ -7,6 +7,7 @@ before anything is written, and created only once the run is known to be valid.
 
 Files written here: `config.json`, the run's config as readable JSON (rewritten when a
 resumed run is allowed a changed config, the change appended to `config_changes.jsonl`).
+A training run holds `run.lock` while it runs (`moejax.workdir_lock`).
 """
 
 from __future__ import annotations

@@ -75,6 +75,13 @@ def test_metrics_file_has_the_documented_records(trained):
   assert final["eval/loss"] == eval_records[-1]["eval/loss"]
 
 
+def test_a_finished_run_leaves_no_workdir_lock(trained):
+  workdir, config, _ = trained
+  assert not os.path.exists(os.path.join(workdir, "run.lock"))
+  train.train_and_evaluate(config, workdir, show_progress=False)  # already finished
+  assert not os.path.exists(os.path.join(workdir, "run.lock"))
+
+
 def test_learning_rate_follows_warmup_then_cosine(trained):
   workdir, config, _ = trained
   lr = [r["train/learning_rate"] for r in read_metrics(workdir) if "train/learning_rate" in r]
