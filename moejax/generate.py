@@ -108,9 +108,12 @@ def sample(
   """Continues `prompt_ids` (`[prompt_len]` int) by up to `max_new_tokens` tokens.
 
   The model sees at most `context_len` tokens (the `train.seq_len` it was trained on):
-  the newest `context_len` tokens of the prompt are prefilled into a KV cache of that
-  length, then one token is decoded per jitted step. When the cache is full, the newest
-  `context_len // 2` tokens are prefilled again from position 0 (the window slides).
+  the newest `context_len` tokens of the prompt are prefilled into a KV cache, then one
+  token is decoded per jitted step. The cache holds what this call needs, not what the
+  model could attend to: min(context_len, prompt + max_new_tokens) tokens (an import's
+  `max_position_embeddings` of 128k costs nothing for a short sample). When it is full
+  at `context_len`, the newest `context_len // 2` tokens are prefilled again from
+  position 0 (the window slides).
   Stops early at a token of `stop_ids` (not returned). Compiles three programs: the
   prompt's prefill, the slide's prefill and the decode step.
 
@@ -131,11 +134,14 @@ def sample(
       )
   graphdef, state = nnx.split(model)
   keep = context_len // 2
+  tokens = [int(t) for t in np.asarray(prompt_ids).reshape(-1)]
+  window = tokens[-context_len:]
+  cache_len = min(context_len, len(window) + max_new_tokens)
 
   @jax.jit
   def prefill(state, tokens):
     model = nnx.merge(graphdef, state)
-    logits, _, cache = model(tokens, cache=model.init_cache(1, context_len), start=0)
+    logits, _, cache = model(tokens, cache=model.init_cache(1, cache_len), start=0)
     return logits[:, -1], cache
 
   @jax.jit
@@ -147,8 +153,6 @@ def sample(
     filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
     return int(jax.random.categorical(key, filtered, axis=-1)[0])
 
-  tokens = [int(t) for t in np.asarray(prompt_ids).reshape(-1)]
-  window = tokens[-context_len:]
   logits, cache = prefill(state, jnp.asarray(window, jnp.int32)[None])
   position = len(window)  # the next token's position in the cache
   key = jax.random.key(seed)
@@ -162,7 +166,7 @@ def sample(
     tokens.append(token)
     if i + 1 == max_new_tokens:
       break
-    if position == context_len:  # the window is full: slide it
+    if position == cache_len:  # the window is full (only at context_len): slide it
       logits, cache = prefill(state, jnp.asarray(tokens[-keep:], jnp.int32)[None])
       position = keep
     else:

@@ -218,6 +218,17 @@ def test_greedy_sampling_with_a_cache_and_a_sliding_window_equals_recomputing(tr
     window = context // 2 if window == context else window + 1
 
 
+def test_the_cache_holds_the_sample_not_the_claimed_context(trained):
+  """A context of 10^9 tokens (an import's max_position_embeddings could say so) samples 5
+  tokens as the trained context does: the cache is sized by prompt + new tokens."""
+  workdir, config, _ = trained
+  model, _, _ = generate.load_model(workdir)
+  prompt = np.array([257, *b"To"], np.int32)
+  want = generate.sample(model, prompt, max_new_tokens=5, context_len=config.train.seq_len)
+  got = generate.sample(model, prompt, max_new_tokens=5, context_len=10**9)
+  np.testing.assert_array_equal(got, want)
+
+
 def test_eval_command_reproduces_the_runs_last_eval(trained):
   from moejax import eval as eval_lib
 
