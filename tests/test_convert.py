@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -170,6 +171,21 @@ def test_layers_past_the_configs_count_are_refused_unless_prediction_layers(tmp_
   (source / "config.json").write_text(json.dumps({**hf, "num_nextn_predict_layers": 1}))
   summary = transfer.import_checkpoint(source, tmp_path / "run")
   assert summary["family"] == "deepseek_v3"
+
+
+@pytest.mark.parametrize("key", ["num_experts", "num_hidden_layers"])
+def test_absurd_claimed_counts_are_refused_before_anything_is_sized(tmp_path, key):
+  """10^6 experts or layers in config.json for a file of 4 and 2: refused at once."""
+  hf = hf_reference.tiny_config("olmoe")
+  source = tmp_path / "hf"
+  source.mkdir()
+  hf_reference.write_checkpoint(source, hf)
+  (source / "config.json").write_text(json.dumps({**hf, key: 10**6}))
+  start = time.perf_counter()
+  with pytest.raises(ValueError, match=r"config\.json claims 1000000 .*; its tensors hold \d+\."):
+    transfer.import_checkpoint(source, tmp_path / "run")
+  assert time.perf_counter() - start < 10
+  assert not (tmp_path / "run").exists()
 
 
 def test_an_import_that_fails_while_writing_removes_what_it_wrote(tmp_path, monkeypatch):

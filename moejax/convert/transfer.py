@@ -21,6 +21,7 @@ back every tensor bit for bit.
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -52,6 +53,26 @@ def _unused_is_known(key: str, num_layers: int, prediction_layers: int) -> bool:
   if len(parts) <= 2 or parts[:2] != ["model", "layers"] or not parts[2].isdigit():
     return False
   return num_layers <= int(parts[2]) < num_layers + prediction_layers
+
+
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+_EXPERT_KEY = re.compile(r"\.experts\.(\d+)\.")
+
+
+def check_claimed_counts(files, model, source) -> None:
+  """Refuses a config.json that claims more layers or routed experts than the files hold,
+  before anything is sized by its numbers (a claim of 10^6 experts would otherwise cost
+  gigabytes of bookkeeping before the first missing tensor is noticed)."""
+  layers = {int(m.group(1)) for key in files if (m := _LAYER_KEY.match(key))}
+  experts = {int(m.group(1)) for key in files if (m := _EXPERT_KEY.search(key))}
+  for what, claimed, held in (
+    ("layers (num_hidden_layers)", model.num_layers, len(layers)),
+    ("routed experts per layer", model.num_experts, max(experts) + 1 if experts else None),
+  ):
+    if held is not None and claimed > held:
+      raise ValueError(
+        f"--from={source}: config.json claims {claimed} {what}; its tensors hold {held}."
+      )
 
 
 def _streamed_leaf(
@@ -94,6 +115,7 @@ def import_checkpoint(
   try:
     family = families.family_of(src.config)
     config = families.model_config(src.config, base if base is not None else base_config())
+    check_claimed_counts(src.files, config.model, source)
     validate_config(config.model)
     plan = layout.pieces(config.model, family)
     wanted = {piece.key for piece in plan}
