@@ -33,9 +33,26 @@ VERBOSE = flags.DEFINE_bool(
 # ----------------------------------------------------------------------------- errors
 
 
+# Status codes with which TensorStore (under Orbax) and XLA raise `ValueError` for what is
+# no fault of the command: a full disk, an unreachable bucket, a dead peer.
+_FAILED_RUN_STATUSES = (
+  "RESOURCE_EXHAUSTED",
+  "UNAVAILABLE",
+  "DEADLINE_EXCEEDED",
+  "DATA_LOSS",
+  "ABORTED",
+  "CANCELLED",
+  "INTERNAL",
+  "UNKNOWN",
+)
+
+
 def exit_code(error: BaseException) -> int:
-  """2 when the command is wrong (bad flag, config key or value, path), 1 when the run failed."""
+  """2 when the command is wrong (bad flag, config key or value, path), 1 when the run
+  failed (I/O, disk, network; a `ValueError` carrying a failed-run status included)."""
   wrong_command = (ValueError, KeyError, TypeError, app.UsageError, flags.Error)
+  if isinstance(error, ValueError) and str(error).lstrip().startswith(_FAILED_RUN_STATUSES):
+    return 1
   return 2 if isinstance(error, wrong_command) else 1
 
 

@@ -163,6 +163,10 @@ def test_a_signal_at_a_random_moment_of_start_up_ends_with_one_line(tmp_path):
 def test_exit_codes_and_one_line_messages():
   assert cli.exit_code(ValueError("x")) == cli.exit_code(KeyError("x")) == 2
   assert cli.exit_code(FileNotFoundError("x")) == cli.exit_code(RuntimeError("x")) == 1
+  # TensorStore's ValueError on a full disk is a failed run, not a wrong command.
+  full = ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space left on device")
+  assert cli.exit_code(full) == 1
+  assert cli.exit_code(ValueError("UNAVAILABLE: bucket unreachable")) == 1
   assert cli.one_line(KeyError("'a' is not a key")) == "'a' is not a key"
   assert cli.one_line(ValueError("two\n  lines")) == "two lines"
   assert cli.one_line(IndexError("out of range")) == "IndexError: out of range"
