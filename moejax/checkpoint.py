@@ -1,10 +1,14 @@
 """Orbax checkpoints of the whole training state, the data position and the config.
 
-A checkpoint at step N holds three items: `state` (the NNX state of model and optimizer
+A checkpoint at step N holds four items: `state` (the NNX state of model and optimizer
 as a nested dict of arrays: parameters, Adam moments, the optimizer step, the RNG
-streams), `data` (the grain iterator state, JSON) and `config` (the run's config, JSON;
-`moejax.generate` rebuilds the model from it). The directory is reached through
-`etils.epath` (local paths and `gs://` alike).
+streams), `data` (the grain iterator state, JSON), `config` (the run's config, JSON;
+`moejax.generate` rebuilds the model from it) and `checksums` (two sums per array of
+`state`, `moejax.checksums`, JSON). Every restore recomputes the sums of what it read and
+checks that floating arrays are finite: a checkpoint whose contents changed after it was
+written is unreadable, like one whose files cannot be read (checkpoints written before
+checksums, and those of imports and upcycles, are checked for finiteness only). The
+directory is reached through `etils.epath` (local paths and `gs://` alike).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from etils import epath
 from flax import nnx
 
 from moejax import workdir as workdir_lib
+from moejax.checksums import checksums, mismatches
 from moejax.streamed_array import StreamedArray, StreamedArrayHandler
 from moejax.tree_paths import path_name
 
@@ -124,6 +129,7 @@ class Checkpointer:
         "state": ocp.StandardCheckpointHandler(),
         "data": ocp.JsonCheckpointHandler(),
         "config": ocp.JsonCheckpointHandler(),
+        "checksums": ocp.JsonCheckpointHandler(),
       },
     )
 
@@ -145,15 +151,36 @@ class Checkpointer:
     self, step: int, state: nnx.State, data_state: dict[str, Any], config: ml_collections.ConfigDict
   ) -> None:
     pure = _keys_to_data(nnx.to_pure_dict(state))
+    sums, _ = checksums(pure)
     self._manager.save(
       step,
       args=ocp.args.Composite(
         state=ocp.args.StandardSave(pure),
         data=ocp.args.JsonSave(data_state),
         config=ocp.args.JsonSave(config.to_dict()),
+        checksums=ocp.args.JsonSave(sums),
       ),
       force=True,
     )
+
+  def _has_checksums(self, step: int) -> bool:
+    return (self.directory / str(step) / "checksums").exists()
+
+  def _verify(self, step: int, state, saved: dict | None) -> None:
+    """Raises ValueError when the restored `state` (pure arrays) holds a non-finite float
+    array, or differs from the `saved` checksums (None: none were written)."""
+    found, nonfinite = checksums(state)
+    if nonfinite:
+      raise ValueError(
+        f"checkpoint {step} holds non-finite values in {len(nonfinite)} arrays (e.g. "
+        f"{nonfinite[0]}): its contents are corrupt"
+      )
+    differ = mismatches(saved or {}, found)
+    if differ:
+      raise ValueError(
+        f"checkpoint {step}'s checksums differ from what was written in {len(differ)} "
+        f"arrays (e.g. {differ[0]}): its contents are corrupt"
+      )
 
   def save_model(self, step: int, model_state, config: ml_collections.ConfigDict) -> None:
     """Saves only a model's state (no optimizer, no data position) as checkpoint `step`:
@@ -219,22 +246,28 @@ class Checkpointer:
     reader = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(create=False),
-      item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+      item_handlers={
+        "state": ocp.PyTreeCheckpointHandler(),
+        "checksums": ocp.JsonCheckpointHandler(),
+      },
     )
     try:
       restore_args = jax.tree.map(
         lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), target
       )
+      sums = {"checksums": ocp.args.JsonRestore()} if self._has_checksums(step) else {}
       restored = reader.restore(
         step,
         args=ocp.args.Composite(
           state=ocp.args.PyTreeRestore(
             {"0": target}, restore_args={"0": restore_args}, partial_restore=True
-          )
+          ),
+          **sums,
         ),
       )
     finally:
       reader.close()
+    self._verify(step, restored["state"], restored.get("checksums"))
     nnx.replace_by_pure_dict(model_state, _data_to_keys(restored["state"]["0"], template))
     return model_state
 
@@ -272,10 +305,14 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     template = nnx.to_pure_dict(state)
     target = _abstract(_keys_to_data(template))
+    sums = {"checksums": ocp.args.JsonRestore()} if self._has_checksums(step) else {}
     restored = self._manager.restore(
       step,
-      args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()),
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), **sums
+      ),
     )
+    self._verify(step, restored["state"], restored.get("checksums"))
     nnx.replace_by_pure_dict(state, _data_to_keys(restored["state"], template))
     return step, state, restored["data"]
 

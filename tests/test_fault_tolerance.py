@@ -141,6 +141,30 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(reference, tmp_pa
   assert_same_run(comparable(workdir), comparable(reference))
 
 
+def test_flipped_bytes_in_the_newest_checkpoint_are_caught_and_it_falls_back(
+  reference, tmp_path, caplog
+):
+  """64 bytes flipped in the largest data file of the newest checkpoint: the checksums
+  (or the finiteness check) catch it, the checkpoint is moved aside, and the run resumes
+  from the one before and repeats the uninterrupted run."""
+  shutil.copytree(reference, tmp_path / "run")
+  workdir = tmp_path / "run"
+  files = [p for p in (workdir / "checkpoints" / "12" / "state").rglob("*") if p.is_file()]
+  largest = max(files, key=lambda p: p.stat().st_size)
+  data = bytearray(largest.read_bytes())
+  middle = len(data) // 2
+  data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+  largest.write_bytes(bytes(data))
+  config = run_config(**{"train.num_steps": 12, "train.checkpoint_every": 3, "train.eval_every": 6})
+  with caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(config, str(workdir), show_progress=False)
+  warning = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+  assert warning and "step 12" in warning[0] and "resumed from step 9" in warning[0], warning
+  assert "its contents are corrupt" in warning[0], warning  # read, but not what was written
+  assert os.path.exists(workdir / "checkpoints_unreadable" / "12" / "state")
+  assert_same_run(comparable(workdir), comparable(reference))
+
+
 def test_unreadable_checkpoints_never_restart_from_scratch(reference, tmp_path):
   shutil.copytree(reference / "checkpoints", tmp_path / "checkpoints")
   for step in os.listdir(tmp_path / "checkpoints"):
