@@ -30,12 +30,9 @@ def get_config(arg: str = ""):
     config,
     arg,
     "deepseek_v3",
-    # v5p-512 held the byte-vocabulary model with 2.5 GiB to spare; the published 129,280
-    # rows add 2.6 GiB of state and 8.7 GiB of temporaries a chip (the embedding and
-    # output projection gathered, and their gradients, whole on every expert device): one
-    # sequence a chip on twice the chips.
-    pod_topology="v5p-1024",
-    pod_mesh={"fsdp": 16, "expert": 32},
-    pod_batch_size=512,
+    # With the non-expert weights sharded over fsdp and expert together (ZeRO over both),
+    # the published 129,280-row vocabulary fits v5p-512 with 29 GiB a chip to spare.
+    pod_topology="v5p-512",
+    pod_mesh={"fsdp": 8, "expert": 32},
     pod_tokenizer=("hf:tokenizers/deepseek-v3", 129280),
   )

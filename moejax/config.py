@@ -122,7 +122,6 @@ def apply_variant(
   *,
   pod_topology: str | None = None,
   pod_mesh: Mapping[str, int] | None = None,
-  pod_batch_size: int = 256,
   pod_tokenizer: tuple[str, int] | None = None,
 ) -> ml_collections.ConfigDict:
   """Picks the size of a published-architecture config: ARG 'pod' keeps the published
@@ -130,7 +129,7 @@ def apply_variant(
   Shakespeare corpus, keeping its routing (router, k, renormalisation, layer layout,
   capacity, losses) and its share of experts; 'smoke' shrinks it to a few seconds.
 
-  The pod recipe: `pod_batch_size` sequences of 1024 tokens per step, one sequence per
+  The pod recipe: 256 sequences of 1024 tokens per step, one sequence per
   routing group where there is a capacity (dropless routing has none), bfloat16 compute (parameters, router and losses stay float32), every
   scanned period recomputed in the backward pass, on the slice `pod_topology`
   (`hardware.topology`, gcloud-style) with the mesh axes `pod_mesh` (the data axis takes
@@ -143,7 +142,7 @@ def apply_variant(
   if arg not in ("pod", "cpu", "smoke"):
     raise ValueError(f"configs/{name}.py: ARG={arg!r} is not one of 'pod', 'cpu', 'smoke'.")
   if arg == "pod":
-    config.train.batch_size, config.train.seq_len = pod_batch_size, 1024
+    config.train.batch_size, config.train.seq_len = 256, 1024
     config.train.num_steps, config.train.warmup_steps = 100_000, 2000
     config.train.learning_rate = 3e-4
     config.train.log_every, config.train.eval_every, config.train.checkpoint_every = 100, 2000, 2000
