@@ -28,6 +28,13 @@ VOCAB, BATCH, SEQ, D_MODEL, E, K, D_FF = 260, 8, 16, 32, 8, 2, 32
 GROUP = 16
 LB_WEIGHT, Z_WEIGHT = 0.01, 1e-3
 MESHES = [(1, 1), (8, 1), (2, 4), (1, 8), (4, 2)]
+# Without an expert axis no row is exchanged: those meshes run once, on 'sort'.
+CASES = [
+  (dispatch, shape)
+  for shape in MESHES
+  for dispatch in ("sort", "dropless", "deepseek")
+  if shape[1] > 1 or dispatch == "sort"
+]
 # Gradients: max |g - g_ref| / max |g_ref| per parameter (the sharded step sums over the
 # batch in another order). Measured: about 1.5e-6 (sort) and 1e-6 (dropless).
 GRAD_TOL = 1e-5
@@ -136,8 +143,9 @@ def flat(tree):
 # ----------------------------------------------------------------------------- the equivalence
 
 
-@pytest.mark.parametrize("dispatch", ["sort", "dropless", "deepseek"])
-@pytest.mark.parametrize("shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize(
+  "dispatch,shape", CASES, ids=lambda c: c if isinstance(c, str) else "x".join(map(str, c))
+)
 def test_sharded_train_step_matches_one_device(dispatch, shape):
   data, expert = shape
   ref_loss, ref_metrics, ref_grads = reference(dispatch)

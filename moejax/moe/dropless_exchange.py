@@ -14,8 +14,9 @@ senders in order, form one stream; round `r` moves the stream's rows `[r·B, (r+
   is ever dropped, on any mesh. Round 0 is differentiated by JAX as usual; the rounds
   after it run in a `while_loop` whose trip count is the global maximum (all-reduced over
   the mesh), under a custom VJP that recomputes each round's exchange and experts in the
-  backward pass. Memory stays one buffer of B rows, and the extra rounds (and their
-  recomputation) are paid only under imbalance.
+  backward pass. Memory is bounded by B, not by the worst case n·R: the later rounds
+  hold one more buffer's working set (on OLMoE's pod program 24.8 GiB against the
+  bounded exchange's 18.9, `docs/pods.md`), and their time is paid only under imbalance.
 * `overflow='drop'`: one round; rows past a receiver's buffer are dropped, come back as
   zeros and are counted (`overflow`, then the layer's `dropped_fraction`), never silently.
 
