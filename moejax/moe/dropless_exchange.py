@@ -239,18 +239,23 @@ def dropless_exchange(inputs: RoutedRows, weights, spec, dropout, n: int):
   return RoutedRows(out[None], inputs.group_sizes), jnp.zeros((1,), jnp.int32)
 
 
+def _round_vectors(all_sizes, round_index, shapes):
+  """Round `round_index`'s forward and backward exchange vectors for this device, and the
+  local expert of each row it receives."""
+  buffer_rows, _, local = shapes
+  me = jax.lax.axis_index(EXPERT)
+  plan = exchange_plan(all_sizes, buffer_rows, round_index)
+  expert = _received_experts(all_sizes, plan, me, local, buffer_rows)
+  return exchange_vectors(plan, me, True), exchange_vectors(plan, me, False), expert
+
+
 def _one_round(rows, weights, all_sizes, round_index, dropout, spec, shapes):
   """Round `round_index`'s rows through their experts and back `[R, d]` (zero for rows of
   other rounds); plain exchanges, for use inside `_later_rounds`' own VJP."""
-  buffer_rows, chunk, local = shapes
-  me = jax.lax.axis_index(EXPERT)
-  plan = exchange_plan(all_sizes, buffer_rows, round_index)
-  received = ragged_exchange(
-    rows, exchange_vectors(plan, me, True), buffer_rows, chunk, spec.platform
-  )
-  expert = _received_experts(all_sizes, plan, me, local, buffer_rows)
+  buffer_rows, chunk, _ = shapes
+  forward, back, expert = _round_vectors(all_sizes, round_index, shapes)
+  received = ragged_exchange(rows, forward, buffer_rows, chunk, spec.platform)
   y = _local_experts(received, expert, weights, spec, _round_dropout(dropout, round_index))
-  back = exchange_vectors(plan, me, False)
   return ragged_exchange(y, back, rows.shape[0], chunk, spec.platform)
 
 
@@ -273,22 +278,18 @@ def _later_rounds_bwd(spec, shapes, residual, dy):
   """Each round again: its rows and their cotangents go forward to the expert devices,
   the local experts' VJP runs there, and the rows' cotangents come back."""
   rows, weights, all_sizes, rounds, dropout = residual
-  buffer_rows, chunk, local = shapes
-  me = jax.lax.axis_index(EXPERT)
+  buffer_rows, chunk, _ = shapes
 
   def body(r, carry):
     drows, dweights = carry
-    plan = exchange_plan(all_sizes, buffer_rows, r)
-    forward = exchange_vectors(plan, me, True)
+    forward, back, expert = _round_vectors(all_sizes, r, shapes)
     received = ragged_exchange(rows, forward, buffer_rows, chunk, spec.platform)
     dy_received = ragged_exchange(dy, forward, buffer_rows, chunk, spec.platform)
-    expert = _received_experts(all_sizes, plan, me, local, buffer_rows)
     round_dropout = _round_dropout(dropout, r)
     _, vjp = jax.vjp(
       lambda x, w: _local_experts(x, expert, w, spec, round_dropout), received, weights
     )
     dx_received, dw = vjp(dy_received)
-    back = exchange_vectors(plan, me, False)
     drows = drows + ragged_exchange(dx_received, back, rows.shape[0], chunk, spec.platform)
     return drows, jax.tree.map(jnp.add, dweights, dw)
 
