@@ -19,7 +19,7 @@ setup(
     "jax>=0.10",
     "flax>=0.12",
     "optax>=0.2.4",
-    "orbax-checkpoint>=0.12",  # moejax.streamed_array writes through its NumpyHandler
+    "orbax-checkpoint>=0.12",  # moejax.training.streamed_array writes through its NumpyHandler
     "tensorflow-datasets>=4.9.9",
     "array-record>=0.7",
     "ml-collections>=1.0",
@@ -57,6 +57,7 @@ setup(
       "nbmake>=1.5",
       "pytest-xdist>=3.5",
       "ruff>=0.6",
+      "import-linter>=2.1",
       "jax[tpu]>=0.10",
       "sentencepiece>=0.2",
       "pyarrow>=14",

@@ -20,7 +20,7 @@ from absl import app, flags
 from etils import epath
 
 from moejax import aot
-from moejax import workdir as workdir_lib
+from moejax.training import workdir as workdir_lib
 from moejax.config import load_config, packaged_config_names
 
 _CONFIGS = flags.DEFINE_list("configs", None, "Configs to compile (default: every pod config).")

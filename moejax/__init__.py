@@ -9,7 +9,7 @@ import importlib
 __all__ = ["MoeConfig", "MoeLayer", "load", "load_balancing_loss", "router_z_loss"]
 __version__ = "0.1.0"
 
-_HOMES = {name: "moejax.moe" for name in __all__} | {"load": "moejax.loading"}
+_HOMES = {name: "moejax.moe" for name in __all__} | {"load": "moejax.training.loading"}
 
 
 def __getattr__(name: str):

@@ -5,12 +5,12 @@
 
 JAX can compile for a TPU topology it does not have: with the `libtpu` wheel installed
 (`pip install -e '.[tpu]'`), `jax.experimental.topologies.get_topology_desc` gives the
-devices of a slice, and the train step (`moejax.train.jit_train_step`, the function
+devices of a slice, and the train step (`moejax.training.train.jit_train_step`, the function
 `moejax.main` runs) is lowered and compiled for them from abstract shapes. Nothing is
 allocated and no TPU is needed. XLA then reports, per device: the bytes of the
 arguments, outputs and temporaries (`compiled.memory_analysis()`), the FLOPs
 (`compiled.cost_analysis()`, which counts a loop's body once), and the collectives of the
-partitioned program (`moejax.hlo.collectives`, which counts a loop's body as often as it
+partitioned program (`moejax.parallel.hlo.collectives`, which counts a loop's body as often as it
 runs; the later rounds of a dropless exchange, which run only when a skewed router
 overfills a receive buffer, are counted apart: `collectives_per_extra_round`).
 
@@ -23,7 +23,7 @@ chip's peak bf16 rate (the program's FLOPs: XLA's count, or the model's own arit
 with the recomputed forward pass when that is more) and the time to send the
 collectives' bytes at the chip's ICI bandwidth in one direction (half the bidirectional
 figure), as if nothing overlapped them. The MFU it implies is the model FLOPs (6 · active
-matmul parameters · tokens plus attention, `moejax.flops`) over that time at peak: an
+matmul parameters · tokens plus attention, `moejax.models.flops`) over that time at peak: an
 upper bound on what the slice could reach with this program.
 
 Exit codes: 0 compiled (fits or not: `fits` says), 2 a wrong command or no libtpu, 1 a
@@ -57,11 +57,12 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from moejax import flops, hlo, sharding
-from moejax.run_plan import check_mesh
+from moejax.models import flops
+from moejax.parallel import hlo, sharding
+from moejax.training.run_plan import check_mesh
 from moejax import data as data_lib
-from moejax.steps import build, make_steps
-from moejax.train import jit_train_step, no_nonfinite_tally
+from moejax.training.steps import build, make_steps
+from moejax.training.train import jit_train_step, no_nonfinite_tally
 
 GIB = 2**30
 INSTALL_LINE = "pip install -e '.[tpu]'  (the libtpu wheel that matches the installed jax)"
@@ -234,7 +235,7 @@ def state_bytes_per_device(config: ml_collections.ConfigDict, mesh) -> dict[str,
 
 def model_flops_per_step(config: ml_collections.ConfigDict) -> float:
   """Training FLOPs of one step by the model's arithmetic: 3 × the forward FLOPs per token
-  (`moejax.flops`: 2 · active matmul parameters plus attention) × tokens per step."""
+  (`moejax.models.flops`: 2 · active matmul parameters plus attention) × tokens per step."""
   tc = config.train
   forward = flops.flops_per_token(config.model, tc.seq_len)["active"]
   return 3.0 * forward * tc.batch_size * tc.seq_len
@@ -402,7 +403,7 @@ def main(argv) -> None:
   if _JSON.value:
     from etils import epath
 
-    from moejax import workdir as workdir_lib
+    from moejax.training import workdir as workdir_lib
 
     path = epath.Path(_JSON.value)
     existed = path.exists()
@@ -414,7 +415,8 @@ if __name__ == "__main__":
   from absl import flags
   from ml_collections import config_flags
 
-  from moejax import cli
+  from moejax.runtime import cli
+  from moejax.config.flags import ConfigFlag
 
   _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, configs/NAME.py[:ARG].", lock_config=True
@@ -427,4 +429,4 @@ if __name__ == "__main__":
   )
   _JSON = flags.DEFINE_string("json", None, "Also write the report as one JSON object here.")
   flags.mark_flag_as_required("config")
-  cli.run(main, config_flag="config")
+  cli.run(main, config_flag=ConfigFlag("config"))

@@ -10,7 +10,7 @@ expert; 1/E each when balanced).
 
 from __future__ import annotations
 
-from moejax import signals
+from moejax.runtime import signals
 
 if __name__ == "__main__":  # first thing: a signal at any later moment ends it cleanly
   signals.handle_signals("evaluation stopped; nothing was written.")
@@ -24,10 +24,10 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from moejax import cli
+from moejax.runtime import cli
 from moejax import data as data_lib
-from moejax.loading import load_model
-from moejax.steps import document_layout, eval_sums
+from moejax.training.loading import load_model
+from moejax.training.steps import document_layout, eval_sums
 
 
 def define_flags() -> None:

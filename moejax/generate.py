@@ -17,7 +17,7 @@ between seq_len/2 and seq_len tokens of context at the positions training used.
 
 from __future__ import annotations
 
-from moejax import signals
+from moejax.runtime import signals
 
 if __name__ == "__main__":  # first thing: a signal at any later moment ends it cleanly
   signals.handle_signals("sampling stopped; nothing was written.")
@@ -31,10 +31,10 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from moejax import cli
-from moejax import workdir as workdir_lib
+from moejax.runtime import cli
+from moejax.training import workdir as workdir_lib
 from moejax import data as data_lib
-from moejax.loading import load_model
+from moejax.training.loading import load_model
 from moejax.moe import MoeLayer
 
 __all__ = ["filter_logits", "load_model", "sample"]

@@ -13,7 +13,7 @@ process (on TPU pods `jax.distributed.initialize()` finds these by itself: pass
 
 from __future__ import annotations
 
-from moejax import signals
+from moejax.runtime import signals
 
 if __name__ == "__main__":  # first thing: a signal at any later moment ends it cleanly
   signals.handle_signals("nothing is lost: rerun the same command to continue.")
@@ -22,7 +22,8 @@ if __name__ == "__main__":  # first thing: a signal at any later moment ends it 
 from absl import flags
 from ml_collections import config_flags
 
-from moejax import cli
+from moejax.runtime import cli
+from moejax.config.flags import ConfigFlag
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment config file, configs/NAME.py[:ARG].", lock_config=True
@@ -75,7 +76,7 @@ def main(argv) -> None:
   del argv
   config = _CONFIG.value
   if _PRINT_CONFIG.value:
-    from moejax import config_text
+    from moejax.config import text as config_text
 
     print(config_text.describe(config))
     return
@@ -85,7 +86,7 @@ def main(argv) -> None:
   _initialize_distributed()
   import jax
 
-  from moejax import run_plan, train
+  from moejax.training import run_plan, train
 
   if _DRY_RUN.value:
     plan = run_plan.plan_run(config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
@@ -136,4 +137,4 @@ def result_line(config, final) -> str:
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  cli.run(main, config_flag="config")
+  cli.run(main, config_flag=ConfigFlag("config"))

@@ -11,7 +11,7 @@ Rerunning replaces these three files (they are derived from the log).
 
 from __future__ import annotations
 
-from moejax import signals
+from moejax.runtime import signals
 
 if __name__ == "__main__":  # first thing: a signal at any later moment ends it cleanly
   signals.handle_signals("plotting stopped.")
@@ -24,9 +24,9 @@ from typing import Any
 from absl import flags
 from etils import epath
 
-from moejax import cli
-from moejax import workdir as workdir_lib
-from moejax.metrics import METRICS_FILE, read_metrics
+from moejax.runtime import cli
+from moejax.training import workdir as workdir_lib
+from moejax.training.metrics import METRICS_FILE, read_metrics
 
 _LOAD_KEY = re.compile(r"^train/expert_load/layer_(\d+)$")
 

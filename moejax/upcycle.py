@@ -25,7 +25,7 @@ computes (Σ_{chosen e} g_e) · f(x):
 
 from __future__ import annotations
 
-from moejax import signals
+from moejax.runtime import signals
 
 if __name__ == "__main__":
   signals.handle_signals("nothing was written: rerun the same command.")
@@ -40,11 +40,12 @@ from etils import epath
 from flax import nnx
 from ml_collections import config_flags
 
-from moejax import cli
+from moejax.runtime import cli
+from moejax.config.flags import ConfigFlag
 from moejax.convert import layout, model_state
-from moejax.loading import load_model
-from moejax.tree_paths import flat
-from moejax.model import expert_d_ff_of
+from moejax.training.loading import load_model
+from moejax.training.tree_paths import flat
+from moejax.models.transformer import expert_d_ff_of
 
 # Model keys that must agree: everything upcycling carries over unchanged.
 SHARED_KEYS = (
@@ -117,7 +118,7 @@ def upcycle(
     name: np.asarray(value)
     for name, value in flat(nnx.to_pure_dict(nnx.state(dense_model, nnx.Param))).items()
   }
-  from moejax.model import TransformerLM
+  from moejax.models.transformer import TransformerLM
 
   fresh = TransformerLM(config.model, rngs=nnx.Rngs(config.train.seed))
   tree = nnx.to_pure_dict(nnx.state(fresh))
@@ -193,4 +194,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  cli.run(main, config_flag="config")
+  cli.run(main, config_flag=ConfigFlag("config"))

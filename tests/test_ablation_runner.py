@@ -32,10 +32,10 @@ from experiments.ablations.spec import (
   arm_config,
   get_arms,
 )
-from moejax import flops
-from moejax import train as train_lib
+from moejax.models import flops
+from moejax.training import train as train_lib
 from moejax.config import load_config
-from moejax.model import expert_d_ff_of, moe_layer_indices
+from moejax.models.transformer import expert_d_ff_of, moe_layer_indices
 
 QUIET = lambda _: None
 
@@ -201,7 +201,7 @@ BEST_LR = {"A": 2e-3, "B": 4e-3}  # the train-CE minimum of each sweeping arm's 
 
 
 class FakeTraining:
-  """Stands in for moejax.train.train_and_evaluate: writes the metrics.jsonl of a run
+  """Stands in for moejax.training.train.train_and_evaluate: writes the metrics.jsonl of a run
   whose final eval bits/byte is 2.0 + SEED_EFFECT + (arm C or B's difference to A), whose
   train CE is a parabola in log2(lr) with its minimum at BEST_LR, and whose eval curve
   fell by 0.005 over its second half."""

@@ -1,5 +1,5 @@
 """Every ablation (`experiments/ablations/`) trains at its smoke preset (scaling: half its
-arms) end to end through its command line; results.csv's accounting is moejax.flops's; a
+arms) end to end through its command line; results.csv's accounting is moejax.models.flops's; a
 rerun trains nothing and touches nothing; another config in the same workdir is refused;
 a half-finished run resumes; and the wall-time estimator times real steps.
 
@@ -19,8 +19,8 @@ from experiments.ablations.estimate import estimate
 from experiments.ablations.results import RESULT_COLUMNS, read_results_csv
 from experiments.ablations.run import run_ablation
 from experiments.ablations.spec import Ablation, Arm, Contrast, arm_config, get_arms
-from moejax import flops
-from moejax import train as train_lib
+from moejax.models import flops
+from moejax.training import train as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = lambda _: None
@@ -70,7 +70,7 @@ def _run_cli(name, cache, *args):
 
 
 class TrainSpy:
-  """Wraps moejax.train.train_and_evaluate and fails if it is called."""
+  """Wraps moejax.training.train.train_and_evaluate and fails if it is called."""
 
   def __init__(self, monkeypatch):
     self.calls = []

@@ -8,10 +8,11 @@ import sys
 
 import pytest
 
-from moejax import aot, sharding
+from moejax import aot
+from moejax.parallel import sharding
 from moejax.config import load_config
 from moejax.moe import block_ffn
-from moejax.model import moe_layer_indices
+from moejax.models.transformer import moe_layer_indices
 
 pytestmark = pytest.mark.skipif(not aot.has_libtpu(), reason="needs libtpu (the tpu extra)")
 

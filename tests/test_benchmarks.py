@@ -151,7 +151,7 @@ def test_all_to_all_script_reads_the_minimum_off_a_real_train_step():
 
 def test_train_step_benchmark_smoke_reports_throughput_share_and_memory(tmp_path):
   from experiments.benchmarks import train_step
-  from moejax.model import expert_d_ff_of
+  from moejax.models.transformer import expert_d_ff_of
 
   args = train_step.parse_flags(
     ["--config=configs/tiny.py:smoke", "--reps=2", "--warmup=1", f"--out={tmp_path / 'ts.csv'}"]

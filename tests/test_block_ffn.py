@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import moe_reference as ref
-from moejax.activations import ACTIVATIONS, hidden_activation, is_gated
+from helpers import moe_reference as ref
+from moejax.layers.activations import ACTIVATIONS, hidden_activation, is_gated
 from moejax.moe import block_ffn
 from moejax.moe.experts import batched_ffn
 

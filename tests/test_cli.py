@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-from moejax import checkpoint, cli, plot, run_plan, train, workdir
+from moejax.training import checkpoint, run_plan, train, workdir
+from moejax.runtime import cli
+from moejax import plot
 from moejax.config import load_config
-from moejax.metrics import MetricWriter, read_metrics
+from moejax.training.metrics import MetricWriter, read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "--config=configs/tiny.py:smoke"
@@ -328,7 +330,7 @@ def test_a_metrics_line_cut_short_by_a_kill_is_set_aside(tmp_path):
 
 def test_a_key_added_since_a_run_was_saved_is_no_change_at_its_default():
   """A run saved before `model.remat` existed resumes while the key keeps its default."""
-  from moejax import config_text
+  from moejax.config import text as config_text
   from moejax.config import load_config
 
   now = config_text.as_json(load_config("configs/tiny.py"))
@@ -343,9 +345,9 @@ def test_a_key_added_since_a_run_was_saved_is_no_change_at_its_default():
 
 def test_a_config_saved_before_a_key_existed_reads_back_with_that_key_at_its_default():
   """What loading a model and collecting an ablation's results read a saved config with."""
-  from moejax import config_text
+  from moejax.config import text as config_text
   from moejax.config import load_config
-  from moejax.model import validate_config
+  from moejax.models.transformer import validate_config
 
   config = load_config("configs/tiny.py", {"model.top_k": 1})
   saved = config_text.as_json(config)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-import hf_reference
+from helpers import hf_reference
 import moejax
 from moejax.convert import transfer
 
@@ -66,7 +66,7 @@ def test_a_model_trained_here_exports_in_float32_as_the_same_function(tmp_path):
   from moejax.convert import model_state
 
   config = load_config("configs/mixtral.py:smoke", {"model.dispatch": "dropless"})
-  model = moejax.model.TransformerLM(config.model, rngs=nnx.Rngs(0))
+  model = moejax.models.transformer.TransformerLM(config.model, rngs=nnx.Rngs(0))
   tree = nnx.to_pure_dict(nnx.state(model))
   model_state.save_model_run(tmp_path / "run", tree, config, "origin.json", "{}\n")
   transfer.export_checkpoint(tmp_path / "run", tmp_path / "hf", dtype="float32")

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-import dispatch_harness as harness
+from helpers import dispatch_harness as harness
 from moejax.moe import dispatch
 
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import dispatch_harness as harness
+from helpers import dispatch_harness as harness
 from moejax.moe import dispatch
 
 

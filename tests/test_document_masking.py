@@ -18,15 +18,15 @@ import jax.numpy as jnp
 from flax import nnx
 from ml_collections import ConfigDict
 
-import family_reference as ref
-from moejax import sharding
-from moejax.attention import CausalSelfAttention, apply_rope
-from moejax.mla import MultiHeadLatentAttention
-from moejax.model import TransformerLM
+from helpers import family_reference as ref
+from moejax.parallel import sharding
+from moejax.layers.attention import CausalSelfAttention, apply_rope
+from moejax.layers.mla import MultiHeadLatentAttention
+from moejax.models.transformer import TransformerLM
 from moejax.moe import MoeConfig, MoeLayer, balancing
 from moejax.moe.dispatch import FORMS
-from moejax.document_mask import self_attention_mask
-from small_models import VOCAB, dense_model_config
+from moejax.layers.document_mask import self_attention_mask
+from helpers.small_models import VOCAB, dense_model_config
 
 pytestmark = pytest.mark.usefixtures("fast_compile_module")
 

@@ -5,7 +5,7 @@ buffer that drops and counts, against a NumPy count of what each receiver drops.
 The whole model under skewed routers, on every mesh, is in `test_expert_parallel.py`.
 """
 
-import moe_reference
+from helpers import moe_reference
 
 import jax
 import jax.numpy as jnp

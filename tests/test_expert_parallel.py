@@ -19,9 +19,10 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from moejax import hlo, sharding, steps
+from moejax.parallel import hlo, sharding
+from moejax.training import steps
 from moejax.config import load_config
-from moejax.model import TransformerLM
+from moejax.models.transformer import TransformerLM
 from moejax.moe import MoeConfig, MoeLayer
 
 VOCAB, BATCH, SEQ, D_MODEL, E, K, D_FF = 260, 8, 16, 32, 8, 2, 32

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import moe_reference as ref
+from helpers import moe_reference as ref
 from moejax.moe.experts import ExpertDropout, Experts, capacity_ffn, grouped_ffn
 
 D_MODEL, D_FF = 6, 10

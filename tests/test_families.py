@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import family_reference as ref
-from moejax import steps
+from helpers import family_reference as ref
+from moejax.training import steps
 from moejax.config import load_config
 from moejax.moe import MoeConfig, MoeLayer
 

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-import family_reference as ref
+from helpers import family_reference as ref
 
 LN3 = math.log(3.0)  # σ(ln 3) = 3/4, so silu(ln 3) = ln 3 · 3/4
 

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import generate, run_plan, train
-from moejax.loading import load_model
-from moejax.metrics import read_metrics
+from moejax import generate
+from moejax.training import run_plan, train
+from moejax.training.loading import load_model
+from moejax.training.metrics import read_metrics
 
 from test_train import REPO, smoke_config
 

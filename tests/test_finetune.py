@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import checkpoint as checkpoint_lib
-from moejax import run_plan, sharding, steps, train
+from moejax.training import checkpoint as checkpoint_lib
+from moejax.training import run_plan, steps, train
+from moejax.parallel import sharding
 from moejax.config import load_config
-from moejax.dropout import ResidualDropout
-from moejax.init_from import restore_init_from
-from moejax.metrics import read_metrics
-from moejax.model import TransformerLM
-from moejax.trainable import PRESETS, parameter_paths
+from moejax.layers.dropout import ResidualDropout
+from moejax.training.init_from import restore_init_from
+from moejax.training.metrics import read_metrics
+from moejax.models.transformer import TransformerLM
+from moejax.training.trainable import PRESETS, parameter_paths
 
 from test_train import smoke_config
 

@@ -1,10 +1,10 @@
-"""Reading compiled programs (`moejax.hlo`): collectives and their bytes."""
+"""Reading compiled programs (`moejax.parallel.hlo`): collectives and their bytes."""
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, PartitionSpec as P
 
-from moejax import hlo
+from moejax.parallel import hlo
 
 
 def test_all_to_all_bytes_of_a_known_program():

@@ -1,4 +1,4 @@
-"""Multi-head latent attention (`moejax.mla`) against the float64 NumPy reference written
+"""Multi-head latent attention (`moejax.layers.mla`) against the float64 NumPy reference written
 from DeepSeek-V2 §2.1 (`family_reference.mla`): the forward, its gradients, the latent KV
 cache (prefill then token by token equals the full forward), causality and the RoPE layout."""
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import family_reference as ref
-from moejax.mla import MultiHeadLatentAttention
-from moejax.sharding import LOGICAL_AXIS_RULES
+from helpers import family_reference as ref
+from moejax.layers.mla import MultiHeadLatentAttention
+from moejax.parallel.sharding import LOGICAL_AXIS_RULES
 
 DIMS = dict(
   d_model=16,

@@ -1,4 +1,4 @@
-"""Tests of moejax.model: shapes, causality, KV-cache decoding, GQA, RoPE, MoE layout, config."""
+"""Tests of moejax.models.transformer: shapes, causality, KV-cache decoding, GQA, RoPE, MoE layout, config."""
 
 import numpy as np
 import pytest
@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.attention import apply_rope, grouped_query_attention
-from moejax.model import TransformerLM
-from moejax.norms import RMSNorm
-from small_models import dense_model_config as tiny_config
+from moejax.layers.attention import apply_rope, grouped_query_attention
+from moejax.models.transformer import TransformerLM
+from moejax.layers.norms import RMSNorm
+from helpers.small_models import dense_model_config as tiny_config
 
 VOCAB, BATCH, SEQ = 260, 2, 12
 

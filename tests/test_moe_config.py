@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from moejax.config import load_config
-from moejax.model import moe_config
+from moejax.models.transformer import moe_config
 from moejax.moe import MoeConfig
 
 

@@ -9,7 +9,7 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import moe_reference as ref
+from helpers import moe_reference as ref
 from moejax.moe import MoeConfig, MoeLayer
 
 D_MODEL, D_FF = 8, 12

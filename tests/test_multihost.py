@@ -12,7 +12,7 @@ import pytest
 
 from moejax.data import builtin
 from moejax.data.store_writer import prepare
-from moejax.metrics import read_metrics
+from moejax.training.metrics import read_metrics
 
 from test_train import REPO
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import moejax
 from moejax.moe import routing
 
-from moe_reference import softmax
+from helpers.moe_reference import softmax
 
 
 def _numpy_lb(probs, indices, num_experts):

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import family_reference as ref
+from helpers import family_reference as ref
 from moejax.moe import balancing, routing
 
 

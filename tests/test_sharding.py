@@ -1,4 +1,4 @@
-"""The mesh, its validation, and the shardings of parameters and optimizer state (`moejax.sharding`)."""
+"""The mesh, its validation, and the shardings of parameters and optimizer state (`moejax.parallel.sharding`)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +8,9 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType, PartitionSpec as P
 
-from moejax import sharding
+from moejax.parallel import sharding
 from moejax.config import load_config
-from moejax.model import TransformerLM
+from moejax.models.transformer import TransformerLM
 
 
 def mesh_config(data, expert) -> ml_collections.ConfigDict:
@@ -179,7 +179,7 @@ def test_fsdp_takes_the_largest_free_divisible_dimension():
 )
 def test_every_parameter_of_every_family_has_a_sharding(name):
   """Every logical axis a config's parameters name has a rule (on an fsdp 8 mesh)."""
-  from moejax.steps import build
+  from moejax.training.steps import build
 
   config = load_config(f"configs/{name}.py:smoke", {"mesh.fsdp": 8, "mesh.data": 1})
   mesh = sharding.make_mesh(config.mesh)

@@ -10,9 +10,9 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorstore as ts
 
-from moejax import checkpoint as checkpoint_lib
+from moejax.training import checkpoint as checkpoint_lib
 from moejax.config import base_config
-from moejax.streamed_array import StreamedArray
+from moejax.training.streamed_array import StreamedArray
 
 
 class Blocks:

@@ -436,7 +436,7 @@ def test_packing_resumes_exactly_and_splits_documents_across_processes(short_sto
 
 
 def test_data_position_is_per_process():
-  from moejax import data_position
+  from moejax.training import data_position
 
   for per_process in (True, False):
     gathered = data_position.gather({"next_index": 3}, per_process=per_process)
@@ -452,9 +452,9 @@ def test_data_position_is_per_process():
 def test_training_on_a_store_resumes_exactly(short_store, packing, tmp_path):
   import shutil
 
-  from moejax import train
+  from moejax.training import train
   from moejax.config import load_config
-  from moejax.metrics import read_metrics
+  from moejax.training.metrics import read_metrics
 
   config = load_config("configs/tiny.py:smoke")
   config.data.tokens_dir, config.data.eval_fraction = short_store.directory, 0.2

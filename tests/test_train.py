@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import generate, steps, train
+from moejax import generate
+from moejax.training import steps, train
 from moejax.config import load_config
 from moejax.data import EOS_ID
-from moejax.metrics import read_metrics
+from moejax.training.metrics import read_metrics
 from moejax.moe import MoeLayer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,7 +14,7 @@ from flax import nnx
 import moejax
 from moejax.config import load_config
 from moejax.convert import model_state
-from moejax.model import TransformerLM
+from moejax.models.transformer import TransformerLM
 from moejax.upcycle import upcycle
 
 TOKENS = jnp.asarray([[5, 9, 100, 42, 7, 7, 250, 3]], jnp.int32)

@@ -1,4 +1,4 @@
-"""One run per workdir (`moejax.workdir_lock`): a second run is refused naming the owner,
+"""One run per workdir (`moejax.training.workdir_lock`): a second run is refused naming the owner,
 a dead owner's lock is taken over (a finished run leaves no lock: `test_train.py`)."""
 
 import json
@@ -11,8 +11,8 @@ import sys
 import pytest
 from etils import epath
 
-from moejax import workdir_lock
-from moejax.workdir_lock import LOCK_FILE, WorkdirBusy
+from moejax.training import workdir_lock
+from moejax.training.workdir_lock import LOCK_FILE, WorkdirBusy
 
 from test_train import REPO
 

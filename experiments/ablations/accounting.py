@@ -1,4 +1,4 @@
-r"""Parameter and FLOP accounting of the arms (all from `moejax.flops`), and the check that
+r"""Parameter and FLOP accounting of the arms (all from `moejax.models.flops`), and the check that
 an arm list holds its ablation's quantities equal.
 
 Before anything trains (and before `--describe`, `--estimate` and the pod commands) each
@@ -21,14 +21,14 @@ from experiments.ablations.spec import (
   arm_config,
   get_arms,
 )
-from moejax import flops
+from moejax.models import flops
 
 
 def ffn_params(model_config: ml_collections.ConfigDict) -> dict[str, float]:
   """Total and active expert/FFN parameters: routed experts, shared experts and dense
   FFNs (of non-MoE layers and of a dense-MoE hybrid's dense branch); not the router.
 
-  Computed with `moejax.flops.count_params` alone: its counts are affine in `d_ff` and
+  Computed with `moejax.models.flops.count_params` alone: its counts are affine in `d_ff` and
   in `expert_d_ff` (every FFN weight is d_model x width), so the count at zero FFN width,
   extrapolated from widths 1 and 2, is everything but the FFN weights (attention, norms,
   embeddings, router), and the FFN part is the difference.
@@ -53,7 +53,7 @@ def ffn_params(model_config: ml_collections.ConfigDict) -> dict[str, float]:
 
 
 def accounting(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The parameter, FLOP and token numbers of one arm config (moejax.flops conventions).
+  """The parameter, FLOP and token numbers of one arm config (moejax.models.flops conventions).
 
   `tokens_per_active_param`: training tokens per active parameter (embeddings included),
   the Chinchilla-style measure of how far a run trains its model (about 20 is

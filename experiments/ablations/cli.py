@@ -16,7 +16,7 @@ from experiments.ablations.accounting import check_constraints, checked_arms, fm
 from experiments.ablations.run import ALL_ARMS, learning_rate_plan, run_ablation
 from experiments.ablations.spec import PRESETS, SWEEP_SEED, Ablation
 from experiments.ablations.workdir import check_workdir
-from moejax.cli import report_error
+from moejax.runtime.cli import report_error
 
 
 def describe(

@@ -51,8 +51,8 @@ def _time_arm(config, steps: int) -> dict[str, float]:
 
   from moejax import data as data_lib
 
-  from moejax import checkpoint as checkpoint_lib
-  from moejax import steps as steps_lib
+  from moejax.training import checkpoint as checkpoint_lib
+  from moejax.training import steps as steps_lib
 
   t = config.train
   start = time.perf_counter()

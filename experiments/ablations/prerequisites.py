@@ -26,7 +26,7 @@ from experiments.ablations.accounting import checked_arms
 from experiments.ablations.run import compile_mode
 from experiments.ablations.spec import Ablation
 from experiments.ablations.workdir import check_workdir, workdir_lock
-from moejax.cli import report_error
+from moejax.runtime.cli import report_error
 from moejax.config import apply_overrides
 
 
@@ -39,7 +39,7 @@ def train_prerequisite(
 ) -> str:
   """Trains `config` in `WORKDIR/name` (resuming it; a finished run returns at once) and
   returns that directory's absolute path."""
-  from moejax.train import train_and_evaluate  # imports jax
+  from moejax.training.train import train_and_evaluate  # imports jax
 
   path = prerequisite_path(workdir, name)
   print(f"[{name}] {config.train.num_steps} steps in {path}", flush=True)

@@ -300,7 +300,7 @@ def summary_markdown(
     "last 10% of steps; eval: the last evaluation; eval drop: from the last evaluation at "
     "or before 80% of the steps to the end.",
     "",
-    "Constraints (checked with `moejax.flops` before training):",
+    "Constraints (checked with `moejax.models.flops` before training):",
     "",
   ]
   lines += [f"- {c}" for c in constraint_lines] + [""]

@@ -1,7 +1,7 @@
 r"""From finished runs to result rows: one row per arm and seed (results.csv) and one per
 learning-rate sweep run (lr_sweep.csv).
 
-Each row holds the arm's shape, its accounting (`accounting.py`, all `moejax.flops`), and
+Each row holds the arm's shape, its accounting (`accounting.py`, all `moejax.models.flops`), and
 the outcome read from the run's `metrics.jsonl`:
 
 * `final_eval_bits_per_byte`, `final_eval_loss`: the last evaluation, over `eval_batches`
@@ -37,8 +37,8 @@ from typing import Any, Callable, Sequence
 from experiments.ablations.accounting import accounting
 from experiments.ablations.spec import Ablation, get_arms
 from experiments.ablations.workdir import SWEEP_DIR, read_json, read_records
-from moejax import config_text
-from moejax.model import expert_d_ff_of
+from moejax.config import text as config_text
+from moejax.models.transformer import expert_d_ff_of
 
 RESULT_COLUMNS = (
   "ablation",

@@ -13,7 +13,7 @@ after another, with skip and resume.
 
 Skip and resume: a run with `done.json` is skipped; one without it whose final checkpoint
 and final eval record exist (killed after its last step) is marked done and skipped; any
-other is (re)started, and `moejax.train.train_and_evaluate` resumes it from its newest
+other is (re)started, and `moejax.training.train.train_and_evaluate` resumes it from its newest
 checkpoint. A run directory holding another config stops the runner before anything
 trains (the learning rate of swept arms is checked once the sweep has chosen it).
 SIGINT/SIGTERM end the current run with a checkpoint; the runner then stops unfinished.
@@ -197,7 +197,7 @@ def run_ablation(
   grid = ablation.learning_rates[preset]
   check_workdir(workdir, ablation.name, preset, create=True)
 
-  from moejax import train  # deferred: the accounting above needs no jax backend
+  from moejax.training import train  # deferred: the accounting above needs no jax backend
 
   trained, skipped = [], []
   job = lambda arm, seed, lr, sweep: _job(

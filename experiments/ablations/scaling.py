@@ -37,7 +37,7 @@ from typing import Any, Mapping, Sequence
 from experiments.ablations import presets, stats
 from experiments.ablations.cli import main
 from experiments.ablations.spec import Ablation, Arm, Constraint, Contrast, arm_config, get_arms
-from moejax import flops
+from moejax.models import flops
 
 SIZES = {  # name -> d_model per preset
   "smoke": {"small": 8, "medium": 16, "large": 32},

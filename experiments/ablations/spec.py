@@ -84,7 +84,7 @@ class Contrast:
     return f"{self.arm} − {self.baseline}"
 
 
-# What a constraint can compare, and how each is computed (accounting.py, moejax.flops):
+# What a constraint can compare, and how each is computed (accounting.py, moejax.models.flops):
 QUANTITIES = {
   "ffn_active": "active expert/FFN parameters (routed experts used per token, shared "
   "experts, dense FFNs; router excluded)",

@@ -5,7 +5,7 @@ r"""The files of an ablation's workdir, and the rules that keep them safe.
     WORKDIR/lr_sweep/ARM/lr_X/seed_1000/  one run of ARM's learning-rate sweep
       arm.json                            the arm, its overrides and the full config it trains
       done.json                           written when the run finished: the finished marker
-      metrics.jsonl, checkpoints/, ...    of moejax.train
+      metrics.jsonl, checkpoints/, ...    of moejax.training.train
     WORKDIR/results.csv, lr_sweep.csv, contrasts.csv, summary.md, *.png   (report.py)
     WORKDIR/estimate.json                 the wall-time estimate (`--estimate --workdir`)
     WORKDIR/.runner.lock                  an advisory lock: one runner per workdir at a time
@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import ml_collections
 
-from moejax import config_text
+from moejax.config import text as config_text
 
 SWEEP_DIR = "lr_sweep"
 
@@ -91,7 +91,7 @@ def read_records(run_dir: str) -> list[dict[str, Any]]:
   """The records of `run_dir/metrics.jsonl` ([] if there is none)."""
   if not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
     return []
-  from moejax.metrics import read_metrics
+  from moejax.training.metrics import read_metrics
 
   return read_metrics(run_dir)
 

@@ -15,7 +15,7 @@ Rows (medians of `--reps` interleaved repetitions after a warm-up, `common.inter
     backward), over the matmul row's rate;
   * `train_step/mixtral`: `configs/mixtral.py` with its layers cut to `--train_layers`
     (published widths, bfloat16, batch `--train_batch` x 1024) on one device;
-    `tokens_per_sec` and `mfu` from `moejax.flops` (6 · active parameters · tokens plus
+    `tokens_per_sec` and `mfu` from `moejax.models.flops` (6 · active parameters · tokens plus
     attention).
 
 `--tiny` shrinks every shape so the script runs in seconds on a CPU (the tests run it so).
@@ -33,11 +33,12 @@ import numpy as np
 from flax import nnx
 
 from experiments.benchmarks.common import expert_flops, interleaved_times, write_rows
-from moejax import flops, sharding
+from moejax.models import flops
+from moejax.parallel import sharding
 from moejax.config import load_config
 from moejax.moe import MoeConfig, MoeLayer
-from moejax.steps import init_state, make_steps
-from moejax.train import jit_train_step, no_nonfinite_tally
+from moejax.training.steps import init_state, make_steps
+from moejax.training.train import jit_train_step, no_nonfinite_tally
 
 # name: (d_model, expert hidden, experts, k); --tiny divides the widths by 64 and 16.
 SHAPES = {"mixtral": (4096, 14336, 8, 2), "olmoe": (2048, 1024, 64, 8)}

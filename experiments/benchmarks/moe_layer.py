@@ -17,7 +17,7 @@ Rows:
   * `matmul`: a square float32 `[N, N] @ [N, N]` (`--matmul_size`, 2·N³ FLOPs). Its
     median rate is this machine's matmul rate, measured in the same process; every
     row's utilisation is relative to it.
-  * `dense`: `moejax.ffn.FeedForward(d_model, top_k · d_ff, 'swiglu')`, a dense FFN
+  * `dense`: `moejax.layers.ffn.FeedForward(d_model, top_k · d_ff, 'swiglu')`, a dense FFN
     with the same active expert parameters as the MoE layer.
   * `moe/<dispatch>`: `MoeLayer(MoeConfig(router='top_k', activation='swiglu',
     capacity_factor=--capacity_factor))` for each dispatch and each `--num_experts`; the
@@ -75,8 +75,8 @@ from flax import nnx
 
 from experiments.benchmarks.common import expert_flops, malloc_tunables, write_rows
 from experiments.benchmarks.moe_layer_table import markdown_table, results
-from moejax import hlo
-from moejax.ffn import FeedForward
+from moejax.parallel import hlo
+from moejax.layers.ffn import FeedForward
 from moejax.moe import MoeConfig, MoeLayer, block_ffn, routing
 from moejax.moe.config import DISPATCHES
 from moejax.moe.dispatch import expert_capacity

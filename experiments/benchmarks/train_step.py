@@ -7,7 +7,7 @@ On one device (the first), float32 unless the config says otherwise. Three compi
 functions are timed, each `--warmup` times untimed and then `--reps` times interleaved
 (every repetition runs each once, in a shuffled order); the table gives medians:
 
-  * `step`: the whole training step of `moejax.steps.make_steps` (forward, backward, AdamW
+  * `step`: the whole training step of `moejax.training.steps.make_steps` (forward, backward, AdamW
     update, non-finite guard) on a fixed batch of random bytes, `[batch, seq_len]` as in
     the config. Data loading is not included; tokens/s = batch · seq_len / step time.
   * `moe_layers`: forward+backward of the model's MoE layers alone, each on its own
@@ -43,8 +43,9 @@ from flax import nnx
 
 from moejax.config import load_config
 from experiments.benchmarks.common import interleaved_times, malloc_tunables, write_rows
-from moejax import flops, steps
-from moejax.model import DTYPES, expert_d_ff_of, moe_config, moe_layer_indices
+from moejax.models import flops
+from moejax.training import steps
+from moejax.models.transformer import DTYPES, expert_d_ff_of, moe_config, moe_layer_indices
 from moejax.moe import MoeLayer
 
 COLUMNS = (

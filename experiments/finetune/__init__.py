@@ -97,12 +97,12 @@ def arms(preset: str) -> list[Arm]:
 
 def optimizer_memory(ablation: Ablation, preset: str, rows) -> list[str]:
   """summary.md's table of each arm's trained parameters and optimizer-state bytes,
-  counted on the abstract (model, optimizer) state `moejax.steps.build` makes."""
+  counted on the abstract (model, optimizer) state `moejax.training.steps.build` makes."""
   import jax
   from flax import nnx
 
-  from moejax.steps import build as build_state, optimizer_state_bytes
-  from moejax.trainable import trainable_filter
+  from moejax.training.steps import build as build_state, optimizer_state_bytes
+  from moejax.training.trainable import trainable_filter
 
   del rows
   lines = [
@@ -130,7 +130,7 @@ def evaluate_pretrained(pretrained: str, config) -> dict:
   """The pretrained model, not fine-tuned, on the windows the arms are evaluated on
   (`config`: an arm's; the batches are `moejax.eval`'s, as training evaluates)."""
   from moejax.eval import eval_batches, evaluate_model
-  from moejax.loading import load_model
+  from moejax.training.loading import load_model
 
   model, _, step = load_model(pretrained)
   batches = eval_batches(config, split=config.data.eval_split, max_batches=config.data.eval_batches)

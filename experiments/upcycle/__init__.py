@@ -11,7 +11,7 @@ pretrained for P = 600 steps on the training plays (`WORKDIR/dense`). `moejax.up
 turns it into an MoE of 8 experts of hidden 512, top-2 with renormalised gates (so at
 step 0 it computes the dense model's function exactly: tested in
 `tests/test_upcycle.py`), written to `WORKDIR/dense_upcycled`. The arms then spend the same
-extra training compute C = M dense steps (M = 300), counted with `moejax.flops` (an MoE
+extra training compute C = M dense steps (M = 300), counted with `moejax.models.flops` (an MoE
 step costs 1.65× a dense step here: two experts of 512 plus the router):
 
 * `dense_continued`: the dense model, M more steps (`train.init_from=WORKDIR/dense`);
@@ -38,7 +38,7 @@ from experiments.ablations import presets
 from experiments.ablations.prerequisites import prerequisite_path
 from experiments.ablations.spec import Ablation, Arm, Constraint, Contrast
 from moejax.config import apply_overrides, load_config
-from moejax.flops import flops_per_token
+from moejax.models.flops import flops_per_token
 
 PRETRAIN_STEPS = {"smoke": 4, "cpu": 600, "pod": 100_000}
 # smoke: 7 dense steps' FLOPs are 5 MoE steps within 1% (an MoE step costs 1.39x there).

@@ -18,7 +18,7 @@ import os
 import re
 import sys
 
-from moejax.signals import handle_signals
+from moejax.runtime.signals import handle_signals
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,7 +77,7 @@ def resolve_source(source: str) -> str:
 def main(argv: list[str] | None = None) -> int:
   handle_signals()
   args = _parser().parse_args(argv)
-  from moejax.cli import report_error
+  from moejax.runtime.cli import report_error
 
   try:
     from moejax.convert import transfer

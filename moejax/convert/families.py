@@ -32,7 +32,7 @@ from typing import Any
 
 import ml_collections
 
-from moejax.model import layer_kinds
+from moejax.models.transformer import layer_kinds
 
 
 @dataclasses.dataclass(frozen=True)

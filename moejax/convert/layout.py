@@ -1,6 +1,6 @@
 """Where every tensor of an HF-format checkpoint lives in moejax's parameters.
 
-moejax stacks each run of identical layers (`moejax.model.layer_stacks`): a parameter
+moejax stacks each run of identical layers (`moejax.models.transformer.layer_stacks`): a parameter
 such as `stacks/1/period/blocks/0/moe/experts/w_in` is `[repeats, experts, d_model,
 d_ff]`, and layer N is one `repeats` row of it. On disk every layer and expert is a tensor
 of its own, stored as torch's `nn.Linear` keeps it, `[out_features, in_features]`, so
@@ -14,7 +14,7 @@ pieces are a whole tensor; two need more:
   and `k_rope` (its first `kv_lora` rows, then the rest).
 * DeepSeek's released RoPE channels are interleaved pairs (2j, 2j + 1); moejax's RoPE
   rotates halves (j, j + D/2). The rope rows of `q_b_proj` (per head) and of
-  `kv_a_proj_with_mqa` are reordered evens-then-odds (`moejax.mla`, RoPE layout).
+  `kv_a_proj_with_mqa` are reordered evens-then-odds (`moejax.layers.mla`, RoPE layout).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from moejax.convert.families import Family
-from moejax.model import layer_stacks
+from moejax.models.transformer import layer_stacks
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,10 +12,10 @@ import ml_collections
 from etils import epath
 from flax import nnx
 
-from moejax import checkpoint as checkpoint_lib
-from moejax import workdir as workdir_lib
-from moejax.model import TransformerLM
-from moejax.tree_paths import flat, path_name
+from moejax.training import checkpoint as checkpoint_lib
+from moejax.training import workdir as workdir_lib
+from moejax.models.transformer import TransformerLM
+from moejax.training.tree_paths import flat, path_name
 
 
 def abstract_model(config: ml_collections.ConfigDict):

@@ -11,7 +11,7 @@ whole; padding counts as tokens, and the share of real tokens is printed), with 
 reading threads.
 """
 
-from moejax.signals import handle_signals
+from moejax.runtime.signals import handle_signals
 
 handle_signals()
 
@@ -20,7 +20,7 @@ import time  # noqa: E402
 
 from absl import flags  # noqa: E402
 
-from moejax import cli  # noqa: E402
+from moejax.runtime import cli  # noqa: E402
 from moejax.data import packed, token_data, windows  # noqa: E402
 from moejax.data.store import TokenStore  # noqa: E402
 

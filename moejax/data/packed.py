@@ -5,7 +5,7 @@ Each process takes every `shard_count`-th document of a seeded permutation of th
 training documents (reshuffled each epoch), packs them into rows of `seq_len + 1` tokens
 (a document with its EOS never crosses a row), and batches its own rows; no process reads
 another's documents. The iterator's state (grain's, a small dict) differs per process: the
-checkpoint keeps one entry per process (`moejax.data_position`).
+checkpoint keeps one entry per process (`moejax.training.data_position`).
 
 Rows of a batch, as from `moejax.data.windows`:
     inputs, targets   int32 `[rows, seq_len]`, targets = inputs shifted by one token

@@ -10,7 +10,7 @@ reads as complete; a rerun that finds the same store says so and writes nothing;
 different store at `--out` is refused. See `moejax.data.store_writer`.
 """
 
-from moejax.signals import handle_signals
+from moejax.runtime.signals import handle_signals
 
 handle_signals("the store was not completed (nothing reads as a store); rerun the same command")
 
@@ -19,7 +19,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
-from moejax import cli  # noqa: E402
+from moejax.runtime import cli  # noqa: E402
 from moejax.data.store_writer import NOT_UTF8, prepare  # noqa: E402
 
 FLAGS = flags.FLAGS

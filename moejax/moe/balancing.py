@@ -3,7 +3,7 @@
 Each function acts on router outputs (`moejax.moe.routing`) and returns a float32 scalar
 loss, or the new bias; all math is float32, whatever the layer's compute dtype. The losses
 take an optional `token_mask` (bool, True = a real token): padding of packed rows
-(`moejax.document_mask`) then counts nowhere, every mean being over the real tokens only.
+(`moejax.layers.document_mask`) then counts nowhere, every mean being over the real tokens only.
 
 | piece | function | config key |
 |---|---|---|

@@ -27,8 +27,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from moejax.activations import hidden_activation
-from moejax.sharding import varying_axes
+from moejax.layers.activations import hidden_activation
+from moejax.parallel.sharding import varying_axes
 
 SIZE_CLASSES = 8  # a remainder runs as 1..8 eighths of a block
 # The name scope of the loops' operations (in the HLO's op_name metadata): a compiled
@@ -61,7 +61,7 @@ def ffn(activation, x, group_sizes, keep, w_in, w_gate, w_out, *, block: int):
   `hidden_activation(activation, x @ w_in[e], x @ w_gate[e]) * keep @ w_out[e]`.
 
   Args:
-    activation: one of `moejax.activations.ACTIVATIONS`.
+    activation: one of `moejax.layers.activations.ACTIVATIONS`.
     x: `[rows, d_model]`, sorted by expert: expert `e` owns `group_sizes[e]` consecutive rows.
     group_sizes: `[experts]` int; rows past their sum belong to no expert and give zeros.
     keep: `[rows, d_ff]` dropout scaling of the hidden layer (0 or 1/keep_prob), or None.
@@ -302,7 +302,7 @@ def capacity_ffn(activation, x, keep, w_in, w_gate, w_out):
   """Each expert's FFN on its capacity buffer, a loop of one 2-D matmul chain per expert.
 
   Args:
-    activation: one of `moejax.activations.ACTIVATIONS`.
+    activation: one of `moejax.layers.activations.ACTIVATIONS`.
     x: `[experts, capacity, d_model]`.
     keep: `[experts, capacity, d_ff]` dropout scaling of the hidden layer, or None.
     w_in, w_gate (or None), w_out: the experts' weights, as in `ffn`.

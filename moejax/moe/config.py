@@ -1,7 +1,7 @@
 """`MoeConfig`: every option of an MoE layer, checked once, where it is built.
 
 `MoeConfig.from_model_config(config.model)` reads the `model.*` keys of an experiment
-config (their meaning is commented in `moejax/config.py`); tests and notebooks build one
+config (their meaning is commented in `moejax/config/defaults.py`); tests and notebooks build one
 directly, `MoeConfig(num_experts=8, d_ff=64)`, or with `dataclasses.replace`.
 
 An option that would do nothing in a combination is an error naming it, when its value
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from moejax.activations import check_activation
+from moejax.layers.activations import check_activation
 from moejax.moe.balancing import LB_POOLINGS
 from moejax.moe.routing import SCORE_FNS
 
@@ -43,7 +43,7 @@ def _choice(name: str, value, allowed) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class MoeConfig:
-  """The options of one MoE layer (see `moejax/config.py` for each key's meaning).
+  """The options of one MoE layer (see `moejax/config/defaults.py` for each key's meaning).
 
   Attributes:
     num_experts: E, the routed experts.

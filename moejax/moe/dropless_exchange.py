@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from moejax.moe import experts as experts_lib
 from moejax.moe.dispatch import RoutedRows
 from moejax.moe.rows import permute_rows
-from moejax.sharding import EXPERT, varying_axes
+from moejax.parallel.sharding import EXPERT, varying_axes
 
 
 def exchange_plan(all_sizes: jax.Array, buffer_rows: int, round_index=0) -> dict[str, jax.Array]:

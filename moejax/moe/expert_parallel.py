@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 from moejax.moe import experts as experts_lib
 from moejax.moe.dispatch import CapacityBuffers, RoutedRows
 from moejax.moe.dropless_exchange import dropless_exchange
-from moejax.sharding import EXPERT, axis_size, batch_axes, num_batch_shards
+from moejax.parallel.sharding import EXPERT, axis_size, batch_axes, num_batch_shards
 
 
 def shards_groups(mesh, num_groups: int) -> bool:

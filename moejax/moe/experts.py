@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.activations import check_activation, hidden_activation, is_gated
+from moejax.layers.activations import check_activation, hidden_activation, is_gated
 from moejax.moe import block_ffn
-from moejax.sharding import logical
+from moejax.parallel.sharding import logical
 
 # `(w_in [E, d_model, d_ff], w_gate [E, d_model, d_ff] or None, w_out [E, d_ff, d_model])`.
 ExpertWeights = tuple[jax.Array, jax.Array | None, jax.Array]

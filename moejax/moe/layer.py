@@ -37,14 +37,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.ffn import FeedForward
+from moejax.layers.ffn import FeedForward
 from moejax.moe import balancing, routing
 from moejax.moe.config import MoeConfig
 from moejax.moe.dispatch import FORMS, expert_capacity
 from moejax.moe.experts import Experts
 from moejax.moe.expert_parallel import ExpertSpec, per_device, run_experts, shards_groups
-from moejax.sharding import EXPERT, axis_size, batch_axes, mesh_platform, num_batch_shards
-from moejax.sharding import logical
+from moejax.parallel.sharding import EXPERT, axis_size, batch_axes, mesh_platform, num_batch_shards
+from moejax.parallel.sharding import logical
 
 
 # The most elements an `einsum` dispatch or combine mask `[group, E, capacity]` may have per
@@ -73,7 +73,7 @@ class MoeLayer(nnx.Module):
   order).
 
   `token_mask` `[batch, seq]` bool (True = a real token; None: all real) leaves padding
-  out (packed rows, `moejax.document_mask`): its assignments are invalid (`TokenChoice.valid`),
+  out (packed rows, `moejax.layers.document_mask`): its assignments are invalid (`TokenChoice.valid`),
   so no dispatch form gives them capacity or counts them dropped; expert choice takes
   real tokens only; every statistic above is over the real tokens (T·k real assignments
   for `dropped_fraction`); and a padding token's output is zero (shared experts too). The

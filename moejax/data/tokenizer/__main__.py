@@ -10,7 +10,7 @@ vocabulary, so every text encodes), and three special tokens `<|pad|>`, `<|bos|>
 `DIR/tokenizer.json` is never overwritten.
 """
 
-from moejax.signals import handle_signals
+from moejax.runtime.signals import handle_signals
 
 handle_signals("the tokenizer was not written; rerun the same command")
 
@@ -18,7 +18,7 @@ import os  # noqa: E402
 
 from absl import flags  # noqa: E402
 
-from moejax import cli  # noqa: E402
+from moejax.runtime import cli  # noqa: E402
 from moejax.data import documents  # noqa: E402
 
 SPECIALS = ("<|pad|>", "<|bos|>", "<|endoftext|>")

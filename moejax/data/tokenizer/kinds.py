@@ -5,7 +5,7 @@ Every kind gives `encode(text) -> int32[n]` (no BOS or EOS), `decode(ids) -> str
 file, so that a token store and a model can tell whether they were made with the same one)
 and `token_bytes()`: `int32[vocab_size]`, the UTF-8 bytes each id stands for (0 for
 special ids). Bits per byte are computed with it for any tokenizer: the cross-entropy of
-the tokens that carry text over the bytes they carry (`moejax.steps.eval_sums`).
+the tokens that carry text over the bytes they carry (`moejax.training.steps.eval_sums`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A checkpoint at step N holds four items: `state` (the NNX state of model and opt
 as a nested dict of arrays: parameters, Adam moments, the optimizer step, the RNG
 streams), `data` (the grain iterator state, JSON), `config` (the run's config, JSON;
 `moejax.generate` rebuilds the model from it) and `checksums` (two sums per array of
-`state`, `moejax.checksums`, JSON). Every restore recomputes the sums of what it read and
+`state`, `moejax.training.checksums`, JSON). Every restore recomputes the sums of what it read and
 checks that floating arrays are finite: a checkpoint whose contents changed after it was
 written is unreadable, like one whose files cannot be read (checkpoints written before
 checksums, and those of imports and upcycles, are checked for finiteness only). The
@@ -24,10 +24,10 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from moejax import workdir as workdir_lib
-from moejax.checksums import checksums, mismatches
-from moejax.streamed_array import StreamedArray, StreamedArrayHandler
-from moejax.tree_paths import path_name
+from moejax.training import workdir as workdir_lib
+from moejax.training.checksums import checksums, mismatches
+from moejax.training.streamed_array import StreamedArray, StreamedArrayHandler
+from moejax.training.tree_paths import path_name
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from moejax.tree_paths import path_name
+from moejax.training.tree_paths import path_name
 
 _MOE = r"(^|/)moe/"
 _ROUTER = r"(^|/)moe/(router_kernel|noise_kernel|router_bias)$"

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import moe_reference as ref
+from helpers import moe_reference as ref
 from moejax.moe.expert_parallel import ExpertSpec, run_experts
 from moejax.moe.experts import Experts
 from moejax.moe.routing import ExpertChoice, TokenChoice

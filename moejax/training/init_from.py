@@ -22,10 +22,11 @@ import jax
 from etils import epath
 from flax import nnx
 
-from moejax import checkpoint as checkpoint_lib
-from moejax import config_text, sharding
-from moejax import workdir as workdir_lib
-from moejax.model import TransformerLM
+from moejax.training import checkpoint as checkpoint_lib
+from moejax.config import text as config_text
+from moejax.parallel import sharding
+from moejax.training import workdir as workdir_lib
+from moejax.models.transformer import TransformerLM
 
 log = logging.getLogger(__name__)
 

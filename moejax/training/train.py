@@ -1,7 +1,7 @@
 """The training loop: steps issued asynchronously, evaluations, checkpoints, metrics, and
 stopping on a signal or a non-finite update; `train_and_evaluate` runs a config in a
 workdir, resuming from its newest intact checkpoint, or starting a fresh run from the model
-of `train.init_from` (fine-tuning; `moejax.init_from`).
+of `train.init_from` (fine-tuning; `moejax.training.init_from`).
 """
 
 from __future__ import annotations
@@ -22,17 +22,19 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from moejax import checkpoint as checkpoint_lib
-from moejax import data_position
-from moejax import config_text, sharding, signals
+from moejax.training import checkpoint as checkpoint_lib
+from moejax.training import data_position
+from moejax.config import text as config_text
+from moejax.parallel import sharding
+from moejax.runtime import signals
 from moejax import data as data_lib
-from moejax import workdir as workdir_lib
-from moejax import workdir_lock
-from moejax.metrics import MetricWriter, read_metrics
-from moejax.model import moe_layer_indices
-from moejax.init_from import restore_init_from
-from moejax.run_plan import plan_run, trainable_summary
-from moejax.steps import evaluate, init_state, make_optimizer, make_steps, nonfinite_terms
+from moejax.training import workdir as workdir_lib
+from moejax.training import workdir_lock
+from moejax.training.metrics import MetricWriter, read_metrics
+from moejax.models.transformer import moe_layer_indices
+from moejax.training.init_from import restore_init_from
+from moejax.training.run_plan import plan_run, trainable_summary
+from moejax.training.steps import evaluate, init_state, make_optimizer, make_steps, nonfinite_terms
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +158,7 @@ def train_and_evaluate(
 
   Everything `plan_run` checks is checked before the workdir is created or written, and
   the data is found before it is created. The run holds the workdir's lock from before
-  its first write (`moejax.workdir_lock`): a second run on it is refused. A run already at `train.num_steps` returns its
+  its first write (`moejax.training.workdir_lock`): a second run on it is refused. A run already at `train.num_steps` returns its
   last metrics without training. SIGTERM or SIGINT ends the run after the current step
   with a checkpoint (all processes agree on the step). A non-finite loss term or gradient
   is never applied; with `train.nonfinite_policy='stop'` the run ends with
@@ -199,7 +201,7 @@ def train_and_evaluate(
 
 
 def _lock_workdir(workdir, process: int, num_processes: int) -> dict | None:
-  """Process 0 takes the workdir's lock (`moejax.workdir_lock`); every process learns
+  """Process 0 takes the workdir's lock (`moejax.training.workdir_lock`); every process learns
   whether it did, and all raise `WorkdirBusy` together when it did not."""
   owner, error = None, None
   if process == 0:

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.activations import check_activation, hidden_activation, is_gated
-from moejax.sharding import logical
+from moejax.layers.activations import check_activation, hidden_activation, is_gated
+from moejax.parallel.sharding import logical
 
 
 def on_rows(fn, x: jax.Array) -> jax.Array:

@@ -12,7 +12,7 @@ from typing import Any
 
 from etils import epath
 
-from moejax import workdir as workdir_lib
+from moejax.training import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.sharding import logical
+from moejax.parallel.sharding import logical
 
 
 class RMSNorm(nnx.Module):

@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from moe_reference import ffn, softmax
+from helpers.moe_reference import ffn, softmax
 
 
 def sigmoid(v):

@@ -5,7 +5,7 @@ The block is the modern pre-norm LLaMA/Mixtral/OLMoE recipe:
 * RMSNorm (Zhang & Sennrich 2019) before attention and before the FFN, and at the end,
   with the published model's eps (`model.norm_eps`);
 * causal self-attention with RoPE, grouped key/value heads, optional QK-norm and q/k/v
-  biases (`moejax.attention`);
+  biases (`moejax.layers.attention`);
 * an FFN that is a dense `FeedForward`, a `moejax.moe.MoeLayer`, or both side by side with
   their outputs summed (the dense-MoE hybrid, "residual MoE", of Snowflake Arctic).
 
@@ -44,16 +44,16 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from moejax.activations import ACTIVATIONS
-from moejax.attention import CausalSelfAttention, LayerCache, qk_norm_mode
-from moejax.dropout import ResidualDropout, draws_randomness
-from moejax.mla import MultiHeadLatentAttention
-from moejax.ffn import FeedForward, on_rows
+from moejax.layers.activations import ACTIVATIONS
+from moejax.layers.attention import CausalSelfAttention, LayerCache, qk_norm_mode
+from moejax.layers.dropout import ResidualDropout, draws_randomness
+from moejax.layers.mla import MultiHeadLatentAttention
+from moejax.layers.ffn import FeedForward, on_rows
 from moejax.moe import MoeConfig, MoeLayer
 from moejax.moe.aggregate import aggregate_aux
-from moejax.norms import RMSNorm
-from moejax.document_mask import check_documents
-from moejax.sharding import logical, on_batch_axes
+from moejax.layers.norms import RMSNorm
+from moejax.layers.document_mask import check_documents
+from moejax.parallel.sharding import logical, on_batch_axes
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ATTENTIONS = ("gqa", "mla")
@@ -260,7 +260,7 @@ class DecoderBlock(nnx.Module):
   ) -> tuple[jax.Array, dict[str, jax.Array] | None, LayerCache | None]:
     """`[batch, seq, d_model]` -> (`[batch, seq, d_model]`, the MoE aux dict or None, cache).
 
-    See `moejax.attention.CausalSelfAttention` for `positions` (`[seq]` or `[batch, seq]`),
+    See `moejax.layers.attention.CausalSelfAttention` for `positions` (`[seq]` or `[batch, seq]`),
     `cache` and `segment_ids` (`[batch, seq]`; its padding, 0, is masked out of the MoE).
     """
     attn_out, cache = self.attention(self.attn_norm(x), positions, cache, segment_ids)
@@ -351,7 +351,7 @@ class LayerStack(nnx.Module):
 class TransformerLM(nnx.Module):
   """Decoder-only LM: embed -> the `LayerStack`s -> RMSNorm -> logits.
 
-  Built from a model `ConfigDict` (keys in `moejax/config.py`; see the module docstring
+  Built from a model `ConfigDict` (keys in `moejax/config/defaults.py`; see the module docstring
   for the layer layout), for one device (`mesh=None`) or for `mesh`, which its MoE layers
   run expert-parallel on (`moejax.moe.expert_parallel`). The token embedding `[vocab,
   d_model]` is drawn from N(0, 0.02²); with `tie_embeddings` the logits reuse it,
@@ -442,7 +442,7 @@ class TransformerLM(nnx.Module):
       segment_ids: None (one document per row), or `[batch, seq]` int32, the document of
         each token within its row (>= 1; 0 = padding); needs `positions`. A token attends
         only to earlier tokens of its segment (padding, one segment of its own, too; see
-        `moejax.document_mask.self_attention_mask`), and padding takes no part in the MoE
+        `moejax.layers.document_mask.self_attention_mask`), and padding takes no part in the MoE
         layers (no capacity, no balance statistics, zero MoE output).
       positions: None (`start + arange(seq)`), or `[batch, seq]` int32, each token's
         position within its document (0 at each document's first token); needs

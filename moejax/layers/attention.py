@@ -1,7 +1,7 @@
 """Causal self-attention: rotary positions (RoPE), grouped key/value heads (GQA), QK-norm,
-document masking for packed rows (`moejax.document_mask`), and a KV cache for decoding.
+document masking for packed rows (`moejax.layers.document_mask`), and a KV cache for decoding.
 
-Multi-head latent attention (DeepSeek-V2) is in `moejax.mla`, with the same call.
+Multi-head latent attention (DeepSeek-V2) is in `moejax.layers.mla`, with the same call.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.ffn import on_rows
-from moejax.norms import RMSNorm
-from moejax.document_mask import check_segments, self_attention_mask
-from moejax.sharding import logical
+from moejax.layers.ffn import on_rows
+from moejax.layers.norms import RMSNorm
+from moejax.layers.document_mask import check_segments, self_attention_mask
+from moejax.parallel.sharding import logical
 
 # One layer's KV cache: {'k': [batch, max_len, num_kv_heads, head_dim], 'v': same}.
 LayerCache = dict[str, jax.Array]
@@ -162,7 +162,7 @@ class CausalSelfAttention(nnx.Module):
         head_dim]`; the new keys and values are written at `positions`, and the queries
         attend to every cached slot at a position <= their own.
       segment_ids: None (one document per row), or `[batch, seq]` int32, the document of
-        each token (0 = padding): the mask is `moejax.document_mask.self_attention_mask`
+        each token (0 = padding): the mask is `moejax.layers.document_mask.self_attention_mask`
         (causal & same segment). Not with a cache.
 
     Returns:

@@ -56,11 +56,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.attention import apply_rope
-from moejax.norms import RMSNorm
-from moejax.document_mask import check_segments, self_attention_mask
-from moejax.ffn import on_rows
-from moejax.sharding import logical
+from moejax.layers.attention import apply_rope
+from moejax.layers.norms import RMSNorm
+from moejax.layers.document_mask import check_segments, self_attention_mask
+from moejax.layers.ffn import on_rows
+from moejax.parallel.sharding import logical
 
 # One MLA layer's cache: {'latent': [batch, max_len, kv_lora_rank],
 #                         'k_rope': [batch, max_len, qk_rope_head_dim]}.
@@ -75,7 +75,7 @@ def _positive(name: str, value) -> None:
 def _masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
   """Softmax over the last axis of float32 `scores` `[batch, heads, q_len, kv_len]` where
   `mask` `[q_len, kv_len]` (all rows) or `[batch, q_len, kv_len]` (per row) is True; masked
-  scores get the float32 minimum (as `moejax.attention.grouped_query_attention` does)."""
+  scores get the float32 minimum (as `moejax.layers.attention.grouped_query_attention` does)."""
   if mask.ndim == 3:  # [batch, q, kv] -> over the heads [batch, 1, q, kv]
     mask = mask[:, None]
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
@@ -85,7 +85,7 @@ def _masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
 class MultiHeadLatentAttention(nnx.Module):
   """Causal multi-head latent attention (DeepSeek-V2 §2.1); no biases.
 
-  Called as `moejax.attention.CausalSelfAttention`: `(x [batch, seq, d_model], positions
+  Called as `moejax.layers.attention.CausalSelfAttention`: `(x [batch, seq, d_model], positions
   [seq] or [batch, seq], cache or None, segment_ids [batch, seq] or None) -> ([batch, seq,
   d_model], cache or None)`. See the module docstring for
   the formulas, the RoPE layout and the cache.
@@ -202,7 +202,7 @@ class MultiHeadLatentAttention(nnx.Module):
         written at `positions`, and the queries attend to every cached slot at a position
         <= their own.
       segment_ids: None (one document per row), or `[batch, seq]` int32, the document of
-        each token (0 = padding): the mask is `moejax.document_mask.self_attention_mask`
+        each token (0 = padding): the mask is `moejax.layers.document_mask.self_attention_mask`
         (causal & same segment; Zhao et al. 2024, arXiv:2402.13991). Not with a cache.
 
     Returns:

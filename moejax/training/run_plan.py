@@ -16,12 +16,13 @@ import ml_collections
 from etils import epath
 from flax import nnx
 
-from moejax import checkpoint as checkpoint_lib
+from moejax.training import checkpoint as checkpoint_lib
 from moejax import data as data_lib
-from moejax import config_text, sharding
-from moejax import workdir as workdir_lib
-from moejax.init_from import check_init_from
-from moejax.steps import build, optimizer_state_bytes
+from moejax.config import text as config_text
+from moejax.parallel import sharding
+from moejax.training import workdir as workdir_lib
+from moejax.training.init_from import check_init_from
+from moejax.training.steps import build, optimizer_state_bytes
 
 log = logging.getLogger(__name__)
 

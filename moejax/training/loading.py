@@ -16,9 +16,9 @@ import os
 from etils import epath
 from flax import nnx
 
-from moejax import checkpoint as checkpoint_lib
-from moejax import config_text
-from moejax import workdir as workdir_lib
+from moejax.training import checkpoint as checkpoint_lib
+from moejax.config import text as config_text
+from moejax.training import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def load_model(workdir: epath.PathLike, step: int | None = None):
   Returns (model, config, step). Raises ValueError for a workdir that is not a run
   directory or a `step` it does not hold, RuntimeError if no checkpoint can be read.
   """
-  from moejax import steps as steps_lib  # the model and optimizer as training built them
+  from moejax.training import steps as steps_lib  # the model and optimizer as training built them
 
   path = check_run_directory(workdir)
   checkpoints = checkpoint_lib.Checkpointer(path, keep=1_000_000, create=False)

@@ -7,7 +7,7 @@ before anything is written, and created only once the run is known to be valid.
 
 Files written here: `config.json`, the run's config as readable JSON (rewritten when a
 resumed run is allowed a changed config, the change appended to `config_changes.jsonl`).
-A training run holds `run.lock` while it runs (`moejax.workdir_lock`).
+A training run holds `run.lock` while it runs (`moejax.training.workdir_lock`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import ml_collections
 from etils import epath
 
-from moejax import config_text
+from moejax.config import text as config_text
 
 CONFIG_FILE = "config.json"
 CONFIG_CHANGES_FILE = "config_changes.jsonl"

@@ -1,4 +1,4 @@
-"""Parameter and FLOP accounting for `moejax.model.TransformerLM`, total vs active.
+"""Parameter and FLOP accounting for `moejax.models.transformer.TransformerLM`, total vs active.
 
 Everything here is analytic, computed from the model config alone, so it can size a run
 before building it; `count_model_params` counts a built model to check the arithmetic.
@@ -33,9 +33,14 @@ import jax
 import ml_collections
 from flax import nnx
 
-from moejax.activations import is_gated
-from moejax.attention import qk_norm_mode
-from moejax.model import expert_d_ff_of, head_dim_of, moe_layer_indices, validate_config
+from moejax.layers.activations import is_gated
+from moejax.layers.attention import qk_norm_mode
+from moejax.models.transformer import (
+  expert_d_ff_of,
+  head_dim_of,
+  moe_layer_indices,
+  validate_config,
+)
 
 
 def _ffn_params(d_model: int, d_ff: int, activation: str) -> int:

@@ -27,7 +27,7 @@ import time
 
 from etils import epath
 
-from moejax.workdir import is_remote
+from moejax.training.workdir import is_remote
 
 LOCK_FILE = "run.lock"
 

@@ -16,10 +16,10 @@ import ml_collections
 import optax
 from flax import nnx
 
-from moejax import checkpoint as checkpoint_lib
-from moejax import sharding
-from moejax.model import TransformerLM, moe_layer_indices
-from moejax.trainable import trainable_filter
+from moejax.training import checkpoint as checkpoint_lib
+from moejax.parallel import sharding
+from moejax.models.transformer import TransformerLM, moe_layer_indices
+from moejax.training.trainable import trainable_filter
 
 
 def make_optimizer(train_config: ml_collections.ConfigDict):
@@ -54,7 +54,7 @@ def make_optimizer(train_config: ml_collections.ConfigDict):
 def build(config: ml_collections.ConfigDict, mesh=None):
   """(model, optimizer, learning-rate schedule), initialised from `config.train.seed`; the
   model runs on `mesh` (None: one device's program). The optimizer holds state for the
-  parameters that train (`train.trainable`, `train.frozen`: `moejax.trainable`) only; its
+  parameters that train (`train.trainable`, `train.frozen`: `moejax.training.trainable`) only; its
   `wrt` is their filter, which the train step differentiates with respect to."""
   model = TransformerLM(config.model, mesh=mesh, rngs=nnx.Rngs(config.train.seed))
   tx, schedule = make_optimizer(config.train)

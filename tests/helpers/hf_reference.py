@@ -17,8 +17,8 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-import family_reference as fr
-from moe_reference import ffn, softmax
+from helpers import family_reference as fr
+from helpers.moe_reference import ffn, softmax
 
 D, HEADS, KV_HEADS, HEAD_DIM, VOCAB, EXPERTS, TOP_K, F = 16, 4, 2, 4, 40, 4, 2, 8
 

@@ -7,7 +7,7 @@ Every error is one line on stderr, `error: WHAT; FIX`; `--verbose` prints the tr
 above that line and keeps the exit code.
 
 An absl command is `cli.run(main, config_flag="config")`; its module calls
-`moejax.signals.handle_signals()` first thing, before absl or jax load. Other front ends
+`moejax.runtime.signals.handle_signals()` first thing, before absl or jax load. Other front ends
 (argparse: `python -m experiments.ablations`) call `handle_signals()` first too and
 `report_error(error, verbose=...)` in their `except Exception`.
 """
@@ -19,12 +19,12 @@ import functools
 import re
 import sys
 import traceback
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 from absl import app, flags
 from absl import logging as absl_logging
 
-from moejax.signals import handle_signals
+from moejax.runtime.signals import handle_signals
 
 VERBOSE = flags.DEFINE_bool(
   "verbose", False, "On an error, print the traceback above the one-line message."
@@ -90,21 +90,31 @@ def did_you_mean(word: str, choices: Sequence[str], template: str = "; did you m
 
 # ----------------------------------------------------------------------------- absl commands
 
+
+class ConfigFlagLike(Protocol):
+  """A command's config flag (`moejax.config.flags.ConfigFlag`): the commands pass it in, so
+  this module stays below the config package."""
+
+  def resolve(self, args: list[str]) -> list[str]: ...
+
+  def help(self, args: Sequence[str]) -> str: ...
+
+
 _HELP = ("-h", "--help", "-help", "--helpshort", "--helpfull", "-?")
 
 
 def run(
   main: Callable[[list[str]], None],
   *,
-  config_flag: str | None = None,
+  config_flag: ConfigFlagLike | None = None,
   subcommands: Sequence[str] = (),
 ) -> None:
   """Runs an absl command: signals handled from here on, flags parsed with one-line errors
   (exit 2), `main(argv)` with every exception reduced to one line (exit 2 or 1).
 
-  `config_flag` names the command's `config_flags.DEFINE_config_file` flag: its file is
-  found as `moejax.config.load_config` finds it, its override keys are checked (a "did
-  you mean" at every level), and `--help` lists the config keys with their comments.
+  `config_flag` is the command's `config_flags.DEFINE_config_file` flag as a
+  `moejax.config.flags.ConfigFlag`: it resolves the flag's file and checks its override
+  keys before absl parses them, and `--help` lists the config keys with their comments.
   With `subcommands`, the first argument must be one of them (`main` reads it in `argv[1]`).
   """
   handle_signals()
@@ -130,7 +140,7 @@ def _run_main(
     sys.exit(report_error(error, verbose=VERBOSE.value))
 
 
-def _flag_value(args: Sequence[str], name: str) -> tuple[int, str] | None:
+def flag_value(args: Sequence[str], name: str) -> tuple[int, str] | None:
   """(index, value) of the last `--name=VALUE` or `--name VALUE` in `args`."""
   found = None
   for i, arg in enumerate(args):
@@ -154,7 +164,7 @@ def _wants_verbose(args: Sequence[str]) -> bool:
   return verbose
 
 
-def parse_flags(argv: list[str], *, config_flag: str | None = None) -> list[str]:
+def parse_flags(argv: list[str], *, config_flag: ConfigFlagLike | None = None) -> list[str]:
   """absl's parser, with every flag or config error reduced to one line and exit code 2."""
   args = argv[1:]
   verbose = _wants_verbose(args)
@@ -163,7 +173,7 @@ def parse_flags(argv: list[str], *, config_flag: str | None = None) -> list[str]
       print(help_text(args, config_flag))
       sys.exit(0)
     if config_flag is not None:
-      argv = [argv[0], *_resolve_config(args, config_flag)]
+      argv = [argv[0], *config_flag.resolve(args)]
     return flags.FLAGS(argv)
   except SystemExit:
     raise
@@ -196,31 +206,7 @@ def _flag_error(error: Exception) -> Exception:
   return error
 
 
-def _resolve_config(args: list[str], name: str) -> list[str]:
-  """`args` with the config flag's file resolved (as `moejax.config.load_config` finds it);
-  raises a one-line error for a missing file, a failing `get_config` or an unknown key."""
-  from moejax import config as config_lib
-  from moejax import config_text
-
-  found = _flag_value(args, name)
-  if found is None:
-    return args  # absl reports the missing required flag
-  index, spec = found
-  path, sep, arg = spec.partition(":")
-  resolved = config_lib.config_file(path) + sep + arg
-  try:
-    config = config_lib.load_config(resolved)
-  except Exception as error:  # inside the config file's get_config
-    raise ValueError(f"--{name}={spec}: {one_line(error)}") from error
-  for arg_text in args:
-    if arg_text.startswith(f"--{name}."):
-      config_text.check_key(config, arg_text[len(name) + 3 :].split("=", 1)[0], flag=name)
-  args = list(args)
-  args[index] = args[index].replace(spec, resolved) if "=" in args[index] else resolved
-  return args
-
-
-def help_text(args: Sequence[str], config_flag: str | None) -> str:
+def help_text(args: Sequence[str], config_flag: ConfigFlagLike | None) -> str:
   """The command's docstring and flags; with a config flag, every config key with its
   default (or the given config's value) and its comment."""
   main_module = sys.modules["__main__"]
@@ -230,18 +216,5 @@ def help_text(args: Sequence[str], config_flag: str | None) -> str:
     if text:
       parts.append(text)
   if config_flag is not None:
-    from moejax import config as config_lib
-    from moejax import config_text
-
-    found = _flag_value(args, config_flag)
-    try:
-      config = config_lib.load_config(found[1]) if found else config_lib.base_config()
-    except Exception:  # a broken --config: list the defaults
-      config = config_lib.base_config()
-    parts += [
-      "",
-      f"Config keys (set one with --{config_flag}.KEY=VALUE; --print_config shows a "
-      "config's values):",
-      config_text.describe(config, indent="  "),
-    ]
+    parts += ["", config_flag.help(args)]
   return "\n".join(parts)
