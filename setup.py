@@ -30,6 +30,8 @@ setup(
     "tqdm>=4.66",
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
+    # The ablations' t and F distributions (`experiments/ablations/stats.py`).
+    "scipy>=1.11",
     # HF-format checkpoints in and out (`moejax.convert`), read and written with numpy.
     "safetensors>=0.4.3",
     # Subword tokenizers (`hf:` kinds, and training a BPE), without transformers.

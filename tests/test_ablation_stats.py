@@ -1,6 +1,7 @@
 """The ablations' statistics (`experiments/ablations/stats.py`) against hand calculations:
-closed forms of the t and F distributions, printed t-table values, and paired tests, a
-pooled two-way model and a scaling-law fit worked out by hand in the comments."""
+the t and F distributions (from scipy.stats) against closed forms and printed t-table
+values, and paired tests, a pooled two-way model and a scaling-law fit worked out by hand
+in the comments."""
 
 import math
 
@@ -15,52 +16,50 @@ T_TABLE_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 9: 2.262, 11: 
 
 def _t4_cdf(t):
   """P(T <= t), 4 degrees of freedom, in closed form:
-  1/2 + (3/8)·x·(1 − x²/12)/... with x = t/√(1 + t²/4):
   F(t) = 1/2 + (3/8) · t/√(1+t²/4) · (1 − t²/(12·(1+t²/4)))."""
   u = 1 + t * t / 4
   return 0.5 + 3 / 8 * t / math.sqrt(u) * (1 - t * t / (12 * u))
 
 
-# ----------------------------------------------------------------------------- distributions
+def _differences(n, mean, sd):
+  """`n` paired differences with exactly this mean and sample sd."""
+  z = np.arange(n, dtype=float) - (n - 1) / 2
+  return list(mean + sd * z / np.std(z, ddof=1))
 
 
-def test_betainc_special_cases():
-  for x in (0.0, 0.1, 0.37, 0.5, 0.9, 1.0):
-    assert stats.betainc(1, 1, x) == pytest.approx(x, abs=1e-14)  # uniform
-    assert stats.betainc(2.5, 1, x) == pytest.approx(x**2.5, abs=1e-13)  # I_x(a,1) = x^a
-    assert stats.betainc(1, 3, x) == pytest.approx(1 - (1 - x) ** 3, abs=1e-13)
-  for a in (0.5, 2, 7.5):
-    assert stats.betainc(a, a, 0.5) == pytest.approx(0.5, abs=1e-13)  # symmetry
-  with pytest.raises(ValueError):
-    stats.betainc(0, 1, 0.5)
+# ------------------------------------------------------------ the distributions (scipy.stats)
 
 
-def test_t_distribution_against_closed_forms():
-  for t in (0.3, 1.0, 2.5, 15.0, 40.0):
-    # df = 1 is the Cauchy distribution: P(|T| > t) = 1 − (2/π)·atan(t).
-    assert stats.t_two_sided_p(t, 1) == pytest.approx(1 - 2 / math.pi * math.atan(t), rel=1e-10)
-    # df = 2: P(|T| > t) = 1 − t/√(2 + t²).
-    assert stats.t_two_sided_p(t, 2) == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-9)
-    assert stats.t_cdf(t, 4) == pytest.approx(_t4_cdf(t), abs=1e-12)
-    assert stats.t_cdf(-t, 4) == pytest.approx(1 - _t4_cdf(t), abs=1e-12)
-  assert stats.t_cdf(0.0, 7) == 0.5
-
-
-def test_t_quantiles_match_the_t_table():
+def test_confidence_intervals_use_the_t_table():
+  """The CI half-width over the standard error is t_{0.975, n−1}, as printed in a t-table."""
   for df, value in T_TABLE_975.items():
-    assert round(stats.t_quantile(0.975, df), 3) == value, df
-  assert round(stats.t_quantile(0.995, 4), 3) == 4.604  # two-sided 99%
-  assert round(stats.t_quantile(0.95, 10), 3) == 1.812  # one-sided 95%
-  assert round(stats.t_quantile(0.975, 10_000), 2) == 1.96  # -> the normal's 1.960
-  assert stats.t_quantile(0.025, 4) == pytest.approx(-stats.t_quantile(0.975, 4))
+    r = stats.paired(_differences(df + 1, 0.01, 0.004))
+    assert r.df == df and r.se == pytest.approx(0.004 / math.sqrt(df + 1))
+    assert round((r.hi - r.estimate) / r.se, 3) == value, df
+    assert (r.estimate - r.lo) == pytest.approx(r.hi - r.estimate)
 
 
-def test_f_distribution_against_closed_forms():
-  # F(2, ν2): P(F > f) = (1 + 2f/ν2)^(−ν2/2).
-  for f, d2 in ((3.0, 4), (0.5, 10), (7.2, 6)):
-    assert stats.f_sf(f, 2, d2) == pytest.approx((1 + 2 * f / d2) ** (-d2 / 2), rel=1e-10)
-  # F(1, ν) is T_ν²: the same two-sided p.
-  assert stats.f_sf(2.4**2, 1, 7) == pytest.approx(stats.t_two_sided_p(2.4, 7), rel=1e-10)
+def test_p_values_against_closed_forms():
+  for mean in (0.0012, 0.004, 0.01, 0.06):
+    # 2 seeds, df = 1: the Cauchy distribution, P(|T| > t) = 1 − (2/π)·atan(t).
+    r = stats.paired(_differences(2, mean, 0.004))
+    assert r.p == pytest.approx(1 - 2 / math.pi * math.atan(abs(r.t)), rel=1e-10)
+    # 3 seeds, df = 2: P(|T| > t) = 1 − t/√(2 + t²).
+    r = stats.paired(_differences(3, -mean, 0.004))
+    assert r.p == pytest.approx(1 - abs(r.t) / math.sqrt(2 + r.t**2), rel=1e-9)
+
+
+def test_f_test_against_its_closed_form():
+  """Three arms: F on (2, ν2) degrees of freedom, P(F > f) = (1 + 2f/ν2)^(−ν2/2)."""
+  rng = np.random.default_rng(0)
+  for seeds in (3, 4, 6):
+    table = {
+      a: {s: float(rng.normal(0.1 * i, 0.05)) for s in range(seeds)} for i, a in enumerate("ABC")
+    }
+    model = stats.pooled(table)
+    d2 = model.df
+    assert d2 == 2 * (seeds - 1)
+    assert model.f_p == pytest.approx((1 + 2 * model.f / d2) ** (-d2 / 2), rel=1e-10)
 
 
 # ----------------------------------------------------------------------------- paired test

@@ -1,9 +1,5 @@
-r"""The statistics of the ablations, in NumPy and `math` alone (no SciPy).
+r"""The statistics of the ablations; Student's t and Fisher's F come from `scipy.stats`.
 
-* Student's t and Fisher's F distributions from the regularized incomplete beta function
-  I_x(a, b), evaluated by its continued fraction (modified Lentz; Press et al.,
-  *Numerical Recipes*, 3rd ed., §6.4):
-      P(|T_ν| > t) = I_{ν/(ν+t²)}(ν/2, 1/2),    P(F_{d1,d2} > f) = I_{d2/(d2+d1·f)}(d2/2, d1/2).
 * `paired`: the paired t-test. Arms A and B train seed s with the same initialisation
   and data order, so d_s = y_{A,s} − y_{B,s} removes what the seeds share. With n seeds,
   mean d̄, sample sd s_d: t = d̄ / (s_d/√n) on n − 1 degrees of freedom, 95% CI
@@ -26,94 +22,9 @@ import math
 from typing import Mapping, Sequence
 
 import numpy as np
+from scipy import stats as distributions
 
 LEVEL = 0.95  # every interval here is a 95% confidence interval
-
-# ----------------------------------------------------------------------------- distributions
-
-
-def betainc(a: float, b: float, x: float) -> float:
-  """The regularized incomplete beta function I_x(a, b), for a, b > 0 and 0 ≤ x ≤ 1."""
-  if not (a > 0 and b > 0):
-    raise ValueError(f"betainc needs a, b > 0, got a={a}, b={b}")
-  if not 0.0 <= x <= 1.0:
-    raise ValueError(f"betainc needs 0 <= x <= 1, got x={x}")
-  if x in (0.0, 1.0):
-    return x
-  log_front = (
-    math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-  )
-  # The continued fraction converges fast for x < (a + 1) / (a + b + 2); else use symmetry.
-  if x < (a + 1) / (a + b + 2):
-    return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
-  return 1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, 1.0 - x) / b
-
-
-def _beta_continued_fraction(a: float, b: float, x: float) -> float:
-  """The continued fraction of I_x(a, b) (Numerical Recipes `betacf`), by modified Lentz."""
-  tiny, eps = 1e-300, 1e-15
-  qab, qap, qam = a + b, a + 1.0, a - 1.0
-  c, d = 1.0, 1.0 - qab * x / qap
-  d = 1.0 / (d if abs(d) > tiny else tiny)
-  h = d
-  for m in range(1, 10_000):
-    m2 = 2 * m
-    for numerator in (
-      m * (b - m) * x / ((qam + m2) * (a + m2)),  # even step
-      -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2)),  # odd step
-    ):
-      d = 1.0 + numerator * d
-      d = 1.0 / (d if abs(d) > tiny else tiny)
-      c = 1.0 + numerator / c
-      c = c if abs(c) > tiny else tiny
-      delta = d * c
-      h *= delta
-    if abs(delta - 1.0) < eps:
-      return h
-  raise ArithmeticError(f"betainc({a}, {b}, {x}): the continued fraction did not converge")
-
-
-def t_two_sided_p(t: float, df: float) -> float:
-  """P(|T| ≥ |t|) for Student's t with `df` degrees of freedom."""
-  if math.isinf(t):
-    return 0.0
-  return betainc(df / 2.0, 0.5, df / (df + t * t))
-
-
-def t_cdf(t: float, df: float) -> float:
-  """P(T ≤ t) for Student's t with `df` degrees of freedom."""
-  tail = 0.5 * t_two_sided_p(t, df)
-  return 1.0 - tail if t > 0 else tail
-
-
-def t_quantile(q: float, df: float) -> float:
-  """The `q` quantile of Student's t (0 < q < 1), by bisection on `t_cdf`."""
-  if not 0.0 < q < 1.0:
-    raise ValueError(f"t_quantile needs 0 < q < 1, got {q}")
-  if q < 0.5:
-    return -t_quantile(1.0 - q, df)
-  lo, hi = 0.0, 1.0
-  while t_cdf(hi, df) < q:
-    lo, hi = hi, 2.0 * hi
-  for _ in range(200):
-    mid = 0.5 * (lo + hi)
-    if t_cdf(mid, df) < q:
-      lo = mid
-    else:
-      hi = mid
-    if hi - lo <= 1e-12 * max(1.0, hi):
-      break
-  return 0.5 * (lo + hi)
-
-
-def f_sf(f: float, df1: float, df2: float) -> float:
-  """P(F ≥ f) for Fisher's F with (`df1`, `df2`) degrees of freedom."""
-  if f <= 0:
-    return 1.0
-  if math.isinf(f):
-    return 0.0
-  return betainc(df2 / 2.0, df1 / 2.0, df2 / (df2 + df1 * f))
-
 
 # ----------------------------------------------------------------------------- tests
 
@@ -137,12 +48,12 @@ class Interval:
 
 
 def _interval(estimate: float, se: float, df: float, n: int, sd: float = float("nan")) -> Interval:
-  half = t_quantile(0.5 + LEVEL / 2, df) * se
+  half = float(distributions.t.ppf(0.5 + LEVEL / 2, df)) * se
   if se > 0:
     t = estimate / se
   else:  # identical differences: an exact (degenerate) result
     t = math.copysign(math.inf, estimate) if estimate else 0.0
-  p = t_two_sided_p(t, df) if estimate or se > 0 else 1.0
+  p = float(2.0 * distributions.t.sf(abs(t), df)) if estimate or se > 0 else 1.0
   return Interval(estimate, se, df, estimate - half, estimate + half, t, p, n, sd)
 
 
@@ -203,7 +114,7 @@ def pooled(table: Mapping[str, Mapping[int, float]]) -> PooledModel:
     residual_variance=variance,
     df=df,
     f=f,
-    f_p=f_sf(f, len(arms) - 1, df) if arm_square > 0 or variance > 0 else 1.0,
+    f_p=float(distributions.f.sf(f, len(arms) - 1, df)) if arm_square > 0 or variance > 0 else 1.0,
   )
 
 
@@ -289,7 +200,7 @@ def fit_bilinear_law(n: Sequence[float], e: Sequence[float], loss: Sequence[floa
   sigma2 = float(residual @ residual / df) if df > 0 else float("nan")
   cov = sigma2 * np.linalg.inv(x.T @ x)
   se = np.sqrt(np.diag(cov))
-  half = t_quantile(0.5 + LEVEL / 2, df) * se if df > 0 else np.full(4, np.nan)
+  half = distributions.t.ppf(0.5 + LEVEL / 2, df) * se if df > 0 else np.full(4, np.nan)
   # Per grid point: mean log L, the fit there, and the spread between its seeds.
   mean_at, fitted_at, loo_err, seed_ss, seed_df = {}, {}, [], 0.0, 0
   for p in points:
