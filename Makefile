@@ -16,7 +16,7 @@ export JAX_PLATFORMS ?= cpu
 
 .PHONY: install demo stores demo-bpe plot clean-demo test lint bench bench-gpu clean
 
-$(STAMP): setup.py
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'

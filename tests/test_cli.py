@@ -10,6 +10,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tomllib
 import time
 
 import fsspec
@@ -203,14 +204,34 @@ def test_fitting_meshes_are_the_ones_validate_mesh_accepts():
   assert [m["expert"] for m in run_plan.fitting_meshes(config, 8)] == [1, 2, 4]
 
 
-def test_python_support_is_stated_the_same_in_setup_and_readme():
-  setup = open(os.path.join(REPO, "setup.py")).read()
+def _pyproject():
+  with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+    return tomllib.load(f)
+
+
+def test_python_support_is_stated_the_same_in_pyproject_and_readme():
+  project = _pyproject()["project"]
   readme = open(os.path.join(REPO, "README.md")).read()
-  minimum = re.search(r'python_requires=">=3\.(\d+)"', setup).group(1)
+  minimum = re.fullmatch(r">=3\.(\d+)", project["requires-python"]).group(1)
   assert f"Python 3.{minimum}+" in readme
   assert sys.version_info >= (3, int(minimum))
-  for extra in ("jax[cuda12]", "jax[tpu]"):
-    assert extra in setup and extra in readme
+  extras = project["optional-dependencies"]
+  for extra, wheel in (("cuda12", "jax[cuda12]"), ("tpu", "jax[tpu]")):
+    assert any(d.startswith(wheel) for d in extras[extra]) and wheel in readme
+
+
+def test_every_package_of_the_tree_is_installed():
+  """pyproject.toml lists the packages (moejax.configs comes from configs/): a new package
+  folder missing from the list would be left out of a wheel."""
+  setuptools = _pyproject()["tool"]["setuptools"]
+  on_disk = {
+    os.path.relpath(root, REPO).replace(os.sep, ".")
+    for root, _, files in os.walk(os.path.join(REPO, "moejax"))
+    if "__init__.py" in files
+  }
+  assert set(setuptools["packages"]) == on_disk | {"moejax.configs"}
+  assert setuptools["package-dir"] == {"moejax.configs": "configs"}
+  assert os.path.isfile(os.path.join(REPO, "configs", "__init__.py"))
 
 
 # ----------------------------------------------------------------------------- run directories

@@ -9,7 +9,7 @@ after another as the chunks of the stored array (Orbax splits a block over its d
 size target, 2 GiB on local disk, further), so memory holds one block at a time. Read
 back, it is an ordinary NumPy array of the checkpoint (the handler records itself as one).
 
-Needs Orbax's `NumpyHandler` write path of orbax-checkpoint 0.12 (`setup.py` pins it).
+Needs Orbax's `NumpyHandler` write path of orbax-checkpoint 0.12 (`pyproject.toml` pins it).
 """
 
 from __future__ import annotations
