@@ -20,8 +20,8 @@ from absl import app, flags
 from etils import epath
 
 from moejax import aot
-from moejax.training import workdir as workdir_lib
 from moejax.config import load_config, packaged_config_names
+from moejax.training import workdir as workdir_lib
 
 _CONFIGS = flags.DEFINE_list("configs", None, "Configs to compile (default: every pod config).")
 _OUT = flags.DEFINE_string("out", "docs/pods.md", "The Markdown table to write.")

@@ -57,10 +57,10 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from moejax import data as data_lib
 from moejax.models import flops
 from moejax.parallel import hlo, sharding
 from moejax.training.run_plan import check_mesh
-from moejax import data as data_lib
 from moejax.training.steps import build, make_steps
 from moejax.training.train import jit_train_step, no_nonfinite_tally
 
@@ -222,9 +222,11 @@ def state_bytes_per_device(config: ml_collections.ConfigDict, mesh) -> dict[str,
     shard_shapes = [variable.shape for _, variable in leaves]
   else:
     shardings = jax.tree.leaves(sharding.param_shardings(abstract, mesh), is_leaf=is_variable)
-    shard_shapes = [s.get_value().shard_shape(v.shape) for s, (_, v) in zip(shardings, leaves)]
+    shard_shapes = [
+      s.get_value().shard_shape(v.shape) for s, (_, v) in zip(shardings, leaves, strict=True)
+    ]
   totals = {"params": 0, "optimizer": 0}
-  for (path, variable), shape in zip(leaves, shard_shapes):
+  for (path, variable), shape in zip(leaves, shard_shapes, strict=True):
     which = (
       "optimizer" if path[0].key == 1 else "params" if isinstance(variable, nnx.Param) else None
     )
@@ -256,7 +258,7 @@ def report(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
     "topology": topology_name,
     "num_devices": len(devices),
     "device_kind": devices[0].device_kind,
-    "mesh": dict(zip(mesh.axis_names, (int(s) for s in mesh.axis_sizes))),
+    "mesh": dict(zip(mesh.axis_names, (int(s) for s in mesh.axis_sizes), strict=True)),
     "dtype": config.model.dtype,
     "tokens_per_step": config.train.batch_size * config.train.seq_len,
     "hbm_bytes": int(hbm),
@@ -415,8 +417,8 @@ if __name__ == "__main__":
   from absl import flags
   from ml_collections import config_flags
 
-  from moejax.runtime import cli
   from moejax.config.flags import ConfigFlag
+  from moejax.runtime import cli
 
   _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, configs/NAME.py[:ARG].", lock_config=True

@@ -17,15 +17,16 @@ if __name__ == "__main__":  # first thing: a signal at any later moment ends it 
 
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from absl import flags
 from flax import nnx
 
-from moejax.runtime import cli
 from moejax import data as data_lib
+from moejax.runtime import cli
 from moejax.training.loading import load_model
 from moejax.training.steps import document_layout, eval_sums
 
@@ -94,7 +95,7 @@ def report(result: dict[str, Any], moe_layers: Sequence[int]) -> str:
   if len(moe_layers):
     experts = loads.shape[-1]
     lines.append(f"expert load per MoE layer (share of assignments; balanced = {1 / experts:.3f}):")
-    for layer, load in zip(moe_layers, loads):
+    for layer, load in zip(moe_layers, loads, strict=True):
       shares = " ".join(f"{x:.3f}" for x in load)
       lines.append(f"  layer {layer}: {shares}  (max x E = {load.max() * experts:.2f})")
   return "\n".join(lines)

@@ -31,11 +31,11 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
+from moejax import data as data_lib
+from moejax.moe import MoeLayer
 from moejax.runtime import cli
 from moejax.training import workdir as workdir_lib
-from moejax import data as data_lib
 from moejax.training.loading import load_model
-from moejax.moe import MoeLayer
 
 __all__ = ["filter_logits", "load_model", "sample"]
 

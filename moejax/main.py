@@ -22,8 +22,8 @@ if __name__ == "__main__":  # first thing: a signal at any later moment ends it 
 from absl import flags
 from ml_collections import config_flags
 
-from moejax.runtime import cli
 from moejax.config.flags import ConfigFlag
+from moejax.runtime import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment config file, configs/NAME.py[:ARG].", lock_config=True

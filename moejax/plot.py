@@ -99,7 +99,7 @@ def figures(records: list[dict[str, Any]]) -> dict[str, Any]:
     fig, axes = plt.subplots(
       len(loads), 1, figsize=(9, 1.2 + 1.6 * len(loads)), squeeze=False, sharex=True
     )
-    for ax, (layer, (steps, shares)) in zip(axes[:, 0], loads.items()):
+    for ax, (layer, (steps, shares)) in zip(axes[:, 0], loads.items(), strict=True):
       grid = np.asarray(shares, np.float64).T  # [experts, logged steps]
       experts = grid.shape[0]
       # A record covers the steps since the previous one: cells span (previous, step].

@@ -40,12 +40,12 @@ from etils import epath
 from flax import nnx
 from ml_collections import config_flags
 
-from moejax.runtime import cli
 from moejax.config.flags import ConfigFlag
 from moejax.convert import layout, model_state
+from moejax.models.transformer import expert_d_ff_of
+from moejax.runtime import cli
 from moejax.training.loading import load_model
 from moejax.training.tree_paths import flat
-from moejax.models.transformer import expert_d_ff_of
 
 # Model keys that must agree: everything upcycling carries over unchanged.
 SHARED_KEYS = (
@@ -95,9 +95,8 @@ def check_compatible(dense: ml_collections.ConfigDict, moe: ml_collections.Confi
       f"model.expert_d_ff={expert_d_ff_of(moe)} must equal the dense run's d_ff={dense.d_ff}: "
       "each expert is a copy of the dense FFN."
     )
-  if moe.first_dense_layers or moe.moe_layer_interval > 1:
-    if moe.d_ff != dense.d_ff:
-      raise ValueError(f"model.d_ff={moe.d_ff} of the layers that stay dense must be {dense.d_ff}.")
+  if (moe.first_dense_layers or moe.moe_layer_interval > 1) and moe.d_ff != dense.d_ff:
+    raise ValueError(f"model.d_ff={moe.d_ff} of the layers that stay dense must be {dense.d_ff}.")
 
 
 def upcycle(

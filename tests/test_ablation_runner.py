@@ -32,10 +32,10 @@ from experiments.ablations.spec import (
   arm_config,
   get_arms,
 )
-from moejax.models import flops
-from moejax.training import train as train_lib
 from moejax.config import load_config
+from moejax.models import flops
 from moejax.models.transformer import expert_d_ff_of, moe_layer_indices
+from moejax.training import train as train_lib
 
 QUIET = lambda _: None
 
@@ -482,7 +482,7 @@ def test_pod_preset_prints_the_sweep_then_the_seed_commands(name, capsys, tmp_pa
   commands = out.out.strip().splitlines()
   assert len(commands) == len(sweeping) * len(grid) and "--learning_rate ARM=LR" in out.err
   expected = [(a, lr) for a in sweeping for lr in grid]
-  for command, (arm, lr) in zip(commands, expected):
+  for command, (arm, lr) in zip(commands, expected, strict=True):
     run_dir = f"{prefix}/lr_sweep/{arm.name}/lr_{lr:g}/seed_{SWEEP_SEED}"
     _check_command(command, ablation, run_dir, arm, SWEEP_SEED, lr)
   assert not os.path.exists(prefix)  # printed, not run
@@ -496,5 +496,5 @@ def test_pod_preset_prints_the_sweep_then_the_seed_commands(name, capsys, tmp_pa
   )
   commands = capsys.readouterr().out.strip().splitlines()
   assert len(commands) == 2 * len(arms)
-  for command, (arm, seed) in zip(commands, [(a, s) for a in arms for s in (0, 1)]):
+  for command, (arm, seed) in zip(commands, [(a, s) for a in arms for s in (0, 1)], strict=True):
     _check_command(command, ablation, f"{prefix}/{arm.name}/seed_{seed}", arm, seed, grid[1])

@@ -197,7 +197,7 @@ def test_bilinear_law_fit_by_hand():
   assert fit.predict(3e5, 16) == pytest.approx(
     math.exp(-0.1 * math.log(3e5) - 0.05 * math.log(16) + 0.01 * math.log(3e5) * math.log(16) + 1.5)
   )
-  for c, lo, hi in zip(fit.coef, fit.lo, fit.hi):
+  for c, lo, hi in zip(fit.coef, fit.lo, fit.hi, strict=True):
     assert lo < c < hi
   # A grid point off the law: its left-out prediction misses it, the fit error grows.
   _, n, e, loss = _grid(0.0)
@@ -214,5 +214,5 @@ def test_bilinear_law_recovers_coefficients_from_noise():
   coef, n, e, loss = _grid(0.0)
   noisy = [x * math.exp(rng.normal(0, 0.002)) for x in loss]
   fit = stats.fit_bilinear_law(n, e, noisy)
-  inside = [lo <= c <= hi for c, lo, hi in zip(coef, fit.lo, fit.hi)]
+  inside = [lo <= c <= hi for c, lo, hi in zip(coef, fit.lo, fit.hi, strict=True)]
   assert sum(inside) >= 3  # 95% intervals: all four, but for bad luck

@@ -9,10 +9,10 @@ import sys
 import pytest
 
 from moejax import aot
-from moejax.parallel import sharding
 from moejax.config import load_config
-from moejax.moe import block_ffn
 from moejax.models.transformer import moe_layer_indices
+from moejax.moe import block_ffn
+from moejax.parallel import sharding
 
 pytestmark = pytest.mark.skipif(not aot.has_libtpu(), reason="needs libtpu (the tpu extra)")
 

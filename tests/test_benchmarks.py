@@ -9,12 +9,11 @@ import math
 import jax
 import numpy as np
 import pytest
-
-from moejax.config import load_config
 from flax import nnx
 
-from moejax.moe import MoeConfig, MoeLayer
 from experiments.benchmarks import moe_layer
+from moejax.config import load_config
+from moejax.moe import MoeConfig, MoeLayer
 
 pytestmark = pytest.mark.usefixtures("fast_compile_module")
 

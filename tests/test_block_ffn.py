@@ -72,7 +72,7 @@ def test_property_ffn_value_and_gradients(sizes, spare, block, activation, dropo
     loss = lambda *args: jnp.sum(run(fn, *args) * cotangent)
     return jax.grad(loss, argnums=(0, 1, 2, 3))(x, w_in, w_gate, w_out)
 
-  for got, want in zip(grads(ours), grads(_gathered_form)):
+  for got, want in zip(grads(ours), grads(_gathered_form), strict=True):
     if want is None:
       assert got is None
       continue
@@ -95,7 +95,9 @@ def test_ffn_under_jit_with_traced_group_sizes():
   for sizes in ([12, 0], [3, 9], [0, 0]):
     value, grad = run(jnp.asarray(sizes))
     want_value, want_grad = jax.value_and_grad(
-      lambda w: jnp.sum(_gathered_form("relu", x, jnp.asarray(sizes), None, w, None, w_out) ** 2)
+      lambda w, sizes=sizes: jnp.sum(
+        _gathered_form("relu", x, jnp.asarray(sizes), None, w, None, w_out) ** 2
+      )
     )(w_in)
     np.testing.assert_allclose(value, want_value, rtol=1e-5)
     np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-5)
@@ -139,7 +141,9 @@ def test_capacity_ffn_value_and_gradients_match_the_batched_einsums(activation, 
   args = (x, w_in, w_gate, w_out)
   np.testing.assert_allclose(ours(*args), theirs(*args), rtol=1e-5, atol=1e-5)
   for got, want in zip(
-    jax.grad(loss(ours), (0, 1, 2, 3))(*args), jax.grad(loss(theirs), (0, 1, 2, 3))(*args)
+    jax.grad(loss(ours), (0, 1, 2, 3))(*args),
+    jax.grad(loss(theirs), (0, 1, 2, 3))(*args),
+    strict=True,
   ):
     if want is None:
       assert got is None

@@ -10,18 +10,18 @@ import signal
 import struct
 import subprocess
 import sys
-import tomllib
 import time
+import tomllib
 
 import fsspec
 import numpy as np
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-from moejax.training import checkpoint, run_plan, train, workdir
-from moejax.runtime import cli
 from moejax import plot
 from moejax.config import load_config
+from moejax.runtime import cli
+from moejax.training import checkpoint, run_plan, train, workdir
 from moejax.training.metrics import MetricWriter, read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -211,7 +211,8 @@ def _pyproject():
 
 def test_python_support_is_stated_the_same_in_pyproject_and_readme():
   project = _pyproject()["project"]
-  readme = open(os.path.join(REPO, "README.md")).read()
+  with open(os.path.join(REPO, "README.md")) as f:
+    readme = f.read()
   minimum = re.fullmatch(r">=3\.(\d+)", project["requires-python"]).group(1)
   assert f"Python 3.{minimum}+" in readme
   assert sys.version_info >= (3, int(minimum))
@@ -351,8 +352,8 @@ def test_a_metrics_line_cut_short_by_a_kill_is_set_aside(tmp_path):
 
 def test_a_key_added_since_a_run_was_saved_is_no_change_at_its_default():
   """A run saved before `model.remat` existed resumes while the key keeps its default."""
-  from moejax.config import text as config_text
   from moejax.config import load_config
+  from moejax.config import text as config_text
 
   now = config_text.as_json(load_config("configs/tiny.py"))
   saved = json.loads(json.dumps(now))
@@ -366,8 +367,8 @@ def test_a_key_added_since_a_run_was_saved_is_no_change_at_its_default():
 
 def test_a_config_saved_before_a_key_existed_reads_back_with_that_key_at_its_default():
   """What loading a model and collecting an ablation's results read a saved config with."""
-  from moejax.config import text as config_text
   from moejax.config import load_config
+  from moejax.config import text as config_text
   from moejax.models.transformer import validate_config
 
   config = load_config("configs/tiny.py", {"model.top_k": 1})

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax.models import flops
-from moejax.training import steps
 from moejax.config import load_config
+from moejax.models import flops
 from moejax.models.transformer import validate_config
+from moejax.training import steps
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 NAMES = sorted(f[:-3] for f in os.listdir(CONFIGS) if f.endswith(".py") and f != "__init__.py")

@@ -53,7 +53,7 @@ def _take(iterator, n):
 
 def _assert_same_batches(a, b):
   assert len(a) == len(b)
-  for x, y in zip(a, b):
+  for x, y in zip(a, b, strict=True):
     np.testing.assert_array_equal(x["inputs"], y["inputs"])
     np.testing.assert_array_equal(x["targets"], y["targets"])
 

@@ -10,23 +10,22 @@ the MoE layers: it takes no capacity, counts in no balance statistic, gets a zer
 and leaves the real tokens' logits and the model's MoE metrics as they are without it.
 """
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from flax import nnx
 from ml_collections import ConfigDict
 
 from helpers import family_reference as ref
-from moejax.parallel import sharding
+from helpers.small_models import VOCAB, dense_model_config
 from moejax.layers.attention import CausalSelfAttention, apply_rope
+from moejax.layers.document_mask import self_attention_mask
 from moejax.layers.mla import MultiHeadLatentAttention
 from moejax.models.transformer import TransformerLM
 from moejax.moe import MoeConfig, MoeLayer, balancing
 from moejax.moe.dispatch import FORMS
-from moejax.layers.document_mask import self_attention_mask
-from helpers.small_models import VOCAB, dense_model_config
+from moejax.parallel import sharding
 
 pytestmark = pytest.mark.usefixtures("fast_compile_module")
 
@@ -140,7 +139,7 @@ def restarting_positions(segment_ids):
 def runs(row):
   """`(start, end)` of each run of equal values in `row`."""
   edges = [0] + [t for t in range(1, len(row)) if row[t] != row[t - 1]] + [len(row)]
-  return list(zip(edges[:-1], edges[1:]))
+  return list(zip(edges[:-1], edges[1:], strict=True))
 
 
 def test_mask_is_causal_and_same_segment():
@@ -202,7 +201,9 @@ def test_gqa_layer_matches_numpy_masked_attention():
         scores = np.array([q[t, h] @ k[j, h // (heads // kv_heads)] for j in seen]) / np.sqrt(dim)
         p = np.exp(scores - scores.max())
         p /= p.sum()
-        heads_out[t, h] = sum(pj * v[j, h // (heads // kv_heads)] for pj, j in zip(p, seen))
+        heads_out[t, h] = sum(
+          pj * v[j, h // (heads // kv_heads)] for pj, j in zip(p, seen, strict=True)
+        )
     expected[b] = heads_out.reshape(7, heads * dim) @ w["o_proj"]
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 

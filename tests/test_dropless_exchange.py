@@ -5,17 +5,15 @@ buffer that drops and counts, against a NumPy count of what each receiver drops.
 The whole model under skewed routers, on every mesh, is in `test_expert_parallel.py`.
 """
 
-from helpers import moe_reference
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
-from moejax.moe.dropless_exchange import exchange_plan, num_rounds
-
 from test_expert_parallel import flat, layer_value_and_grad, make_layer, make_mesh
+
+from helpers import moe_reference
+from moejax.moe.dropless_exchange import exchange_plan, num_rounds
 
 
 def test_exchange_plan_is_a_hand_count():

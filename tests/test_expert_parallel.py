@@ -19,11 +19,11 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from moejax.parallel import hlo, sharding
-from moejax.training import steps
 from moejax.config import load_config
 from moejax.models.transformer import TransformerLM
 from moejax.moe import MoeConfig, MoeLayer
+from moejax.parallel import hlo, sharding
+from moejax.training import steps
 
 VOCAB, BATCH, SEQ, D_MODEL, E, K, D_FF = 260, 8, 16, 32, 8, 2, 32
 GROUP = 16

@@ -13,9 +13,9 @@ import pytest
 from flax import nnx
 
 from helpers import family_reference as ref
-from moejax.training import steps
 from moejax.config import load_config
 from moejax.moe import MoeConfig, MoeLayer
+from moejax.training import steps
 
 D_MODEL, D_FF, TOKENS = 8, 6, 24
 

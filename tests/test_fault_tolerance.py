@@ -15,13 +15,12 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from test_train import REPO, smoke_config
 
 from moejax import generate
 from moejax.training import run_plan, train
 from moejax.training.loading import load_model
 from moejax.training.metrics import read_metrics
-
-from test_train import REPO, smoke_config
 
 
 def run_config(**overrides):

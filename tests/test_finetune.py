@@ -12,18 +12,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_train import smoke_config
 
-from moejax.training import checkpoint as checkpoint_lib
-from moejax.training import run_plan, steps, train
-from moejax.parallel import sharding
 from moejax.config import load_config
 from moejax.layers.dropout import ResidualDropout
+from moejax.models.transformer import TransformerLM
+from moejax.parallel import sharding
+from moejax.training import checkpoint as checkpoint_lib
+from moejax.training import run_plan, steps, train
 from moejax.training.init_from import restore_init_from
 from moejax.training.metrics import read_metrics
-from moejax.models.transformer import TransformerLM
 from moejax.training.trainable import PRESETS, parameter_paths
-
-from test_train import smoke_config
 
 ROUTER = ("router_kernel", "noise_kernel", "router_bias")
 
@@ -318,7 +317,7 @@ def test_dropout_acts_in_training_only_and_draws_nothing_at_zero():
   def logits(states, tokens):
     return [
       call(graphdef, state, tokens, mode)
-      for graphdef, state in zip((graph_off, graph_on), states)
+      for graphdef, state in zip((graph_off, graph_on), states, strict=True)
       for mode in (False, True)
     ]
 
@@ -331,7 +330,7 @@ def test_dropout_acts_in_training_only_and_draws_nothing_at_zero():
   assert not np.allclose(on_train, off_eval, atol=1e-3)
   # Rate 0 draws no random bits in training mode; 0.3 does.
   for graphdef, state, draws in ((graph_off, state_off, False), (graph_on, state_on, True)):
-    jaxpr = str(jax.make_jaxpr(lambda s, t: call(graphdef, s, t, True))(state, tokens))
+    jaxpr = str(jax.make_jaxpr(lambda s, t, g=graphdef: call(g, s, t, True))(state, tokens))
     assert ("random_bits" in jaxpr) == draws
 
 

@@ -1,13 +1,11 @@
 """Tests of moejax.models.flops: the analytic counts against built models and against hand counts."""
 
 import pytest
-
 from flax import nnx
 
-from moejax.models import flops
 from helpers.small_models import dense_model_config as tiny_config
+from moejax.models import flops
 from moejax.models.transformer import TransformerLM
-
 
 MOE = dict(num_experts=4, top_k=2)
 CONFIGS = {

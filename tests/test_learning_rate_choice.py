@@ -6,11 +6,11 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from test_ablation_runner import QUIET, FakeTraining, _fake_ablation
 
 import experiments.finetune
 from experiments.ablations import report
 from experiments.ablations.run import choose_learning_rate, run_ablation
-from test_ablation_runner import QUIET, FakeTraining, _fake_ablation
 
 NAN = float("nan")
 ROWS = [

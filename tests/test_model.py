@@ -1,16 +1,15 @@
 """Tests of moejax.models.transformer: shapes, causality, KV-cache decoding, GQA, RoPE, MoE layout, config."""
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from flax import nnx
 
-from moejax.layers.attention import apply_rope, grouped_query_attention
-from moejax.models.transformer import TransformerLM
-from moejax.layers.norms import RMSNorm
 from helpers.small_models import dense_model_config as tiny_config
+from moejax.layers.attention import apply_rope, grouped_query_attention
+from moejax.layers.norms import RMSNorm
+from moejax.models.transformer import TransformerLM
 
 VOCAB, BATCH, SEQ = 260, 2, 12
 
@@ -311,7 +310,7 @@ def test_unrolled_layers_compute_what_the_scanned_loop_computes():
   unrolled = TransformerLM(config, rngs=nnx.Rngs(0))
   grads = lambda model: nnx.grad(lambda m: jnp.mean(m(tokens())[0] ** 2))(model)
   np.testing.assert_allclose(scanned(tokens())[0], unrolled(tokens())[0], rtol=1e-5, atol=1e-6)
-  for a, b in zip(jax.tree.leaves(grads(scanned)), jax.tree.leaves(grads(unrolled))):
+  for a, b in zip(jax.tree.leaves(grads(scanned)), jax.tree.leaves(grads(unrolled)), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -322,5 +321,5 @@ def test_recomputed_layers_give_the_gradients_of_stored_ones():
   stored = grads(TransformerLM(config, rngs=nnx.Rngs(0)))
   config.remat = "full"
   recomputed = grads(TransformerLM(config, rngs=nnx.Rngs(0)))
-  for a, b in zip(jax.tree.leaves(stored), jax.tree.leaves(recomputed)):
+  for a, b in zip(jax.tree.leaves(stored), jax.tree.leaves(recomputed), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)  # XLA fuses the two otherwise

@@ -164,7 +164,7 @@ def test_einsum_and_sort_agree_in_value_and_gradient(capacity_factor):
     results[dispatch] = _loss_and_grads(layer, x)
   (v1, g1), (v2, g2) = results["einsum"], results["sort"]
   np.testing.assert_allclose(float(v1), float(v2), rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
@@ -176,7 +176,7 @@ def test_all_dispatches_agree_in_gradient_without_drops():
   }
   for d in ("sort", "dropless"):
     np.testing.assert_allclose(float(grads[d][0]), float(grads["einsum"][0]), rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(grads[d][1]), jax.tree.leaves(grads["einsum"][1])):
+    for a, b in zip(jax.tree.leaves(grads[d][1]), jax.tree.leaves(grads["einsum"][1]), strict=True):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 

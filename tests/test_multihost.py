@@ -9,12 +9,11 @@ import time
 
 import numpy as np
 import pytest
+from test_train import REPO
 
 from moejax.data import builtin
 from moejax.data.store_writer import prepare
 from moejax.training.metrics import read_metrics
-
-from test_train import REPO
 
 ARGS = [
   "--config=configs/tiny.py:smoke",
@@ -108,13 +107,13 @@ def test_two_processes_reproduce_one_process(tmp_path, data, request):
     for i in range(2)
   ]
   outputs = [p.communicate(timeout=300) for p in processes]
-  for p, (_, err) in zip(processes, outputs):
+  for p, (_, err) in zip(processes, outputs, strict=True):
     assert p.returncode == 0, err[-3000:]
     assert "dropless dropped" not in err
 
   one, two = read_metrics(str(single)), read_metrics(str(multi))
   assert [r["step"] for r in one] == [r["step"] for r in two]
-  for a, b in zip(one, two):
+  for a, b in zip(one, two, strict=True):
     for key in a:
       if key.startswith(("train/", "eval/")) and key not in ("train/tokens_per_sec",):
         np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-7, err_msg=key)
@@ -162,7 +161,7 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
     time.sleep(0.1)
   processes[1].send_signal(signal.SIGTERM)
   outputs = [p.communicate(timeout=300) for p in processes]
-  for p, (_, err) in zip(processes, outputs):
+  for p, (_, err) in zip(processes, outputs, strict=True):
     assert p.returncode == 0, err[-3000:]
     assert "dropless dropped" not in err
   steps = [int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()]

@@ -8,9 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moejax
-from moejax.moe import routing
-
 from helpers.moe_reference import softmax
+from moejax.moe import routing
 
 
 def _numpy_lb(probs, indices, num_experts):

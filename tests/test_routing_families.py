@@ -167,7 +167,7 @@ def test_token_choice_gradients_match_reference(r):
     routed = _reference_route(r, ref.scores_of(l, r["score_fn"]), bias)
     if [c for c, _ in routed] != base:
       raise Skip  # the perturbation changed the selection
-    return sum(np.dot(g, w) for (_, g), w in zip(routed, weights))
+    return sum(np.dot(g, w) for (_, g), w in zip(routed, weights, strict=True))
 
   def loss(l, b):
     return jnp.sum(_choose(r, routing.router_scores(l, r["score_fn"]), b).gates * weights)
@@ -433,7 +433,9 @@ def test_pooled_load_balancing_losses_match_reference(shape, seed):
 
     l32 = jnp.asarray(logits, jnp.float32)
     np.testing.assert_allclose(float(loss(l32)), reference(probs), rtol=1e-5, err_msg=pooling)
-    expected_grad = numeric_grad(lambda l: reference(ref.scores_of(l, "softmax")), logits)
+    expected_grad = numeric_grad(
+      lambda l, reference=reference: reference(ref.scores_of(l, "softmax")), logits
+    )
     np.testing.assert_allclose(
       np.asarray(jax.grad(loss)(l32)), expected_grad, rtol=1e-3, atol=1e-5, err_msg=pooling
     )

@@ -6,11 +6,12 @@ import ml_collections
 import optax
 import pytest
 from flax import nnx
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
-from moejax.parallel import sharding
 from moejax.config import load_config
 from moejax.models.transformer import TransformerLM
+from moejax.parallel import sharding
 
 
 def mesh_config(data, expert) -> ml_collections.ConfigDict:

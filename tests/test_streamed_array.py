@@ -10,8 +10,8 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorstore as ts
 
-from moejax.training import checkpoint as checkpoint_lib
 from moejax.config import base_config
+from moejax.training import checkpoint as checkpoint_lib
 from moejax.training.streamed_array import StreamedArray
 
 

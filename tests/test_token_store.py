@@ -200,7 +200,7 @@ def test_global_batches_do_not_depend_on_process_count_and_cover_an_epoch(store)
   epoch = region.num_windows // 8
   one = _global_batches(batches, epoch, 1)
   for processes in (2, 4):
-    for a, b in zip(one, _global_batches(batches, epoch, processes)):
+    for a, b in zip(one, _global_batches(batches, epoch, processes), strict=True):
       np.testing.assert_array_equal(a, b)
   # Disjoint and complete: the epoch's first windows are distinct, one per window index.
   order = [batches.orders[0][i] for i in range(region.num_windows)]
@@ -223,7 +223,7 @@ def test_iterator_resumes_exactly(store):
   following = [next(it) for _ in range(3)]
   resumed = windows.train_iterator(batches, slice(0, 4))
   resumed.set_state(state)
-  for a, b in zip(following, [next(resumed) for _ in range(3)]):
+  for a, b in zip(following, [next(resumed) for _ in range(3)], strict=True):
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
   np.testing.assert_array_equal(first[0]["inputs"], batches.rows(0, slice(0, 4))["inputs"])
@@ -452,8 +452,8 @@ def test_data_position_is_per_process():
 def test_training_on_a_store_resumes_exactly(short_store, packing, tmp_path):
   import shutil
 
-  from moejax.training import train
   from moejax.config import load_config
+  from moejax.training import train
   from moejax.training.metrics import read_metrics
 
   config = load_config("configs/tiny.py:smoke")

@@ -15,11 +15,11 @@ import pytest
 from flax import nnx
 
 from moejax import generate
-from moejax.training import steps, train
 from moejax.config import load_config
 from moejax.data import EOS_ID
-from moejax.training.metrics import read_metrics
 from moejax.moe import MoeLayer
+from moejax.training import steps, train
+from moejax.training.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,7 +112,7 @@ def test_weight_decay_skips_vectors():
     optimizer.update(model, zero_grads)
   after = nnx.state(model, nnx.Param)
   for (path, was), now in zip(
-    jax.tree_util.tree_leaves_with_path(before), jax.tree_util.tree_leaves(after)
+    jax.tree_util.tree_leaves_with_path(before), jax.tree_util.tree_leaves(after), strict=True
   ):
     assert bool(np.any(np.asarray(was) != np.asarray(now))) == (np.ndim(was) >= 2), path
 

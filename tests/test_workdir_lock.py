@@ -10,11 +10,10 @@ import sys
 
 import pytest
 from etils import epath
+from test_train import REPO
 
 from moejax.training import workdir_lock
 from moejax.training.workdir_lock import LOCK_FILE, WorkdirBusy
-
-from test_train import REPO
 
 
 def write_lock(workdir, **owner):

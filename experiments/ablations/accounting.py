@@ -9,7 +9,8 @@ constraint beyond its tolerance is refused with one line naming the arm and the 
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import ml_collections
 

@@ -21,7 +21,8 @@ import os
 import statistics
 import tempfile
 import time
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from experiments.ablations.accounting import checked_arms
 from experiments.ablations.run import compile_mode, learning_rate_plan
@@ -50,7 +51,6 @@ def _time_arm(config, steps: int) -> dict[str, float]:
   from flax import nnx
 
   from moejax import data as data_lib
-
   from moejax.training import checkpoint as checkpoint_lib
   from moejax.training import steps as steps_lib
 

@@ -11,7 +11,8 @@ grid); for the others a note says to run the sweep and pass the chosen rates.
 from __future__ import annotations
 
 import shlex
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from experiments.ablations.accounting import checked_arms
 from experiments.ablations.run import learning_rate_plan

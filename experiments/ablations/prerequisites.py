@@ -16,18 +16,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import ml_collections
 
+from experiments.ablations.accounting import checked_arms
 from experiments.ablations.cli import main as ablation_main
 from experiments.ablations.cli import parse_set
-from experiments.ablations.accounting import checked_arms
 from experiments.ablations.run import compile_mode
 from experiments.ablations.spec import Ablation
 from experiments.ablations.workdir import check_workdir, workdir_lock
-from moejax.runtime.cli import report_error
 from moejax.config import apply_overrides
+from moejax.runtime.cli import report_error
 
 
 class Interrupted(Exception):

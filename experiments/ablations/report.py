@@ -16,7 +16,8 @@ import io
 import math
 import os
 import statistics
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from experiments.ablations import stats
 from experiments.ablations.accounting import checked_arms
@@ -319,7 +320,7 @@ def summary_markdown(
     if not rs:
       continue
     a = rs[0]
-    col = lambda key, fmt, scale=1.0: _mean_sd([r[key] * scale for r in rs], fmt)
+    col = lambda key, fmt, scale=1.0, rs=rs: _mean_sd([r[key] * scale for r in rs], fmt)
     arm_rates = sorted({r["learning_rate"] for r in rs})
     lines.append(
       f"| `{arm.name}` | {arm.note} | {', '.join(f'{x:g}' for x in arm_rates)} | "
@@ -398,7 +399,7 @@ def plot_curves(
   ):
     fig = Figure(figsize=(6.4, 4.2), dpi=100)
     ax = fig.subplots()
-    for color, arm in zip(arm_colors(len(arms)), arms):
+    for color, arm in zip(arm_colors(len(arms)), arms, strict=True):
       series = [dict(curves[key][index]) for key in sorted(curves) if key[0] == arm.name]
       if not series:
         continue

@@ -31,8 +31,8 @@ import math
 import os
 import re
 import statistics
-from typing import Any, Callable, Sequence
-
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from experiments.ablations.accounting import accounting
 from experiments.ablations.spec import Ablation, get_arms

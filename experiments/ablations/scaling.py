@@ -32,7 +32,8 @@ from __future__ import annotations
 import math
 import statistics
 import sys
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from experiments.ablations import presets, stats
 from experiments.ablations.cli import main
@@ -105,7 +106,7 @@ def law_report(ablation: Ablation, preset: str, rows: Sequence[Mapping[str, Any]
     f"| term | estimate | se | 95% CI (df {fit.df}) |",
     "|---|---|---|---|",
   ]
-  for term, c, s, lo, hi in zip(stats.LAW_TERMS, fit.coef, fit.se, fit.lo, fit.hi):
+  for term, c, s, lo, hi in zip(stats.LAW_TERMS, fit.coef, fit.se, fit.lo, fit.hi, strict=True):
     lines.append(f"| {term} | {c:+.5f} | {s:.5f} | [{lo:+.5f}, {hi:+.5f}] |")
   lines += [
     "",
@@ -123,7 +124,7 @@ def law_report(ablation: Ablation, preset: str, rows: Sequence[Mapping[str, Any]
     "|---|---|---|---|---|",
   ]
   points: dict[tuple[int, int], list[float]] = {}
-  for n_, e_, r in zip(n, e, runs):
+  for n_, e_, r in zip(n, e, runs, strict=True):
     points.setdefault((n_, e_), []).append(r["final_eval_bits_per_byte"])
   for (n_, e_), values in sorted(points.items()):
     lines.append(

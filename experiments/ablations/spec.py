@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import ml_collections
 
@@ -140,7 +141,7 @@ class Ablation:
   learning_rates: Mapping[str, tuple[float, ...]] = dataclasses.field(
     default_factory=lambda: dict(DEFAULT_LEARNING_RATES)
   )
-  extra_report: Callable[["Ablation", str, Sequence[Mapping[str, Any]]], list[str]] | None = None
+  extra_report: Callable[[Ablation, str, Sequence[Mapping[str, Any]]], list[str]] | None = None
   lr_metric: str = "final_train_ce_loss"
 
   def __post_init__(self):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy import stats as distributions
@@ -110,7 +110,7 @@ def pooled(table: Mapping[str, Mapping[int, float]]) -> PooledModel:
   return PooledModel(
     arms=arms,
     seeds=seeds,
-    arm_means={a: float(m) for a, m in zip(arms, arm_mean)},
+    arm_means={a: float(m) for a, m in zip(arms, arm_mean, strict=True)},
     residual_variance=variance,
     df=df,
     f=f,
@@ -189,7 +189,7 @@ def fit_bilinear_law(n: Sequence[float], e: Sequence[float], loss: Sequence[floa
   n_, e_, y = (np.asarray(v, dtype=np.float64) for v in (n, e, loss))
   if not (len(n_) == len(e_) == len(y)):
     raise ValueError("fit_bilinear_law: N, E and L differ in length")
-  keys = list(zip(n_.tolist(), e_.tolist()))
+  keys = list(zip(n_.tolist(), e_.tolist(), strict=True))
   points = list(dict.fromkeys(keys))
   if len(points) < 5:
     raise ValueError(f"fit_bilinear_law needs at least 5 grid points, got {len(points)}")
@@ -215,8 +215,8 @@ def fit_bilinear_law(n: Sequence[float], e: Sequence[float], loss: Sequence[floa
   return LawFit(
     coef=tuple(float(c) for c in coef),
     se=tuple(float(s) for s in se),
-    lo=tuple(float(c - h) for c, h in zip(coef, half)),
-    hi=tuple(float(c + h) for c, h in zip(coef, half)),
+    lo=tuple(float(c - h) for c, h in zip(coef, half, strict=True)),
+    hi=tuple(float(c + h) for c, h in zip(coef, half, strict=True)),
     df=df,
     rmse=float(math.sqrt(np.mean(residual**2))),
     point_rmse=float(math.sqrt(np.mean([(fitted_at[p] - mean_at[p]) ** 2 for p in points]))),

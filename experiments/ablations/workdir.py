@@ -21,7 +21,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import ml_collections
 

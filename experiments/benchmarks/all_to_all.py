@@ -18,10 +18,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402  (after the device count is set)
 
-from moejax.parallel import hlo, sharding
-from moejax.training import run_plan, steps  # noqa: E402
 from moejax.config import load_config  # noqa: E402
 from moejax.models.transformer import moe_layer_indices  # noqa: E402
+from moejax.parallel import hlo, sharding
+from moejax.training import run_plan, steps  # noqa: E402
 
 
 def measure(config) -> dict[str, float]:

@@ -6,7 +6,7 @@ import csv
 import os
 import random
 import time
-from typing import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 
 def expert_flops(tokens: int, d_model: int, hidden: int) -> float:

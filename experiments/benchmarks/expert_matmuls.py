@@ -30,7 +30,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

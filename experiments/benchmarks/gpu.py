@@ -33,10 +33,10 @@ import numpy as np
 from flax import nnx
 
 from experiments.benchmarks.common import expert_flops, interleaved_times, write_rows
-from moejax.models import flops
-from moejax.parallel import sharding
 from moejax.config import load_config
+from moejax.models import flops
 from moejax.moe import MoeConfig, MoeLayer
+from moejax.parallel import sharding
 from moejax.training.steps import init_state, make_steps
 from moejax.training.train import jit_train_step, no_nonfinite_tally
 

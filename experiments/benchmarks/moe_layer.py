@@ -62,12 +62,13 @@ path actually written is printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import random
 import sys
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -75,11 +76,11 @@ from flax import nnx
 
 from experiments.benchmarks.common import expert_flops, malloc_tunables, write_rows
 from experiments.benchmarks.moe_layer_table import markdown_table, results
-from moejax.parallel import hlo
 from moejax.layers.ffn import FeedForward
 from moejax.moe import MoeConfig, MoeLayer, block_ffn, routing
 from moejax.moe.config import DISPATCHES
 from moejax.moe.dispatch import expert_capacity
+from moejax.parallel import hlo
 
 PRESETS = {
   "default": dict(
@@ -379,16 +380,12 @@ def compile_row(row: Row) -> None:
   start = time.perf_counter()
   row.compiled = jax.jit(row.fn).lower(*row.args).compile()
   row.compile_s = time.perf_counter() - start
-  try:
+  with contextlib.suppress(Exception):  # cost analysis is best effort and backend dependent
     cost = row.compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     row.xla_flops = float(cost.get("flops", float("nan")))
-  except Exception:  # cost analysis is best effort and backend dependent
-    pass
-  try:
+  with contextlib.suppress(Exception):
     row.temp_bytes = float(row.compiled.memory_analysis().temp_size_in_bytes)
-  except Exception:
-    pass
   if row.tec_dims is not None:
     row.tec_shape = hlo.find_array(row.compiled.as_text(), *row.tec_dims)
 

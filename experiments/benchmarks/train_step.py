@@ -35,18 +35,18 @@ import resource
 import statistics
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.config import load_config
 from experiments.benchmarks.common import interleaved_times, malloc_tunables, write_rows
+from moejax.config import load_config
 from moejax.models import flops
-from moejax.training import steps
 from moejax.models.transformer import DTYPES, expert_d_ff_of, moe_config, moe_layer_indices
 from moejax.moe import MoeLayer
+from moejax.training import steps
 
 COLUMNS = (
   "name",
@@ -114,7 +114,7 @@ def moe_layers_function(config):
 
   def loss(params, xs):
     total = 0.0
-    for (graphdef, _, rest), layer_params, x in zip(splits, params, xs):
+    for (graphdef, _, rest), layer_params, x in zip(splits, params, xs, strict=True):
       y, aux = nnx.merge(graphdef, layer_params, rest)(x)
       total += (
         jnp.sum(jnp.square(y)) + m.lb_loss_weight * aux["lb_loss"] + m.z_loss_weight * aux["z_loss"]

@@ -53,8 +53,8 @@ import math
 import os
 
 from experiments.ablations import presets, stats
-from experiments.ablations.report import format_p
 from experiments.ablations.prerequisites import prerequisite_path
+from experiments.ablations.report import format_p
 from experiments.ablations.spec import Ablation, Arm, Constraint, Contrast, arm_config, get_arms
 
 PRETRAIN_STEPS = 600
@@ -101,7 +101,8 @@ def optimizer_memory(ablation: Ablation, preset: str, rows) -> list[str]:
   import jax
   from flax import nnx
 
-  from moejax.training.steps import build as build_state, optimizer_state_bytes
+  from moejax.training.steps import build as build_state
+  from moejax.training.steps import optimizer_state_bytes
   from moejax.training.trainable import trainable_filter
 
   del rows
@@ -115,7 +116,7 @@ def optimizer_memory(ablation: Ablation, preset: str, rows) -> list[str]:
   ]
   for arm in get_arms(ablation, preset):
     config = arm_config(ablation, preset, arm)
-    pair = nnx.eval_shape(lambda: build_state(config)[:2])
+    pair = nnx.eval_shape(lambda config=config: build_state(config)[:2])
     state = nnx.state(pair)
     trained = nnx.state(pair[0], trainable_filter(config.train, pair[0]))
     count = sum(x.size for x in jax.tree.leaves(trained))

@@ -6,7 +6,7 @@ Every key the code reads is here, so `--config.KEY=VALUE` overrides are type-che
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import ml_collections
 from ml_collections import config_dict

@@ -8,7 +8,7 @@ after the command has set up its signal handling."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 from moejax.runtime.cli import flag_value, one_line
 

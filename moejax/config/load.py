@@ -7,7 +7,8 @@ import difflib
 import importlib.resources
 import importlib.util
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 

@@ -16,7 +16,8 @@ import io
 import json
 import textwrap
 import tokenize
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 
@@ -97,7 +98,7 @@ def check_key(config: ml_collections.ConfigDict, key: str, *, flag: str = "confi
   """
   parts = key.split(".")
   node, fixed = config, []
-  for depth, part in enumerate(parts):
+  for part in parts:
     if not isinstance(node, ml_collections.ConfigDict):
       raise KeyError(f"--{flag}.{key}: {'.'.join(fixed)} is a key, not a section of the config.")
     if part in node:
@@ -116,7 +117,7 @@ def check_key(config: ml_collections.ConfigDict, key: str, *, flag: str = "confi
     section = ".".join(fixed)
     raise KeyError(
       f"--{flag}.{key} is a section, not a key; its keys: "
-      f"{', '.join(f'{section}.{k}' for k in node.keys())}."
+      f"{', '.join(f'{section}.{k}' for k in node)}."
     )
   if fixed != parts:
     raise KeyError(f"--{flag}.{key} is not a config key; did you mean --{flag}.{'.'.join(fixed)}?")
@@ -169,7 +170,7 @@ def _function_comments(function: Callable) -> tuple[dict[str, str], dict[str, Ca
         out[key] = comments[node.end_lineno]
   for node in ast.walk(tree):  # dict literals: {"name": value,  # comment}
     if isinstance(node, ast.Dict):
-      for k, v in zip(node.keys, node.values):
+      for k, v in zip(node.keys, node.values, strict=True):
         if isinstance(k, ast.Constant) and isinstance(k.value, str) and v.end_lineno in comments:
           out.setdefault(k.value, comments[v.end_lineno])
   return out, sections

@@ -20,7 +20,7 @@ pieces are a whole tensor; two need more:
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+from collections.abc import Iterator
 
 import ml_collections
 import numpy as np
@@ -85,7 +85,7 @@ def layer_locations(model: ml_collections.ConfigDict) -> list[tuple[str, int, st
 
 
 def _ffn(hf_prefix: str, leaf: str, names: tuple[str, str, str], index) -> Iterator[Piece]:
-  for hf_name, moejax_name in zip(names, ("w_gate", "w_in", "w_out")):
+  for hf_name, moejax_name in zip(names, ("w_gate", "w_in", "w_out"), strict=True):
     yield Piece(f"{hf_prefix}.{hf_name}.weight", f"{leaf}/{moejax_name}", index)
 
 

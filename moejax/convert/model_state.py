@@ -12,9 +12,9 @@ import ml_collections
 from etils import epath
 from flax import nnx
 
+from moejax.models.transformer import TransformerLM
 from moejax.training import checkpoint as checkpoint_lib
 from moejax.training import workdir as workdir_lib
-from moejax.models.transformer import TransformerLM
 from moejax.training.tree_paths import flat, path_name
 
 

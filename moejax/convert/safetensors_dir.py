@@ -7,7 +7,8 @@ shards of at most `max_shard_bytes` with the index HF writes.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -45,7 +46,7 @@ class CheckpointDir:
       self.files = {}
       for path in sorted(self.directory.glob("*.safetensors")):
         with safe_open(str(path), "numpy") as f:
-          self.files.update({key: path.name for key in f.keys()})
+          self.files.update({key: path.name for key in f.keys()})  # noqa: SIM118 (a file handle)
     if not self.files:
       raise ValueError(f"--from={directory} holds no *.safetensors files.")
     self._open: dict[str, Any] = {}
@@ -118,7 +119,7 @@ def write_checkpoint_dir(
     else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
   )
   weight_map = {}
-  for name, shard in zip(names, shards):
+  for name, shard in zip(names, shards, strict=True):
     arrays = {key: np.ascontiguousarray(make()) for key, make in shard}
     save_file(arrays, str(directory / name), metadata={"format": "pt"})
     weight_map.update({key: name for key in arrays})

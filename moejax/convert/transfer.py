@@ -32,12 +32,12 @@ from flax import nnx
 
 from moejax.config import base_config
 from moejax.convert import families, layout, model_state
-from moejax.training import workdir as workdir_lib
 from moejax.convert.safetensors_dir import DTYPES, CheckpointDir, write_checkpoint_dir
-from moejax.training.loading import load_model
-from moejax.training.tree_paths import flat
 from moejax.models.transformer import validate_config
+from moejax.training import workdir as workdir_lib
+from moejax.training.loading import load_model
 from moejax.training.streamed_array import StreamedArray
+from moejax.training.tree_paths import flat
 
 IMPORT_RECORD = "import.json"
 

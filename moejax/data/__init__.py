@@ -3,6 +3,7 @@ and a run's batches (seeded windows over token stores, or packed byte windows of
 split)."""
 
 from moejax.data.baseline import unigram_bits_per_byte
+from moejax.data.byte_tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, decode, encode
 from moejax.data.packing import pack_documents, split_inputs_targets
 from moejax.data.pipeline import (
   build_datasets,
@@ -13,7 +14,6 @@ from moejax.data.pipeline import (
 from moejax.data.shakespeare import VALIDATION_PLAYS, ShakespearePlays
 from moejax.data.sources import load_split, prepare_corpus, resolve_data_dir
 from moejax.data.store import TokenStore
-from moejax.data.token_data import eval_batches as token_eval_batches
 from moejax.data.token_data import (
   batch_keys,
   check_init_from_tokenizer,
@@ -23,8 +23,8 @@ from moejax.data.token_data import (
   run_tokenizer_files,
   uses_token_stores,
 )
+from moejax.data.token_data import eval_batches as token_eval_batches
 from moejax.data.tokenizer import Tokenizer, load_tokenizer
-from moejax.data.byte_tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, decode, encode
 
 __all__ = [
   "BOS_ID",

@@ -20,9 +20,9 @@ import time  # noqa: E402
 
 from absl import flags  # noqa: E402
 
-from moejax.runtime import cli  # noqa: E402
 from moejax.data import packed, token_data, windows  # noqa: E402
 from moejax.data.store import TokenStore  # noqa: E402
+from moejax.runtime import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("tokens_dir", None, "The token store to read.")

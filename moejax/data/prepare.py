@@ -19,8 +19,8 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
-from moejax.runtime import cli  # noqa: E402
 from moejax.data.store_writer import NOT_UTF8, prepare  # noqa: E402
+from moejax.runtime import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string(

@@ -206,7 +206,7 @@ def _write(partial, shards, tokenizer, identity, workers, not_utf8) -> dict:
   try:
     results = pool.imap(_encode_shard, tasks) if pool else map(_encode_shard, tasks)
     with open(tokens_path, "wb") as tokens_file, open(ends_path, "wb") as ends_file:
-      for (_, _, _, part), counts in zip(tasks, results):
+      for (_, _, _, part), counts in zip(tasks, results, strict=True):
         if counts["error"]:
           raise ValueError(counts["error"])
         with open(part + ".tokens", "rb") as f:

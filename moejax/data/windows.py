@@ -116,7 +116,7 @@ class MixtureBatches:
     document_masking: bool = True,
   ):
     self.cumulative = _cumulative(weights)
-    for region, weight in zip(regions, weights):
+    for region, weight in zip(regions, weights, strict=True):
       if weight > 0 and region.num_windows == 0:
         raise ValueError(
           f"token store {region.store.directory} has fewer than seq_len + 1 = "
@@ -150,7 +150,7 @@ class MixtureBatches:
     B = self.global_batch_size
     before, after = self._rows_before(b * B), self._rows_before((b + 1) * B)
     source = np.repeat(np.arange(len(self.regions)), after - before)  # [B], by source
-    ordinal = np.concatenate([np.arange(s, e) for s, e in zip(before, after)])  # [B]
+    ordinal = np.concatenate([np.arange(s, e) for s, e in zip(before, after, strict=True)])  # [B]
     if self.shuffle:
       mix = np.random.default_rng([self.seed, b]).permutation(B)
       source, ordinal = source[mix], ordinal[mix]

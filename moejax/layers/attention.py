@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax.layers.document_mask import check_segments, self_attention_mask
 from moejax.layers.ffn import on_rows
 from moejax.layers.norms import RMSNorm
-from moejax.layers.document_mask import check_segments, self_attention_mask
 from moejax.parallel.sharding import logical
 
 # One layer's KV cache: {'k': [batch, max_len, num_kv_heads, head_dim], 'v': same}.

@@ -57,9 +57,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.layers.attention import apply_rope
-from moejax.layers.norms import RMSNorm
 from moejax.layers.document_mask import check_segments, self_attention_mask
 from moejax.layers.ffn import on_rows
+from moejax.layers.norms import RMSNorm
 from moejax.parallel.sharding import logical
 
 # One MLA layer's cache: {'latent': [batch, max_len, kv_lora_rank],

@@ -38,7 +38,6 @@ Parameters are float32; `config.dtype` is the compute dtype. Logits are always f
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -46,13 +45,13 @@ from flax import nnx
 
 from moejax.layers.activations import ACTIVATIONS
 from moejax.layers.attention import CausalSelfAttention, LayerCache, qk_norm_mode
+from moejax.layers.document_mask import check_documents
 from moejax.layers.dropout import ResidualDropout, draws_randomness
-from moejax.layers.mla import MultiHeadLatentAttention
 from moejax.layers.ffn import FeedForward, on_rows
+from moejax.layers.mla import MultiHeadLatentAttention
+from moejax.layers.norms import RMSNorm
 from moejax.moe import MoeConfig, MoeLayer
 from moejax.moe.aggregate import aggregate_aux
-from moejax.layers.norms import RMSNorm
-from moejax.layers.document_mask import check_documents
 from moejax.parallel.sharding import logical, on_batch_axes
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -405,7 +404,7 @@ class TransformerLM(nnx.Module):
       if i < size:
         repeat, slot = divmod(i, len(stack.kinds))
         graphdef, state = nnx.split(stack.period.blocks[slot])
-        take = lambda a: (
+        take = lambda a, repeat=repeat: (
           jax.ShapeDtypeStruct(a.shape[1:], a.dtype)  # under nnx.eval_shape
           if isinstance(a, jax.ShapeDtypeStruct)
           else a[repeat]

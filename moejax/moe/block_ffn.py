@@ -226,7 +226,7 @@ def _forward_loop(activation, block, x, group_sizes, keep, w_in, w_gate, w_out, 
     return tuple(_pad_rows(a, block) for a in (out_c, *kept))
 
   def write_fn(start, result, state):
-    return tuple(_write(buffer, rows, start) for buffer, rows in zip(state, result))
+    return tuple(_write(buffer, rows, start) for buffer, rows in zip(state, result, strict=True))
 
   return _for_each_chunk(group_sizes, block, state, expert_fn, chunk_fn, write_fn)
 
@@ -253,7 +253,7 @@ def _ffn_bwd(activation, block, residual, d_out):
     # Write the previous expert's finished weight gradients, start this expert's.
     grads = tuple(
       None if g is None else jax.lax.dynamic_update_index_in_dim(g, a, previous, 0)
-      for g, a in zip(grads, acc)
+      for g, a in zip(grads, acc, strict=True)
     )
     weights = (w_in[e], None if w_gate is None else w_gate[e], w_out[e])
     return weights, (d_x, grads, tuple(map(zeros_like_expert, (w_in, w_gate, w_out))), e)
@@ -275,7 +275,7 @@ def _ffn_bwd(activation, block, residual, d_out):
   def write_fn(start, result, state):
     d_x, grads, acc, previous = state
     d_rows, chunk_grads = result
-    acc = tuple(None if a is None else a + c for a, c in zip(acc, chunk_grads))
+    acc = tuple(None if a is None else a + c for a, c in zip(acc, chunk_grads, strict=True))
     return _write(d_x, d_rows, start), grads, acc, previous
 
   state = (
@@ -287,7 +287,7 @@ def _ffn_bwd(activation, block, residual, d_out):
   d_x, grads, acc, last = _for_each_chunk(group_sizes, block, state, expert_fn, chunk_fn, write_fn)
   d_in, d_gate, d_wout = (
     None if g is None else jax.lax.dynamic_update_index_in_dim(g, a, last, 0)
-    for g, a in zip(grads, acc)
+    for g, a in zip(grads, acc, strict=True)
   )
   return d_x, None, None, d_in, d_gate, d_wout
 
@@ -334,7 +334,7 @@ def _capacity_forward(activation, x, keep, w_in, w_gate, w_out, save: bool):
     kept = (pre, gate_pre) if save else (None, None)
     return tuple(
       None if buffer is None else buffer.at[e].set(value)
-      for buffer, value in zip(state, (out, *kept))
+      for buffer, value in zip(state, (out, *kept), strict=True)
     )
 
   return jax.lax.fori_loop(0, num_experts, body, state)

@@ -225,7 +225,7 @@ class MoeConfig:
         )
 
   @classmethod
-  def from_model_config(cls, model) -> "MoeConfig":
+  def from_model_config(cls, model) -> MoeConfig:
     """The MoE options of a `config.model` ConfigDict (`expert_d_ff` None means `d_ff`)."""
     return cls(
       num_experts=model.num_experts,

@@ -41,11 +41,16 @@ from moejax.layers.ffn import FeedForward
 from moejax.moe import balancing, routing
 from moejax.moe.config import MoeConfig
 from moejax.moe.dispatch import FORMS, expert_capacity
-from moejax.moe.experts import Experts
 from moejax.moe.expert_parallel import ExpertSpec, per_device, run_experts, shards_groups
-from moejax.parallel.sharding import EXPERT, axis_size, batch_axes, mesh_platform, num_batch_shards
-from moejax.parallel.sharding import logical
-
+from moejax.moe.experts import Experts
+from moejax.parallel.sharding import (
+  EXPERT,
+  axis_size,
+  batch_axes,
+  logical,
+  mesh_platform,
+  num_batch_shards,
+)
 
 # The most elements an `einsum` dispatch or combine mask `[group, E, capacity]` may have per
 # routing group (64 MiB in float32): the masks grow as group_size², so a group that spans

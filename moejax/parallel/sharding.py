@@ -55,12 +55,14 @@ How a train step uses this::
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA, FSDP, EXPERT = "data", "fsdp", "expert"
 MESH_AXES = (DATA, FSDP, EXPERT)  # outermost first
@@ -164,7 +166,7 @@ def axis_size(mesh, name: str) -> int:
   """Size of mesh axis `name`, 1 if the mesh (a Mesh, AbstractMesh or None) lacks it."""
   if mesh is None:
     return 1
-  return dict(zip(mesh.axis_names, mesh.axis_sizes)).get(name, 1)
+  return dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True)).get(name, 1)
 
 
 def mesh_platform(mesh) -> str:
@@ -267,7 +269,7 @@ def _variable_sharding(var: nnx.Variable, mesh, path: str, require_names: bool) 
     raise ValueError(f"{path}: logical axes {tuple(names)} do not match its shape {shape}.")
   zero = {a: axis_size(mesh, a) for a in ZERO_AXES}
   spec = with_fsdp(logical_to_mesh(names, mesh), names, shape, zero)
-  for dim, axes in zip(shape, spec):
+  for dim, axes in zip(shape, spec, strict=True):
     size = math.prod(axis_size(mesh, a) for a in ((axes,) if isinstance(axes, str) else axes or ()))
     if dim % size:
       raise ValueError(
@@ -292,7 +294,7 @@ def with_fsdp(spec: P, names, shape, zero_axes: dict[str, int]) -> P:
   axes = [a for a, size in zero_axes.items() if size > 1 and a not in used]
   free = lambda n: [
     i
-    for i, (dim, entry, name) in enumerate(zip(shape, entries, names))
+    for i, (dim, entry, name) in enumerate(zip(shape, entries, names, strict=True))
     if entry is None and name != "layers" and dim % n == 0
   ]
   choices = ([tuple(axes)] if len(axes) > 1 else []) + [(a,) for a in axes]

@@ -19,7 +19,8 @@ import functools
 import re
 import sys
 import traceback
-from typing import Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from absl import app, flags
 from absl import logging as absl_logging

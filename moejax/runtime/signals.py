@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _state = {"installed": False, "seen": 0, "listener": None, "at_once_note": "", "note": ""}

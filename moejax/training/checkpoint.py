@@ -14,7 +14,8 @@ directory is reached through `etils.epath` (local paths and `gs://` alike).
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

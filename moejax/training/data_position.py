@@ -28,7 +28,7 @@ def gather(state: dict[str, Any], *, per_process: bool) -> dict[str, Any]:
   padded = np.zeros(int(lengths.max()), np.uint8)
   padded[: len(text)] = text
   every = multihost_utils.process_allgather(padded).reshape(len(lengths), -1)
-  return {"processes": [json.loads(bytes(row[:n])) for row, n in zip(every, lengths)]}
+  return {"processes": [json.loads(bytes(row[:n])) for row, n in zip(every, lengths, strict=True)]}
 
 
 def own(saved: dict[str, Any]) -> dict[str, Any]:

@@ -22,11 +22,11 @@ import jax
 from etils import epath
 from flax import nnx
 
-from moejax.training import checkpoint as checkpoint_lib
 from moejax.config import text as config_text
-from moejax.parallel import sharding
-from moejax.training import workdir as workdir_lib
 from moejax.models.transformer import TransformerLM
+from moejax.parallel import sharding
+from moejax.training import checkpoint as checkpoint_lib
+from moejax.training import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import os
 from etils import epath
 from flax import nnx
 
-from moejax.training import checkpoint as checkpoint_lib
 from moejax.config import text as config_text
+from moejax.training import checkpoint as checkpoint_lib
 from moejax.training import workdir as workdir_lib
 
 log = logging.getLogger(__name__)

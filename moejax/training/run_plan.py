@@ -16,10 +16,10 @@ import ml_collections
 from etils import epath
 from flax import nnx
 
-from moejax.training import checkpoint as checkpoint_lib
 from moejax import data as data_lib
 from moejax.config import text as config_text
 from moejax.parallel import sharding
+from moejax.training import checkpoint as checkpoint_lib
 from moejax.training import workdir as workdir_lib
 from moejax.training.init_from import check_init_from
 from moejax.training.steps import build, optimizer_state_bytes
@@ -249,7 +249,7 @@ def _newest_saved_config(checkpoints, steps) -> dict[str, Any] | None:
 def describe_plan(plan: RunPlan, config: ml_collections.ConfigDict) -> str:
   """What `plan_run` found, for `--dry_run`: a few lines, nothing written."""
   tc = config.train
-  sizes = dict(zip(plan.mesh.axis_names, plan.mesh.axis_sizes))
+  sizes = dict(zip(plan.mesh.axis_names, plan.mesh.axis_sizes, strict=True))
   lines = [
     f"model: {plan.num_params:,} parameters; {tc.num_steps} steps of {tc.batch_size} x "
     f"{tc.seq_len} tokens",

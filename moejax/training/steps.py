@@ -16,9 +16,9 @@ import ml_collections
 import optax
 from flax import nnx
 
-from moejax.training import checkpoint as checkpoint_lib
-from moejax.parallel import sharding
 from moejax.models.transformer import TransformerLM, moe_layer_indices
+from moejax.parallel import sharding
+from moejax.training import checkpoint as checkpoint_lib
 from moejax.training.trainable import trainable_filter
 
 
@@ -160,7 +160,7 @@ def make_steps(graphdef, model_config: ml_collections.ConfigDict):
     keep_old = metrics["nonfinite"] > 0
     leaves = [
       new if checkpoint_lib.is_prng_key(new) else jnp.where(keep_old, old, new)
-      for new, old in zip(new_leaves, old_leaves)
+      for new, old in zip(new_leaves, old_leaves, strict=True)
     ]
     return jax.tree.unflatten(treedef, leaves), metrics
 

@@ -15,7 +15,7 @@ Needs Orbax's `NumpyHandler` write path of orbax-checkpoint 0.12 (`pyproject.tom
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import tensorstore as ts
@@ -69,7 +69,7 @@ class StreamedArrayHandler(type_handlers.NumpyHandler):
     arrays are the same on every process)."""
     if multihost.process_index() != 0:
       return
-    for value, info, arg in zip(values, infos, args):
+    for value, info, arg in zip(values, infos, args, strict=True):
       await info.await_path_creation()
       spec = type_handlers.get_json_tspec_write(
         info=info,

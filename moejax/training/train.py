@@ -22,17 +22,16 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from moejax.training import checkpoint as checkpoint_lib
-from moejax.training import data_position
+from moejax import data as data_lib
 from moejax.config import text as config_text
+from moejax.models.transformer import moe_layer_indices
 from moejax.parallel import sharding
 from moejax.runtime import signals
-from moejax import data as data_lib
+from moejax.training import checkpoint as checkpoint_lib
+from moejax.training import data_position, workdir_lock
 from moejax.training import workdir as workdir_lib
-from moejax.training import workdir_lock
-from moejax.training.metrics import MetricWriter, read_metrics
-from moejax.models.transformer import moe_layer_indices
 from moejax.training.init_from import restore_init_from
+from moejax.training.metrics import MetricWriter, read_metrics
 from moejax.training.run_plan import plan_run, trainable_summary
 from moejax.training.steps import evaluate, init_state, make_optimizer, make_steps, nonfinite_terms
 
@@ -41,7 +40,7 @@ log = logging.getLogger(__name__)
 
 def _train_record(metrics: dict[str, Any], moe_layers: tuple[int, ...]) -> dict[str, Any]:
   record = {f"train/{k}": float(v) for k, v in metrics.items() if k != "expert_load"}
-  for layer, load in zip(moe_layers, np.asarray(metrics["expert_load"])):
+  for layer, load in zip(moe_layers, np.asarray(metrics["expert_load"]), strict=True):
     record[f"train/expert_load/layer_{layer}"] = [round(float(x), 5) for x in load]
   return record
 

@@ -82,7 +82,9 @@ def _compile(key: str, pattern: str) -> None:
   try:
     re.compile(pattern)
   except re.error as error:
-    raise ValueError(f"config.train.{key}={pattern!r} is not a regular expression ({error}).")
+    raise ValueError(
+      f"config.train.{key}={pattern!r} is not a regular expression ({error})."
+    ) from None
 
 
 def trainable_filter(train_config: ml_collections.ConfigDict, model) -> nnx.filterlib.Filter:

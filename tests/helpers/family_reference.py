@@ -89,7 +89,7 @@ def update_bias(bias, counts, rate):
   """Wang et al. 2024, Algorithm 1: b_i + u · sign(mean(c) - c_i), per expert."""
   mean = sum(counts) / len(counts)
   out = []
-  for b, c in zip(bias, counts):
+  for b, c in zip(bias, counts, strict=True):
     error = mean - c
     out.append(b + rate * (1.0 if error > 0 else -1.0 if error < 0 else 0.0))
   return np.array(out)
@@ -105,7 +105,7 @@ def switch_lb(probs, indices, num_experts):
 
 def group_lb(probs, indices, num_experts):
   """The mean over groups (leading axis) of each group's Switch LB loss."""
-  return float(np.mean([switch_lb(p, i, num_experts) for p, i in zip(probs, indices)]))
+  return float(np.mean([switch_lb(p, i, num_experts) for p, i in zip(probs, indices, strict=True)]))
 
 
 def sequence_aux_loss(scores, indices, num_experts):
@@ -174,7 +174,7 @@ def deepseek_v3_moe(
       scale=routed_scaling_factor,
     )
     chosen_all.append(chosen)
-    for e, g in zip(chosen, gates):
+    for e, g in zip(chosen, gates, strict=True):
       y[t] += g * _expert(params, e, x[t])
     if params.get("shared") is not None:
       y[t] += _shared(params["shared"], x[t])
@@ -194,7 +194,7 @@ def qwen2_moe(x, params, *, top_k, norm_topk_prob=False):
   for t in range(x.shape[0]):
     probs = softmax(x[t] @ params["router"])
     chosen, gates = route_token(probs, top_k, normalize=norm_topk_prob)
-    for e, g in zip(chosen, gates):
+    for e, g in zip(chosen, gates, strict=True):
       y[t] += g * _expert(params, e, x[t])
     if params.get("shared") is not None:
       shared_gate = sigmoid(x[t] @ params["shared_gate"][:, 0])

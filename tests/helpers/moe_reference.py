@@ -85,7 +85,7 @@ def token_choice(
       gates = probs[t, order]
       if renormalize:
         gates = gates / gates.sum()
-      choices[t] = list(zip(order, gates))
+      choices[t] = list(zip(order, gates, strict=True))
     used = np.zeros(num_experts, int)
     for rank in range(top_k):
       for t in group:
@@ -146,7 +146,7 @@ def expert_choice_dispatch_combine(x, token_indices, gates, expert_fn):
   y = np.zeros_like(x, dtype=np.float64)
   taken = np.zeros(x.shape[0], bool)
   for e in range(token_indices.shape[0]):
-    for t, g in zip(token_indices[e], gates[e]):
+    for t, g in zip(token_indices[e], gates[e], strict=True):
       y[t] += g * expert_fn(e, x[t])
       taken[t] = True
   return y, taken

@@ -18,8 +18,8 @@ import os  # noqa: E402
 
 from absl import flags  # noqa: E402
 
-from moejax.runtime import cli  # noqa: E402
 from moejax.data import documents  # noqa: E402
+from moejax.runtime import cli  # noqa: E402
 
 SPECIALS = ("<|pad|>", "<|bos|>", "<|endoftext|>")
 FLAGS = flags.FLAGS

@@ -190,7 +190,7 @@ class HfTokenizer(Tokenizer):
       out["tokenizer_config.json"] = self.config_path
     return out
 
-  @functools.cache
+  @functools.cache  # noqa: B019 (a run holds one or two tokenizers for its lifetime)
   def fingerprint(self) -> str:
     """SHA-256 of `tokenizer.json`, and of `tokenizer_config.json` when there is one."""
     return _files_sha256(self.files().values())
@@ -250,7 +250,7 @@ class SpmTokenizer(Tokenizer):
   def files(self) -> dict[str, str]:
     return {"tokenizer.model": self.path}
 
-  @functools.cache
+  @functools.cache  # noqa: B019 (a run holds one or two tokenizers for its lifetime)
   def fingerprint(self) -> str:
     return _files_sha256([self.path])
 
