@@ -42,6 +42,7 @@ from ml_collections import config_flags
 
 from moejax.config.flags import ConfigFlag
 from moejax.convert import layout, model_state
+from moejax.layers.attention_kinds import KINDS as ATTENTION_KINDS
 from moejax.models.transformer import expert_d_ff_of
 from moejax.runtime import cli
 from moejax.training.loading import load_model
@@ -53,21 +54,12 @@ SHARED_KEYS = (
   "num_layers",
   "d_model",
   "num_heads",
-  "num_kv_heads",
-  "head_dim",
-  "qk_norm",
-  "qkv_bias",
   "attention",
-  "q_lora_rank",
-  "kv_lora_rank",
-  "qk_nope_head_dim",
-  "qk_rope_head_dim",
-  "v_head_dim",
   "norm_eps",
   "rope_base",
   "tie_embeddings",
   "activation",
-)
+) + tuple(key for kind in ATTENTION_KINDS.values() for key in kind.keys)
 
 
 def check_compatible(dense: ml_collections.ConfigDict, moe: ml_collections.ConfigDict) -> None:

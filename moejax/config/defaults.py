@@ -6,12 +6,14 @@ Every key the code reads is here, so `--config.KEY=VALUE` overrides are type-che
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 
 import ml_collections
 from ml_collections import config_dict
 
 from moejax.data import VOCAB_SIZE, default_data_config
+from moejax.layers.attention_kinds import KINDS as ATTENTION_KINDS
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -152,21 +154,16 @@ def apply_variant(
       config.mesh[axis] = size
     return config
   m, t = config.model, config.train
-  kv_ratio = m.num_heads // m.num_kv_heads
+  before = copy.deepcopy(m)
   experts = min(m.num_experts, 16)
   top_k = experts if m.router == "dense" else min(m.top_k, experts)
   small = arg == "smoke"
   m.first_dense_layers = min(m.first_dense_layers, 1)
   m.num_layers = max(2 if small else 4, m.first_dense_layers + m.moe_layer_interval)
   m.d_model, m.num_heads = (32, 2) if small else (128, 4)
-  m.num_kv_heads = max(1, m.num_heads // kv_ratio)
-  m.head_dim = None
   m.d_ff = 64 if small else 512
-  if m.attention == "mla":  # latents and head parts at the small model's scale
-    m.q_lora_rank = None if m.q_lora_rank is None else (16 if small else 48)
-    m.kv_lora_rank = 16 if small else 32
-    m.qk_nope_head_dim = m.qk_rope_head_dim = 8 if small else 16
-    m.v_head_dim = 16 if small else 32
+  if m.attention in ATTENTION_KINDS:  # an unknown kind is refused where the model is checked
+    ATTENTION_KINDS[m.attention].shrink(before, m, small)
   if m.num_experts:
     shared_ratio = None if m.shared_expert_d_ff is None else m.shared_expert_d_ff / m.expert_d_ff
     m.num_experts, m.top_k = experts, top_k

@@ -32,6 +32,7 @@ from typing import Any
 
 import ml_collections
 
+from moejax.layers.attention_kinds import KINDS
 from moejax.models.transformer import layer_kinds
 
 
@@ -48,6 +49,8 @@ class Family:
     shared_name: the shared expert's module under the MoE block, or None.
     qk_norm: moejax's `model.qk_norm` ('none', 'head', 'full').
     qkv_bias: whether q/k/v carry biases.
+    attention: moejax's `model.attention`, the attention kind (its `config.json` keys and
+      tensors: `moejax.layers.attention_kind`).
   """
 
   model_type: str
@@ -57,6 +60,7 @@ class Family:
   shared_name: str | None = None
   qk_norm: str = "none"
   qkv_bias: bool = False
+  attention: str = "gqa"
 
   @property
   def is_moe(self) -> bool:
@@ -70,7 +74,7 @@ FAMILIES = {
     Family("olmoe", "OlmoeForCausalLM", qk_norm="full"),
     Family("qwen2_moe", "Qwen2MoeForCausalLM", shared_name="shared_expert", qkv_bias=True),
     Family("qwen3_moe", "Qwen3MoeForCausalLM", qk_norm="head"),
-    Family("deepseek_v3", "DeepseekV3ForCausalLM", shared_name="shared_experts"),
+    Family("deepseek_v3", "DeepseekV3ForCausalLM", shared_name="shared_experts", attention="mla"),
     Family("llama", "LlamaForCausalLM"),
     Family("qwen2", "Qwen2ForCausalLM", qkv_bias=True),
   )
@@ -148,13 +152,13 @@ def model_config(hf: dict[str, Any], base: ml_collections.ConfigDict) -> ml_coll
     hf["hidden_size"],
     hf["num_hidden_layers"],
   )
-  m.num_heads, m.num_kv_heads = heads, hf.get("num_key_value_heads") or heads
-  m.head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+  m.num_heads = heads
   m.d_ff, m.activation = hf["intermediate_size"], "swiglu"
   m.norm_eps, m.rope_base = float(hf["rms_norm_eps"]), rope_base(hf)
   m.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
   m.qk_norm, m.qkv_bias, m.dtype = family.qk_norm, family.qkv_bias, "float32"
-  m.attention, m.first_dense_layers, m.moe_layer_interval = "gqa", 0, 1
+  m.attention, m.first_dense_layers, m.moe_layer_interval = family.attention, 0, 1
+  KINDS[family.attention].from_hf(hf, m)
   m.num_shared_experts, m.shared_expert_d_ff, m.shared_expert_gate = 0, None, False
   m.score_fn, m.routed_scaling_factor, m.num_expert_groups, m.topk_groups = "softmax", 1.0, 1, None
   m.bias_update_rate, m.seq_aux_loss_weight, m.z_loss_weight = 0.0, 0.0, 0.0
@@ -172,9 +176,6 @@ def model_config(hf: dict[str, Any], base: ml_collections.ConfigDict) -> ml_coll
   if family.model_type in ("qwen2_moe", "qwen3_moe"):
     m.moe_layer_interval = hf.get("decoder_sparse_step", 1)
   if family.model_type == "deepseek_v3":
-    m.attention, m.q_lora_rank, m.kv_lora_rank = "mla", hf.get("q_lora_rank"), hf["kv_lora_rank"]
-    m.qk_nope_head_dim, m.qk_rope_head_dim = hf["qk_nope_head_dim"], hf["qk_rope_head_dim"]
-    m.v_head_dim, m.head_dim = hf["v_head_dim"], None
     m.first_dense_layers = hf.get("first_k_dense_replace", 0)
     m.num_shared_experts = hf.get("n_shared_experts") or 0
     m.score_fn, m.routed_scaling_factor = "sigmoid", float(hf.get("routed_scaling_factor", 1.0))
@@ -199,14 +200,13 @@ def hf_config(model: ml_collections.ConfigDict, family: Family, dtype: str) -> d
     "intermediate_size": model.d_ff,
     "num_hidden_layers": model.num_layers,
     "num_attention_heads": heads,
-    "num_key_value_heads": model.num_kv_heads,
-    "head_dim": model.head_dim or model.d_model // heads,
     "hidden_act": "silu",
     "rms_norm_eps": model.norm_eps,
     "rope_theta": model.rope_base,
     "rope_scaling": None,
     "tie_word_embeddings": bool(model.tie_embeddings),
     "torch_dtype": {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[dtype],
+    **KINDS[family.attention].to_hf(model),
   }
   if not family.is_moe:
     return hf
@@ -227,7 +227,6 @@ def hf_config(model: ml_collections.ConfigDict, family: Family, dtype: str) -> d
     if family.model_type == "qwen2_moe":
       hf["shared_expert_intermediate_size"] = model.shared_expert_d_ff or expert_d_ff
   else:  # deepseek_v3
-    del hf["head_dim"]
     hf.update(
       n_routed_experts=model.num_experts,
       moe_intermediate_size=expert_d_ff,
@@ -239,12 +238,6 @@ def hf_config(model: ml_collections.ConfigDict, family: Family, dtype: str) -> d
       routed_scaling_factor=model.routed_scaling_factor,
       scoring_func="sigmoid",
       topk_method="noaux_tc",
-      q_lora_rank=model.q_lora_rank,
-      kv_lora_rank=model.kv_lora_rank,
-      qk_nope_head_dim=model.qk_nope_head_dim,
-      qk_rope_head_dim=model.qk_rope_head_dim,
-      v_head_dim=model.v_head_dim,
-      rope_interleave=True,
     )
   return hf
 
@@ -255,7 +248,7 @@ def check_expressible(model: ml_collections.ConfigDict, family: Family) -> None:
     "activation": "swiglu",
     "qk_norm": family.qk_norm,
     "qkv_bias": family.qkv_bias,
-    "attention": "mla" if family.model_type == "deepseek_v3" else "gqa",
+    "attention": family.attention,
   }
   if family.is_moe:
     wanted.update(router="top_k", router_bias=False, dense_moe_hybrid=False)

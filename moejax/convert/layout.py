@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from moejax.convert.families import Family
+from moejax.layers.attention_kinds import kind_of
 from moejax.models.transformer import layer_stacks
 
 
@@ -69,11 +70,6 @@ class Piece:
       out[self.rows[0] : self.rows[1]] = value
 
 
-def interleaved_to_half(dim: int) -> np.ndarray:
-  """Rows of interleaved RoPE pairs (2j, 2j + 1) in rotate-half order: evens, then odds."""
-  return np.concatenate([np.arange(0, dim, 2), np.arange(1, dim, 2)])
-
-
 def layer_locations(model: ml_collections.ConfigDict) -> list[tuple[str, int, str]]:
   """For each layer in order: (its block's path prefix, its row in the stack, its kind)."""
   out = []
@@ -89,34 +85,12 @@ def _ffn(hf_prefix: str, leaf: str, names: tuple[str, str, str], index) -> Itera
     yield Piece(f"{hf_prefix}.{hf_name}.weight", f"{leaf}/{moejax_name}", index)
 
 
-def _attention(model, family: Family, hf: str, leaf: str, row: int) -> Iterator[Piece]:
-  at = (row,)
-  if model.attention == "mla":
-    heads, nope, rope = model.num_heads, model.qk_nope_head_dim, model.qk_rope_head_dim
-    in_head = np.concatenate([np.arange(nope), nope + interleaved_to_half(rope)])
-    q_perm = tuple(int(i) for h in range(heads) for i in h * (nope + rope) + in_head)
-    if model.q_lora_rank:
-      yield Piece(f"{hf}.q_a_proj.weight", f"{leaf}/q_down/kernel", at)
-      yield Piece(f"{hf}.q_a_layernorm.weight", f"{leaf}/q_norm/scale", at, transpose=False)
-      yield Piece(f"{hf}.q_b_proj.weight", f"{leaf}/q_up/kernel", at, perm=q_perm)
-    else:
-      yield Piece(f"{hf}.q_proj.weight", f"{leaf}/q_proj/kernel", at, perm=q_perm)
-    lora = model.kv_lora_rank
-    fused = f"{hf}.kv_a_proj_with_mqa.weight"
-    yield Piece(fused, f"{leaf}/kv_down/kernel", at, rows=(0, lora))
-    k_perm = tuple(int(i) for i in interleaved_to_half(rope))
-    yield Piece(fused, f"{leaf}/k_rope/kernel", at, rows=(lora, lora + rope), perm=k_perm)
-    yield Piece(f"{hf}.kv_a_layernorm.weight", f"{leaf}/kv_norm/scale", at, transpose=False)
-    yield Piece(f"{hf}.kv_b_proj.weight", f"{leaf}/kv_up/kernel", at)
-    yield Piece(f"{hf}.o_proj.weight", f"{leaf}/o_proj/kernel", at)
-    return
-  for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-    yield Piece(f"{hf}.{name}.weight", f"{leaf}/{name}/kernel", at)
-    if model.qkv_bias and name != "o_proj":
-      yield Piece(f"{hf}.{name}.bias", f"{leaf}/{name}/bias", at, transpose=False)
-  if model.qk_norm != "none":
-    for name in ("q_norm", "k_norm"):
-      yield Piece(f"{hf}.{name}.weight", f"{leaf}/{name}/scale", at, transpose=False)
+def _attention(model, hf: str, leaf: str, row: int) -> Iterator[Piece]:
+  """The attention kind's tensors (`AttentionKind.hf_tensors`) at layer `row`."""
+  for t in kind_of(model).hf_tensors(model):
+    yield Piece(
+      f"{hf}.{t.name}", f"{leaf}/{t.param}", (row,), transpose=t.transpose, rows=t.rows, perm=t.perm
+    )
 
 
 def pieces(model: ml_collections.ConfigDict, family: Family) -> list[Piece]:
@@ -133,7 +107,7 @@ def pieces(model: ml_collections.ConfigDict, family: Family) -> list[Piece]:
         f"{hf}.post_attention_layernorm.weight", f"{block}/ffn_norm/scale", (row,), transpose=False
       )
     )
-    out.extend(_attention(model, family, f"{hf}.self_attn", f"{block}/attention", row))
+    out.extend(_attention(model, f"{hf}.self_attn", f"{block}/attention", row))
     if kind == "dense":
       out.extend(
         _ffn(f"{hf}.mlp", f"{block}/dense_ffn", ("gate_proj", "up_proj", "down_proj"), (row,))

@@ -213,8 +213,11 @@ def import_record(workdir: epath.PathLike) -> dict[str, Any] | None:
 
 def infer_family(model: ml_collections.ConfigDict) -> families.Family:
   """The family a moejax model config is written as when none is named."""
-  if model.attention == "mla":
-    name = "deepseek_v3"
+  if model.attention != "gqa":  # the family of that attention kind
+    holding = [f.model_type for f in families.FAMILIES.values() if f.attention == model.attention]
+    if not holding:
+      raise ValueError(f"model.attention={model.attention!r}: no HF family moejax writes holds it.")
+    name = holding[0]
   elif not model.num_experts:
     name = "qwen2" if model.qkv_bias else "llama"
   elif model.shared_expert_gate:

@@ -2,16 +2,20 @@
 document masking for packed rows (`moejax.layers.document_mask`), and a KV cache for decoding.
 
 Multi-head latent attention (DeepSeek-V2) is in `moejax.layers.mla`, with the same call.
+`GQA` is this module's attention kind (`model.attention='gqa'`, `moejax.layers.attention_kind`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
+from moejax.layers.attention_kind import AttentionKind, HfTensor, Require
 from moejax.layers.document_mask import check_segments, self_attention_mask
 from moejax.layers.ffn import on_rows
 from moejax.layers.norms import RMSNorm
@@ -196,3 +200,100 @@ class CausalSelfAttention(nnx.Module):
     """An empty cache: `{'k', 'v'}`, each `[batch, max_len, kv_heads, head_dim]` zeros."""
     shape = (batch, max_len, self.num_kv_heads, self.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+# ----------------------------------------------------------------------------- the 'gqa' kind
+
+
+def head_dim_of(config: ml_collections.ConfigDict) -> int:
+  """`config.head_dim`, or `d_model // num_heads` when it is None."""
+  return config.head_dim if config.head_dim is not None else config.d_model // config.num_heads
+
+
+def _validate(config: ml_collections.ConfigDict, require: Require) -> None:
+  require(
+    config.num_heads % config.num_kv_heads == 0,
+    f"num_kv_heads must divide num_heads={config.num_heads}, got {config.num_kv_heads}",
+  )
+  if config.head_dim is None:
+    require(
+      config.d_model % config.num_heads == 0,
+      f"head_dim=None needs num_heads to divide d_model={config.d_model}, "
+      f"got num_heads={config.num_heads}",
+    )
+  else:
+    require(
+      isinstance(config.head_dim, int) and config.head_dim >= 1,
+      f"head_dim must be None or a positive int, got {config.head_dim!r}",
+    )
+  require(
+    head_dim_of(config) % 2 == 0, f"head_dim must be even for RoPE, got {head_dim_of(config)}"
+  )
+
+
+def _build(config: ml_collections.ConfigDict, *, dtype, rngs: nnx.Rngs) -> CausalSelfAttention:
+  return CausalSelfAttention(
+    config.d_model, config.num_heads, config.num_kv_heads, head_dim_of(config),
+    rope_base=config.rope_base, qk_norm=config.qk_norm, qkv_bias=config.qkv_bias,
+    norm_eps=config.norm_eps, dtype=dtype, rngs=rngs,
+  )  # fmt: skip
+
+
+def _params(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """q, k, v, o kernels; QK-norm scales and q/k/v biases."""
+  d, heads, kv_heads, hd = (
+    config.d_model,
+    config.num_heads,
+    config.num_kv_heads,
+    head_dim_of(config),
+  )
+  qk_norm = {"none": 0, "head": 2 * hd, "full": (heads + kv_heads) * hd}[
+    qk_norm_mode(config.qk_norm)
+  ]
+  qkv_bias = (heads + 2 * kv_heads) * hd if config.qkv_bias else 0
+  return d * hd * (2 * heads + 2 * kv_heads), qk_norm + qkv_bias
+
+
+def _score_widths(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  width = config.num_heads * head_dim_of(config)
+  return width, width
+
+
+def _shrink(before: ml_collections.ConfigDict, after: ml_collections.ConfigDict, small: bool):
+  """Keeps the query/key-value head ratio; head_dim follows d_model."""
+  del small
+  after.num_kv_heads = max(1, after.num_heads // (before.num_heads // before.num_kv_heads))
+  after.head_dim = None
+
+
+def _hf_tensors(config: ml_collections.ConfigDict) -> Iterator[HfTensor]:
+  for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+    yield HfTensor(f"{name}.weight", f"{name}/kernel")
+    if config.qkv_bias and name != "o_proj":
+      yield HfTensor(f"{name}.bias", f"{name}/bias", transpose=False)
+  if qk_norm_mode(config.qk_norm) != "none":
+    for name in ("q_norm", "k_norm"):
+      yield HfTensor(f"{name}.weight", f"{name}/scale", transpose=False)
+
+
+def _from_hf(hf: dict[str, Any], config: ml_collections.ConfigDict) -> None:
+  config.num_kv_heads = hf.get("num_key_value_heads") or hf["num_attention_heads"]
+  config.head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+
+
+def _to_hf(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return {"num_key_value_heads": config.num_kv_heads, "head_dim": head_dim_of(config)}
+
+
+GQA = AttentionKind(
+  name="gqa",
+  keys=("num_kv_heads", "head_dim", "qk_norm", "qkv_bias"),
+  validate=_validate,
+  build=_build,
+  params=_params,
+  score_widths=_score_widths,
+  shrink=_shrink,
+  hf_tensors=_hf_tensors,
+  from_hf=_from_hf,
+  to_hf=_to_hf,
+)

@@ -46,17 +46,23 @@ into W^O): the nope part of each query is mapped into the latent space once,
 q̃_h = q^C_h W^UK_h^T `[kv_lora]`, scores are q̃_h · c_KV_j + q^R_h · k^R_j, and the
 output o_h = (Σ_j p_j c_KV_j) W^UV_h, so a decode step reads the compressed cache and
 never expands it. The two orders are the same function (tested).
+
+`MLA` is this module's attention kind (`model.attention='mla'`, `moejax.layers.attention_kind`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 from flax import nnx
 
-from moejax.layers.attention import apply_rope
+from moejax.layers.attention import apply_rope, qk_norm_mode
+from moejax.layers.attention_kind import AttentionKind, HfTensor, Require
 from moejax.layers.document_mask import check_segments, self_attention_mask
 from moejax.layers.ffn import on_rows
 from moejax.layers.norms import RMSNorm
@@ -272,3 +278,121 @@ class MultiHeadLatentAttention(nnx.Module):
     probs = _masked_softmax(scores * self.softmax_scale, mask).astype(latent.dtype)
     out_latent = jnp.einsum("bhqt,btc->bqhc", probs, latent)  # [b, s, H, kv_lora]
     return jnp.einsum("bqhc,chd->bqhd", out_latent, w_uv)
+
+
+# ----------------------------------------------------------------------------- the 'mla' kind
+
+
+def interleaved_to_half(dim: int) -> np.ndarray:
+  """Rows of interleaved RoPE pairs (2j, 2j + 1) in rotate-half order: evens, then odds."""
+  return np.concatenate([np.arange(0, dim, 2), np.arange(1, dim, 2)])
+
+
+def _validate(config: ml_collections.ConfigDict, require: Require) -> None:
+  for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+    require(
+      isinstance(config[key], int) and config[key] >= 1,
+      f"{key} must be a positive int for attention='mla', got {config[key]!r}",
+    )
+  require(
+    config.q_lora_rank is None or config.q_lora_rank >= 1,
+    f"q_lora_rank must be None or a positive int, got {config.q_lora_rank!r}",
+  )
+  require(
+    config.qk_rope_head_dim % 2 == 0,
+    f"qk_rope_head_dim must be even for RoPE, got {config.qk_rope_head_dim}",
+  )
+  require(
+    qk_norm_mode(config.qk_norm) == "none" and not config.qkv_bias,
+    "qk_norm and qkv_bias are options of attention='gqa'; MLA normalises its latents",
+  )
+
+
+def _build(config: ml_collections.ConfigDict, *, dtype, rngs: nnx.Rngs) -> MultiHeadLatentAttention:
+  return MultiHeadLatentAttention(
+    config.d_model, config.num_heads, q_lora_rank=config.q_lora_rank,
+    kv_lora_rank=config.kv_lora_rank, qk_nope_head_dim=config.qk_nope_head_dim,
+    qk_rope_head_dim=config.qk_rope_head_dim, v_head_dim=config.v_head_dim,
+    rope_base=config.rope_base, norm_eps=config.norm_eps, dtype=dtype, rngs=rngs,
+  )  # fmt: skip
+
+
+def _params(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """The query (latent or direct), key-value latent, RoPE key and output projections; the
+  two latent norms."""
+  d, heads, lora = config.d_model, config.num_heads, config.kv_lora_rank
+  qk = config.qk_nope_head_dim + config.qk_rope_head_dim
+  q_lora = config.q_lora_rank or 0
+  q = d * q_lora + q_lora * heads * qk if q_lora else d * heads * qk
+  kv = d * lora + lora * heads * (config.qk_nope_head_dim + config.v_head_dim)
+  matmul = q + kv + d * config.qk_rope_head_dim + heads * config.v_head_dim * d
+  return matmul, q_lora + lora
+
+
+def _score_widths(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  qk = config.num_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim)
+  return qk, config.num_heads * config.v_head_dim
+
+
+def _shrink(before: ml_collections.ConfigDict, after: ml_collections.ConfigDict, small: bool):
+  """Latents and head parts at the small model's scale; every head its own key and value."""
+  after.q_lora_rank = None if before.q_lora_rank is None else (16 if small else 48)
+  after.kv_lora_rank = 16 if small else 32
+  after.qk_nope_head_dim = after.qk_rope_head_dim = 8 if small else 16
+  after.v_head_dim = 16 if small else 32
+  after.num_kv_heads, after.head_dim = after.num_heads, None
+
+
+def _hf_tensors(config: ml_collections.ConfigDict) -> Iterator[HfTensor]:
+  """DeepSeek-V3's layout: its RoPE columns interleaved (module docstring), and the key-value
+  latent and RoPE key fused in `kv_a_proj_with_mqa`."""
+  heads, nope, rope = config.num_heads, config.qk_nope_head_dim, config.qk_rope_head_dim
+  in_head = np.concatenate([np.arange(nope), nope + interleaved_to_half(rope)])
+  q_perm = tuple(int(i) for h in range(heads) for i in h * (nope + rope) + in_head)
+  if config.q_lora_rank:
+    yield HfTensor("q_a_proj.weight", "q_down/kernel")
+    yield HfTensor("q_a_layernorm.weight", "q_norm/scale", transpose=False)
+    yield HfTensor("q_b_proj.weight", "q_up/kernel", perm=q_perm)
+  else:
+    yield HfTensor("q_proj.weight", "q_proj/kernel", perm=q_perm)
+  lora = config.kv_lora_rank
+  yield HfTensor("kv_a_proj_with_mqa.weight", "kv_down/kernel", rows=(0, lora))
+  k_perm = tuple(int(i) for i in interleaved_to_half(rope))
+  yield HfTensor(
+    "kv_a_proj_with_mqa.weight", "k_rope/kernel", rows=(lora, lora + rope), perm=k_perm
+  )
+  yield HfTensor("kv_a_layernorm.weight", "kv_norm/scale", transpose=False)
+  yield HfTensor("kv_b_proj.weight", "kv_up/kernel")
+  yield HfTensor("o_proj.weight", "o_proj/kernel")
+
+
+_HF_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+
+
+def _from_hf(hf: dict[str, Any], config: ml_collections.ConfigDict) -> None:
+  config.num_kv_heads = hf.get("num_key_value_heads") or hf["num_attention_heads"]
+  for key in _HF_KEYS:
+    config[key] = hf.get(key) if key == "q_lora_rank" else hf[key]
+  config.head_dim = None
+
+
+def _to_hf(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return {
+    "num_key_value_heads": config.num_kv_heads,
+    **{key: config[key] for key in _HF_KEYS},
+    "rope_interleave": True,
+  }
+
+
+MLA = AttentionKind(
+  name="mla",
+  keys=_HF_KEYS,
+  validate=_validate,
+  build=_build,
+  params=_params,
+  score_widths=_score_widths,
+  shrink=_shrink,
+  hf_tensors=_hf_tensors,
+  from_hf=_from_hf,
+  to_hf=_to_hf,
+)

@@ -34,13 +34,8 @@ import ml_collections
 from flax import nnx
 
 from moejax.layers.activations import is_gated
-from moejax.layers.attention import qk_norm_mode
-from moejax.models.transformer import (
-  expert_d_ff_of,
-  head_dim_of,
-  moe_layer_indices,
-  validate_config,
-)
+from moejax.layers.attention_kinds import kind_of
+from moejax.models.transformer import expert_d_ff_of, moe_layer_indices, validate_config
 
 
 def _ffn_params(d_model: int, d_ff: int, activation: str) -> int:
@@ -57,34 +52,13 @@ def experts_per_token(config: ml_collections.ConfigDict) -> float:
   return config.top_k
 
 
-def _attention_params(config: ml_collections.ConfigDict) -> tuple[int, int]:
-  """(matmul weights, vector parameters) of one layer's attention: GQA's q, k, v, o (and
-  QK-norm scales, q/k/v biases), or MLA's projections and latent norms."""
-  d, heads = config.d_model, config.num_heads
-  if config.attention == "mla":
-    qk = config.qk_nope_head_dim + config.qk_rope_head_dim
-    q_lora = config.q_lora_rank or 0
-    q = d * q_lora + q_lora * heads * qk if q_lora else d * heads * qk
-    kv = d * config.kv_lora_rank + config.kv_lora_rank * heads * (
-      config.qk_nope_head_dim + config.v_head_dim
-    )
-    matmul = q + kv + d * config.qk_rope_head_dim + heads * config.v_head_dim * d
-    return matmul, q_lora + config.kv_lora_rank
-  hd, kv_heads = head_dim_of(config), config.num_kv_heads
-  qk_norm = {"none": 0, "head": 2 * hd, "full": (heads + kv_heads) * hd}[
-    qk_norm_mode(config.qk_norm)
-  ]
-  qkv_bias = (heads + 2 * kv_heads) * hd if config.qkv_bias else 0
-  return d * hd * (2 * heads + 2 * kv_heads), qk_norm + qkv_bias
-
-
 def _layer_params(config: ml_collections.ConfigDict) -> dict[str, float]:
   """Parameters of the parts of one layer, by kind: `attention` (its matmul weights),
   `vectors` (the two RMSNorms and attention's vector parameters: no matmul), `dense_ffn`,
   `router` (with Switch's router bias), `expert` (one routed expert), `shared` (the shared
   branch, with its sigmoid gate)."""
   d = config.d_model
-  attention, attention_vectors = _attention_params(config)
+  attention, attention_vectors = kind_of(config).params(config)
   e_ff = expert_d_ff_of(config) if config.num_experts else 0
   shared_ff = (
     (config.shared_expert_d_ff or config.num_shared_experts * e_ff)
@@ -155,11 +129,7 @@ def flops_per_token(config: ml_collections.ConfigDict, seq_len: int) -> dict[str
     `active`: what the sparse model computes; `total`: what it would compute if every
     token went through every expert (the dense equivalent). Multiply by 3 for training.
   """
-  if config.attention == "mla":
-    qk = config.num_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim)
-    v = config.num_heads * config.v_head_dim
-  else:
-    qk = v = config.num_heads * head_dim_of(config)
+  qk, v = kind_of(config).score_widths(config)
   attention = config.num_layers * 2 * seq_len * (qk + v)  # scores q·k, then the values
   return {
     "total": 2 * _count(config, config.num_experts)["matmul"] + attention,

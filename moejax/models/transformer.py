@@ -44,18 +44,17 @@ import ml_collections
 from flax import nnx
 
 from moejax.layers.activations import ACTIVATIONS
-from moejax.layers.attention import CausalSelfAttention, LayerCache, qk_norm_mode
+from moejax.layers.attention import LayerCache, qk_norm_mode
+from moejax.layers.attention_kinds import KINDS, kind_of
 from moejax.layers.document_mask import check_documents
 from moejax.layers.dropout import ResidualDropout, draws_randomness
 from moejax.layers.ffn import FeedForward, on_rows
-from moejax.layers.mla import MultiHeadLatentAttention
 from moejax.layers.norms import RMSNorm
 from moejax.moe import MoeConfig, MoeLayer
 from moejax.moe.aggregate import aggregate_aux
 from moejax.parallel.sharding import logical, on_batch_axes
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ATTENTIONS = ("gqa", "mla")
 EMBEDDING_STDDEV = 0.02
 SCAN_METADATA = {nnx.PARTITION_NAME: "layers"}  # the stacked axis's logical name
 
@@ -89,11 +88,6 @@ def layer_stacks(config: ml_collections.ConfigDict) -> tuple[tuple[tuple[str, ..
   rest = first + repeats * period
   stacks = [(("dense",), first), (kinds[first : first + period], repeats), (kinds[rest:], 1)]
   return tuple((kinds_, r) for kinds_, r in stacks if kinds_ and r)
-
-
-def head_dim_of(config: ml_collections.ConfigDict) -> int:
-  """`config.head_dim`, or `d_model // num_heads` when it is None."""
-  return config.head_dim if config.head_dim is not None else config.d_model // config.num_heads
 
 
 def expert_d_ff_of(config: ml_collections.ConfigDict) -> int:
@@ -131,47 +125,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     config.remat in REMAT_POLICIES,
     f"remat must be one of {tuple(REMAT_POLICIES)}, got {config.remat!r}",
   )
-  require(
-    config.attention in ATTENTIONS,
-    f"attention must be one of {ATTENTIONS}, got {config.attention!r}",
-  )
-  if config.attention == "gqa":
-    require(
-      config.num_heads % config.num_kv_heads == 0,
-      f"num_kv_heads must divide num_heads={config.num_heads}, got {config.num_kv_heads}",
-    )
-    if config.head_dim is None:
-      require(
-        config.d_model % config.num_heads == 0,
-        f"head_dim=None needs num_heads to divide d_model={config.d_model}, "
-        f"got num_heads={config.num_heads}",
-      )
-    else:
-      require(
-        isinstance(config.head_dim, int) and config.head_dim >= 1,
-        f"head_dim must be None or a positive int, got {config.head_dim!r}",
-      )
-    require(
-      head_dim_of(config) % 2 == 0, f"head_dim must be even for RoPE, got {head_dim_of(config)}"
-    )
-  else:
-    for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
-      require(
-        isinstance(config[key], int) and config[key] >= 1,
-        f"{key} must be a positive int for attention='mla', got {config[key]!r}",
-      )
-    require(
-      config.q_lora_rank is None or config.q_lora_rank >= 1,
-      f"q_lora_rank must be None or a positive int, got {config.q_lora_rank!r}",
-    )
-    require(
-      config.qk_rope_head_dim % 2 == 0,
-      f"qk_rope_head_dim must be even for RoPE, got {config.qk_rope_head_dim}",
-    )
-    require(
-      qk_norm_mode(config.qk_norm) == "none" and not config.qkv_bias,
-      "qk_norm and qkv_bias are options of attention='gqa'; MLA normalises its latents",
-    )
+  if config.attention not in KINDS:
+    require(False, f"attention must be one of {tuple(KINDS)}, got {config.attention!r}")
+  KINDS[config.attention].validate(config, require)
   require(config.rope_base > 0, f"rope_base must be > 0, got {config.rope_base}")
   require(
     config.activation in ACTIVATIONS,
@@ -229,19 +185,7 @@ class DecoderBlock(nnx.Module):
   def __init__(self, config: ml_collections.ConfigDict, kind: str, *, dtype, mesh, rngs: nnx.Rngs):
     d = config.d_model
     self.attn_norm = RMSNorm(d, eps=config.norm_eps)
-    if config.attention == "mla":
-      self.attention = MultiHeadLatentAttention(
-        d, config.num_heads, q_lora_rank=config.q_lora_rank, kv_lora_rank=config.kv_lora_rank,
-        qk_nope_head_dim=config.qk_nope_head_dim, qk_rope_head_dim=config.qk_rope_head_dim,
-        v_head_dim=config.v_head_dim, rope_base=config.rope_base, norm_eps=config.norm_eps,
-        dtype=dtype, rngs=rngs,
-      )  # fmt: skip
-    else:
-      self.attention = CausalSelfAttention(
-        d, config.num_heads, config.num_kv_heads, head_dim_of(config),
-        rope_base=config.rope_base, qk_norm=config.qk_norm, qkv_bias=config.qkv_bias,
-        norm_eps=config.norm_eps, dtype=dtype, rngs=rngs,
-      )  # fmt: skip
+    self.attention = kind_of(config).build(config, dtype=dtype, rngs=rngs)
     self.ffn_norm = RMSNorm(d, eps=config.norm_eps)
     self.dropout = ResidualDropout(config.dropout, rngs=rngs)  # dense branches; experts: their own
     has_dense = kind == "dense" or config.dense_moe_hybrid
