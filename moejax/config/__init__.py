@@ -5,13 +5,12 @@ the `--config` flag of the commands (`flags`)."""
 from moejax.config.defaults import apply_variant, base_config
 from moejax.config.load import (
   CONFIGS_PACKAGE,
-  ConfigKeyError,
   apply_overrides,
   config_file,
-  flatten,
   load_config,
   packaged_config_names,
 )
+from moejax.config.text import ConfigKeyError, flatten
 
 __all__ = [
   "CONFIGS_PACKAGE",

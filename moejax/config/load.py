@@ -3,7 +3,6 @@ config) and applying dotted-key overrides to it."""
 
 from __future__ import annotations
 
-import difflib
 import importlib.resources
 import importlib.util
 import os
@@ -11,6 +10,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
+
+from moejax.config.text import check_key
+from moejax.runtime.cli import did_you_mean
 
 CONFIGS_PACKAGE = "moejax.configs"  # the repository's `configs/`, installed with the package
 
@@ -34,8 +36,7 @@ def config_file(path: str) -> str:
   if os.path.dirname(path) in ("configs", "") and packaged.joinpath(name).is_file():
     return str(packaged.joinpath(name))
   known = packaged_config_names()
-  close = difflib.get_close_matches(os.path.splitext(name)[0], known, n=1)
-  hint = f"did you mean configs/{close[0]}.py? " if close else ""
+  hint = did_you_mean(os.path.splitext(name)[0], known, "did you mean configs/{}.py? ")
   raise FileNotFoundError(f"config file {path} does not exist; {hint}configs: {', '.join(known)}.")
 
 
@@ -51,46 +52,22 @@ def load_config(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_col
   return apply_overrides(module.get_config(arg), overrides or {})
 
 
-class ConfigKeyError(KeyError):
-  """An override names no config key; `str()` is the one-line message (no quotes)."""
-
-  def __str__(self) -> str:
-    return str(self.args[0])
-
-
 def apply_overrides(
   config: ml_collections.ConfigDict, overrides: Mapping[str, Any], where: str = ""
 ) -> ml_collections.ConfigDict:
   """Sets dotted keys on `config` in place (type-checked by ml_collections); returns it.
 
-  An unknown key raises a one-line KeyError with the closest key; `where` prefixes it.
+  An unknown key raises a one-line ConfigKeyError (`config.text.check_key`) with the
+  closest key; `where` prefixes it.
   """
   for key, value in overrides.items():
+    check_key(config, key, flag=None, where=where)
     *parents, leaf = key.split(".")
     node = config
-    for depth, part in enumerate(parents + [leaf]):
-      is_leaf = depth == len(parents)
-      if part not in node or (
-        not is_leaf and not isinstance(node[part], ml_collections.ConfigDict)
-      ):
-        close = difflib.get_close_matches(part, list(node.keys()), n=1)
-        hint = f"; did you mean {'.'.join(parents[:depth] + close)!r}?" if close else ""
-        raise ConfigKeyError(f"{where}{key!r} is not a config key{hint}")
-      if not is_leaf:
-        node = node[part]
+    for part in parents:
+      node = node[part]
     try:
       node[leaf] = value
     except TypeError as error:
       raise TypeError(f"{where}{key}={value!r}: {' '.join(str(error).split())}") from None
   return config
-
-
-def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
-  """`{"model.top_k": 2, ...}`: every leaf of `config` under its dotted key."""
-  out = {}
-  for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      out.update(flatten(value, f"{prefix}{key}."))
-    else:
-      out[prefix + key] = value
-  return out

@@ -9,7 +9,6 @@ the line that sets the key, so the one place a key is declared is also its docum
 from __future__ import annotations
 
 import ast
-import difflib
 import functools
 import inspect
 import io
@@ -20,6 +19,8 @@ from collections.abc import Callable
 from typing import Any
 
 import ml_collections
+
+from moejax.runtime.cli import did_you_mean
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -90,37 +91,53 @@ def format_differences(changes: dict[str, tuple[Any, Any]], limit: int = 8) -> s
   return "; ".join(shown) + more
 
 
-def check_key(config: ml_collections.ConfigDict, key: str, *, flag: str = "config") -> None:
-  """Raises a one-line KeyError unless dotted `key` names a leaf of `config`.
+class ConfigKeyError(KeyError):
+  """A dotted key names no leaf of the config; `str()` is the one-line message (no quotes)."""
+
+  def __str__(self) -> str:
+    return str(self.args[0])
+
+
+def check_key(
+  config: ml_collections.ConfigDict, key: str, *, flag: str | None = "config", where: str = ""
+) -> None:
+  """Raises a one-line ConfigKeyError unless dotted `key` names a leaf of `config`: the one
+  walker of dotted keys (the command line's `--config.KEY` and every override).
 
   The message corrects every level it can (`--config.modle.topk` -> did you mean
-  `--config.model.top_k`?) and names a section given without a key.
+  `--config.model.top_k`?) and names a section given without a key. The key is written as
+  `--FLAG.KEY`, or as `'KEY'` with `flag=None`; `where` prefixes the message.
   """
+
+  def written(dotted: str) -> str:
+    return f"--{flag}.{dotted}" if flag else repr(dotted)
+
+  def fail(message: str):
+    raise ConfigKeyError(where + message)
+
   parts = key.split(".")
   node, fixed = config, []
   for part in parts:
     if not isinstance(node, ml_collections.ConfigDict):
-      raise KeyError(f"--{flag}.{key}: {'.'.join(fixed)} is a key, not a section of the config.")
+      fail(f"{written(key)}: {'.'.join(fixed)} is a key, not a section of the config.")
     if part in node:
       fixed.append(part)
     else:
-      close = difflib.get_close_matches(part, list(node.keys()), n=1)
-      if not close:
-        where = ".".join(fixed) or "the config"
-        raise KeyError(
-          f"--{flag}.{key} is not a config key: {where} has no {part!r} "
-          f"(its keys: {', '.join(node.keys())})."
+      hint = did_you_mean(part, list(node.keys()), "{}")
+      if not hint:
+        fail(
+          f"{written(key)} is not a config key: {'.'.join(fixed) or 'the config'} has no "
+          f"{part!r} (its keys: {', '.join(node.keys())})."
         )
-      fixed.append(close[0])
+      fixed.append(hint)
     node = node[fixed[-1]]
   if isinstance(node, ml_collections.ConfigDict):
     section = ".".join(fixed)
-    raise KeyError(
-      f"--{flag}.{key} is a section, not a key; its keys: "
-      f"{', '.join(f'{section}.{k}' for k in node)}."
+    fail(
+      f"{written(key)} is a section, not a key; its keys: {', '.join(f'{section}.{k}' for k in node)}."
     )
   if fixed != parts:
-    raise KeyError(f"--{flag}.{key} is not a config key; did you mean --{flag}.{'.'.join(fixed)}?")
+    fail(f"{written(key)} is not a config key; did you mean {written('.'.join(fixed))}?")
 
 
 # ----------------------------------------------------------------------------- comments

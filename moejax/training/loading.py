@@ -9,7 +9,6 @@ unreadable newer checkpoint is named in a warning and skipped, not moved.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 
@@ -17,6 +16,7 @@ from etils import epath
 from flax import nnx
 
 from moejax.config import text as config_text
+from moejax.runtime.cli import did_you_mean
 from moejax.training import checkpoint as checkpoint_lib
 from moejax.training import workdir as workdir_lib
 
@@ -31,12 +31,9 @@ def check_run_directory(workdir: epath.PathLike) -> epath.Path:
     hint = ""
     if not workdir_lib.is_remote(path) and path.parent.is_dir():
       siblings = [p.name for p in path.parent.iterdir() if p.is_dir()]
-      close = difflib.get_close_matches(path.name, siblings, n=1)
-      hint = (
-        f"; did you mean {os.path.join(os.path.dirname(os.fspath(workdir)), close[0])}?"
-        if close
-        else ""
-      )
+      close = did_you_mean(path.name, siblings, "{}")
+      if close:
+        hint = f"; did you mean {os.path.join(os.path.dirname(os.fspath(workdir)), close)}?"
     raise ValueError(f"--workdir={workdir} does not exist{hint}")
   if not path.is_dir():
     raise ValueError(f"--workdir={workdir} is a file, not a run directory.")
