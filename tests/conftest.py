@@ -48,14 +48,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
-# Most XLA optimisations off (experiments.ablations.run.most_optimizations_off, as the
+# Most XLA optimisations off (experiments.runner.run.most_optimizations_off, as the
 # smoke ablations compile), for tests of what a program computes or reports (shapes, memory
 # of its arguments, finite losses), whose tiny programs take far longer to compile than to
 # run. Imported inside: jax must not be imported before XLA_FLAGS is set above.
 @pytest.fixture
 def fast_compile():
   """Most XLA optimisations off for one test."""
-  from experiments.ablations.run import most_optimizations_off
+  from experiments.runner.run import most_optimizations_off
 
   with most_optimizations_off():
     yield
@@ -64,7 +64,7 @@ def fast_compile():
 @pytest.fixture(scope="module")
 def fast_compile_module():
   """Most XLA optimisations off for a whole module (its module-scoped fixtures included)."""
-  from experiments.ablations.run import most_optimizations_off
+  from experiments.runner.run import most_optimizations_off
 
   with most_optimizations_off():
     yield

@@ -17,11 +17,12 @@ import shlex
 
 import pytest
 
-from experiments.ablations import NAMES, get, presets, report, stats
-from experiments.ablations.accounting import accounting, checked_arms, ffn_params
-from experiments.ablations.cli import main
-from experiments.ablations.run import learning_rate_plan, run_ablation
-from experiments.ablations.spec import (
+from experiments.ablations import NAMES, get
+from experiments.runner import presets, report, stats
+from experiments.runner.accounting import accounting, checked_arms, ffn_params
+from experiments.runner.cli import main
+from experiments.runner.run import learning_rate_plan, run_ablation
+from experiments.runner.spec import (
   PRESETS,
   SWEEP_SEED,
   Ablation,
@@ -161,7 +162,7 @@ def test_a_row_counts_the_eval_batches_the_run_evaluated():
   """The fine-tuning arms evaluate on Lucrece: 20 batches, not the cap of 108 that the
   config carries; the row gives what the data pipeline builds."""
   from experiments import finetune
-  from experiments.ablations.results import eval_batches_of
+  from experiments.runner.results import eval_batches_of
   from moejax import data
 
   config = finetune.finetune_base("cpu", "WORKDIR/pretrain")

@@ -1,4 +1,4 @@
-"""The ablations' statistics (`experiments/ablations/stats.py`) against hand calculations:
+"""The ablations' statistics (`experiments/runner/stats.py`) against hand calculations:
 the t and F distributions (from scipy.stats) against closed forms and printed t-table
 values, and paired tests, a pooled two-way model and a scaling-law fit worked out by hand
 in the comments."""
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from experiments.ablations import stats
+from experiments.runner import stats
 
 # Two-sided 95% critical values t_{0.975, df}, as printed in any t-table (3 decimals).
 T_TABLE_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 9: 2.262, 11: 2.201, 30: 2.042}

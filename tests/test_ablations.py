@@ -14,11 +14,12 @@ import sys
 
 import pytest
 
-from experiments.ablations import NAMES, get, presets
-from experiments.ablations.estimate import estimate
-from experiments.ablations.results import RESULT_COLUMNS, read_results_csv
-from experiments.ablations.run import run_ablation
-from experiments.ablations.spec import Ablation, Arm, Contrast, arm_config, get_arms
+from experiments.ablations import NAMES, get
+from experiments.runner import presets
+from experiments.runner.estimate import estimate
+from experiments.runner.results import RESULT_COLUMNS, read_results_csv
+from experiments.runner.run import run_ablation
+from experiments.runner.spec import Ablation, Arm, Contrast, arm_config, get_arms
 from moejax.models import flops
 from moejax.training import train as train_lib
 

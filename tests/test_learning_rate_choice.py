@@ -1,5 +1,5 @@
 """How a sweep chooses each arm's learning rate: by the ablation's `lr_metric`, lowest
-wins (experiments/ablations/run.py), through the runner and into summary.md."""
+wins (experiments/runner/run.py), through the runner and into summary.md."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from test_ablation_runner import QUIET, FakeTraining, _fake_ablation
 
 import experiments.finetune
-from experiments.ablations import report
-from experiments.ablations.run import choose_learning_rate, run_ablation
+from experiments.runner import report
+from experiments.runner.run import choose_learning_rate, run_ablation
 
 NAN = float("nan")
 ROWS = [

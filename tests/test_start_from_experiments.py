@@ -77,8 +77,8 @@ def test_finetune_pretrains_then_its_arm_starts_from_that_model(tmp_path):
 
 def test_upcycle_trains_the_dense_model_upcycles_it_and_holds_the_flops_equal(tmp_path):
   from experiments import upcycle
-  from experiments.ablations.accounting import accounting
-  from experiments.ablations.spec import arm_config, get_arms
+  from experiments.runner.accounting import accounting
+  from experiments.runner.spec import arm_config, get_arms
 
   args = ["--preset=smoke", f"--workdir={tmp_path}", "--arms=upcycled,dense_continued"]
   args += ["--seeds=0", "--quiet"]

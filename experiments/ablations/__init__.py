@@ -6,11 +6,8 @@ a learning-rate sweep, seeds paired across arms and one pre-registered contrast.
     python -m experiments.ablations.NAME --estimate [--preset=...]   # projected wall time
     python -m experiments.ablations --describe                       # every ablation
 
-NAME: one of NAMES. The runner, by concern: `spec` (what an ablation is), `accounting`
-(parameters, FLOPs, constraints), `run` (sweep, seeds, skip/resume), `results` (rows),
-`stats` (paired tests, pooled model, verdicts, the scaling law), `report` (contrasts,
-summary, plots), `estimate` (wall time), `pod` (TPU commands), `cli`, over `workdir`
-(the files). See docs/ablations.md.
+NAME: one of NAMES. Each module here is a short declaration (`ABLATION`); the machinery
+that runs them is `experiments.runner`. See docs/ablations.md.
 """
 
 from __future__ import annotations

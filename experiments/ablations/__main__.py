@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 
 from experiments.ablations import NAMES, get
-from experiments.ablations.cli import main
+from experiments.runner.cli import main
 
 
 def run(argv: list[str]) -> int:

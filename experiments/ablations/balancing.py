@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import sys
 
-from experiments.ablations import presets
-from experiments.ablations.cli import main
-from experiments.ablations.spec import Ablation, Arm, Constraint, Contrast
+from experiments.runner import presets
+from experiments.runner.cli import main
+from experiments.runner.spec import Ablation, Arm, Constraint, Contrast
 
 CPU_STEPS = 400
 DEEPSEEK_ROUTING = {"model.score_fn": "sigmoid", "model.renormalize": True}
@@ -78,7 +78,6 @@ ABLATION = Ablation(
     Constraint("ffn_active", 0.0),
     Constraint("tokens", 0.0),
   ),
-  seeds={"smoke": (0, 1), "cpu": (0, 1, 2, 3, 4), "pod": (0,)},
   primary=Contrast(
     "bias",
     "aux_loss",
@@ -86,7 +85,6 @@ ABLATION = Ablation(
     "DeepSeek-V3 (2024), §2.1.2: the auxiliary-loss-free strategy achieves better model "
     "performance than relying purely on auxiliary losses (Wang et al. 2024).",
   ),
-  pod_config=presets.POD_CONFIG,
 )
 
 if __name__ == "__main__":

@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import sys
 
-from experiments.ablations import presets
-from experiments.ablations.cli import main
-from experiments.ablations.spec import Ablation, Arm, Constraint, Contrast
+from experiments.runner import presets
+from experiments.runner.cli import main
+from experiments.runner.spec import Ablation, Arm, Constraint, Contrast
 
 EXPERT_WIDTH = {"smoke": 32, "cpu": 128, "pod": 1024}
 NUM_EXPERTS = {"smoke": 8, "cpu": 8, "pod": 64}
@@ -103,7 +103,6 @@ ABLATION = Ablation(
     ),
     Constraint("tokens", 0.0),
   ),
-  seeds={"smoke": (0, 1), "cpu": (0, 1, 2, 3, 4), "pod": (0,)},
   primary=_drop(1, "1.0"),
   secondary=(
     _drop(2, "1.0"),
@@ -114,7 +113,6 @@ ABLATION = Ablation(
     _speed(1),
     _speed(2),
   ),
-  pod_config=presets.POD_CONFIG,
 )
 
 if __name__ == "__main__":

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import sys
 
-from experiments.ablations import presets
-from experiments.ablations.cli import main
-from experiments.ablations.spec import Ablation, Arm, Constraint, Contrast
+from experiments.runner import presets
+from experiments.runner.cli import main
+from experiments.runner.spec import Ablation, Arm, Constraint, Contrast
 
 SHAPE = {"smoke": (8, 2, 32), "cpu": (8, 2, 256), "pod": (64, 8, 1024)}  # (E, k, f)
 CPU_STEPS = 550
@@ -67,7 +67,6 @@ ABLATION = Ablation(
   base=base,
   arms=arms,
   constraints=(Constraint("train_flops"), Constraint("tokens", 0.0)),
-  seeds={"smoke": (0, 1), "cpu": (0, 1, 2, 3, 4), "pod": (0,)},
   primary=Contrast(
     "moe",
     "dense_eq_flops",
@@ -75,7 +74,6 @@ ABLATION = Ablation(
     "Switch Transformer (Fedus et al. 2021), GShard (Lepikhin et al. 2020): an MoE beats "
     "the dense model of equal FLOPs per token at equal training steps.",
   ),
-  pod_config=presets.POD_CONFIG,
 )
 
 if __name__ == "__main__":

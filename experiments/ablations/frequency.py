@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import sys
 
-from experiments.ablations import presets
-from experiments.ablations.cli import main
-from experiments.ablations.spec import Ablation, Arm, Constraint, Contrast
+from experiments.runner import presets
+from experiments.runner.cli import main
+from experiments.runner.spec import Ablation, Arm, Constraint, Contrast
 
 SHAPE = {  # (layers, expert hidden f, {interval N: experts per MoE layer})
   "smoke": (4, 32, {1: 8, 2: 15}),
@@ -71,7 +71,6 @@ ABLATION = Ablation(
   base=base,
   arms=arms,
   constraints=(Constraint("ffn_total"), Constraint("ffn_active"), Constraint("tokens", 0.0)),
-  seeds={"smoke": (0, 1), "cpu": (0, 1, 2, 3, 4), "pod": (0,)},
   primary=Contrast(
     "top1_every_1",
     "top1_every_2",
@@ -79,7 +78,6 @@ ABLATION = Ablation(
     "Snowflake Arctic (2024): MoE in every layer beats MoE in every other layer at equal "
     "total parameters (top-1).",
   ),
-  pod_config=presets.POD_CONFIG,
 )
 
 if __name__ == "__main__":

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import sys
 
-from experiments.ablations import presets
-from experiments.ablations.cli import main
-from experiments.ablations.spec import Ablation, Arm, Constraint, Contrast
+from experiments.ablations.top_k import split_budget_arms
+from experiments.runner import presets
+from experiments.runner.cli import main
+from experiments.runner.spec import Ablation, Arm, Constraint, Contrast
 
 BASE_WIDTH = {"smoke": 32, "cpu": 512, "pod": 8192}  # f: the hidden of one of 8 experts
 GRANULARITIES = (1, 4)
@@ -39,20 +40,8 @@ def base(preset: str):
 
 
 def arms(preset: str) -> list[Arm]:
-  f = BASE_WIDTH[preset]
-  return [
-    Arm(
-      f"e{8 * g}_k{g}",
-      {
-        "model.num_experts": 8 * g,
-        "model.top_k": g,
-        "model.expert_d_ff": f // g,
-        "model.moe_layer_interval": 1,
-      },
-      f"granularity {g}: top-{g} of {8 * g} experts of hidden {f // g}",
-    )
-    for g in GRANULARITIES
-  ]
+  note = "granularity {g}: top-{g} of {experts} experts of hidden {width}"
+  return split_budget_arms(BASE_WIDTH[preset], GRANULARITIES, note)
 
 
 ABLATION = Ablation(
@@ -61,7 +50,6 @@ ABLATION = Ablation(
   base=base,
   arms=arms,
   constraints=(Constraint("ffn_active"), Constraint("ffn_total"), Constraint("tokens", 0.0)),
-  seeds={"smoke": (0, 1), "cpu": (0, 1, 2, 3, 4), "pod": (0,)},
   primary=Contrast(
     "e32_k4",
     "e8_k1",
@@ -69,7 +57,6 @@ ABLATION = Ablation(
     "OLMoE (Muennighoff et al. 2024, §4.1): 32 experts of a quarter the width, top-4, "
     "beat 8 experts top-1 at equal active and total parameters.",
   ),
-  pod_config=presets.POD_CONFIG,
 )
 
 if __name__ == "__main__":

@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import sys
 
-from experiments.ablations import presets
-from experiments.ablations.cli import main
-from experiments.ablations.spec import Ablation, Arm, Constraint, Contrast
+from experiments.runner import presets
+from experiments.runner.cli import main
+from experiments.runner.spec import Ablation, Arm, Constraint, Contrast
 
 SHAPE = {"smoke": (8, 2, 16, 1), "cpu": (8, 2, 128, 1), "pod": (64, 8, 1024, 8)}  # E, k, f, m
 CPU_STEPS = 550
@@ -75,7 +75,6 @@ ABLATION = Ablation(
   base=base,
   arms=arms,
   constraints=(Constraint("ffn_active"), Constraint("ffn_total"), Constraint("tokens", 0.0)),
-  seeds={"smoke": (0, 1), "cpu": (0, 1, 2, 3, 4), "pod": (0,)},
   primary=Contrast(
     "hybrid",
     "pure_moe",
@@ -83,7 +82,6 @@ ABLATION = Ablation(
     "Snowflake Arctic (2024) builds on a dense FFN plus a residual MoE; DeepSeekMoE (Dai et "
     "al. 2024) finds an always-on shared expert better than routing that capacity.",
   ),
-  pod_config=presets.POD_CONFIG,
 )
 
 if __name__ == "__main__":

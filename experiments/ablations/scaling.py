@@ -35,9 +35,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from experiments.ablations import presets, stats
-from experiments.ablations.cli import main
-from experiments.ablations.spec import Ablation, Arm, Constraint, Contrast, arm_config, get_arms
+from experiments.runner import presets, stats
+from experiments.runner.cli import main
+from experiments.runner.spec import Ablation, Arm, Constraint, Contrast, arm_config, get_arms
 from moejax.models import flops
 
 SIZES = {  # name -> d_model per preset
@@ -157,7 +157,6 @@ ABLATION = Ablation(
   ),
   learning_rates={"smoke": (3e-3,), "cpu": (2e-3, 4e-3, 8e-3), "pod": (1.5e-4, 3e-4, 6e-4)},
   extra_report=law_report,
-  pod_config=presets.POD_CONFIG,
 )
 
 if __name__ == "__main__":

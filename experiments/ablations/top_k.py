@@ -24,10 +24,11 @@ dropless, 0.29 s for e8_k1 and 0.33 s for e16_k2 measured relative to it):
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
-from experiments.ablations import presets
-from experiments.ablations.cli import main
-from experiments.ablations.spec import Ablation, Arm, Constraint, Contrast
+from experiments.runner import presets
+from experiments.runner.cli import main
+from experiments.runner.spec import Ablation, Arm, Constraint, Contrast
 
 BASE_WIDTH = {"smoke": 12, "cpu": 192, "pod": 3072}  # f
 TOP_KS = (1, 2)
@@ -38,21 +39,31 @@ def base(preset: str):
   return presets.base_config(preset, cpu_steps=CPU_STEPS)
 
 
-def arms(preset: str) -> list[Arm]:
-  f = BASE_WIDTH[preset]
+def split_budget_arms(hidden: int, factors: Sequence[int], note: str) -> list[Arm]:
+  """Arms `e{8g}_k{g}`, one per factor g: the budget of 8 experts of hidden `hidden`, split
+  into 8g experts of hidden `hidden / g` with top-g routing in every layer, so that the
+  active (g · hidden/g per token) and the total (8g · hidden/g) expert hidden units stay
+  fixed. `note` is formatted with `g`, `experts` and `width`. This ablation and
+  `granularity` are this one design at two widths."""
   return [
     Arm(
-      f"e{8 * k}_k{k}",
+      f"e{8 * g}_k{g}",
       {
-        "model.num_experts": 8 * k,
-        "model.top_k": k,
-        "model.expert_d_ff": 2 * f // k,
+        "model.num_experts": 8 * g,
+        "model.top_k": g,
+        "model.expert_d_ff": hidden // g,
         "model.moe_layer_interval": 1,
       },
-      f"top-{k} of {8 * k} experts of hidden {2 * f // k}",
+      note.format(g=g, experts=8 * g, width=hidden // g),
     )
-    for k in TOP_KS
+    for g in factors
   ]
+
+
+def arms(preset: str) -> list[Arm]:
+  return split_budget_arms(
+    2 * BASE_WIDTH[preset], TOP_KS, "top-{g} of {experts} experts of hidden {width}"
+  )
 
 
 ABLATION = Ablation(
@@ -61,7 +72,6 @@ ABLATION = Ablation(
   base=base,
   arms=arms,
   constraints=(Constraint("ffn_active"), Constraint("ffn_total"), Constraint("tokens", 0.0)),
-  seeds={"smoke": (0, 1), "cpu": (0, 1, 2, 3, 4), "pod": (0,)},
   primary=Contrast(
     "e16_k2",
     "e8_k1",
@@ -69,7 +79,6 @@ ABLATION = Ablation(
     "Snowflake Arctic (2024): top-2 of 2x as many half-width experts beats top-1 at equal "
     "active and total expert parameters.",
   ),
-  pod_config=presets.POD_CONFIG,
 )
 
 if __name__ == "__main__":

@@ -52,10 +52,10 @@ import json
 import math
 import os
 
-from experiments.ablations import presets, stats
-from experiments.ablations.prerequisites import prerequisite_path
-from experiments.ablations.report import format_p
-from experiments.ablations.spec import Ablation, Arm, Constraint, Contrast, arm_config, get_arms
+from experiments.runner import presets, stats
+from experiments.runner.prerequisites import prerequisite_path
+from experiments.runner.report import format_p
+from experiments.runner.spec import Ablation, Arm, Constraint, Contrast, arm_config, get_arms
 
 PRETRAIN_STEPS = 600
 FINETUNE_STEPS = 100
@@ -234,7 +234,6 @@ def build(workdir: str | None, preset: str) -> Ablation:
     ),
     learning_rates={"smoke": (1e-3,), "cpu": (1e-4, 3e-4, 1e-3), "pod": (1e-5, 3e-5, 1e-4)},
     lr_metric="final_eval_bits_per_byte",
-    pod_config=presets.POD_CONFIG,
     extra_report=lambda a, p, rows: (
       gain_over_pretrained(workdir, rows) + [""] + optimizer_memory(a, p, rows)
     ),

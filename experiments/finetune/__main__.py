@@ -3,8 +3,8 @@ the flags are the ablations' runner's)."""
 
 import sys
 
-from experiments.ablations.prerequisites import main_starting_from
 from experiments.finetune import build, prepare
+from experiments.runner.prerequisites import main_starting_from
 
 if __name__ == "__main__":
   sys.exit(main_starting_from(build, prepare))

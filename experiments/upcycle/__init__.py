@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import os
 
-from experiments.ablations import presets
-from experiments.ablations.prerequisites import prerequisite_path
-from experiments.ablations.spec import Ablation, Arm, Constraint, Contrast
+from experiments.runner import presets
+from experiments.runner.prerequisites import prerequisite_path
+from experiments.runner.spec import Ablation, Arm, Constraint, Contrast
 from moejax.config import apply_overrides, load_config
 from moejax.models.flops import flops_per_token
 

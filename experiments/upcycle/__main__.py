@@ -3,7 +3,7 @@ the flags are the ablations' runner's)."""
 
 import sys
 
-from experiments.ablations.prerequisites import main_starting_from
+from experiments.runner.prerequisites import main_starting_from
 from experiments.upcycle import build, prepare
 
 if __name__ == "__main__":

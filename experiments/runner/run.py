@@ -31,11 +31,11 @@ from typing import Any
 
 import ml_collections
 
-from experiments.ablations import report
-from experiments.ablations.accounting import checked_arms
-from experiments.ablations.results import summarize_run
-from experiments.ablations.spec import METRICS, SWEEP_SEED, Ablation, Arm, arm_config
-from experiments.ablations.workdir import (
+from experiments.runner import report
+from experiments.runner.accounting import checked_arms
+from experiments.runner.results import summarize_run
+from experiments.runner.spec import METRICS, SWEEP_SEED, Ablation, Arm, arm_config
+from experiments.runner.workdir import (
   check_run_dir,
   check_workdir,
   json_roundtrip,

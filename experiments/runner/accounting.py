@@ -14,7 +14,7 @@ from typing import Any
 
 import ml_collections
 
-from experiments.ablations.spec import (
+from experiments.runner.spec import (
   QUANTITIES,
   Ablation,
   Constraint,

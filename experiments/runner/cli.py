@@ -12,11 +12,11 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from experiments.ablations import pod, report
-from experiments.ablations.accounting import check_constraints, checked_arms, fmt_number
-from experiments.ablations.run import ALL_ARMS, learning_rate_plan, run_ablation
-from experiments.ablations.spec import PRESETS, SWEEP_SEED, Ablation
-from experiments.ablations.workdir import check_workdir
+from experiments.runner import pod, report
+from experiments.runner.accounting import check_constraints, checked_arms, fmt_number
+from experiments.runner.run import ALL_ARMS, learning_rate_plan, run_ablation
+from experiments.runner.spec import PRESETS, SWEEP_SEED, Ablation
+from experiments.runner.workdir import check_workdir
 from moejax.runtime.cli import report_error
 
 
@@ -153,7 +153,7 @@ def main(ablation: Ablation, argv: Sequence[str] | None = None) -> int:
       describe(ablation, args.preset, base_overrides, rates)
       return 0
     if args.estimate:
-      from experiments.ablations.estimate import estimate  # imports jax
+      from experiments.runner.estimate import estimate  # imports jax
 
       estimate(
         ablation,

@@ -24,10 +24,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from experiments.ablations.accounting import checked_arms
-from experiments.ablations.run import compile_mode, learning_rate_plan
-from experiments.ablations.spec import Ablation, arm_config
-from experiments.ablations.workdir import check_workdir, write_keeping_previous
+from experiments.runner.accounting import checked_arms
+from experiments.runner.run import compile_mode, learning_rate_plan
+from experiments.runner.spec import Ablation, arm_config
+from experiments.runner.workdir import check_workdir, write_keeping_previous
 
 
 def _count(num_steps: int, every: int) -> int:

@@ -14,10 +14,10 @@ import shlex
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from experiments.ablations.accounting import checked_arms
-from experiments.ablations.run import learning_rate_plan
-from experiments.ablations.spec import METRICS, SWEEP_SEED, Ablation, Arm, arm_config
-from experiments.ablations.workdir import SWEEP_DIR
+from experiments.runner.accounting import checked_arms
+from experiments.runner.run import learning_rate_plan
+from experiments.runner.spec import METRICS, SWEEP_SEED, Ablation, Arm, arm_config
+from experiments.runner.workdir import SWEEP_DIR
 from moejax.config import flatten, load_config
 
 

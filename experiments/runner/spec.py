@@ -18,8 +18,8 @@ from typing import Any
 
 import ml_collections
 
-from experiments.ablations import stats
-from experiments.ablations.workdir import SWEEP_DIR
+from experiments.runner import presets, stats
+from experiments.runner.workdir import SWEEP_DIR
 from moejax.config import apply_overrides
 
 PRESETS = ("smoke", "cpu", "pod")
@@ -114,12 +114,17 @@ class Constraint:
     return f"{QUANTITIES[self.quantity]} equal {tol} across {who}"
 
 
+# Paired seeds per preset: five at `cpu` for a paired 95% CI with 4 degrees of freedom.
+DEFAULT_SEEDS = {"smoke": (0, 1), "cpu": (0, 1, 2, 3, 4), "pod": (0,)}
+
+
 @dataclasses.dataclass(frozen=True)
 class Ablation:
   """An ablation: `base(preset)` -> config, `arms(preset)` -> arms (the same names at every
   preset), the constraints the arms must meet, seeds per preset, the pre-registered
   `primary` contrast and exploratory `secondary` ones, the learning-rate grid per preset
-  and the config file the pod commands start from.
+  and the config file the pod commands start from (by default the seeds of `DEFAULT_SEEDS`
+  and the OLMoE pod recipe, `presets.POD_CONFIG`).
 
   `extra_report(ablation, preset, rows)`, if given, returns Markdown lines appended to
   summary.md (the scaling law fit).
@@ -134,9 +139,11 @@ class Ablation:
   base: Callable[[str], ml_collections.ConfigDict]
   arms: Callable[[str], list[Arm]]
   constraints: tuple[Constraint, ...]
-  seeds: Mapping[str, tuple[int, ...]]
   primary: Contrast
-  pod_config: str
+  seeds: Mapping[str, tuple[int, ...]] = dataclasses.field(
+    default_factory=lambda: dict(DEFAULT_SEEDS)
+  )
+  pod_config: str = presets.POD_CONFIG
   secondary: tuple[Contrast, ...] = ()
   learning_rates: Mapping[str, tuple[float, ...]] = dataclasses.field(
     default_factory=lambda: dict(DEFAULT_LEARNING_RATES)

@@ -19,11 +19,11 @@ import statistics
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from experiments.ablations import stats
-from experiments.ablations.accounting import checked_arms
-from experiments.ablations.results import RESULT_COLUMNS, collect_rows, csv_bytes
-from experiments.ablations.spec import METRICS, SWEEP_SEED, Ablation, Contrast
-from experiments.ablations.workdir import read_json, write_keeping_previous
+from experiments.runner import stats
+from experiments.runner.accounting import checked_arms
+from experiments.runner.results import RESULT_COLUMNS, collect_rows, csv_bytes
+from experiments.runner.spec import METRICS, SWEEP_SEED, Ablation, Contrast
+from experiments.runner.workdir import read_json, write_keeping_previous
 
 CONTRAST_COLUMNS = (
   "contrast",

@@ -6,7 +6,7 @@ configs name the prerequisite runs (`train.init_from=WORKDIR/NAME`), and
 `prepare(workdir, preset, train)`, which makes those runs, calling `train(name, config)`
 to train (or resume, or find finished) each in `WORKDIR/NAME`. When the command trains,
 the arms' constraints are checked first, then `prepare` runs, then the ablations' runner
-(`experiments.ablations.cli`): the learning-rate sweep, seeds, paired contrasts,
+(`experiments.runner.cli`): the learning-rate sweep, seeds, paired contrasts,
 computed verdicts. `--describe`, `--estimate`, `--collect_only` and the pod preset only
 build.
 """
@@ -20,12 +20,12 @@ from collections.abc import Callable, Sequence
 
 import ml_collections
 
-from experiments.ablations.accounting import checked_arms
-from experiments.ablations.cli import main as ablation_main
-from experiments.ablations.cli import parse_set
-from experiments.ablations.run import compile_mode
-from experiments.ablations.spec import Ablation
-from experiments.ablations.workdir import check_workdir, workdir_lock
+from experiments.runner.accounting import checked_arms
+from experiments.runner.cli import main as ablation_main
+from experiments.runner.cli import parse_set
+from experiments.runner.run import compile_mode
+from experiments.runner.spec import Ablation
+from experiments.runner.workdir import check_workdir, workdir_lock
 from moejax.config import apply_overrides
 from moejax.runtime.cli import report_error
 

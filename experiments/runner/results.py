@@ -34,9 +34,9 @@ import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from experiments.ablations.accounting import accounting
-from experiments.ablations.spec import Ablation, get_arms
-from experiments.ablations.workdir import SWEEP_DIR, read_json, read_records
+from experiments.runner.accounting import accounting
+from experiments.runner.spec import Ablation, get_arms
+from experiments.runner.workdir import SWEEP_DIR, read_json, read_records
 from moejax.config import text as config_text
 from moejax.models.transformer import expert_d_ff_of
 
