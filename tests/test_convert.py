@@ -53,7 +53,9 @@ def test_import_matches_the_numpy_forward_and_export_gives_every_tensor_back(tmp
   for key, value in written.items():
     assert back[key].dtype == value.dtype, key
     assert back[key].tobytes() == value.tobytes(), key
-  assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == family
+  # An unchanged model writes back the original config.json, field for field.
+  original = json.loads((source / "config.json").read_text())
+  assert json.loads((tmp_path / "out" / "config.json").read_text()) == original
   index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
   assert set(index["weight_map"]) == set(written)
 
@@ -78,6 +80,41 @@ def test_a_model_trained_here_exports_in_float32_as_the_same_function(tmp_path):
   ours, _ = model(jnp.asarray([tokens], jnp.int32))
   expected = hf_reference.forward(hf, tensors, tokens)
   assert np.allclose(np.asarray(ours[0]), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_fine_tuned_import_exports_the_original_config_with_what_training_changed(tmp_path):
+  """Fields moejax does not model (token ids, context length, init range) survive an
+  import, a fine-tuning run started from it and the export; a changed setting is written."""
+  from moejax.convert import model_state
+
+  hf = hf_reference.tiny_config(
+    "qwen3_moe",
+    bos_token_id=7,
+    eos_token_id=8,
+    max_position_embeddings=4096,
+    router_aux_loss_coef=0.001,
+  )
+  hf["initializer_range"] = 0.02
+  source = tmp_path / "hf"
+  source.mkdir()
+  hf_reference.write_checkpoint(source, hf)
+  transfer.import_checkpoint(source, tmp_path / "import")
+  model, config = moejax.load(tmp_path / "import")
+  from flax import nnx
+
+  config.train.init_from = str(tmp_path / "import")  # a run fine-tuned from the import
+  config.model.lb_loss_weight *= 2  # what that run changed
+  tree = nnx.to_pure_dict(nnx.state(model))
+  model_state.save_model_run(tmp_path / "tuned", tree, config, "origin.json", "{}\n")
+  transfer.export_checkpoint(tmp_path / "tuned", tmp_path / "out")
+  out = json.loads((tmp_path / "out" / "config.json").read_text())
+  assert out["router_aux_loss_coef"] == pytest.approx(2 * hf["router_aux_loss_coef"])
+  assert out["initializer_range"] == 0.02 and out["max_position_embeddings"] == 4096
+  assert (out["bos_token_id"], out["eos_token_id"]) == (7, 8)
+  original = json.loads((source / "config.json").read_text())
+  assert {k: v for k, v in out.items() if k != "router_aux_loss_coef"} == {
+    k: v for k, v in original.items() if k != "router_aux_loss_coef"
+  }
 
 
 def test_the_rope_base_of_transformers_5s_config_layout(tmp_path):

@@ -21,6 +21,7 @@ back every tensor bit for bit.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from typing import Any
@@ -211,6 +212,44 @@ def import_record(workdir: epath.PathLike) -> dict[str, Any] | None:
   return json.loads(record_file.read_text()) if record_file.exists() else None
 
 
+def origin_record(workdir: epath.PathLike) -> dict[str, Any] | None:
+  """The import record of `workdir`, or of the run it was fine-tuned from
+  (`train.init_from`), followed back to the import; None for a model that never was one."""
+  path, seen = workdir_lib.resolve(workdir), set()
+  while str(path) not in seen:
+    seen.add(str(path))
+    record = import_record(path)
+    if record is not None:
+      return record
+    init_from = ((workdir_lib.read_config(path) or {}).get("train") or {}).get("init_from")
+    if not init_from:
+      return None
+    path = workdir_lib.resolve(init_from)
+  return None  # a cycle of init_from directories
+
+
+def _same_value(a: Any, b: Any) -> bool:
+  if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0) or a == b
+  return a == b
+
+
+def exported_config(
+  original: dict[str, Any], computed: dict[str, Any], *, keep_dtype: bool
+) -> dict[str, Any]:
+  """The original `config.json` with the fields moejax's model now gives another value
+  (`computed`, what training changed) replaced; every other original field is kept, and
+  fields the original lacks are not added. `torch_dtype` stays the original's when the
+  tensors keep their imported dtypes (`keep_dtype`)."""
+  out = dict(original)
+  for key, value in computed.items():
+    if key in out and not _same_value(out[key], value):
+      if key == "torch_dtype" and keep_dtype:
+        continue
+      out[key] = value
+  return out
+
+
 def infer_family(model: ml_collections.ConfigDict) -> families.Family:
   """The family a moejax model config is written as when none is named."""
   if model.attention != "gqa":  # the family of that attention kind
@@ -239,13 +278,17 @@ def export_checkpoint(
   """Writes the model of run `workdir` (its newest readable checkpoint, or `step`) as an
   HF-format checkpoint in `destination` (new or empty).
 
+  A model imported here, or fine-tuned from an import (`train.init_from`, followed back),
+  is written with its original `config.json`: every field is kept but those whose value
+  training changed (`exported_config`).
+
   `family`: the `model_type` to write (default: the imported one, else inferred from the
   config); `dtype`: float32, bfloat16 or float16 (default: each tensor's imported dtype,
   else float32). Returns a summary: family, tensors, bytes, files, seconds.
   """
   start = time.perf_counter()
   out = model_state.new_run_directory(destination, flag="--to")
-  record = import_record(workdir)
+  record = origin_record(workdir)
   if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"--dtype={dtype!r} must be one of float32, bfloat16, float16.")
   model, config, _ = load_model(workdir, step)
@@ -261,12 +304,10 @@ def export_checkpoint(
     key: np.dtype(DTYPES["BF16"]) if name == "bfloat16" else np.dtype(name)
     for key, name in (record["dtypes"].items() if same_family and dtype is None else ())
   }
-  hf = (
-    dict(record["config"])
-    if same_family
-    else families.hf_config(config.model, chosen, dtype or "float32")
-  )
   families.check_expressible(config.model, chosen)
+  hf = families.hf_config(config.model, chosen, dtype or "float32")
+  if same_family:
+    hf = exported_config(record["config"], hf, keep_dtype=dtype is None)
   plan = layout.pieces(config.model, chosen)
   state = flat(nnx.to_pure_dict(nnx.state(model)))
   leaves = {name: np.asarray(state[name]) for name in {piece.leaf for piece in plan}}
