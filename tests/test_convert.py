@@ -156,6 +156,25 @@ def test_what_moejax_cannot_compute_is_refused_in_one_line(tmp_path):
     transfer.import_checkpoint(tmp_path / "hf", tmp_path / "run")
 
 
+def test_an_index_naming_shards_outside_the_directory_is_refused(tmp_path):
+  """A hostile index must not splice in tensors from elsewhere on disk."""
+  import shutil
+
+  source = tmp_path / "hf"
+  source.mkdir()
+  hf_reference.write_checkpoint(source, hf_reference.tiny_config("mixtral"), shards=2)
+  index_file = source / "model.safetensors.index.json"
+  index = json.loads(index_file.read_text())
+  shard = sorted(set(index["weight_map"].values()))[0]
+  shutil.copy(source / shard, tmp_path / "elsewhere.safetensors")  # readable if followed
+  for name in ("../elsewhere.safetensors", str(tmp_path / "elsewhere.safetensors")):
+    key = next(iter(index["weight_map"]))
+    index_file.write_text(json.dumps({**index, "weight_map": {**index["weight_map"], key: name}}))
+    with pytest.raises(ValueError, match="shards must be file names inside"):
+      transfer.import_checkpoint(source, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_missing_or_unknown_tensor_writes_nothing(tmp_path):
   from safetensors.numpy import save_file
 

@@ -26,6 +26,17 @@ DTYPES = {
 }
 
 
+def _check_shard_name(directory, name: Any) -> None:
+  """A shard named by the index must be a file name inside `directory`: a path, `..` or an
+  absolute name would read tensors from elsewhere on disk."""
+  plain = isinstance(name, str) and name not in ("", ".", "..") and "/" not in name
+  if not plain or "\\" in name or name.startswith("~"):
+    raise ValueError(
+      f"--from={directory}: {INDEX_FILE} names the shard {name!r}; shards must be file names "
+      "inside the checkpoint directory."
+    )
+
+
 class CheckpointDir:
   """The tensors of an HF-format checkpoint directory, by name."""
 
@@ -42,6 +53,8 @@ class CheckpointDir:
     index = self.directory / INDEX_FILE
     if index.exists():
       self.files = dict(json.loads(index.read_text())["weight_map"])
+      for name in sorted(set(self.files.values())):
+        _check_shard_name(directory, name)
     else:
       self.files = {}
       for path in sorted(self.directory.glob("*.safetensors")):
