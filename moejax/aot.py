@@ -421,7 +421,10 @@ if __name__ == "__main__":
   from moejax.runtime import cli
 
   _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file, configs/NAME.py[:ARG].", lock_config=True
+    "config",
+    None,
+    "Experiment config file, configs/NAME.py[:ARG], or a run, import or upcycle directory (its saved config).",
+    lock_config=True,
   )
   _TOPOLOGY = flags.DEFINE_string(
     "topology",

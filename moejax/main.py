@@ -26,7 +26,10 @@ from moejax.config.flags import ConfigFlag
 from moejax.runtime import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Experiment config file, configs/NAME.py[:ARG].", lock_config=True
+  "config",
+  None,
+  "Experiment config file, configs/NAME.py[:ARG], or a run, import or upcycle directory (its saved config).",
+  lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string(
   "workdir", None, "Directory (or gs:// URI) for checkpoints and metrics."

@@ -117,6 +117,37 @@ def test_a_fine_tuned_import_exports_the_original_config_with_what_training_chan
   }
 
 
+def test_an_import_is_fine_tuned_with_its_directory_as_the_config(tmp_path):
+  """`--config=DIR` (or `DIR/config.json`) takes the saved config of a run, import or
+  upcycle directory: no config file is written to fine-tune an import."""
+  import subprocess
+  import sys
+
+  from moejax.config import load_config
+
+  source = tmp_path / "hf"
+  source.mkdir()
+  hf_reference.write_checkpoint(source, hf_reference.tiny_config("qwen3_moe"))
+  transfer.import_checkpoint(source, tmp_path / "import")
+  _, saved = moejax.load(tmp_path / "import")
+  for spec in (tmp_path / "import", tmp_path / "import" / "config.json"):
+    config = load_config(str(spec), {"train.init_from": str(tmp_path / "import")})
+    assert config.model == saved.model and config.train.init_from == str(tmp_path / "import")
+  result = subprocess.run(
+    [
+      sys.executable, "-m", "moejax.main", f"--config={tmp_path / 'import'}",
+      f"--workdir={tmp_path / 'ft'}", f"--config.train.init_from={tmp_path / 'import'}",
+      "--config.train.num_steps=7", "--config.train.warmup_steps=2", "--dry_run",
+    ],
+    capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f"the model of {tmp_path / 'import'} at step 0" in result.stdout
+  assert "7 steps" in result.stdout and not (tmp_path / "ft").exists()
+  with pytest.raises(FileNotFoundError, match="directory without config.json"):
+    load_config(str(tmp_path))
+
+
 def test_the_rope_base_of_transformers_5s_config_layout(tmp_path):
   """transformers 5 saves RoPE's base as `rope_parameters.rope_theta`, with no top-level
   `rope_theta`: read as 1e6 (not the 10000 default), the logits match the forward pass."""

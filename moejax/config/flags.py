@@ -23,14 +23,13 @@ class ConfigFlag:
     """`args` with the flag's file resolved; raises a one-line error for a missing file, a
     failing `get_config` or an unknown override key (with a "did you mean")."""
     from moejax.config import text as config_text
-    from moejax.config.load import config_file, load_config
+    from moejax.config.load import load_config, resolve_spec
 
     found = flag_value(args, self.name)
     if found is None:
       return args  # absl reports the missing required flag
     index, spec = found
-    path, sep, arg = spec.partition(":")
-    resolved = config_file(path) + sep + arg
+    resolved = resolve_spec(spec)
     try:
       config = load_config(resolved)
     except Exception as error:  # inside the config file's get_config
