@@ -3,8 +3,9 @@ checked, how it is built, its parameter and FLOP counts, its shape at the `cpu`/
 scale, and its tensors and keys in HF's on-disk format. Each kind's module defines one
 `AttentionKind`; `moejax.layers.attention_kinds.KINDS` registers them.
 
-Every kind is called as `attention(x [batch, seq, d_model], positions [batch, seq],
-segment_ids=None, cache=None, cache_index=None) -> ([batch, seq, d_model], cache)`.
+Every kind's layer is called as `attention(x [batch, seq, d_model], positions ([seq] or
+[batch, seq]), cache=None, segment_ids=None) -> ([batch, seq, d_model], cache)` and makes
+its empty cache with `init_cache(batch, max_len, dtype)` (`CausalSelfAttention`).
 """
 
 from __future__ import annotations
