@@ -1,11 +1,10 @@
-"""The ablation runner without training (`experiments/ablations/`): every ablation's arms
-meet their constraints, accounting matches a count by hand, a broken arm list is refused,
-the learning-rate sweep picks the rate a hand-made loss surface says, the contrasts,
-verdicts and convergence check of summary.md match a hand calculation, the cpu preset
-evaluates the whole validation split, and the pod preset prints reproducing commands.
-
-Training is replaced by `FakeTraining`, which writes the metrics.jsonl a run would, from
-losses chosen here; the real training runs in tests/test_ablations.py."""
+"""The ablation runner (`experiments/runner/`) without training: every ablation's arms meet
+their constraints, accounting matches a count by hand, a broken arm list is refused, the
+learning-rate sweep picks the rate a hand-made loss surface says, the contrasts, verdicts
+and convergence check of summary.md match a hand calculation, the cpu preset evaluates the
+whole validation split, and the pod preset prints reproducing commands. Training is
+replaced by `FakeTraining`, which writes the metrics.jsonl a run would, from losses chosen
+here; the real training runs in tests/test_ablations.py."""
 
 import copy
 import csv
