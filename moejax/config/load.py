@@ -13,7 +13,7 @@ from typing import Any
 import ml_collections
 
 from moejax.config.defaults import base_config
-from moejax.config.text import check_key, flatten, from_saved
+from moejax.config.text import check_key, flatten
 from moejax.runtime.cli import did_you_mean
 
 CONFIGS_PACKAGE = "moejax.configs"  # the repository's `configs/`, installed with the package
@@ -56,7 +56,7 @@ def run_directory(spec: str) -> str | None:
 
 def saved_run_config(directory: str) -> ml_collections.ConfigDict:
   """The config a run, import or upcycle directory saved in its `config.json`, with keys
-  added to moejax since then at their defaults (`config.text.from_saved`)."""
+  added to moejax since then at their defaults."""
   file = os.path.join(directory, "config.json")
   if not os.path.isfile(file):
     raise FileNotFoundError(
@@ -68,14 +68,15 @@ def saved_run_config(directory: str) -> ml_collections.ConfigDict:
       saved = json.load(f)
     except json.JSONDecodeError as error:
       raise ValueError(f"{file} is not valid JSON ({error}).") from None
-  return _typed(from_saved(saved))
+  return _typed(saved)
 
 
-def _typed(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`config`'s values set on `base_config()`, so each field keeps its declared type (a key
-  saved as null stays overridable from the command line as its placeholder's type)."""
+def _typed(saved: dict[str, Any]) -> ml_collections.ConfigDict:
+  """The `saved` values set on `base_config()`: keys added since keep their defaults (as
+  `config.text.from_saved` does), and each field keeps its declared type (a key saved as
+  null stays overridable from the command line as its placeholder's type)."""
   out = base_config()
-  for key, value in flatten(config).items():
+  for key, value in flatten(saved).items():
     *parents, leaf = key.split(".")
     node = out
     for part in parents:
