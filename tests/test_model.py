@@ -314,12 +314,14 @@ def test_unrolled_layers_compute_what_the_scanned_loop_computes():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_recomputed_layers_give_the_gradients_of_stored_ones():
-  """`model.remat` changes what the backward pass keeps, never what it computes."""
+@pytest.mark.parametrize("remat", ["full", "attention_ffn", "offload_ffn"])
+def test_recomputed_layers_give_the_gradients_of_stored_ones(remat):
+  """`model.remat` changes what the backward pass keeps (or, offloading, where it keeps
+  it), never what it computes."""
   config = tiny_config(**MOE, router_jitter=0.1)  # 2 MoE layers, scanned
   grads = lambda model: nnx.grad(lambda m: jnp.mean(m(tokens())[0] ** 2))(model)
   stored = grads(TransformerLM(config, rngs=nnx.Rngs(0)))
-  config.remat = "full"
+  config.remat = remat
   recomputed = grads(TransformerLM(config, rngs=nnx.Rngs(0)))
   for a, b in zip(jax.tree.leaves(stored), jax.tree.leaves(recomputed), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)  # XLA fuses the two otherwise

@@ -14,11 +14,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from moejax.layers.attention_kind import AttentionKind, HfTensor, Require
 from moejax.layers.document_mask import check_segments, self_attention_mask
 from moejax.layers.ffn import on_rows
 from moejax.layers.norms import RMSNorm
+from moejax.layers.saved_names import ATTENTION_CONTEXT, ATTENTION_OUT, ATTENTION_QKV
 from moejax.parallel.sharding import logical
 
 # One layer's KV cache: {'k': [batch, max_len, num_kv_heads, head_dim], 'v': same}.
@@ -175,6 +177,7 @@ class CausalSelfAttention(nnx.Module):
     check_segments(x, positions, segment_ids, cache)
     batch, seq, _ = x.shape
     q, k, v = on_rows(self.q_proj, x), on_rows(self.k_proj, x), on_rows(self.v_proj, x)
+    q, k, v = (checkpoint_name(a, ATTENTION_QKV) for a in (q, k, v))
     if self.qk_norm == "full":
       q, k = self.q_norm(q), self.k_norm(k)
     q = q.reshape(batch, seq, self.num_heads, self.head_dim)
@@ -194,7 +197,10 @@ class CausalSelfAttention(nnx.Module):
       key_positions = jnp.arange(k.shape[1], dtype=jnp.int32)
       mask = key_positions[None, :] <= positions[:, None]  # [seq, kv_len]
     out = grouped_query_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-    return on_rows(self.o_proj, out.reshape(batch, seq, self.num_heads * self.head_dim)), cache
+    out = checkpoint_name(
+      out.reshape(batch, seq, self.num_heads * self.head_dim), ATTENTION_CONTEXT
+    )
+    return checkpoint_name(on_rows(self.o_proj, out), ATTENTION_OUT), cache
 
   def init_cache(self, batch: int, max_len: int, dtype) -> LayerCache:
     """An empty cache: `{'k', 'v'}`, each `[batch, max_len, kv_heads, head_dim]` zeros."""

@@ -6,11 +6,15 @@ Improve Transformer") use three matrices (gate, up, down); the others two (in, o
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from moejax.layers.activations import check_activation, hidden_activation, is_gated
+from moejax.layers.saved_names import FFN_IN, FFN_OUT, FFN_PRE
 from moejax.parallel.sharding import logical
 
 
@@ -25,6 +29,43 @@ def on_rows(fn, x: jax.Array) -> jax.Array:
   """
   rows = fn(x.reshape(-1, x.shape[-1]))
   return rows.reshape(*x.shape[:-1], rows.shape[-1])
+
+
+Matmul = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def ffn_core(
+  activation: str,
+  x: jax.Array,
+  w_in: jax.Array,
+  w_gate: jax.Array | None,
+  w_out: jax.Array,
+  *,
+  matmul: Matmul = jnp.matmul,
+  keep: jax.Array | None = None,
+) -> jax.Array:
+  """`act(x·W_in, x·W_gate) · keep · W_out`, every FFN's arithmetic (dense, shared and
+  routed experts), with its activations named for the remat policies
+  (`moejax.layers.saved_names`: `FFN_IN`, `FFN_PRE`, `FFN_OUT`).
+
+  Args:
+    x: the rows, `[..., d_model]` in the layout `matmul` takes.
+    w_in, w_gate, w_out: the weights `matmul` multiplies them by; `w_gate` None for an
+      ungated activation.
+    matmul: `(rows, weight) -> product`: `jnp.matmul` for `[rows, d]` by `[d, f]`, a
+      batched einsum for per-expert buffers, a grouped matmul for rows sorted by expert.
+    keep: None, or expert dropout's scaling of the hidden units (`[..., d_ff]`).
+
+  Returns:
+    `[..., d_model]`.
+  """
+  x = checkpoint_name(x, FFN_IN)
+  pre = checkpoint_name(matmul(x, w_in), FFN_PRE)
+  gate_pre = None if w_gate is None else checkpoint_name(matmul(x, w_gate), FFN_PRE)
+  hidden = hidden_activation(activation, pre, gate_pre)
+  if keep is not None:
+    hidden = hidden * keep
+  return checkpoint_name(matmul(hidden, w_out), FFN_OUT)
 
 
 class FeedForward(nnx.Module):
@@ -59,6 +100,5 @@ class FeedForward(nnx.Module):
     return on_rows(self._rows, x.astype(self.dtype))
 
   def _rows(self, x: jax.Array) -> jax.Array:
-    pre = x @ self.w_in[...].astype(self.dtype)
-    gate_pre = None if self.w_gate is None else x @ self.w_gate[...].astype(self.dtype)
-    return hidden_activation(self.activation, pre, gate_pre) @ self.w_out[...].astype(self.dtype)
+    cast = lambda w: None if w is None else w[...].astype(self.dtype)
+    return ffn_core(self.activation, x, cast(self.w_in), cast(self.w_gate), cast(self.w_out))

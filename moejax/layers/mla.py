@@ -60,12 +60,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from moejax.layers.attention import apply_rope, qk_norm_mode
 from moejax.layers.attention_kind import AttentionKind, HfTensor, Require
 from moejax.layers.document_mask import check_segments, self_attention_mask
 from moejax.layers.ffn import on_rows
 from moejax.layers.norms import RMSNorm
+from moejax.layers.saved_names import ATTENTION_CONTEXT, ATTENTION_OUT, ATTENTION_QKV
 from moejax.parallel.sharding import logical
 
 # One MLA layer's cache: {'latent': [batch, max_len, kv_lora_rank],
@@ -221,12 +223,14 @@ class MultiHeadLatentAttention(nnx.Module):
     if self.q_proj is not None:
       q = on_rows(self.q_proj, x)
     else:
-      q = on_rows(self.q_up, self.q_norm(on_rows(self.q_down, x)))
-    q = q.reshape(batch, seq, heads, nope + rope)
+      q_latent = checkpoint_name(on_rows(self.q_down, x), ATTENTION_QKV)
+      q = on_rows(self.q_up, self.q_norm(q_latent))
+    q = checkpoint_name(q, ATTENTION_QKV).reshape(batch, seq, heads, nope + rope)
     q_nope = q[..., :nope]
     q_rope = apply_rope(q[..., nope:], positions, self.rope_base)  # [b, s, H, rope]
-    latent = self.kv_norm(on_rows(self.kv_down, x))  # [b, s, kv_lora]
-    k_rope = apply_rope(on_rows(self.k_rope, x)[:, :, None, :], positions, self.rope_base)
+    latent = self.kv_norm(checkpoint_name(on_rows(self.kv_down, x), ATTENTION_QKV))
+    k_rope = checkpoint_name(on_rows(self.k_rope, x), ATTENTION_QKV)  # [b, s, rope]
+    k_rope = apply_rope(k_rope[:, :, None, :], positions, self.rope_base)
     k_rope = k_rope[:, :, 0, :]  # [b, s, rope]
 
     if cache is None:
@@ -247,7 +251,8 @@ class MultiHeadLatentAttention(nnx.Module):
         q_nope, q_rope, latent.astype(self.dtype), k_rope.astype(self.dtype), mask
       )
     out = out.reshape(batch, seq, heads * self.v_head_dim).astype(self.dtype)
-    return on_rows(self.o_proj, out), cache
+    out = checkpoint_name(out, ATTENTION_CONTEXT)
+    return checkpoint_name(on_rows(self.o_proj, out), ATTENTION_OUT), cache
 
   def _kv_up_kernel(self) -> tuple[jax.Array, jax.Array]:
     """W^UK `[kv_lora, H, nope]` and W^UV `[kv_lora, H, v]` from kv_up's kernel."""
@@ -263,6 +268,7 @@ class MultiHeadLatentAttention(nnx.Module):
     kv = on_rows(self.kv_up, latent).reshape(
       batch, kv_len, self.num_heads, self.qk_nope_head_dim + self.v_head_dim
     )
+    kv = checkpoint_name(kv, ATTENTION_QKV)
     k_nope, v = kv[..., : self.qk_nope_head_dim], kv[..., self.qk_nope_head_dim :]
     scores = jnp.einsum("bqhd,bthd->bhqt", q_nope, k_nope, preferred_element_type=jnp.float32)
     scores += jnp.einsum("bqhr,btr->bhqt", q_rope, k_rope, preferred_element_type=jnp.float32)

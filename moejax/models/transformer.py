@@ -50,6 +50,7 @@ from moejax.layers.document_mask import check_documents
 from moejax.layers.dropout import ResidualDropout, draws_randomness
 from moejax.layers.ffn import FeedForward, on_rows
 from moejax.layers.norms import RMSNorm
+from moejax.models.remat import POLICIES, checkpointed
 from moejax.moe import MoeConfig, MoeLayer
 from moejax.moe.aggregate import aggregate_aux
 from moejax.parallel.sharding import logical, on_batch_axes
@@ -95,16 +96,6 @@ def expert_d_ff_of(config: ml_collections.ConfigDict) -> int:
   return config.expert_d_ff if config.expert_d_ff is not None else config.d_ff
 
 
-# What the backward pass keeps of each scanned period (`model.remat`, activation
-# checkpointing, Chen et al. 2016): everything ('none'); only the period's input, the rest
-# recomputed ('full'); the outputs of matmuls without batch dimensions ('dots').
-REMAT_POLICIES = {
-  "none": None,
-  "full": jax.checkpoint_policies.nothing_saveable,
-  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises a one-line ValueError naming the first bad key of a model config.
 
@@ -122,8 +113,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       f"{key} must be a positive int, got {config[key]!r}",
     )
   require(
-    config.remat in REMAT_POLICIES,
-    f"remat must be one of {tuple(REMAT_POLICIES)}, got {config.remat!r}",
+    config.remat in POLICIES,
+    f"remat must be one of {tuple(POLICIES)}, got {config.remat!r}",
   )
   if config.attention not in KINDS:
     require(False, f"attention must be one of {tuple(KINDS)}, got {config.attention!r}")
@@ -280,8 +271,7 @@ class LayerStack(nnx.Module):
       x, auxes, cache = period(x, positions, cache, segment_ids)
       return x, (auxes, cache, nnx.state(period, nnx.Not(nnx.Param)) if random else None)
 
-    if self.remat != "none":
-      step = jax.checkpoint(step, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+    step = checkpointed(step, self.remat)
     x, (auxes, cache, rest) = jax.lax.scan(step, x, (params, rest, cache), unroll=self.unroll)
     if random:
       nnx.update(self.period, rest)

@@ -21,8 +21,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
-from moejax.layers.activations import check_activation, hidden_activation, is_gated
+from moejax.layers.activations import check_activation, is_gated
+from moejax.layers.ffn import ffn_core
+from moejax.layers.saved_names import FFN_IN, FFN_OUT
 from moejax.moe import block_ffn
 from moejax.parallel.sharding import logical
 
@@ -109,19 +112,18 @@ def capacity_ffn(
     None if dropout is None else dropout.keep_scale((num_experts, rows, w_in.shape[-1]), x.dtype)
   )
   if impl == "block_loop":  # each expert's buffer is one matmul
-    return block_ffn.capacity_ffn(activation, x, keep, w_in, w_gate, w_out)
+    x = checkpoint_name(x, FFN_IN)  # a policy keeps its rows and output, not its residuals
+    return checkpoint_name(
+      block_ffn.capacity_ffn(activation, x, keep, w_in, w_gate, w_out), FFN_OUT
+    )
   return batched_ffn(activation, x, w_in, w_gate, w_out, keep)
 
 
 def batched_ffn(activation, x, w_in, w_gate, w_out, keep=None) -> jax.Array:
   """`x` `[experts, rows, d_model]` through each expert's FFN as one batched einsum per
   weight; `keep` `[experts, rows, d_ff]` dropout scaling or None."""
-  pre = jnp.einsum("ecd,edf->ecf", x, w_in)
-  gate_pre = None if w_gate is None else jnp.einsum("ecd,edf->ecf", x, w_gate)
-  hidden = hidden_activation(activation, pre, gate_pre)
-  if keep is not None:
-    hidden = hidden * keep
-  return jnp.einsum("ecf,efd->ecd", hidden, w_out)
+  batched = lambda rows, w: jnp.einsum("ecd,edf->ecf", rows, w)
+  return ffn_core(activation, x, w_in, w_gate, w_out, matmul=batched, keep=keep)
 
 
 def grouped_ffn(
@@ -139,12 +141,10 @@ def grouped_ffn(
   keep = None if dropout is None else dropout.keep_scale((x.shape[0], w_in.shape[-1]), x.dtype)
   if impl == "block_loop":
     block = block_ffn.block_size(x.shape[0], group_sizes.shape[0])
-    return block_ffn.ffn(activation, x, group_sizes, keep, w_in, w_gate, w_out, block=block)
-  pre = jax.lax.ragged_dot(x, w_in, group_sizes)
-  gate_pre = None if w_gate is None else jax.lax.ragged_dot(x, w_gate, group_sizes)
-  hidden = hidden_activation(activation, pre, gate_pre)
-  if keep is not None:
-    hidden = hidden * keep
-  out = jax.lax.ragged_dot(hidden, w_out, group_sizes)
+    x = checkpoint_name(x, FFN_IN)  # a policy keeps its rows and output, not its residuals
+    out = block_ffn.ffn(activation, x, group_sizes, keep, w_in, w_gate, w_out, block=block)
+    return checkpoint_name(out, FFN_OUT)
+  grouped = lambda rows, w: jax.lax.ragged_dot(rows, w, group_sizes)
+  out = ffn_core(activation, x, w_in, w_gate, w_out, matmul=grouped, keep=keep)
   in_group = jnp.arange(x.shape[0]) < jnp.sum(group_sizes)
   return jnp.where(in_group[:, None], out, 0)
