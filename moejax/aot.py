@@ -8,9 +8,9 @@ JAX can compile for a TPU topology it does not have: with the `libtpu` wheel ins
 devices of a slice, and the train step (`moejax.training.train.jit_train_step`, the function
 `moejax.main` runs) is lowered and compiled for them from abstract shapes. Nothing is
 allocated and no TPU is needed. XLA then reports, per device: the bytes of the
-arguments, outputs and temporaries (`compiled.memory_analysis()`), the FLOPs
-(`compiled.cost_analysis()`, which counts a loop's body once), and the collectives of the
-partitioned program (`moejax.parallel.hlo.collectives`, which counts a loop's body as often as it
+arguments, outputs and temporaries (`compiled.memory_analysis()`), its FLOPs
+(`compiled.cost_analysis()`, which counts a loop's body once: reported, not used), and
+the collectives of the partitioned program (`moejax.parallel.hlo.collectives`, which counts a loop's body as often as it
 runs; the later rounds of a dropless exchange, which run only when a skewed router
 overfills a receive buffer, are counted apart: `collectives_per_extra_round`).
 
@@ -19,8 +19,10 @@ without `--topology` the config's own `hardware.topology` is used. The numbers o
 slice are the chip's published specification (`CHIPS`).
 
 The roofline is a lower bound on the step time: the larger of the compute time at the
-chip's peak bf16 rate (the program's FLOPs: XLA's count, or the model's own arithmetic
-with the recomputed forward pass when that is more) and the time to send the
+chip's peak bf16 rate (the model's arithmetic, plus the matmuls the remat policy
+recomputes, counted from the traced step's jaxpr against the same step keeping
+everything, `moejax.parallel.program_flops`; shared evenly by the devices) and the time to
+send the
 collectives' bytes at the chip's ICI bandwidth in one direction (half the bidirectional
 figure), as if nothing overlapped them. The MFU it implies is the model FLOPs (6 · active
 matmul parameters · tokens plus attention, `moejax.models.flops`) over that time at peak: an
@@ -59,7 +61,7 @@ from flax import nnx
 
 from moejax import data as data_lib
 from moejax.models import flops
-from moejax.parallel import hlo, sharding
+from moejax.parallel import hlo, program_flops, sharding
 from moejax.training.run_plan import check_mesh
 from moejax.training.steps import build, make_steps
 from moejax.training.train import jit_train_step, no_nonfinite_tally
@@ -75,7 +77,9 @@ class Chip:
 
   `cores_per_chip`: TensorCores per chip, which gcloud's `vN-COUNT` names count for v4
   and v5p (for v5e and v6e COUNT is chips). `ici_bytes_per_second`: bidirectional
-  inter-chip bandwidth per chip. `dims`: the torus's dimensions.
+  inter-chip bandwidth per chip. `dims`: the torus's dimensions. `dcn_bytes_per_second`:
+  the data-center network's bandwidth per chip, between slices; None where the page
+  publishes none (multi-slice reports are refused there).
   """
 
   hbm_bytes: int
@@ -83,6 +87,7 @@ class Chip:
   ici_bytes_per_second: float
   cores_per_chip: int
   dims: int
+  dcn_bytes_per_second: float | None = None
 
 
 CHIPS = {
@@ -90,10 +95,11 @@ CHIPS = {
   # all-reduce bandwidth per pod (1.1 PB/s over 4096 chips) doubled, the ratio the v5e
   # page's own figures show (51.2 TB/s over 256 chips vs 400 GB/s per chip).
   "v4": Chip(32 * GIB, 275e12, 2 * 1.1e15 / 4096, 2, 3),
-  # v5e: 197 TFLOP/s, 16 GB, 400 GB/s ICI.
-  "v5e": Chip(16 * 10**9, 197e12, 400e9, 1, 2),
-  # v5p: 459 TFLOP/s, 95 GiB, 1200 GB/s ICI.
-  "v5p": Chip(95 * GIB, 459e12, 1200e9, 2, 3),
+  # v5e: 197 TFLOP/s, 16 GB, 400 GB/s ICI; DCN 6.4 Tb/s per 256-chip pod (two 100 Gb/s
+  # NICs per 8-chip host): 25 Gb/s per chip.
+  "v5e": Chip(16 * 10**9, 197e12, 400e9, 1, 2, 6.4e12 / 8 / 256),
+  # v5p: 459 TFLOP/s, 95 GiB, 1200 GB/s ICI, 50 Gb/s DCN per chip.
+  "v5p": Chip(95 * GIB, 459e12, 1200e9, 2, 3, 50e9 / 8),
   # v6e: 918 TFLOP/s, 32 GB, 800 GB/s ICI.
   "v6e": Chip(32 * 10**9, 918e12, 800e9, 1, 2),
 }
@@ -133,14 +139,18 @@ def has_libtpu() -> bool:
   return importlib.util.find_spec("libtpu") is not None
 
 
-def slice_devices(topology_name: str) -> list[jax.Device]:
-  """The devices of a TPU topology (`'v5e:2x2'`), from libtpu, on any host. Without
-  libtpu, a one-line ValueError (a wrong command: exit 2) gives the install line."""
+def slice_devices(topology_name: str, num_slices: int = 1) -> list[jax.Device]:
+  """The devices of `num_slices` TPU slices of a topology (`'v5e:2x2'`), from libtpu, on
+  any host (each device knows its `slice_index`). Without libtpu, a one-line ValueError
+  (a wrong command: exit 2) gives the install line."""
   if not has_libtpu():
     raise ValueError(f"compiling for a TPU slice needs libtpu: {INSTALL_LINE}")
   from jax.experimental import topologies
 
-  return list(topologies.get_topology_desc(platform="tpu", topology_name=topology_name).devices)
+  topology = topologies.get_topology_desc(
+    platform="tpu", topology_name=topology_name, num_slices=num_slices
+  )
+  return list(topology.devices)
 
 
 def abstract_train_inputs(config: ml_collections.ConfigDict, mesh):
@@ -170,21 +180,44 @@ def abstract_train_inputs(config: ml_collections.ConfigDict, mesh):
 def slice_mesh(config: ml_collections.ConfigDict, devices) -> jax.sharding.Mesh:
   """The mesh of `config.mesh` over `devices`, checked against the model and batch (a
   one-line ValueError when it does not fit them)."""
-  return check_mesh(sharding.make_mesh(config.mesh, devices), config)
+  return check_mesh(
+    sharding.make_mesh(config.mesh, devices, num_slices=config.hardware.num_slices), config
+  )
+
+
+def trace_train_step(config: ml_collections.ConfigDict, mesh) -> jax.stages.Traced:
+  """The train step of `config` on `mesh`, traced from abstract inputs (not lowered)."""
+  graphdef, shardings, arguments = abstract_train_inputs(config, mesh)
+  train_step, _ = make_steps(graphdef, config.model)
+  return jit_train_step(train_step, mesh, shardings).trace(*arguments)
+
+
+def recomputed_flops(config: ml_collections.ConfigDict, mesh, matmul_flops: float) -> float:
+  """The matmul FLOPs per step that `config.model.remat` recomputes: the step's count
+  (`matmul_flops`) less that of the same step keeping everything (`remat='none'`, traced
+  only). The grouped expert matmuls count their whole buffers, so a policy that
+  recomputes a dropless FFN is charged its padding too."""
+  if config.model.remat == "none":
+    return 0.0
+  stored = config.copy_and_resolve_references()
+  stored.model.remat = "none"
+  return matmul_flops - program_flops.matmul_flops(trace_train_step(stored, mesh).jaxpr)
 
 
 def compile_train_step(config: ml_collections.ConfigDict, mesh) -> tuple[Any, dict]:
   """Lowers and compiles the train step of `config` on `mesh`.
 
-  Returns (compiled, `{'lower_seconds', 'compile_seconds'}`). The model is built on that
+  Returns (compiled, `{'lower_seconds', 'compile_seconds', 'matmul_flops'}`), the last
+  the step's matmul FLOPs over all devices, counted from its jaxpr
+  (`moejax.parallel.program_flops`). The model is built on that
   mesh, so its MoE forms are the ones for the devices' platform (a TPU mesh gets the TPU
   program on any host). XLA:TPU refuses to compile a program whose temporaries exceed
   HBM: `OutOfMemory` then says how much it needed.
   """
   start = time.perf_counter()
-  graphdef, shardings, arguments = abstract_train_inputs(config, mesh)
-  train_step, _ = make_steps(graphdef, config.model)
-  lowered = jit_train_step(train_step, mesh, shardings).lower(*arguments)
+  traced = trace_train_step(config, mesh)
+  matmul_flops = program_flops.matmul_flops(traced.jaxpr)
+  lowered = traced.lower()
   lowered_at = time.perf_counter()
   try:
     compiled = lowered.compile()
@@ -196,6 +229,7 @@ def compile_train_step(config: ml_collections.ConfigDict, mesh) -> tuple[Any, di
   timings = {
     "lower_seconds": lowered_at - start,
     "compile_seconds": time.perf_counter() - lowered_at,
+    "matmul_flops": matmul_flops,
   }
   return compiled, timings
 
@@ -248,18 +282,27 @@ def report(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
   costs per device (the keys of the module docstring's `--json`)."""
   generation, topology_name = parse_slice(topology)
   chip = CHIPS[generation]
-  devices = slice_devices(topology_name)
+  num_slices = config.hardware.num_slices
+  if num_slices > 1 and chip.dcn_bytes_per_second is None:
+    raise ValueError(
+      f"hardware.num_slices={num_slices}: no published DCN bandwidth for {generation} "
+      f"(multi-slice reports: {', '.join(g for g, c in CHIPS.items() if c.dcn_bytes_per_second)})."
+    )
+  devices = slice_devices(topology_name, num_slices)
   mesh = slice_mesh(config, devices)
-  devices_per_chip = max(1, len(devices) // num_chips(topology_name))  # v4: one per core
+  chips = num_chips(topology_name) * num_slices
+  devices_per_chip = max(1, len(devices) // chips)  # v4: one per core
   hbm = chip.hbm_bytes // devices_per_chip
   state_bytes = state_bytes_per_device(config, mesh)
   params = flops.count_params(config.model)
   result = {
     "topology": topology_name,
+    "num_slices": num_slices,
     "num_devices": len(devices),
     "device_kind": devices[0].device_kind,
     "mesh": dict(zip(mesh.axis_names, (int(s) for s in mesh.axis_sizes), strict=True)),
     "dtype": config.model.dtype,
+    "remat": config.model.remat,
     "tokens_per_step": config.train.batch_size * config.train.seq_len,
     "hbm_bytes": int(hbm),
     "param_count": int(params["total"]),
@@ -300,29 +343,39 @@ def report(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
     "temporaries": int(memory.temp_size_in_bytes),
     "aliased": int(memory.alias_size_in_bytes),
   }
+  # What a policy offloads (`model.remat='offload_ffn'`) lives in host memory, not HBM.
+  host_bytes = int(getattr(memory, "host_temp_size_in_bytes", 0))
   # Donated state is both an argument and an output: count it once.
   used["total"] = used["arguments"] + used["outputs"] - used["aliased"] + used["temporaries"]
   flops_per_device = float(cost.get("flops", 0.0))
   model_flops = result["model_flops"]
   # XLA's cost analysis counts a loop's body once, so for scanned layers its FLOPs fall
-  # short: the compute bound takes the larger of it and the model's own arithmetic, with
-  # the forward pass done twice when every period is recomputed (`model.remat='full'`).
-  recompute = 4 / 3 if config.model.remat == "full" else 1.0
-  program_flops = max(flops_per_device, model_flops * recompute / len(devices))
-  collective_bytes = sum(c["bytes"] for c in collectives.values())
+  # short. The compute bound is the model's arithmetic plus what the remat policy
+  # recomputes, counted from the traced programs.
+  recomputed = recomputed_flops(config, mesh, timings["matmul_flops"])
+  program_flops = (model_flops + recomputed) / len(devices)
+  # Between slices, over the data-center network: the multi-slice runtime's transfers.
+  dcn = {op: c for op, c in collectives.items() if op.startswith(hlo.DCN_PREFIX)}
+  dcn_bytes = sum(c["bytes"] for c in dcn.values())
+  ici_bytes = sum(c["bytes"] for c in collectives.values()) - dcn_bytes
   per_device_peak = chip.peak_bf16_flops / devices_per_chip
   bounds = {
     "compute": program_flops / per_device_peak,
-    "ici": collective_bytes / (chip.ici_bytes_per_second / 2 / devices_per_chip),
+    "ici": ici_bytes / (chip.ici_bytes_per_second / 2 / devices_per_chip),
   }
+  if num_slices > 1:
+    bounds["dcn"] = dcn_bytes / (chip.dcn_bytes_per_second / devices_per_chip)
   step_seconds = max(bounds.values())
   return result | {
     "bytes_per_device": used,
     "fits": used["total"] <= hbm,
     "margin_bytes": int(hbm - used["total"]),
+    "host_bytes_per_device": host_bytes,
     "collectives": collectives,
     "collectives_per_extra_round": per_extra_round,
+    "dcn_collectives": dcn,
     "flops_per_device": flops_per_device,
+    "recomputed_flops": recomputed,
     "program_flops_per_device": program_flops,
     "roofline_seconds": bounds,
     "roofline_bottleneck": max(bounds, key=bounds.get),
@@ -343,9 +396,10 @@ def format_report(result: dict[str, Any]) -> str:
   gib = lambda b: f"{b / GIB:.2f} GiB"
   used = result["bytes_per_device"]
   mesh = ", ".join(f"{k}={v}" for k, v in result["mesh"].items())
+  slices = f"{result['num_slices']} x " if result.get("num_slices", 1) > 1 else ""
   lines = [
-    f"{result['topology']}: {result['num_devices']} x {result['device_kind']}; mesh {mesh}; "
-    f"{result['dtype']}; {result['tokens_per_step']:,} tokens per step",
+    f"{slices}{result['topology']}: {result['num_devices']} x {result['device_kind']}; mesh {mesh}; "
+    f"{result['dtype']}, remat {result['remat']}; {result['tokens_per_step']:,} tokens per step",
     f"state per device: parameters {gib(result['param_bytes_per_device'])}, optimizer "
     f"{gib(result['optimizer_bytes_per_device'])} ({result['param_count']:,} parameters, "
     f"{result['active_param_count']:,} active per token)",
@@ -370,6 +424,16 @@ def format_report(result: dict[str, Any]) -> str:
       or "none"
     ),
   ]
+  if result.get("num_slices", 1) > 1:
+    lines.append(
+      f"of which across the {result['num_slices']} slices (DCN): "
+      + (
+        ", ".join(
+          f"{op} {c['count']}x {gib(c['bytes'])}" for op, c in result["dcn_collectives"].items()
+        )
+        or "none"
+      )
+    )
   if result.get("collectives_per_extra_round"):
     lines.append(
       "each further dropless exchange round (under a skewed router) adds: "
@@ -380,8 +444,10 @@ def format_report(result: dict[str, Any]) -> str:
     )
   lines += [
     f"FLOPs per device per step: {result['flops_per_device']:.3e} (XLA, loop bodies once), "
-    f"{result['program_flops_per_device']:.3e} (program); model FLOPs per step "
-    f"{result['model_flops']:.3e} (6·N_active·tokens + attention)",
+    f"{result['program_flops_per_device']:.3e} (the model's, plus "
+    f"{result['recomputed_flops'] / result['num_devices']:.3e} recomputed by remat "
+    f"{result['remat']}); model FLOPs per step {result['model_flops']:.3e} "
+    "(6·N_active·tokens + attention)",
     "roofline per step: "
     + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in result["roofline_seconds"].items())
     + f" -> at least {result['roofline_step_seconds'] * 1e3:.1f} ms "
@@ -400,6 +466,8 @@ def main(argv) -> None:
       "--topology is required: the config names no slice (config.hardware.topology); "
       f"allowed: {', '.join(f'{g}-N' for g in CHIPS)}."
     )
+  if _NUM_SLICES.value is not None:
+    config.hardware.num_slices = _NUM_SLICES.value
   result = report(config, topology)
   print(format_report(result))
   if _JSON.value:
@@ -433,5 +501,12 @@ if __name__ == "__main__":
     "default: the config's hardware.topology.",
   )
   _JSON = flags.DEFINE_string("json", None, "Also write the report as one JSON object here.")
+  _NUM_SLICES = flags.DEFINE_integer(
+    "num_slices",
+    None,
+    "Slices of --topology joined by the data-center network (mesh.dcn_data x "
+    "mesh.dcn_fsdp of them); default: the config's hardware.num_slices.",
+    lower_bound=1,
+  )
   flags.mark_flag_as_required("config")
   cli.run(main, config_flag=ConfigFlag("config"))

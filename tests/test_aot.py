@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from experiments import pod_table
 from moejax import aot
 from moejax.config import load_config
 from moejax.models.transformer import moe_layer_indices
@@ -123,6 +124,51 @@ def test_report_on_v5e_4():
   extra = result["collectives_per_extra_round"]
   assert set(extra) == {"ragged-all-to-all"}
   assert extra["ragged-all-to-all"]["count"] == 5 * len(moe_layer_indices(config.model))
+
+
+def test_remat_policies_on_v5e_4():
+  """The compute bound counts what each policy recomputes (the traced step against the
+  same step keeping everything), and offloading moves the FFN's saved activations to host
+  memory: XLA:TPU compiles it, and the report says how many bytes live there."""
+  reports = {
+    remat: aot.report(
+      load_config(SMOKE, {"mesh.expert": 4, "mesh.data": 1, "model.remat": remat}), "v5e-4"
+    )
+    for remat in ("full", "attention_ffn", "offload_ffn")
+  }
+  full, kept, offloaded = (reports[r] for r in ("full", "attention_ffn", "offload_ffn"))
+  assert full["recomputed_flops"] > kept["recomputed_flops"] > 0
+  assert offloaded["recomputed_flops"] == kept["recomputed_flops"]
+  assert full["roofline_seconds"]["compute"] > kept["roofline_seconds"]["compute"]
+  assert kept["host_bytes_per_device"] == 0 < offloaded["host_bytes_per_device"]
+  assert all(r["fits"] and r["remat"] in reports for r in reports.values())
+
+
+def test_two_slices_on_v5e_4():
+  """2 x v5e 2x2 joined along `data` (a hybrid mesh over the slices' devices): the only
+  traffic between slices is the gradient reduction, at least every parameter shard a
+  device holds (float32), and the expert exchanges stay inside a slice. The roofline
+  gains a DCN term."""
+  config = load_config(SMOKE, {"mesh.expert": 4, "mesh.data": 1, "hardware.num_slices": 2})
+  result = aot.report(config, "v5e-4")
+  assert result["num_slices"] == 2 and result["num_devices"] == 8
+  assert result["mesh"] == {"data": 2, "fsdp": 1, "expert": 4}
+  across = result["dcn_collectives"]
+  assert set(across) == {"dcn-all-reduce"}
+  params = result["param_bytes_per_device"]
+  assert params <= across["dcn-all-reduce"]["bytes"] < 2 * params  # tiles pad it
+  assert "ragged-all-to-all" in result["collectives"]
+  assert result["roofline_seconds"]["dcn"] > 0
+  row = pod_table.table_row("mixtral_x2", result | {"slice": "v5e-4"})
+  assert "| 2 × v5e-4 (8) |" in row and "| remat none |" not in row
+
+
+def test_pod_table_rows_on_several_slices():
+  """`NAME_xN` is the pod recipe on N slices, each slice keeping the recipe's batch."""
+  assert pod_table.split_row("deepseek_v3") == ("deepseek_v3", 1)
+  assert pod_table.split_row("deepseek_v3_x2") == ("deepseek_v3", 2)
+  config = pod_table.row_config("mixtral_x2")
+  assert config.hardware.num_slices == 2 and config.train.batch_size == 2 * 256
 
 
 @pytest.mark.parametrize(

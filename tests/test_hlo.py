@@ -55,6 +55,22 @@ def test_collectives_counts_ops_and_bytes_of_a_hand_written_module():
   }
 
 
+def test_a_transfer_between_slices_counts_the_array_it_sends():
+  """Multi-slice TPU programs reach other slices through host-transfer `send`s to the
+  runtime (the line as XLA:TPU writes it, layouts and tiling included); other sends are
+  not collectives."""
+  attributes = (
+    'frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",'
+    '_xla_megascale_transfer_type="ALL_REDUCE"}'
+  )
+  text = module(
+    "  %send = (f32[13,8,128]{2,1,0:T(8,128)}, u32[]{:S(2)}, token[]) "
+    f"send(f32[13,8,128]{{2,1,0:T(8,128)}} %x, token[] %t), channel_id=3, {attributes}\n"
+    "  %send.1 = (f32[4]{0}, u32[], token[]) send(f32[4]{0} %y, token[] %t), channel_id=4\n"
+  )
+  assert hlo.collectives(text) == {"dcn-all-reduce": {"count": 1, "bytes": 13 * 8 * 128 * 4}}
+
+
 def test_collectives_in_a_loop_body_count_once_per_trip():
   body = (
     "%body.2 (t: (s32[], f32[4])) -> (s32[], f32[4]) {\n"

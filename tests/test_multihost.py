@@ -60,11 +60,12 @@ DROPLESS = [
 ]
 
 
-@pytest.mark.parametrize("data", ["bytes", "bpe_store", "dropless"])
+@pytest.mark.parametrize("data", ["bytes", "bpe_store", "dropless", "two_slices"])
 def test_two_processes_reproduce_one_process(tmp_path, data, request):
   """The byte corpus, and a BPE token store with document masking (each process reads
   only its rows of every global batch): one process of 8 devices. Dropless in rounds: one
-  process of one device."""
+  process of one device. Two slices (`hardware.num_slices=2`, a process each, joined
+  along `data` by a hybrid mesh): one process of 8 devices."""
   args = DROPLESS if data == "dropless" else list(ARGS)
   if data == "bpe_store":
     store = request.getfixturevalue("bpe_store")
@@ -94,6 +95,7 @@ def test_two_processes_reproduce_one_process(tmp_path, data, request):
         "moejax.main",
         f"--workdir={multi}",
         *args,
+        *(["--config.hardware.num_slices=2"] if data == "two_slices" else []),
         f"--coordinator_address=127.0.0.1:{port}",
         "--num_processes=2",
         f"--process_id={i}",

@@ -50,16 +50,35 @@ def test_make_mesh_layout_and_axis_types():
   "config,message",
   [
     (dict(data=2, expert=2), "multiply to 4, but there are 8 devices"),
-    (dict(data=-1, expert=-1), "at most one axis may be -1"),
+    (dict(data=-1, expert=-1), "at most one of"),
     (dict(data=3, expert=-1), "do not divide the 8 devices"),
     (dict(data=0, expert=8), "must be a positive int or -1"),
-    (dict(data=1, expert=8, tensor=1), "unknown axes"),
+    (dict(data=1, expert=8, tensor=1), "unknown keys"),
+    (dict(data=1, expert=8, dcn_data=2), "multiply to 2, but there are 1 slices"),
     (dict(data=2, fsdp=2, expert=4), "multiply to 16, but there are 8 devices"),
   ],
 )
 def test_mesh_config_errors(config, message):
   with pytest.raises(ValueError, match=message):
     sharding.make_mesh(ml_collections.ConfigDict(config))
+
+
+def test_slices_multiply_the_data_and_fsdp_axes():
+  """Within a slice `data`, `fsdp`, `expert`; across slices `dcn_data`, `dcn_fsdp` (the
+  expert axis never leaves a slice)."""
+  config = ml_collections.ConfigDict(dict(data=-1, fsdp=2, expert=4, dcn_fsdp=2))
+  within, across = sharding.slice_shapes(config, 64, num_slices=4)
+  assert within == {"data": 2, "fsdp": 2, "expert": 4}
+  assert across == {"data": 2, "fsdp": 2, "expert": 1}
+  assert sharding.mesh_shape(config, 64, num_slices=4) == {"data": 4, "fsdp": 4, "expert": 4}
+  with pytest.raises(ValueError, match="must be a positive divisor of the 8 devices"):
+    sharding.slice_shapes(config, 8, num_slices=3)
+
+
+def test_slices_must_be_there():
+  """One process of CPU devices is one slice: asking for two is one line."""
+  with pytest.raises(ValueError, match="num_slices=2, but the 8 devices form 1 slice"):
+    sharding.make_mesh(mesh_config(-1, 4), num_slices=2)
 
 
 def test_mesh_platform_is_the_devices_platform():

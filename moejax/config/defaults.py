@@ -42,9 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
   model.tie_embeddings = False  # output projection reuses the token embedding
   model.dtype = "float32"  # compute dtype (float32, bfloat16); parameters stay float32
   model.scan_layers = True  # layers as a loop (compile time flat in depth); False: unrolled
-  model.remat = (
-    "none"  # activation checkpointing per scanned period: none, full, dots (keep matmuls)
-  )
+  # What each scanned period keeps for the backward pass (moejax.models.remat): none, full,
+  # dots, attention, ffn, attention_ffn, offload_ffn (the FFN's saved activations on host).
+  model.remat = "none"
   model.num_experts = 8  # routed experts per MoE layer; 0: the dense baseline
   model.top_k = 2  # experts per token (token choice); = num_experts for router 'dense'
   model.expert_d_ff = config_dict.placeholder(int)  # hidden size of each expert; None: d_ff
@@ -105,11 +105,18 @@ def base_config() -> ml_collections.ConfigDict:
   config.hardware = hardware = ml_collections.ConfigDict()
   # The slice a config is meant for, gcloud-style (v5p-128); `moejax.aot` compiles for it.
   hardware.topology = config_dict.placeholder(str)
+  # The slices a run spans (TPU slices joined by the data-center network; on CPU or GPU
+  # hosts, one per process): mesh.dcn_data x mesh.dcn_fsdp of them.
+  hardware.num_slices = 1
 
   config.mesh = mesh = ml_collections.ConfigDict()
   mesh.data = -1  # data-parallel devices; -1: the remaining devices
   mesh.fsdp = 1  # fully sharded data-parallel devices; shards every parameter (ZeRO-3)
   mesh.expert = 1  # expert-parallel devices (innermost); shards the experts
+  # Across slices (hardware.num_slices > 1): the data and fsdp axes stack whole slices;
+  # the sizes above are each slice's. The expert axis never leaves a slice.
+  mesh.dcn_data = -1  # slices along data; -1: the remaining slices
+  mesh.dcn_fsdp = 1  # slices along fsdp
   return config
 
 
@@ -121,6 +128,7 @@ def apply_variant(
   pod_topology: str | None = None,
   pod_mesh: Mapping[str, int] | None = None,
   pod_tokenizer: tuple[str, int] | None = None,
+  pod_remat: str = "attention_ffn",
 ) -> ml_collections.ConfigDict:
   """Picks the size of a published-architecture config: ARG 'pod' keeps the published
   shape; 'cpu' (the default) shrinks it to train in minutes on 2 CPU cores on the
@@ -128,8 +136,10 @@ def apply_variant(
   capacity, losses) and its share of experts; 'smoke' shrinks it to a few seconds.
 
   The pod recipe: 256 sequences of 1024 tokens per step, one sequence per
-  routing group where there is a capacity (dropless routing has none), bfloat16 compute (parameters, router and losses stay float32), every
-  scanned period recomputed in the backward pass, on the slice `pod_topology`
+  routing group where there is a capacity (dropless routing has none), bfloat16 compute
+  (parameters, router and losses stay float32), the remat policy `pod_remat`
+  (`moejax.models.remat`; 'attention_ffn' keeps every projection's and FFN's output and
+  recomputes only the attention scores, norms and router), on the slice `pod_topology`
   (`hardware.topology`, gcloud-style) with the mesh axes `pod_mesh` (the data axis takes
   the rest), with the published vocabulary `pod_tokenizer` = (`data.tokenizer`,
   `model.vocab_size`): the tokenizer file is not shipped, the kind names where a run
@@ -146,7 +156,7 @@ def apply_variant(
     config.train.log_every, config.train.eval_every, config.train.checkpoint_every = 100, 2000, 2000
     if config.model.num_experts and config.model.dispatch != "dropless":  # capacity per sequence
       config.model.group_size = config.train.seq_len
-    config.model.dtype, config.model.remat = "bfloat16", "full"
+    config.model.dtype, config.model.remat = "bfloat16", pod_remat
     config.hardware.topology = pod_topology
     if pod_tokenizer is not None:
       config.data.tokenizer, config.model.vocab_size = pod_tokenizer

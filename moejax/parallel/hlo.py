@@ -79,7 +79,9 @@ def array_bytes(dtype: str, dims: tuple[int, ...]) -> int:
 
 def collectives(hlo_text: str, unknown_trips: int = 1) -> dict[str, dict[str, int]]:
   """`{op: {"count": executions, "bytes": result bytes per device}}` per step for each op of
-  `COLLECTIVES` in a compiled HLO module (ops that never run are left out).
+  `COLLECTIVES` in a compiled HLO module (ops that never run are left out), and for the
+  transfers between TPU slices of a multi-slice program (`dcn-all-reduce`, ...: the bytes
+  each device sends over the data-center network).
 
   Counts what runs, not what is written: the entry computation's ops, plus those of every
   computation it calls, a `while` body as many times as XLA's `known_trip_count` says (a
@@ -148,9 +150,24 @@ def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
   return computations, entry
 
 
+# Across TPU slices the program holds no collective: each DCN transfer is a host-transfer
+# `send` to the multi-slice runtime, its kind in a frontend attribute.
+_DCN_SEND = re.compile(r"=\s+\(([^()]*)\)\s+send\(.*_xla_megascale_transfer_type=\"(\w+)\"")
+DCN_PREFIX = "dcn-"  # `collectives` names a DCN transfer `dcn-all-reduce`, `dcn-all-gather`, ...
+
+
 def _collective(line: str):
-  """`(op, bytes)` if the instruction on `line` is one of `COLLECTIVES`."""
+  """`(op, bytes)` if the instruction on `line` is one of `COLLECTIVES`, or a transfer
+  between slices (`DCN_PREFIX` + its kind; bytes: the array sent)."""
   line = strip_layouts(line)
+  dcn = _DCN_SEND.search(line)
+  if dcn:
+    dtype, dims = _SHAPE.findall(dcn.group(1))[0]
+    yield (
+      DCN_PREFIX + dcn.group(2).lower().replace("_", "-"),
+      array_bytes(dtype, tuple(int(v) for v in dims.split(",") if v)),
+    )
+    return
   for op, pattern in _OP_PATTERNS.items():
     match = pattern.search(line)
     if match:

@@ -98,45 +98,87 @@ def logical(*names: str | None) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the mesh
 
 
-def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
-  """`{'data': d, 'fsdp': f, 'expert': e}` from `config.mesh` (absent axes are 1), with a -1
-  resolved to the rest of the devices."""
-  keys = set(mesh_config.keys()) if hasattr(mesh_config, "keys") else set()
-  unknown = sorted(keys - set(MESH_AXES))
-  if unknown:
-    raise ValueError(f"config.mesh has unknown axes {unknown}; supported axes: {MESH_AXES}.")
-  sizes = {}
-  for name in MESH_AXES:
-    value = (
-      mesh_config.get(name, 1) if hasattr(mesh_config, "get") else getattr(mesh_config, name, 1)
-    )
+# Across slices (over the data-center network, DCN) only `data` and `fsdp` may be split:
+# the gradient reduction and the weight gathers can wait on DCN once per layer or step,
+# the expert all-to-all of every MoE layer cannot.
+DCN_KEYS = {DATA: "dcn_data", FSDP: "dcn_fsdp"}
+
+
+def _config_value(mesh_config, key: str, default: int):
+  if hasattr(mesh_config, "get"):
+    return mesh_config.get(key, default)
+  return getattr(mesh_config, key, default)
+
+
+def _resolve(sizes: dict[str, Any], total: int, what: str) -> dict[str, int]:
+  """`sizes` (`{config key: int or -1}`) with their product checked against `total`
+  `what`s, a -1 resolved to the rest."""
+  for key, value in sizes.items():
     if (
       not isinstance(value, (int, np.integer))
       or isinstance(value, bool)
       or (value < 1 and value != -1)
     ):
-      raise ValueError(f"config.mesh.{name}={value!r} must be a positive int or -1 (the rest).")
-    sizes[name] = int(value)
-  free = [name for name, value in sizes.items() if value == -1]
+      raise ValueError(f"config.mesh.{key}={value!r} must be a positive int or -1 (the rest).")
+  sizes = {key: int(value) for key, value in sizes.items()}
+  free = [key for key, value in sizes.items() if value == -1]
   if len(free) > 1:
-    raise ValueError(f"config.mesh: at most one axis may be -1, got {free}.")
+    raise ValueError(f"config.mesh: at most one of {tuple(sizes)} may be -1, got {free}.")
   fixed = math.prod(v for v in sizes.values() if v != -1)
   if free:
-    if num_devices % fixed:
+    if total % fixed:
       raise ValueError(
-        f"config.mesh: the fixed axes (product {fixed}) do not divide the "
-        f"{num_devices} devices, so {free[0]}=-1 has no size."
+        f"config.mesh: the fixed sizes of {tuple(sizes)} (product {fixed}) do not divide "
+        f"the {total} {what}, so {free[0]}=-1 has no size."
       )
-    sizes[free[0]] = num_devices // fixed
-  elif fixed != num_devices:
-    raise ValueError(
-      f"config.mesh: axis sizes {sizes} multiply to {fixed}, but there are {num_devices} devices."
-    )
+    sizes[free[0]] = total // fixed
+  elif fixed != total:
+    raise ValueError(f"config.mesh: {sizes} multiply to {fixed}, but there are {total} {what}.")
   return sizes
 
 
+def slice_shapes(
+  mesh_config, num_devices: int, num_slices: int = 1
+) -> tuple[dict[str, int], dict[str, int]]:
+  """(the mesh within a slice, `{'data': d, 'fsdp': f, 'expert': e}` over its
+  `num_devices / num_slices` devices; the split across slices, the same axes with
+  `expert` 1) from `config.mesh`: `data`, `fsdp`, `expert` within a slice, `dcn_data`
+  (default -1) and `dcn_fsdp` (default 1) across slices. A -1 takes the rest."""
+  known = set(MESH_AXES) | set(DCN_KEYS.values())
+  unknown = sorted(set(mesh_config.keys() if hasattr(mesh_config, "keys") else ()) - known)
+  if unknown:
+    raise ValueError(f"config.mesh has unknown keys {unknown}; supported: {sorted(known)}.")
+  if num_slices < 1 or num_devices % num_slices:
+    raise ValueError(
+      f"hardware.num_slices={num_slices} must be a positive divisor of the {num_devices} devices."
+    )
+  across = {
+    key: _config_value(mesh_config, key, -1 if axis == DATA else 1)
+    for axis, key in DCN_KEYS.items()
+  }
+  across = _resolve(across, num_slices, "slices (hardware.num_slices)")
+  within = _resolve(
+    {axis: _config_value(mesh_config, axis, 1) for axis in MESH_AXES},
+    num_devices // num_slices,
+    "devices" if num_slices == 1 else "devices per slice",
+  )
+  dcn = {axis: across.get(DCN_KEYS.get(axis), 1) for axis in MESH_AXES}
+  return within, dcn
+
+
+def mesh_shape(mesh_config, num_devices: int, num_slices: int = 1) -> dict[str, int]:
+  """`{'data': d, 'fsdp': f, 'expert': e}`, each axis's whole size (within a slice times
+  across slices, `slice_shapes`), from `config.mesh` over `num_devices` devices."""
+  within, across = slice_shapes(mesh_config, num_devices, num_slices)
+  return {axis: within[axis] * across[axis] for axis in MESH_AXES}
+
+
 def make_mesh(
-  mesh_config, devices: Sequence[jax.Device] | None = None, *, keep_order: bool = False
+  mesh_config,
+  devices: Sequence[jax.Device] | None = None,
+  *,
+  keep_order: bool = False,
+  num_slices: int = 1,
 ) -> jax.sharding.Mesh:
   """The `('data', 'fsdp', 'expert')` mesh of `config.mesh` over `devices` (default: all),
   axes `Auto`.
@@ -145,8 +187,16 @@ def make_mesh(
   get the nearest chips; an axis size that is no product of whole torus dimensions, such
   as 8 on a 4x4x4 slice, splits one); with `keep_order` the devices are used in the order given,
   expert axis fastest.
+
+  With `num_slices` > 1 (`hardware.num_slices`) the mesh is a hybrid one
+  (`mesh_utils.create_hybrid_device_mesh`): each slice holds the `data`, `fsdp`, `expert`
+  sizes of `config.mesh`, and `dcn_data` and `dcn_fsdp` stack slices along `data` and
+  `fsdp`. A slice is a TPU slice (`device.slice_index`) or, on devices without one (CPU,
+  GPU hosts), a process: its host's devices, the network between the hosts being the DCN.
   """
   devices = list(jax.devices() if devices is None else devices)
+  if num_slices > 1:
+    return _hybrid_mesh(mesh_config, devices, num_slices)
   sizes = mesh_shape(mesh_config, len(devices))
   shape = tuple(sizes[name] for name in MESH_AXES)
   if not keep_order:
@@ -160,6 +210,31 @@ def make_mesh(
   return jax.sharding.Mesh(
     np.asarray(devices, dtype=object).reshape(shape), MESH_AXES, axis_types=AXIS_TYPES
   )
+
+
+def slice_of(device: jax.Device) -> int:
+  """The slice `device` belongs to: its TPU slice, or else its process (`make_mesh`)."""
+  return device.slice_index if device.platform == "tpu" else device.process_index
+
+
+def _hybrid_mesh(mesh_config, devices: list, num_slices: int) -> jax.sharding.Mesh:
+  from jax.experimental import mesh_utils
+
+  within, across = slice_shapes(mesh_config, len(devices), num_slices)
+  found = len({slice_of(d) for d in devices})
+  if found != num_slices:
+    raise ValueError(
+      f"hardware.num_slices={num_slices}, but the {len(devices)} devices form {found} "
+      "slice(s) (TPU slices; elsewhere one per process)."
+    )
+  grid = mesh_utils.create_hybrid_device_mesh(
+    tuple(within[a] for a in MESH_AXES),
+    tuple(across[a] for a in MESH_AXES),
+    devices,
+    process_is_granule=devices[0].platform != "tpu",
+    allow_split_physical_axes=True,
+  )
+  return jax.sharding.Mesh(grid, MESH_AXES, axis_types=AXIS_TYPES)
 
 
 def axis_size(mesh, name: str) -> int:

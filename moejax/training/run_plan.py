@@ -110,8 +110,12 @@ def make_run_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   """The mesh of `config.mesh` over all devices, checked against the model and batch; a
   mesh that does not fit raises a one-line ValueError that lists the sizes that would."""
   try:
-    mesh = check_mesh(sharding.make_mesh(config.mesh), config)
+    mesh = check_mesh(
+      sharding.make_mesh(config.mesh, num_slices=config.hardware.num_slices), config
+    )
   except ValueError as error:
+    if config.hardware.num_slices > 1:  # the sizes below are for one slice
+      raise ValueError(" ".join(str(error).split())) from None
     devices = jax.device_count()
     fits = fitting_meshes(config, devices)
     if fits:
