@@ -19,19 +19,12 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app, flags
+from absl import app
 from etils import epath
 
 from moejax import aot
 from moejax.config import load_config, packaged_config_names
 from moejax.training import workdir as workdir_lib
-
-_CONFIGS = flags.DEFINE_list("configs", None, "Configs to compile (default: every pod config).")
-_OUT = flags.DEFINE_string("out", "docs/pods.md", "The Markdown table to write.")
-_RESULTS = flags.DEFINE_string("results", "docs/results/pods", "Where each config's JSON goes.")
-_COMPILE = flags.DEFINE_bool(
-  "compile", True, "Compile the rows; --nocompile rewrites the table from the JSON reports."
-)
 
 # The recipes also compiled across slices: slices joined along data, as MaxText's largest
 # MoE runs are (its dcn_data_parallelism), each slice with the recipe's batch.
@@ -163,4 +156,12 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  from absl import flags
+
+  _CONFIGS = flags.DEFINE_list("configs", None, "Configs to compile (default: every pod config).")
+  _OUT = flags.DEFINE_string("out", "docs/pods.md", "The Markdown table to write.")
+  _RESULTS = flags.DEFINE_string("results", "docs/results/pods", "Where each config's JSON goes.")
+  _COMPILE = flags.DEFINE_bool(
+    "compile", True, "Compile the rows; --nocompile rewrites the table from the JSON reports."
+  )
   app.run(main)
