@@ -16,7 +16,8 @@ dividing the experts (1 for a dense model; across slices `data` stacks them,
    seconds, so the misses are cheap. Compiling stops when `--budget_minutes` is spent
    (the compile under way finishes); what was not reached is listed.
 3. **Ranked:** the programs that fit, by their roofline bound (compute, ICI and DCN
-   terms, `moejax.aot`), then those that do not.
+   terms, `moejax.aot`; at equal bounds, the smaller communication term first, then the
+   smaller memory), then those that do not.
 
 One compile takes 10 s to a few minutes on a 2-core host. Exit codes: 0 planned (even if
 nothing fits: the table says so), 2 a wrong command, 1 a failed compile.
@@ -115,10 +116,20 @@ def plan(
       log(summary_line(report))
       if report["fits"]:
         break
-  ranked = sorted(
-    reports, key=lambda r: (not r["fits"], r.get("roofline_step_seconds", float("inf")))
-  )
-  return {"ranked": ranked, "pruned": pruned, "not_compiled": not_compiled}
+  return {"ranked": rank(reports), "pruned": pruned, "not_compiled": not_compiled}
+
+
+def rank(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The reports that fit first, by roofline bound; between equal bounds, the one with
+  the smaller communication terms (more of them left to hide), then the less memory."""
+
+  def key(r):
+    bounds = r.get("roofline_seconds", {})
+    communication = max((v for k, v in bounds.items() if k != "compute"), default=0.0)
+    step = r.get("roofline_step_seconds", float("inf"))
+    return (not r["fits"], round(step, 6), communication, r["bytes_per_device"]["total"])
+
+  return sorted(reports, key=key)
 
 
 def mesh_text(sizes: dict[str, int]) -> str:

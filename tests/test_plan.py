@@ -39,6 +39,7 @@ def test_a_small_plan_is_compiled_and_ranked():
   ranked = result["ranked"]
   assert sorted(r["plan_mesh"]["fsdp"] for r in ranked) == [1, 2, 4]
   assert all(r["fits"] and r["remat"] == "attention_ffn" for r in ranked)
+  assert ranked == plan.rank(list(reversed(ranked)))
   bounds = [r["roofline_step_seconds"] for r in ranked]
   assert bounds == sorted(bounds)
   assert "| 1 |" in plan.format_table(result)
