@@ -1,32 +1,26 @@
-"""Compile the training step for a TPU slice on any host, and say whether it fits.
+"""Compile the training step for TPU slices on any host, and say whether it fits.
 
-`python -m moejax.aot --config=configs/NAME.py:pod [--topology=v5p-128] [--json=PATH]
-[--config.KEY=VALUE ...]`
+`python -m moejax.aot --config=configs/NAME.py:pod [--topology=v5p-128] [--num_slices=N]
+[--json=PATH] [--config.KEY=VALUE ...]`
 
-JAX can compile for a TPU topology it does not have: with the `libtpu` wheel installed
-(`pip install -e '.[tpu]'`), `jax.experimental.topologies.get_topology_desc` gives the
-devices of a slice, and the train step (`moejax.training.train.jit_train_step`, the function
-`moejax.main` runs) is lowered and compiled for them from abstract shapes. Nothing is
-allocated and no TPU is needed. XLA then reports, per device: the bytes of the
-arguments, outputs and temporaries (`compiled.memory_analysis()`), its FLOPs
-(`compiled.cost_analysis()`, which counts a loop's body once: reported, not used), and
-the collectives of the partitioned program (`moejax.parallel.hlo.collectives`, which counts a loop's body as often as it
-runs; the later rounds of a dropless exchange, which run only when a skewed router
-overfills a receive buffer, are counted apart: `collectives_per_extra_round`).
+With the `libtpu` wheel (`pip install -e '.[tpu]'`), `get_topology_desc` gives the
+devices of N slices of a topology, and the train step (`jit_train_step`, what
+`moejax.main` runs) is lowered and compiled for them from abstract shapes: nothing is
+allocated, no TPU is needed. XLA reports per device the bytes of arguments, outputs and
+temporaries (`memory_analysis()`), its FLOPs (`cost_analysis()`, a loop's body once:
+reported, not used) and the collectives (`moejax.parallel.hlo.collectives`: loops as
+often as they run; dropless's later exchange rounds, run only under a skewed router,
+apart in `collectives_per_extra_round`; between slices, `dcn-*`). The slice is named as
+gcloud does (`v5p-128`) or as a topology (`v5p:4x4x4`), by default the config's
+`hardware.topology`; its numbers are the chip's published ones (`CHIPS`).
 
-The slice is named as gcloud names it (`v5p-128`), or as a topology (`v5p:4x4x4`);
-without `--topology` the config's own `hardware.topology` is used. The numbers of a
-slice are the chip's published specification (`CHIPS`).
-
-The roofline is a lower bound on the step time: the larger of the compute time at the
-chip's peak bf16 rate (the model's arithmetic, plus the matmuls the remat policy
-recomputes, counted from the traced step's jaxpr against the same step keeping
-everything, `moejax.parallel.program_flops`; shared evenly by the devices) and the time to
-send the
-collectives' bytes at the chip's ICI bandwidth in one direction (half the bidirectional
-figure), as if nothing overlapped them. The MFU it implies is the model FLOPs (6 · active
-matmul parameters · tokens plus attention, `moejax.models.flops`) over that time at peak: an
-upper bound on what the slice could reach with this program.
+The roofline bounds the step time from below by the largest of: the compute time at
+peak bf16 (the model's FLOPs plus the matmuls the remat policy recomputes, counted from
+the traced step against the same step keeping everything, `moejax.parallel.program_flops`;
+shared evenly by the devices), the collectives' bytes at half the chip's bidirectional
+ICI bandwidth, and across slices the bytes sent between them at its DCN bandwidth, as if
+nothing overlapped. The MFU it implies, the model FLOPs (`moejax.models.flops`) over that
+time at peak, is an upper bound on what the slices could reach with this program.
 
 Exit codes: 0 compiled (fits or not: `fits` says), 2 a wrong command or no libtpu, 1 a
 failed compile.
@@ -495,18 +489,11 @@ if __name__ == "__main__":
     lock_config=True,
   )
   _TOPOLOGY = flags.DEFINE_string(
-    "topology",
-    None,
-    "TPU slice, gcloud-style (v5p-128, v5e-256) or GEN:AxB[xC]; "
-    "default: the config's hardware.topology.",
+    "topology", None, "TPU slice (v5p-128, v5e:4x8); default: the config's hardware.topology."
   )
   _JSON = flags.DEFINE_string("json", None, "Also write the report as one JSON object here.")
   _NUM_SLICES = flags.DEFINE_integer(
-    "num_slices",
-    None,
-    "Slices of --topology joined by the data-center network (mesh.dcn_data x "
-    "mesh.dcn_fsdp of them); default: the config's hardware.num_slices.",
-    lower_bound=1,
+    "num_slices", None, "Slices joined by DCN; default: hardware.num_slices.", lower_bound=1
   )
   flags.mark_flag_as_required("config")
   cli.run(main, config_flag=ConfigFlag("config"))
