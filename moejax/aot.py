@@ -12,7 +12,7 @@ reported, not used) and the collectives (`moejax.parallel.hlo.collectives`: loop
 often as they run; dropless's later exchange rounds, run only under a skewed router,
 apart in `collectives_per_extra_round`; between slices, `dcn-*`). The slice is named as
 gcloud does (`v5p-128`) or as a topology (`v5p:4x4x4`), by default the config's
-`hardware.topology`; its numbers are the chip's published ones (`CHIPS`).
+`hardware.topology`; its numbers are the chip's published ones (`tpu_slices.CHIPS`).
 
 The roofline bounds the step time from below by the largest of: the compute time at
 peak bf16 (the model's FLOPs plus the matmuls the remat policy recomputes, counted from
@@ -28,8 +28,6 @@ failed compile.
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -56,95 +54,12 @@ from flax import nnx
 from moejax import data as data_lib
 from moejax.models import flops
 from moejax.parallel import hlo, program_flops, sharding
+from moejax.parallel.tpu_slices import CHIPS, num_chips, parse_slice, slice_devices
 from moejax.training.run_plan import check_mesh
 from moejax.training.steps import build, make_steps
 from moejax.training.train import jit_train_step, no_nonfinite_tally
 
 GIB = 2**30
-INSTALL_LINE = "pip install -e '.[tpu]'  (the libtpu wheel that matches the installed jax)"
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  """A TPU generation's per-chip numbers (Cloud TPU system architecture pages,
-  cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e}).
-
-  `cores_per_chip`: TensorCores per chip, which gcloud's `vN-COUNT` names count for v4
-  and v5p (for v5e and v6e COUNT is chips). `ici_bytes_per_second`: bidirectional
-  inter-chip bandwidth per chip. `dims`: the torus's dimensions. `dcn_bytes_per_second`:
-  the data-center network's bandwidth per chip, between slices; None where the page
-  publishes none (multi-slice reports are refused there).
-  """
-
-  hbm_bytes: int
-  peak_bf16_flops: float
-  ici_bytes_per_second: float
-  cores_per_chip: int
-  dims: int
-  dcn_bytes_per_second: float | None = None
-
-
-CHIPS = {
-  # v4: 275 TFLOP/s, 32 GiB. The page gives no per-chip ICI figure; its
-  # all-reduce bandwidth per pod (1.1 PB/s over 4096 chips) doubled, the ratio the v5e
-  # page's own figures show (51.2 TB/s over 256 chips vs 400 GB/s per chip).
-  "v4": Chip(32 * GIB, 275e12, 2 * 1.1e15 / 4096, 2, 3),
-  # v5e: 197 TFLOP/s, 16 GB, 400 GB/s ICI; DCN 6.4 Tb/s per 256-chip pod (two 100 Gb/s
-  # NICs per 8-chip host): 25 Gb/s per chip.
-  "v5e": Chip(16 * 10**9, 197e12, 400e9, 1, 2, 6.4e12 / 8 / 256),
-  # v5p: 459 TFLOP/s, 95 GiB, 1200 GB/s ICI, 50 Gb/s DCN per chip.
-  "v5p": Chip(95 * GIB, 459e12, 1200e9, 2, 3, 50e9 / 8),
-  # v6e: 918 TFLOP/s, 32 GB, 800 GB/s ICI.
-  "v6e": Chip(32 * 10**9, 918e12, 800e9, 1, 2),
-}
-
-# Chips -> the slice shape gcloud gives them (2-D tori for v5e/v6e, 3-D for v4/v5p).
-_SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16"}
-_SHAPES_2D[256] = "16x16"
-_SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8"}
-_SHAPES_3D.update({256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16"})
-_SHAPES_3D[4096] = "16x16x16"
-
-
-def parse_slice(name: str) -> tuple[str, str]:
-  """`'v5p-128'` (gcloud: 128 TensorCores, 64 chips) or `'v5p:4x4x4'` -> `('v5p',
-  'v5p:4x4x4')`, the generation and the topology name `get_topology_desc` takes. A
-  one-line ValueError lists what is allowed."""
-  allowed = ", ".join(f"{g}-N" for g in CHIPS)
-  match = re.fullmatch(r"(v\d+[a-z]?)([-:])([0-9x]+)", name or "")
-  if not match or match.group(1) not in CHIPS:
-    raise ValueError(f"--topology={name!r}: allowed are {allowed} (gcloud names) or GEN:AxB[xC].")
-  generation, separator, size = match.groups()
-  chip = CHIPS[generation]
-  if separator == ":":
-    if len(size.split("x")) != chip.dims:
-      raise ValueError(f"--topology={name!r}: a {generation} topology has {chip.dims} dims.")
-    return generation, name
-  count = int(size)
-  shapes = _SHAPES_2D if chip.dims == 2 else _SHAPES_3D
-  chips, rest = divmod(count, chip.cores_per_chip)
-  if rest or chips not in shapes:
-    counts = ", ".join(str(c * chip.cores_per_chip) for c in shapes)
-    raise ValueError(f"--topology={name!r}: {generation}-N with N one of {counts}.")
-  return generation, f"{generation}:{shapes[chips]}"
-
-
-def has_libtpu() -> bool:
-  return importlib.util.find_spec("libtpu") is not None
-
-
-def slice_devices(topology_name: str, num_slices: int = 1) -> list[jax.Device]:
-  """The devices of `num_slices` TPU slices of a topology (`'v5e:2x2'`), from libtpu, on
-  any host (each device knows its `slice_index`). Without libtpu, a one-line ValueError
-  (a wrong command: exit 2) gives the install line."""
-  if not has_libtpu():
-    raise ValueError(f"compiling for a TPU slice needs libtpu: {INSTALL_LINE}")
-  from jax.experimental import topologies
-
-  topology = topologies.get_topology_desc(
-    platform="tpu", topology_name=topology_name, num_slices=num_slices
-  )
-  return list(topology.devices)
 
 
 def abstract_train_inputs(config: ml_collections.ConfigDict, mesh):
@@ -380,11 +295,6 @@ def report(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
   }
 
 
-def num_chips(topology_name: str) -> int:
-  """Chips of a topology: the product of its shape (`'v5p:4x4x4'` -> 64)."""
-  return math.prod(int(d) for d in topology_name.split(":")[1].split("x"))
-
-
 def format_report(result: dict[str, Any]) -> str:
   """The report as a few lines of text."""
   gib = lambda b: f"{b / GIB:.2f} GiB"
@@ -451,28 +361,38 @@ def format_report(result: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def command_slice(config: ml_collections.ConfigDict, topology: str | None, num_slices) -> str:
+  """`--topology`, else the config's slice (one line if neither); `--num_slices`, if given,
+  goes to `config.hardware`."""
+  if num_slices is not None:
+    config.hardware.num_slices = num_slices
+  if not (topology or config.hardware.topology):
+    allowed = ", ".join(f"{g}-N" for g in CHIPS)
+    raise ValueError(f"--topology is required: the config names no slice; allowed: {allowed}.")
+  return topology or config.hardware.topology
+
+
 def main(argv) -> None:
   del argv
   config = _CONFIG.value
-  topology = _TOPOLOGY.value or config.hardware.topology
-  if not topology:
-    raise ValueError(
-      "--topology is required: the config names no slice (config.hardware.topology); "
-      f"allowed: {', '.join(f'{g}-N' for g in CHIPS)}."
-    )
-  if _NUM_SLICES.value is not None:
-    config.hardware.num_slices = _NUM_SLICES.value
+  topology = command_slice(config, _TOPOLOGY.value, _NUM_SLICES.value)
   result = report(config, topology)
   print(format_report(result))
   if _JSON.value:
-    from etils import epath
+    write_json(_JSON.value, result)
 
-    from moejax.training import workdir as workdir_lib
 
-    path = epath.Path(_JSON.value)
-    existed = path.exists()
-    workdir_lib.write_text_atomically(path, json.dumps(result, indent=2, sort_keys=True) + "\n")
-    print(f"{'replaced' if existed else 'wrote'} {path}")
+def write_json(path: str, result: dict[str, Any]) -> None:
+  """`result` as one JSON object at `path`, atomically; says whether it replaced a file."""
+  from etils import epath
+
+  from moejax.training import workdir as workdir_lib
+
+  path = epath.Path(path)
+  existed = path.exists()
+  text = json.dumps(result, indent=2, sort_keys=True, default=str) + "\n"
+  workdir_lib.write_text_atomically(path, text)
+  print(f"{'replaced' if existed else 'wrote'} {path}")
 
 
 if __name__ == "__main__":

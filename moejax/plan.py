@@ -25,7 +25,6 @@ nothing fits: the table says so), 2 a wrong command, 1 a failed compile.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -33,6 +32,7 @@ import ml_collections
 
 from moejax import aot
 from moejax.models.remat import POLICIES
+from moejax.parallel import tpu_slices
 
 GIB = 2**30
 DEFAULT_REMATS = ("attention_ffn", "ffn", "attention", "full")
@@ -97,10 +97,10 @@ def plan(
   unknown = [r for r in remats if r not in POLICIES]
   if unknown or not remats:
     raise ValueError(f"--remat={','.join(remats)}: allowed are {', '.join(POLICIES)}.")
-  generation, topology_name = aot.parse_slice(topology)
-  devices = aot.slice_devices(topology_name, config.hardware.num_slices)
-  chips = aot.num_chips(topology_name) * config.hardware.num_slices
-  hbm = aot.CHIPS[generation].hbm_bytes // max(1, len(devices) // chips)
+  generation, topology_name = tpu_slices.parse_slice(topology)
+  devices = tpu_slices.slice_devices(topology_name, config.hardware.num_slices)
+  chips = tpu_slices.num_chips(topology_name) * config.hardware.num_slices
+  hbm = tpu_slices.CHIPS[generation].hbm_bytes // max(1, len(devices) // chips)
   num_experts = config.model.num_experts
   kept, pruned = prune(config, devices, hbm, num_experts)
   log(f"{len(kept)} meshes to compile, {len(pruned)} pruned; policies {', '.join(remats)}")
@@ -179,22 +179,11 @@ def format_table(result: dict[str, Any]) -> str:
 def main(argv) -> None:
   del argv
   config = _CONFIG.value
-  topology = _TOPOLOGY.value or config.hardware.topology
-  if not topology:
-    raise ValueError("--topology is required: the config names no slice (hardware.topology).")
-  if _NUM_SLICES.value is not None:
-    config.hardware.num_slices = _NUM_SLICES.value
+  topology = aot.command_slice(config, _TOPOLOGY.value, _NUM_SLICES.value)
   result = plan(config, topology, tuple(_REMAT.value), _BUDGET.value * 60)
   print(format_table(result))
   if _JSON.value:
-    from etils import epath
-
-    from moejax.training import workdir as workdir_lib
-
-    path = epath.Path(_JSON.value)
-    text = json.dumps(result, indent=2, sort_keys=True, default=str) + "\n"
-    workdir_lib.write_text_atomically(path, text)
-    print(f"wrote {path}")
+    aot.write_json(_JSON.value, result)
 
 
 if __name__ == "__main__":

@@ -13,17 +13,17 @@ from moejax import aot
 from moejax.config import load_config
 from moejax.models.transformer import moe_layer_indices
 from moejax.moe import block_ffn
-from moejax.parallel import sharding
+from moejax.parallel import sharding, tpu_slices
 
-pytestmark = pytest.mark.skipif(not aot.has_libtpu(), reason="needs libtpu (the tpu extra)")
+pytestmark = pytest.mark.skipif(not tpu_slices.has_libtpu(), reason="needs libtpu (the tpu extra)")
 
 SMOKE = "configs/mixtral.py:smoke"  # 2 MoE layers, 8 experts top-2, dropless
 
 
 def compile_for(topology: str, **overrides):
   config = load_config(SMOKE, {"model.remat": "none", **overrides})
-  _, name = aot.parse_slice(topology)
-  mesh = aot.slice_mesh(config, aot.slice_devices(name))
+  _, name = tpu_slices.parse_slice(topology)
+  mesh = aot.slice_mesh(config, tpu_slices.slice_devices(name))
   compiled, _ = aot.compile_train_step(config, mesh)
   return config, compiled, mesh
 
@@ -185,19 +185,19 @@ def test_pod_table_rows_on_several_slices():
   ],
 )
 def test_gcloud_names(name, topology):
-  assert aot.parse_slice(name)[1] == topology
+  assert tpu_slices.parse_slice(name)[1] == topology
 
 
 @pytest.mark.parametrize("name", ["v5p-6", "v5e-3", "v9-8", "tpu", "v5e:2x2x2", ""])
 def test_wrong_slice_names(name):
   with pytest.raises(ValueError, match="--topology="):
-    aot.parse_slice(name)
+    tpu_slices.parse_slice(name)
 
 
 def test_without_libtpu_the_install_line(monkeypatch):
-  monkeypatch.setattr(aot, "has_libtpu", lambda: False)
+  monkeypatch.setattr(tpu_slices, "has_libtpu", lambda: False)
   with pytest.raises(ValueError, match=r"pip install -e '\.\[tpu\]'"):
-    aot.slice_devices("v5e:2x2")
+    tpu_slices.slice_devices("v5e:2x2")
 
 
 POD_CONFIGS = [
@@ -221,8 +221,8 @@ def test_every_pod_recipe_names_a_slice_its_mesh_fits(name):
   model and batch, routing groups with a capacity are one sequence, and it computes in
   bfloat16."""
   config = load_config(f"configs/{name}.py:pod")
-  generation, topology = aot.parse_slice(config.hardware.topology)
-  devices = aot.num_chips(topology) * (2 if generation == "v4" else 1)
+  generation, topology = tpu_slices.parse_slice(config.hardware.topology)
+  devices = tpu_slices.num_chips(topology) * (2 if generation == "v4" else 1)
   sizes = sharding.mesh_shape(config.mesh, devices)
   assert config.train.batch_size % devices == 0
   if config.model.num_experts:

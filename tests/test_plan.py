@@ -3,10 +3,11 @@ small plan compiled for a TPU slice (libtpu, no TPU) and ranked."""
 
 import pytest
 
-from moejax import aot, plan
+from moejax import plan
 from moejax.config import load_config
+from moejax.parallel import tpu_slices
 
-pytestmark = pytest.mark.skipif(not aot.has_libtpu(), reason="needs libtpu (the tpu extra)")
+pytestmark = pytest.mark.skipif(not tpu_slices.has_libtpu(), reason="needs libtpu (the tpu extra)")
 
 
 def test_candidate_meshes_by_hand():
@@ -19,7 +20,7 @@ def test_candidate_meshes_by_hand():
 
 def test_pruning_needs_no_compile():
   """A batch the meshes cannot split, and state larger than HBM, are refused analytically."""
-  devices = aot.slice_devices("v5e:2x2")
+  devices = tpu_slices.slice_devices("v5e:2x2")
   config = load_config("configs/mixtral.py:smoke", {"train.batch_size": 2})
   kept, pruned = plan.prune(config, devices, hbm_bytes=16 * 10**9, num_experts=8)
   assert not kept and len(pruned) == 6 and all("batch" in why for _, why in pruned)

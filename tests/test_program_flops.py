@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from test_attention_kinds import SHAPES
 
 from helpers.small_models import dense_model_config
 from moejax.layers.attention_kinds import kind_of
@@ -18,15 +19,7 @@ from moejax.parallel.program_flops import matmul_flops
 
 BATCH, SEQ = 2, 12
 MOE = dict(num_experts=4, top_k=2, expert_impl="grouped_matmul")  # ragged_dot experts
-MLA = dict(
-  attention="mla",
-  kv_lora_rank=16,
-  qk_nope_head_dim=8,
-  qk_rope_head_dim=4,
-  v_head_dim=8,
-  num_kv_heads=4,
-  qk_norm="none",
-)
+MLA = SHAPES["mla"]  # with a query latent
 
 
 def count(fn, *args) -> float:
