@@ -86,11 +86,11 @@ def _dropless_cell(r: dict) -> str:
 
 def table_row(name: str, r: dict) -> str:
   mesh = " × ".join(f"{k} {v}" for k, v in r["mesh"].items() if v > 1) or "—"
-  slices = r.get("num_slices", 1)
+  slices = r.get("num_slices", 1)  # reports from before multi-slice meshes have none
   where = f"{slices} × {r['slice']}" if slices > 1 else r["slice"]
   head = (
     f"| {name} | {r['param_count'] / 1e9:.1f}B / {r['active_param_count'] / 1e9:.2f}B "
-    f"| {where} ({r['num_devices']}) | {mesh} | {r.get('remat', 'full')} "
+    f"| {where} ({r['num_devices']}) | {mesh} | {r['remat']} "
   )
   used = r["bytes_per_device"]["total"] / GIB
   if "error" in r:  # out of HBM: the compiler made no program

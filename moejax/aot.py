@@ -298,9 +298,12 @@ def report(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
 def format_report(result: dict[str, Any]) -> str:
   """The report as a few lines of text."""
   gib = lambda b: f"{b / GIB:.2f} GiB"
+  listing = lambda ops: (
+    ", ".join(f"{op} {c['count']}x {gib(c['bytes'])}" for op, c in ops.items()) or "none"
+  )
   used = result["bytes_per_device"]
   mesh = ", ".join(f"{k}={v}" for k, v in result["mesh"].items())
-  slices = f"{result['num_slices']} x " if result.get("num_slices", 1) > 1 else ""
+  slices = f"{result['num_slices']} x " if result["num_slices"] > 1 else ""
   lines = [
     f"{slices}{result['topology']}: {result['num_devices']} x {result['device_kind']}; mesh {mesh}; "
     f"{result['dtype']}, remat {result['remat']}; {result['tokens_per_step']:,} tokens per step",
@@ -322,29 +325,17 @@ def format_report(result: dict[str, Any]) -> str:
     f"({'fits' if result['fits'] else 'does NOT fit'}, margin {gib(result['margin_bytes'])}): "
     f"arguments {gib(used['arguments'])}, outputs {gib(used['outputs'])} "
     f"({gib(used['aliased'])} of them donated arguments), temporaries {gib(used['temporaries'])}",
-    "collectives per step per device: "
-    + (
-      ", ".join(f"{op} {c['count']}x {gib(c['bytes'])}" for op, c in result["collectives"].items())
-      or "none"
-    ),
+    f"collectives per step per device: {listing(result['collectives'])}",
   ]
-  if result.get("num_slices", 1) > 1:
+  if result["num_slices"] > 1:
     lines.append(
       f"of which across the {result['num_slices']} slices (DCN): "
-      + (
-        ", ".join(
-          f"{op} {c['count']}x {gib(c['bytes'])}" for op, c in result["dcn_collectives"].items()
-        )
-        or "none"
-      )
+      + listing(result["dcn_collectives"])
     )
   if result.get("collectives_per_extra_round"):
     lines.append(
       "each further dropless exchange round (under a skewed router) adds: "
-      + ", ".join(
-        f"{op} {c['count']}x {gib(c['bytes'])}"
-        for op, c in result["collectives_per_extra_round"].items()
-      )
+      + listing(result["collectives_per_extra_round"])
     )
   lines += [
     f"FLOPs per device per step: {result['flops_per_device']:.3e} (XLA, loop bodies once), "
