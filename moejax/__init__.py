@@ -1,10 +1,15 @@
 """moejax: sparse Mixture-of-Experts transformer language models in JAX and Flax NNX.
 
 The top-level names are imported on first use, so that `python -m moejax.main` (and the
-other commands) can set up their signal handling before jax is imported.
+other commands) can set up their signal handling before jax is imported. On a host with
+no accelerator, jax is told so before it is imported (`moejax.runtime.platform`).
 """
 
 import importlib
+
+from moejax.runtime import platform as _platform
+
+_platform.settle_cpu_only_host()
 
 __all__ = ["MoeConfig", "MoeLayer", "load", "load_balancing_loss", "router_z_loss"]
 __version__ = "0.1.0"

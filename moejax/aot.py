@@ -55,7 +55,7 @@ from moejax import data as data_lib
 from moejax.models import flops
 from moejax.parallel import hlo, program_flops, sharding
 from moejax.parallel.tpu_slices import CHIPS, num_chips, parse_slice, slice_devices
-from moejax.training.run_plan import check_mesh
+from moejax.training.run_plan import check_mesh, make_run_mesh
 from moejax.training.steps import build, make_steps
 from moejax.training.train import jit_train_step, no_nonfinite_tally
 
@@ -88,7 +88,8 @@ def abstract_train_inputs(config: ml_collections.ConfigDict, mesh):
 
 def slice_mesh(config: ml_collections.ConfigDict, devices) -> jax.sharding.Mesh:
   """The mesh of `config.mesh` over `devices`, checked against the model and batch (a
-  one-line ValueError when it does not fit them)."""
+  one-line ValueError when it does not fit them, without `make_run_mesh`'s list of the
+  sizes that would: the planner, trying candidates, records why each one failed)."""
   return check_mesh(
     sharding.make_mesh(config.mesh, devices, num_slices=config.hardware.num_slices), config
   )
@@ -198,7 +199,7 @@ def report(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
       f"(multi-slice reports: {', '.join(g for g, c in CHIPS.items() if c.dcn_bytes_per_second)})."
     )
   devices = slice_devices(topology_name, num_slices)
-  mesh = slice_mesh(config, devices)
+  mesh = make_run_mesh(config, devices)  # a mesh that does not fit lists the sizes that do
   chips = num_chips(topology_name) * num_slices
   devices_per_chip = max(1, len(devices) // chips)  # v4: one per core
   hbm = chip.hbm_bytes // devices_per_chip

@@ -96,12 +96,17 @@ def main(argv) -> None:
     print(run_plan.describe_plan(plan, config))
     print("dry run: nothing was written.")
     return
-  if config.hardware.topology and jax.process_index() == 0:
+  if config.hardware.topology and jax.process_index() == 0 and not cli.QUIET.value:
     print(
       f"config made for {config.hardware.topology}; running on {jax.device_count()} "
       f"{jax.devices()[0].device_kind} devices"
     )
-  final = train.train_and_evaluate(config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  final = train.train_and_evaluate(
+    config,
+    workdir,
+    show_progress=not cli.QUIET.value,
+    allow_config_change=_ALLOW_CONFIG_CHANGE.value,
+  )
   if jax.process_index() != 0 or final["preempted"]:
     return
   if final["start_step"] >= config.train.num_steps:

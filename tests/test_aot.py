@@ -244,3 +244,12 @@ def test_command_line(tmp_path):
   )
   assert wrong.returncode == 2
   assert wrong.stderr.strip().splitlines()[-1].startswith("error: --topology='v5e-3'")
+  # A mesh that does not fit the slice lists the sizes that do, and libtpu's host probe
+  # line stays out of the output.
+  unfit = subprocess.run(
+    command + ["--config.mesh.expert=3"], capture_output=True, text=True, timeout=600
+  )
+  assert unfit.returncode == 2
+  assert unfit.stderr.splitlines() == [unfit.stderr.strip()], unfit.stderr
+  assert "Sizes that fit the 4 devices: " in unfit.stderr
+  assert "--config.mesh.data=1 --config.mesh.fsdp=1 --config.mesh.expert=4" in unfit.stderr

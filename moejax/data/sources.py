@@ -1,8 +1,10 @@
 """Reads TFDS text datasets (array_record): whole splits as lists of strings, or record
 ranges; builds the embedded corpora (`shakespeare_plays`, `kjv_bible`) offline."""
 
+import contextlib
 import difflib
 import importlib.util
+import io
 import os
 
 import tensorflow_datasets as tfds
@@ -31,7 +33,8 @@ def _check_prepared(name: str, data_dir: str) -> None:
   try:
     prepared = tfds.builder(name, data_dir=data_dir).is_prepared()
   except tfds.core.DatasetNotFoundError:
-    known = list(EMBEDDED) + sorted(tfds.list_builders(with_community_datasets=False))
+    builders = sorted(tfds.list_builders(with_community_datasets=False))
+    known = list(dict.fromkeys([*EMBEDDED, *builders]))  # the embedded ones are builders too
     close = difflib.get_close_matches(name.split("/")[0], known, n=2)
     close.sort(key=lambda c: c not in EMBEDDED)  # the built-in corpora first
     if close:
@@ -48,6 +51,61 @@ def _check_prepared(name: str, data_dir: str) -> None:
     )
 
 
+def _records(count: int) -> str:
+  return f"{count} record" + ("" if count == 1 else "s")
+
+
+def _split_names(spec: str) -> list[str]:
+  """The split names a TFDS split `spec` reads (`'validation[:50%]+train'` -> both); a
+  ValueError if it is no split spec."""
+  tfds.core.ReadInstruction.from_spec(spec)  # TFDS's own syntax check
+  return [part.split("[", 1)[0].strip() for part in spec.split("+")]
+
+
+def check_dataset(name: str, data_dir: str | None, splits: dict[str, str]) -> None:
+  """Checks, preparing and downloading nothing, that dataset `name` can be read: an
+  embedded corpus (its package installed, or already built) or a TFDS dataset prepared in
+  `data_dir`, and that each split spec of `splits` (`{'config.data.train_split': 'train'}`,
+  keyed by the setting that names it) names its splits and, where the dataset is prepared,
+  selects at least one record.
+
+  A one-line ValueError names the setting of a wrong name or split (with a "did you
+  mean"); a FileNotFoundError or ImportError says how to prepare what is missing.
+  """
+  data_dir = resolve_data_dir(data_dir)
+  if name in EMBEDDED:
+    builder = EMBEDDED[name](data_dir=data_dir, file_format="array_record")
+    if not builder.is_prepared():
+      module, install = _PACKAGES[name]
+      if importlib.util.find_spec(module) is None:
+        raise ImportError(f"the {name} corpus comes from the Python package {module!r}: {install}")
+      known = {split: None for split in builder._split_generators(None)}  # lazy: nothing read
+    else:
+      known = {split: info.num_examples for split, info in builder.info.splits.items()}
+  else:
+    _check_prepared(name, data_dir)
+    builder = tfds.builder(name, data_dir=data_dir)
+    known = {split: info.num_examples for split, info in builder.info.splits.items()}
+  sizes = ", ".join(k if n is None else f"{k} ({_records(n)})" for k, n in known.items())
+  for key, spec in splits.items():
+    try:
+      names = _split_names(spec)
+    except ValueError:
+      raise ValueError(
+        f"{key}={spec!r} is not a TFDS split spec (NAME, NAME[:50%], NAME[10:20], "
+        f"NAME+NAME); the splits of {name}: {sizes}."
+      ) from None
+    for split in names:
+      if split not in known:
+        close = difflib.get_close_matches(split, list(known), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(
+          f"{key}={spec!r}: {name} has no split {split!r}; {hint}its splits: {sizes}."
+        )
+    if None not in known.values() and builder.info.splits[spec].num_examples < 1:
+      raise ValueError(f"{key}={spec!r} selects no record of {name}; its splits: {sizes}.")
+
+
 def _build_embedded(name: str, data_dir: str) -> None:
   """Builds embedded corpus `name` as array_record into `data_dir`, offline (a few
   seconds); a no-op when it is there. Needs neither TensorFlow nor the network."""
@@ -58,7 +116,12 @@ def _build_embedded(name: str, data_dir: str) -> None:
   if importlib.util.find_spec(module) is None:
     raise ImportError(f"the {name} corpus comes from the Python package {module!r}: {install}")
   tfds.display_progress_bar(False)  # a second's work: no progress bars
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  # TFDS prints a "Downloading and preparing" line and a "downloaded" line, though nothing
+  # is downloaded: they are kept out of the command's output.
+  with contextlib.redirect_stdout(io.StringIO()):
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+    )
 
 
 def prepare_corpus(name: str, data_dir: str | None = None) -> None:
@@ -75,6 +138,14 @@ def split_size(name: str, split: str, data_dir: str | None = None) -> int:
   """Records in `name[split]` (prepared first, as `prepare` does)."""
   data_dir = resolve_data_dir(data_dir)
   prepare_corpus(name, data_dir)
+  splits = tfds.builder(name, data_dir=data_dir).info.splits
+  sizes = ", ".join(f"{k} ({_records(info.num_examples)})" for k, info in splits.items())
+  try:
+    size = splits[split].num_examples
+  except ValueError as error:  # an unknown split, or a malformed spec
+    raise ValueError(" ".join(str(error).split())) from None
+  if size < 1:
+    raise ValueError(f"split {split!r} of {name} selects no record; its splits: {sizes}.")
   return len(tfds.data_source(name, split=split, data_dir=data_dir, download=False))
 
 

@@ -4,10 +4,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import math
+import os
 import re
+import sys
+import tempfile
 
 import jax
 
@@ -92,10 +96,34 @@ def slice_devices(topology_name: str, num_slices: int = 1) -> list[jax.Device]:
     raise ValueError(f"compiling for a TPU slice needs libtpu: {INSTALL_LINE}")
   from jax.experimental import topologies
 
-  topology = topologies.get_topology_desc(
-    platform="tpu", topology_name=topology_name, num_slices=num_slices
-  )
+  with _without_host_probe_line():
+    topology = topologies.get_topology_desc(
+      platform="tpu", topology_name=topology_name, num_slices=num_slices
+    )
   return list(topology.devices)
+
+
+# What libtpu prints on every start on a host that is not a TPU VM, from native code.
+_HOST_PROBE_LINE = "Failed to find host bounds for accelerator type"
+
+
+@contextlib.contextmanager
+def _without_host_probe_line():
+  """Within the block, the process's native stderr is kept aside; on leaving, all of it but
+  libtpu's `_HOST_PROBE_LINE` is written out."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as kept:
+    os.dup2(kept.fileno(), 2)
+    try:
+      yield
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      kept.seek(0)
+      lines = kept.read().decode(errors="replace").splitlines(keepends=True)
+      sys.stderr.write("".join(line for line in lines if _HOST_PROBE_LINE not in line))
+      sys.stderr.flush()
 
 
 def num_chips(topology_name: str) -> int:

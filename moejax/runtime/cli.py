@@ -25,10 +25,16 @@ from typing import Protocol
 from absl import app, flags
 from absl import logging as absl_logging
 
+from moejax.runtime import quiet
 from moejax.runtime.signals import handle_signals
 
 VERBOSE = flags.DEFINE_bool(
-  "verbose", False, "On an error, print the traceback above the one-line message."
+  "verbose",
+  False,
+  "On an error, print the traceback above the one-line message, and the libraries' own logs.",
+)
+QUIET = flags.DEFINE_bool(
+  "quiet", False, "Print only the result lines (warnings and errors still print)."
 )
 
 # ----------------------------------------------------------------------------- errors
@@ -50,10 +56,13 @@ _FAILED_RUN_STATUSES = (
 
 def exit_code(error: BaseException) -> int:
   """2 when the command is wrong (bad flag, config key or value, path), 1 when the run
-  failed (I/O, disk, network; a `ValueError` carrying a failed-run status included)."""
+  failed (I/O, disk, network; a `ValueError` carrying a failed-run status or an operating
+  system's error code, as TensorStore raises them, included)."""
   wrong_command = (ValueError, KeyError, TypeError, app.UsageError, flags.Error)
-  if isinstance(error, ValueError) and str(error).lstrip().startswith(_FAILED_RUN_STATUSES):
-    return 1
+  if isinstance(error, ValueError):
+    text = str(error).lstrip()
+    if text.startswith(_FAILED_RUN_STATUSES) or "[os_error_code=" in text:
+      return 1
   return 2 if isinstance(error, wrong_command) else 1
 
 
@@ -129,6 +138,7 @@ def _run_main(
   main: Callable[[list[str]], None], argv: list[str], subcommands: tuple[str, ...] = ()
 ) -> None:
   absl_logging.set_verbosity(absl_logging.WARNING)  # keep Orbax/XLA info lines out of the way
+  quiet.quiet_libraries(verbose=VERBOSE.value)
   try:
     if subcommands and (len(argv) < 2 or argv[1] not in subcommands):
       given = f"{argv[1]!r} is not a command" if len(argv) > 1 else "no command given"
@@ -138,7 +148,9 @@ def _run_main(
       raise app.UsageError(f"unexpected argument {extra!r}; every option is a --flag=VALUE.")
     main(argv)
   except Exception as error:  # every failure: one line and its exit code
-    sys.exit(report_error(error, verbose=VERBOSE.value))
+    code = report_error(error, verbose=VERBOSE.value)
+    quiet.exit_past_abandoned_saves(code)
+    sys.exit(code)
 
 
 def flag_value(args: Sequence[str], name: str) -> tuple[int, str] | None:

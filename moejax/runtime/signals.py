@@ -15,7 +15,14 @@ import threading
 from collections.abc import Callable, Iterator
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_state = {"installed": False, "seen": 0, "listener": None, "at_once_note": "", "note": ""}
+_state = {
+  "installed": False,
+  "seen": 0,
+  "listener": None,
+  "at_once_note": "",
+  "note": "",
+  "cleanups": [],
+}
 _lock = threading.Lock()
 
 
@@ -30,9 +37,10 @@ def handle_signals(note: str | None = None) -> None:
 
   The first signal goes to the block that asked for it with `stop_requests` (the training
   loop: stop after this step, with a checkpoint). Otherwise, and at a second signal, the
-  process prints one line (`stopped by SIGINT; NOTE`) and ends at once with 128 + the
-  signal number, as if killed: everything moejax writes survives a kill -9. `note` (kept
-  when None) is what that line says next: what was lost, and the fix.
+  process runs the cleanups registered with `cleanup_on_stop` (the partial output of an
+  import, upcycle or export), prints one line (`stopped by SIGINT; NOTE`) and ends at once
+  with 128 + the signal number, as if killed: everything moejax writes survives a kill -9.
+  `note` (kept when None) is what that line says next: what was lost, and the fix.
   """
   if note is not None:
     _state["note"] = note
@@ -77,6 +85,21 @@ def stop_requests(on_first: Callable[[int], None], *, at_once_note: str) -> Iter
       _state["listener"] = None
 
 
+@contextlib.contextmanager
+def cleanup_on_stop(cleanup: Callable[[], None]) -> Iterator[None]:
+  """Within the block, a signal that ends the process runs `cleanup()` first (from the
+  signal thread, while the main thread may still be writing or blocked in a read): the
+  command removes what it wrote, so the same command can be rerun. Blocks nest; the
+  innermost cleanup runs first. An exception in `cleanup` is ignored: the process ends."""
+  with _lock:
+    _state["cleanups"].append(cleanup)
+  try:
+    yield
+  finally:
+    with _lock:
+      _state["cleanups"].remove(cleanup)
+
+
 def _wait_for_signals() -> None:
   while True:
     _on_signal(signal.sigwait(_STOP_SIGNALS))
@@ -94,6 +117,11 @@ def _on_signal(signum: int) -> None:
   if listener is not None and seen == 1:
     listener(signum)
     return
+  with _lock:
+    cleanups = list(reversed(_state["cleanups"]))
+  for cleanup in cleanups:
+    with contextlib.suppress(Exception):
+      cleanup()
   for stream in (sys.stdout, sys.stderr):  # what was printed so far, then the one line
     with contextlib.suppress(Exception):
       stream.flush()

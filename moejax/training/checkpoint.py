@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from moejax.runtime import quiet
 from moejax.training import workdir as workdir_lib
 from moejax.training.checksums import checksums, mismatches
 from moejax.training.streamed_array import StreamedArray, StreamedArrayHandler
@@ -33,19 +34,9 @@ from moejax.training.tree_paths import path_name
 log = logging.getLogger(__name__)
 
 
-class _OrphanedReads(logging.Filter):
-  """Drops asyncio's "Task exception was never retrieved" for Orbax's reads: when a
-  checkpoint turns out unreadable, the reads of its other arrays are abandoned, and their
-  errors, already reported as one warning naming the checkpoint, would be printed again
-  as tracebacks whenever the tasks are collected."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    message = record.getMessage()
-    orbax = "orbax" in message or "async_deserialize" in message
-    return not (message.startswith("Task exception was never retrieved") and orbax)
-
-
-logging.getLogger("asyncio").addFilter(_OrphanedReads())
+# When a checkpoint turns out unreadable, or a save fails, Orbax abandons the reads or
+# writes of its other arrays; their errors, already reported once, stay out of the output.
+quiet.drop_orphaned_orbax_tasks()
 
 
 class DoesNotFit(ValueError):

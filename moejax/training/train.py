@@ -152,8 +152,10 @@ def train_and_evaluate(
 
   A fresh run (no checkpoint in `workdir`) with `train.init_from` takes its model from the
   newest readable checkpoint there, with a new optimizer, at step 0; a resume never reads
-  it. Only the parameters `train.trainable` and `train.frozen` select train. One line at
-  the start says where the run starts and what trains (with the optimizer state's bytes).
+  it. Only the parameters `train.trainable` and `train.frozen` select train. With
+  `show_progress`, one line at the start says where the run starts and what trains (with
+  the optimizer state's bytes), one line per eval gives its loss, and on a terminal a
+  progress bar counts the steps (`--quiet` turns all three off).
 
   Everything `plan_run` checks is checked before the workdir is created or written, and
   the data is found before it is created. The run holds the workdir's lock from before
@@ -250,7 +252,7 @@ def _train(config, plan, data, process: int, show_progress: bool) -> dict[str, A
     if start_step:
       train_iter.set_state(data_position.own(data_state))
       log.info("resumed from the checkpoint at step %d", start_step)
-    if process == 0:
+    if process == 0 and show_progress:
       tqdm.write(_startup_line(plan, config, start_step, init_step))
     writer = MetricWriter(plan.workdir, enabled=process == 0, resume_step=start_step)
     try:
@@ -329,7 +331,7 @@ def _train_loop(
     initial=start_step,
     unit="step",
     dynamic_ncols=True,
-    disable=not show_progress,
+    disable=not (show_progress and sys.stderr.isatty()),  # a bar only on a terminal
   )
   with progress, PreemptionWatch(jax.process_count()) as preemption:
     clock.start()
@@ -371,10 +373,11 @@ def _train_loop(
         if eval_now:
           last_eval = evaluate(eval_step, state, eval_batches)
           writer.write(step, last_eval)
-          progress.write(
-            f"step {step}: eval loss {last_eval['eval/loss']:.4f}, "
-            f"{last_eval['eval/bits_per_byte']:.4f} bits/byte"
-          )
+          if show_progress:
+            progress.write(
+              f"step {step}: eval loss {last_eval['eval/loss']:.4f}, "
+              f"{last_eval['eval/bits_per_byte']:.4f} bits/byte"
+            )
         if save_now:
           if per_process_data:  # the gather is a collective: Orbax's last save finished first
             checkpoints.wait_until_finished()
