@@ -1,11 +1,16 @@
 """Evaluate a checkpoint: `python -m moejax.eval --workdir=DIR [--step=N] [--split=NAME]
-[--batches=N]`
+[--batches=N] [--tokens_dir=STORE | --data_name=NAME]`
 
 Loads the newest readable checkpoint of DIR (or `--step`), never writing to DIR, and runs
 it in eval mode over the validation split as training evaluates it (the same batches,
 `data.eval_batches` of them unless `--batches`): loss, bits per byte, the dropped share
 of expert assignments, and each MoE layer's expert load (share of assignments per
 expert; 1/E each when balanced).
+
+Other data: `--tokens_dir=STORE` scores a whole token store (prepared with the model's
+tokenizer: `moejax.data.token_data.check_model_data`), `--data_name=NAME` a TFDS or
+embedded dataset's `--split` as bytes (a byte model only). A model with a vocabulary of
+its own is never scored on bytes, and a non-finite result is a failed evaluation (exit 1).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from absl import flags
 from flax import nnx
 
 from moejax import data as data_lib
+from moejax.data.sources import check_dataset
+from moejax.data.token_data import check_model_data
 from moejax.runtime import cli
 from moejax.training.loading import load_model
 from moejax.training.steps import document_layout, eval_sums
@@ -39,7 +46,32 @@ def define_flags() -> None:
   flags.DEFINE_integer(
     "batches", None, "Batches to evaluate (default: the run's data.eval_batches).", lower_bound=1
   )
+  flags.DEFINE_string(
+    "tokens_dir", None, "Score this token store (all of it) instead of the run's held-out data."
+  )
+  flags.DEFINE_string(
+    "data_name",
+    None,
+    "Score this TFDS or embedded dataset's --split (as bytes) instead of the run's data.",
+  )
   flags.mark_flag_as_required("workdir")
+
+
+def with_eval_data(config, *, tokens_dir: str | None, data_name: str | None):
+  """`config` (a copy) reading its eval data from token store `tokens_dir` (the whole
+  store) or from dataset `data_name` (bytes), else unchanged; the run's batch, sequence,
+  packing and document-masking settings are kept."""
+  if tokens_dir and data_name:
+    raise ValueError("--tokens_dir and --data_name both name data to score; pass one.")
+  if not (tokens_dir or data_name):
+    return config
+  config = config.copy_and_resolve_references()
+  d = config.data
+  d.mixture = d.eval_fraction = None
+  d.tokens_dir = d.eval_tokens_dir = tokens_dir
+  if data_name:
+    d.name = data_name
+  return config
 
 
 def eval_batches(config, *, split: str, max_batches: int) -> list[dict[str, np.ndarray]]:
@@ -85,6 +117,17 @@ def evaluate_model(model, batches: Sequence[dict[str, np.ndarray]]) -> dict[str,
   }
 
 
+def check_finite(result: dict[str, Any], step: int, workdir: str) -> None:
+  """A one-line RuntimeError (a failed evaluation, exit 1) when the loss or bits per byte
+  of `evaluate_model`'s `result` is NaN or infinite."""
+  if not all(math.isfinite(result[k]) for k in ("loss", "bits_per_byte")):
+    raise RuntimeError(
+      f"checkpoint {step} of {workdir} scores a non-finite loss ({result['loss']} "
+      f"nats/token, {result['bits_per_byte']} bits/byte): its weights hold NaN/Inf, or the "
+      "data holds ids past its vocabulary."
+    )
+
+
 def report(result: dict[str, Any], moe_layers: Sequence[int]) -> str:
   """The evaluation as lines of text."""
   lines = [
@@ -105,19 +148,36 @@ def main(argv) -> None:
   del argv
   FLAGS = flags.FLAGS
   model, config, step = load_model(FLAGS.workdir, FLAGS.step)
+  config = with_eval_data(config, tokens_dir=FLAGS.tokens_dir, data_name=FLAGS.data_name)
   if FLAGS.split and data_lib.uses_token_stores(config.data):
     raise ValueError(
-      "--split: this run reads token stores, whose held-out tokens are data.eval_tokens_dir "
-      "or data.eval_fraction; drop --split."
+      "--split: this evaluation reads token stores (the run's held-out tokens, or "
+      "--tokens_dir), which have no splits; drop --split."
     )
+  check_model_data(
+    config.data, FLAGS.workdir, key="--workdir", use="score", store_key="--tokens_dir"
+  )
   split = FLAGS.split or config.data.eval_split
+  if FLAGS.data_name:
+    try:
+      check_dataset(FLAGS.data_name, config.data.data_dir, {"--split": split})
+    except ValueError as error:  # a wrong name names config.data.name: say which flag set it
+      raise ValueError(f"--data_name={FLAGS.data_name}: {error}") from None
   try:
     batches = eval_batches(
       config, split=split, max_batches=FLAGS.batches or config.data.eval_batches
     )
   except ValueError as error:  # an unknown split, or one shorter than a batch
-    raise ValueError(f"--split={split}: {cli.one_line(error)}") from error
+    source = (
+      f"--tokens_dir={FLAGS.tokens_dir}"
+      if FLAGS.tokens_dir
+      else "the run's held-out tokens"
+      if data_lib.uses_token_stores(config.data)
+      else f"--split={split}"
+    )
+    raise ValueError(f"{source}: {cli.one_line(error)}") from error
   result = evaluate_model(model, batches)
+  check_finite(result, step, FLAGS.workdir)
   t = config.train
   held_out = config.data.eval_tokens_dir or (
     f"the last {config.data.eval_fraction:g} of the training stores"

@@ -54,6 +54,19 @@ def the_error(result) -> str:
     # A failing get_config: its message, on one line.
     ("moejax.main", ["--config=configs/tiny.py:bogus", "--workdir={w}"], 2, ["'bogus'"]),
     ("moejax.main", [SMOKE, "--workdri={w}"], 2, ["did you mean --workdir?"]),
+    # --dry_run checks the dataset, its splits and the train values, reading no data.
+    (
+      "moejax.main",
+      [SMOKE, "--workdir={w}", "--dry_run", "--config.data.eval_split=valdation"],
+      2,
+      ["config.data.eval_split='valdation'", "did you mean 'validation'?"],
+    ),
+    (
+      "moejax.main",
+      [SMOKE, "--workdir={w}", "--dry_run", "--config.train.warmup_steps=-10"],
+      2,
+      ["config.train.warmup_steps=-10 must be an integer in [0, train.num_steps=6)"],
+    ),
     ("moejax.main", [SMOKE, "--workdir={w}", "--config.mesh.expert=3"], 2, ["mesh.expert=2"]),
     (
       "moejax.main",

@@ -380,3 +380,54 @@ def test_a_train_split_slice_trains_on_those_plays_only(data_dir, splits):
       assert piece in held_in and piece not in held_out, piece
   eval_text = data.decode(eval_batches[0]["inputs"][1])
   assert max(eval_text.split("\n"), key=len)[:30] in held_out
+
+
+def test_an_eval_split_too_small_names_the_keys_and_what_fits(data_dir):
+  with pytest.raises(ValueError) as info:
+    data.make_eval_batches(_unique_windows(96), global_batch_size=256)
+  message = str(info.value)
+  assert "fewer than one global batch of train.batch_size=256" in message, message
+  assert "train.batch_size <= 96" in message and "a larger data.eval_split" in message
+  config = data.default_data_config()
+  config.data_dir = data_dir
+  for split, needle in [
+    ("validation[:1%]", "split 'validation[:1%]' of shakespeare_plays selects no record"),
+    ("valdation", "Unknown split 'valdation'"),
+  ]:
+    config.eval_split = split
+    with pytest.raises(ValueError) as info:
+      data.build_datasets(config, global_batch_size=8, seq_len=32, seed=0)
+    assert str(info.value).startswith(f"config.data.eval_split={split!r}: {needle}"), info.value
+  config.eval_split = "validation[:25%]"  # one play: too few windows for 512 rows
+  with pytest.raises(ValueError, match=r"^config.data.eval_split='validation\[:25%\]': .* "):
+    data.build_datasets(config, global_batch_size=512, seq_len=256, seed=0)
+
+
+def test_the_dataset_check_reads_and_prepares_nothing(data_dir, tmp_path):
+  from moejax.data.sources import check_dataset
+
+  good = {"config.data.train_split": "train", "config.data.eval_split": "validation[:50%]"}
+  check_dataset("shakespeare_plays", data_dir, good)
+  check_dataset("shakespeare_plays", str(tmp_path), good)  # embedded: builds offline later
+  assert not list(tmp_path.iterdir()), "the check prepares nothing"
+  with pytest.raises(ValueError) as info:
+    check_dataset("shakespeare_plyas", data_dir, good)
+  assert str(info.value).count("'shakespeare_plays'") == 1, info.value
+  assert str(info.value).startswith("config.data.name='shakespeare_plyas' is not a TFDS dataset")
+  for directory in (data_dir, str(tmp_path)):
+    for key, split, needle in [
+      ("config.data.train_split", "trian", "has no split 'trian'; did you mean 'train'?"),
+      (
+        "config.data.eval_split",
+        "valdation",
+        "has no split 'valdation'; did you mean 'validation'?",
+      ),
+      ("config.data.eval_split", "validation[:1%", "is not a TFDS split spec"),
+    ]:
+      with pytest.raises(ValueError) as info:
+        check_dataset("shakespeare_plays", directory, {**good, key: split})
+      assert str(info.value).startswith(f"{key}={split!r}") and needle in str(info.value)
+  with pytest.raises(ValueError, match="selects no record of shakespeare_plays"):
+    check_dataset("shakespeare_plays", data_dir, {"config.data.eval_split": "validation[:1%]"})
+  with pytest.raises(FileNotFoundError, match="tfds build lm1b"):
+    check_dataset("lm1b", str(tmp_path), good)

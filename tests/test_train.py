@@ -321,3 +321,69 @@ def test_a_log_step_where_dropless_dropped_warns_in_one_line():
   assert "dropless_overflow='drop'" in line and "dropless_buffer_factor=2" in line
   model.dispatch = "sort"  # capacity drops are the dispatch's meaning, not a warning
   assert train.dropless_drop_warning(4, {"train/dropped_fraction": 0.2812}, model) is None
+
+
+def _bytes_store(tmp_path, tokenizer="bytes"):
+  """A token store of about 8 kB of play-like lines, prepared with `tokenizer`."""
+  from moejax.data.store_writer import prepare
+
+  corpus = tmp_path / "corpus.jsonl"
+  lines = (
+    json.dumps({"text": f"ROMEO. Line {i} of the play, and more of it."}) for i in range(200)
+  )
+  corpus.write_text("\n".join(lines) + "\n")
+  out = str(tmp_path / f"store_{tokenizer.split('/')[-1]}")
+  prepare([f"jsonl:{corpus}"], tokenizer, out)
+  return out
+
+
+def test_eval_scores_another_dataset_or_a_token_store(trained, tmp_path):
+  workdir, _, _ = trained
+  other = _cli(
+    "moejax.eval",
+    f"--workdir={workdir}",
+    "--data_name=shakespeare_plays",
+    "--split=validation[50%:]",
+    "--batches=1",
+  )
+  assert other.returncode == 0, other.stderr[-2000:]
+  assert "on shakespeare_plays[validation[50%:]]: 1 batches" in other.stdout
+  store = _bytes_store(tmp_path)
+  scored = _cli("moejax.eval", f"--workdir={workdir}", f"--tokens_dir={store}", "--batches=2")
+  assert scored.returncode == 0, scored.stderr[-2000:]
+  assert f"on {store}: 2 batches" in scored.stdout and "bits/byte" in scored.stdout
+  wrong = _cli("moejax.eval", f"--workdir={workdir}", "--data_name=shakespeare_plyas")
+  assert wrong.returncode == 2, wrong.stderr[-2000:]
+  assert "error: --data_name=shakespeare_plyas: " in wrong.stderr
+  assert "did you mean 'shakespeare_plays'" in wrong.stderr
+
+
+def test_eval_refuses_data_the_model_cannot_read(trained, tmp_path):
+  from moejax import eval as eval_lib
+  from moejax.data.token_data import check_model_data
+
+  workdir, config, _ = trained
+  bpe = _bytes_store(tmp_path, "hf:" + os.path.join(REPO, "moejax/data/assets/bpe_2048"))
+  data = eval_lib.with_eval_data(config, tokens_dir=bpe, data_name=None).data
+  with pytest.raises(ValueError, match=r"^--workdir=.* is a byte model .* \(--tokens_dir\)"):
+    check_model_data(data, workdir, key="--workdir", use="score", store_key="--tokens_dir")
+  # A model with a tokenizer of its own (an import's) is not scored on bytes.
+  own = tmp_path / "own"
+  shutil.copytree(workdir, own)
+  shutil.copy(os.path.join(REPO, "moejax/data/assets/bpe_2048/tokenizer.json"), own)
+  result = _cli("moejax.eval", f"--workdir={own}")
+  assert result.returncode == 2, result.stderr[-2000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "holds its own tokenizer.json: score it on a token store" in errors[0]
+  assert "--tokens_dir=DIR" in errors[0]
+
+
+def test_a_non_finite_evaluation_fails_in_one_line():
+  from moejax import eval as eval_lib
+  from moejax.runtime import cli
+
+  eval_lib.check_finite({"loss": 2.0, "bits_per_byte": 3.0}, 8, "W")
+  with pytest.raises(RuntimeError) as error:
+    eval_lib.check_finite({"loss": float("nan"), "bits_per_byte": float("nan")}, 8, "W")
+  assert str(error.value).startswith("checkpoint 8 of W scores a non-finite loss (nan")
+  assert cli.exit_code(error.value) == 1

@@ -20,6 +20,10 @@ the outcome read from the run's `metrics.jsonl`:
   over MoE layers and the last 10% of steps (1.0 uniform; empty for dense arms);
   `expert_load_imbalance_all`: the same over every logged step of the run;
 * `wall_s`: of the call that finished the run.
+
+Each row also says what produced it, from the run's arm.json: the arm's own `overrides`,
+the command's `--set` (`base_overrides`) and the data it trained on (`dataset`); rows of
+results written before these columns have '' there.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ RESULT_COLUMNS = (
   "seed",
   "learning_rate",
   "overrides",
+  "base_overrides",
+  "dataset",
   "num_layers",
   "d_model",
   "num_experts",
@@ -81,7 +87,10 @@ RESULT_COLUMNS = (
   "expert_load_imbalance_all",
   "wall_s",
 )
-TEXT_COLUMNS = ("ablation", "preset", "arm", "overrides", "dispatch")
+TEXT_COLUMNS = ("ablation", "preset", "arm", "overrides", "base_overrides", "dataset", "dispatch")
+# Columns added since results were first committed: a row read from an older results.csv
+# gets '' (not recorded) in each (`read_results_csv`).
+ADDED_COLUMNS = ("base_overrides", "dataset")
 
 
 def _final_window(records: list[dict[str, Any]], num_steps: int) -> list[dict[str, Any]]:
@@ -150,6 +159,8 @@ def run_row(ablation: Ablation, preset: str, arm, seed: int, run_dir: str) -> di
     "seed": seed,
     "learning_rate": t.learning_rate,
     "overrides": json.dumps(dict(arm.overrides), sort_keys=True),
+    "base_overrides": json.dumps(spec.get("base_overrides") or {}, sort_keys=True),
+    "dataset": dataset_of(config),
     "num_layers": m.num_layers,
     "d_model": m.d_model,
     "num_experts": m.num_experts,
@@ -167,6 +178,15 @@ def run_row(ablation: Ablation, preset: str, arm, seed: int, run_dir: str) -> di
     "wall_s": done.get("wall_s", float("nan")),
   }
   return {k: row[k] for k in RESULT_COLUMNS}
+
+
+def dataset_of(config) -> str:
+  """What a run trained on: its token store (`data.tokens_dir`), `mixture:` and its
+  `data.mixture`, or the TFDS split it read (`shakespeare_plays[train]`)."""
+  d = config.data
+  if d.mixture:
+    return f"mixture:{d.mixture}"
+  return d.tokens_dir or f"{d.name}[{d.train_split}]"
 
 
 def eval_batches_of(config) -> int:
@@ -246,7 +266,9 @@ def csv_bytes(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> bytes:
 
 def read_results_csv(path: str) -> list[dict[str, Any]]:
   """Rows of a results.csv (this version's or an earlier one's columns), numbers as float
-  (NaN for empty cells) and `seed` as int."""
+  (NaN for empty cells) and `seed` as int; a results or sweep file written before the
+  `ADDED_COLUMNS` has '' (not recorded) in each. Any other CSV (contrasts.csv) is read as
+  written."""
 
   def value(key, text):
     if key in TEXT_COLUMNS:
@@ -259,4 +281,10 @@ def read_results_csv(path: str) -> list[dict[str, Any]]:
       return text
 
   with open(path, newline="", encoding="utf-8") as f:
-    return [{k: value(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
+    reader = csv.DictReader(f)
+    rows = [{k: value(k, v) for k, v in row.items()} for row in reader]
+  if "overrides" in (reader.fieldnames or ()):  # a results or sweep file
+    for row in rows:
+      for key in ADDED_COLUMNS:
+        row.setdefault(key, "")
+  return rows

@@ -15,7 +15,7 @@ import numpy as np
 from moejax.data import token_data
 from moejax.data.packing import pack_documents, split_inputs_targets
 from moejax.data.shakespeare import NAME as SHAKESPEARE_NAME
-from moejax.data.sources import load_split
+from moejax.data.sources import check_dataset, load_split
 from moejax.data.windows import process_rows
 
 # Elements are cheap slices of an in-memory array: two threads and a short
@@ -86,10 +86,7 @@ def make_eval_batches(
     raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
   num_batches = len(windows) // global_batch_size
   if num_batches < 1:
-    raise ValueError(
-      f"make_eval_batches: {len(windows)} eval windows, fewer than one global "
-      f"batch of {global_batch_size}"
-    )
+    raise ValueError(too_few_eval_windows(len(windows), windows.shape[-1] - 1, global_batch_size))
   if max_batches is not None:
     num_batches = min(num_batches, max_batches)
   blocks = windows[: num_batches * global_batch_size].reshape(
@@ -99,6 +96,23 @@ def make_eval_batches(
   for batch in batches:  # byte ids carry one byte each; PAD, BOS and EOS none
     batch["target_bytes"] = (batch["targets"] < 256).astype(np.int32)
   return batches
+
+
+def too_few_eval_windows(num_windows: int, seq_len: int, global_batch_size: int) -> str:
+  """The one-line error for an eval split of `num_windows` windows of `seq_len + 1` tokens,
+  fewer than one global batch: the keys to change, and the values that would fit."""
+  fits = []
+  if num_windows >= 1:
+    fits.append(f"train.batch_size <= {num_windows}")
+  longest = num_windows * (seq_len + 1) // global_batch_size - 1  # about: the tail is dropped
+  if longest >= 1:
+    fits.append(f"train.seq_len <= {longest}")
+  fits.append("a larger data.eval_split")
+  return (
+    f"the eval split holds {num_windows} windows of train.seq_len + 1 = {seq_len + 1} tokens, "
+    f"fewer than one global batch of train.batch_size={global_batch_size}; what fits: "
+    f"{' or '.join(fits)}."
+  )
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -123,6 +137,26 @@ def default_data_config() -> ml_collections.ConfigDict:
       "document_masking": True,  # attend within a document only; positions restart per document
       "workers": 2,  # threads that read token-store batches ahead of the step
     }
+  )
+
+
+def check_data(data_config: ml_collections.ConfigDict) -> None:
+  """What `build_datasets` would refuse about `data_config`, found without reading,
+  preparing or downloading any data (for `--dry_run`, and before a run writes anything):
+  `data.eval_batches`, and, for TFDS data, the dataset `data.name` (prepared, or an
+  embedded corpus that builds offline) and both splits (`sources.check_dataset`). Token
+  stores are checked where the vocabulary is resolved (`token_data.resolve_vocab_size`)."""
+  if data_config.eval_batches < 1:
+    raise ValueError(f"config.data.eval_batches={data_config.eval_batches} must be >= 1.")
+  if token_data.uses_token_stores(data_config):
+    return
+  check_dataset(
+    data_config.name,
+    data_config.data_dir,
+    {
+      "config.data.train_split": data_config.train_split,
+      "config.data.eval_split": data_config.eval_split,
+    },
   )
 
 
@@ -155,22 +189,37 @@ def build_datasets(
       shard_count=shard_count,
     )
 
-  def windows(split: str) -> np.ndarray:
-    texts = load_split(data_config.name, split, data_config.data_dir, text_key=data_config.text_key)
+  def windows(key: str) -> np.ndarray:
+    split = data_config[key]
+    try:
+      texts = load_split(
+        data_config.name, split, data_config.data_dir, text_key=data_config.text_key
+      )
+    except ValueError as error:  # an unknown split, or a slice without records
+      raise ValueError(f"config.data.{key}={split!r}: {' '.join(str(error).split())}") from None
     return pack_documents(texts, seq_len)
 
+  held_out, train_windows = windows("eval_split"), windows("train_split")
+  if len(train_windows) == 0:
+    raise ValueError(
+      f"config.data.train_split={data_config.train_split!r} holds fewer than train.seq_len + 1 "
+      f"= {seq_len + 1} tokens."
+    )
   train = make_train_iterator(
-    windows(data_config.train_split),
+    train_windows,
     global_batch_size=global_batch_size,
     seed=seed,
     shard_index=shard_index,
     shard_count=shard_count,
   )
-  eval_batches = make_eval_batches(
-    windows(data_config.eval_split),
-    global_batch_size=global_batch_size,
-    shard_index=shard_index,
-    shard_count=shard_count,
-    max_batches=data_config.eval_batches,
-  )
+  try:
+    eval_batches = make_eval_batches(
+      held_out,
+      global_batch_size=global_batch_size,
+      shard_index=shard_index,
+      shard_count=shard_count,
+      max_batches=data_config.eval_batches,
+    )
+  except ValueError as error:
+    raise ValueError(f"config.data.eval_split={data_config.eval_split!r}: {error}") from None
   return train, eval_batches

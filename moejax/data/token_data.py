@@ -16,6 +16,8 @@ Every store of a run must share one tokenizer (the same fingerprint).
 
 from __future__ import annotations
 
+import json
+
 import ml_collections
 import numpy as np
 from etils import epath
@@ -107,25 +109,97 @@ def run_tokenizer_files(data_config) -> dict[str, str]:
 
 
 def check_init_from_tokenizer(data_config, init_from: str | None) -> None:
-  """A run that starts from a run holding its `tokenizer.json` (an import's, or a run on
-  token stores) trains on text in that vocabulary: token stores prepared with the same
-  file (same fingerprint), one line otherwise. `init_from` may be any etils path."""
-  if not init_from or not (epath.Path(init_from) / "tokenizer.json").exists():
+  """Refuses, in one line, data whose token ids mean something else to the model that
+  `train.init_from` (any etils path) starts from: `check_model_data`'s rule."""
+  if init_from:
+    check_model_data(data_config, init_from)
+
+
+def check_model_data(
+  data_config,
+  directory: str,
+  *,
+  key: str = "config.train.init_from",
+  use: str = "fine-tune",
+  store_key: str = "data.tokens_dir",
+) -> None:
+  """Refuses, in one line naming `key` (the setting that names `directory`) and
+  `store_key` (the one that names a token store), data whose token ids mean something
+  else to the model of the run, import or upcycle `directory` (any etils path). The rule:
+
+  * `directory` holds its `tokenizer.json` (an import's, or a run's on token stores): the
+    data is token stores prepared with that same file (same fingerprint).
+  * Else, a run or upcycle whose saved config reads bytes is a byte model: the data is
+    bytes (no stores, or stores prepared with `bytes`).
+  * Else (an import without its tokenizer, or a config naming a tokenizer whose file is
+    gone), the ids are the source's: bytes are refused unless the model's vocabulary is the
+    byte one, and token stores are taken on trust.
+
+  Every store's vocabulary must fit in the model's (`model.vocab_size` of `directory`'s
+  saved `config.json`): a model whose vocabulary is padded past its tokenizer's (published
+  configs round it up) is allowed. Without a readable `config.json` only the first rule
+  applies (loading the model reports a directory without a model). `use` is the verb of
+  the hints (fine-tune, score)."""
+  root = epath.Path(directory)
+  where = f"{key}={directory}"
+  if (root / "tokenizer.json").exists():
+    _check_own_tokenizer(data_config, directory, where, use, store_key)
     return
-  kind = f"hf:{init_from}"
+  saved = _saved_config(root)
+  if saved is None:
+    return
+  vocab = saved.get("model", {}).get("vocab_size")
+  saved_tokenizer = saved.get("data", {}).get("tokenizer")
+  byte_model = not (root / "import.json").exists() and saved_tokenizer in (None, "bytes")
+  if not uses_token_stores(data_config):
+    if not byte_model and vocab != BYTE_VOCAB_SIZE:
+      raise ValueError(
+        f"{where} has a vocabulary of {vocab} tokens and no tokenizer.json, so byte ids mean "
+        f"nothing to it: put its source's tokenizer.json in {directory} and {use} it on a "
+        f"token store prepared with it (python -m moejax.data.prepare "
+        f"--tokenizer=hf:{directory} ...; {store_key}=DIR)."
+      )
+    return
+  store = training_stores(data_config)[0][0]
+  if byte_model and store.tokenizer_fingerprint != load_tokenizer("bytes").fingerprint():
+    raise ValueError(
+      f"{where} is a byte model (no tokenizer.json), but token store {store.directory} "
+      f"({store_key}) was prepared with {store.meta['tokenizer']}; {use} it on bytes, or on "
+      "a store prepared with --tokenizer=bytes."
+    )
+  if isinstance(vocab, int) and store.vocab_size > vocab:
+    raise ValueError(
+      f"{where} has a vocabulary of {vocab} tokens, fewer than the {store.vocab_size} of "
+      f"token store {store.directory} ({store_key}, {store.meta['tokenizer']}); prepare the "
+      "store with the model's own tokenizer."
+    )
+
+
+def _saved_config(root: epath.Path) -> dict | None:
+  """The `config.json` a run, import or upcycle directory saved, or None (none, unreadable)."""
+  try:
+    saved = json.loads((root / "config.json").read_text())
+  except (OSError, ValueError):
+    return None
+  return saved if isinstance(saved, dict) else None
+
+
+def _check_own_tokenizer(data_config, directory: str, where: str, use: str, store_key) -> None:
+  """`directory` holds a tokenizer.json: the data is a token store prepared with it."""
+  kind = f"hf:{directory}"
   if not uses_token_stores(data_config):
     raise ValueError(
-      f"train.init_from={init_from} holds its own tokenizer.json: fine-tune it on a token "
-      f"store prepared with it (python -m moejax.data.prepare --tokenizer={kind} ...; "
-      "data.tokens_dir=DIR), not on bytes."
+      f"{where} holds its own tokenizer.json: {use} it on a token store prepared with it "
+      f"(python -m moejax.data.prepare --tokenizer={kind} ...; {store_key}=DIR), not on bytes."
     )
   store = training_stores(data_config)[0][0]
   names = ("tokenizer.json", "tokenizer_config.json")
-  files = [epath.Path(init_from) / name for name in names]
+  files = [epath.Path(directory) / name for name in names]
   if hf_fingerprint(f.read_bytes() for f in files if f.exists()) != store.tokenizer_fingerprint:
     raise ValueError(
-      f"token store {store.directory} was prepared with {store.meta['tokenizer']}, not with "
-      f"the tokenizer.json of train.init_from={init_from}; prepare it with --tokenizer={kind}."
+      f"token store {store.directory} ({store_key}) was prepared with "
+      f"{store.meta['tokenizer']}, not with the tokenizer.json of {where}; prepare it with "
+      f"--tokenizer={kind}."
     )
 
 
@@ -133,7 +207,9 @@ def resolve_vocab_size(config: ml_collections.ConfigDict) -> str | None:
   """Sets `model.vocab_size` from the stores' tokenizer where it is the byte vocabulary
   (the default) and the stores are not bytes; refuses a vocabulary smaller than the
   tokenizer's. Returns a note of what changed, or None. A config without stores reads
-  bytes: a `data.tokenizer` other than `bytes` is refused there (it would do nothing)."""
+  bytes: a `data.tokenizer` other than `bytes` is refused there (it would do nothing), and
+  so is a `model.vocab_size` below the byte vocabulary (`BYTE_VOCAB_SIZE`; byte ids past
+  the embedding would read garbage and score NaN)."""
   if not uses_token_stores(config.data):
     kind = config.data.tokenizer
     if kind and kind != "bytes":
@@ -142,6 +218,13 @@ def resolve_vocab_size(config: ml_collections.ConfigDict) -> str | None:
         f"data.tokenizer={kind}: text in that tokenizer is read from token stores; prepare "
         f"one (python -m moejax.data.prepare --tokenizer={kind} --source=... --out=DIR) and "
         "set data.tokens_dir=DIR."
+      )
+    if config.model.vocab_size < BYTE_VOCAB_SIZE:
+      raise ValueError(
+        f"config.model.vocab_size={config.model.vocab_size} is smaller than the byte "
+        f"tokenizer's vocabulary of {BYTE_VOCAB_SIZE} (data.name={config.data.name} is read "
+        f"as bytes); set config.model.vocab_size >= {BYTE_VOCAB_SIZE}, or train on a token "
+        "store (data.tokens_dir)."
       )
     return None
   store = training_stores(config.data)[0][0]

@@ -18,6 +18,7 @@ from flax import nnx
 
 from moejax import data as data_lib
 from moejax.config import text as config_text
+from moejax.data.pipeline import check_data
 from moejax.parallel import sharding
 from moejax.training import checkpoint as checkpoint_lib
 from moejax.training import workdir as workdir_lib
@@ -30,7 +31,31 @@ log = logging.getLogger(__name__)
 NONFINITE_POLICIES = ("stop", "skip")
 
 
+# The real-valued train keys: (key, lowest, lowest allowed?, highest, highest allowed?, what).
+_REAL_KEYS = (
+  ("learning_rate", 0.0, False, math.inf, False, "a finite number > 0"),
+  ("min_learning_rate_ratio", 0.0, True, 1.0, True, "a number in [0, 1]"),
+  ("weight_decay", 0.0, True, math.inf, False, "a finite number >= 0"),
+  ("adam_b1", 0.0, True, 1.0, False, "a number in [0, 1)"),
+  ("adam_b2", 0.0, True, 1.0, False, "a number in [0, 1)"),
+  ("grad_clip_norm", 0.0, False, math.inf, False, "a finite number > 0"),
+)
+
+
+def _in_range(value, low, low_ok, high, high_ok) -> bool:
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    return False
+  return (value > low or (low_ok and value == low)) and (
+    value < high or (high_ok and value == high)
+  )
+
+
 def validate_train_config(tc: ml_collections.ConfigDict) -> None:
+  """A one-line ValueError naming the first `config.train` key whose value cannot train:
+  counts and intervals positive integers, `warmup_steps` an integer in [0, num_steps), `seed` an
+  integer, the learning rate, its decay ratio, weight decay, Adam's betas and the clipping
+  norm finite and in range (`_REAL_KEYS`), `nonfinite_policy` one of `NONFINITE_POLICIES`."""
+  is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
   for key in (
     "num_steps",
     "batch_size",
@@ -40,15 +65,23 @@ def validate_train_config(tc: ml_collections.ConfigDict) -> None:
     "checkpoint_every",
     "keep_checkpoints",
   ):
-    if not isinstance(tc[key], int) or tc[key] < 1:
+    if not is_int(tc[key]) or tc[key] < 1:
       raise ValueError(f"config.train.{key}={tc[key]!r} must be a positive integer.")
+  if not is_int(tc.warmup_steps) or not 0 <= tc.warmup_steps < tc.num_steps:
+    raise ValueError(
+      f"config.train.warmup_steps={tc.warmup_steps!r} must be an integer in [0, "
+      f"train.num_steps={tc.num_steps})."
+    )
+  if not is_int(tc.seed):
+    raise ValueError(f"config.train.seed={tc.seed!r} must be an integer.")
   if tc.nonfinite_policy not in NONFINITE_POLICIES:
     raise ValueError(
       f"config.train.nonfinite_policy={tc.nonfinite_policy!r}; allowed: "
       f"{', '.join(NONFINITE_POLICIES)}."
     )
-  if not tc.learning_rate > 0:
-    raise ValueError(f"config.train.learning_rate={tc.learning_rate!r} must be > 0.")
+  for key, low, low_ok, high, high_ok, allowed in _REAL_KEYS:
+    if not _in_range(tc[key], low, low_ok, high, high_ok):
+      raise ValueError(f"config.train.{key}={tc[key]!r} must be {allowed}.")
 
 
 # ----------------------------------------------------------------------------- before the loop
@@ -106,17 +139,18 @@ def fitting_meshes(config: ml_collections.ConfigDict, num_devices: int) -> list[
   return fits
 
 
-def make_run_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  """The mesh of `config.mesh` over all devices, checked against the model and batch; a
-  mesh that does not fit raises a one-line ValueError that lists the sizes that would."""
+def make_run_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
+  """The mesh of `config.mesh` over `devices` (default: all devices), checked against the
+  model and batch; a mesh that does not fit raises a one-line ValueError that lists the
+  sizes that would (on one slice)."""
   try:
     mesh = check_mesh(
-      sharding.make_mesh(config.mesh, num_slices=config.hardware.num_slices), config
+      sharding.make_mesh(config.mesh, devices, num_slices=config.hardware.num_slices), config
     )
   except ValueError as error:
     if config.hardware.num_slices > 1:  # the sizes below are for one slice
       raise ValueError(" ".join(str(error).split())) from None
-    devices = jax.device_count()
+    devices = jax.device_count() if devices is None else len(devices)
     fits = fitting_meshes(config, devices)
     if fits:
       options = ", ".join(
@@ -174,13 +208,15 @@ def plan_run(
   fine-tuned from with `train.init_from`. A fresh run with `train.init_from` checks that
   the directory holds a readable checkpoint that fits the model.
 
-  A run on token stores checks them first (`moejax.data.token_data`), and takes
+  The data is checked without reading it (`moejax.data.pipeline.check_data`: the dataset
+  and its splits). A run on token stores checks them first (`moejax.data.token_data`), and takes
   `model.vocab_size` from their tokenizer where it is the byte vocabulary: `config` is
   updated in place, so the saved config records it.
   """
   validate_train_config(config.train)
-  data_lib.resolve_vocab_size(config)
+  check_data(config.data)
   data_lib.check_init_from_tokenizer(config.data, config.train.init_from)
+  data_lib.resolve_vocab_size(config)
   model, optimizer = nnx.eval_shape(lambda: build(config)[:2])
   _, abstract_state = nnx.split((model, optimizer))
   size = lambda state: sum(math.prod(x.shape) for x in jax.tree.leaves(state))
