@@ -28,7 +28,7 @@ from __future__ import annotations
 from moejax.runtime import signals
 
 if __name__ == "__main__":
-  signals.handle_signals("nothing was written: rerun the same command.")
+  signals.handle_signals("what was written to --workdir is removed: rerun the same command.")
 
 import json
 from typing import Any
@@ -45,6 +45,7 @@ from moejax.convert import layout, model_state
 from moejax.layers.attention_kinds import KINDS as ATTENTION_KINDS
 from moejax.models.transformer import expert_d_ff_of
 from moejax.runtime import cli
+from moejax.training import output_dir
 from moejax.training.loading import load_model
 from moejax.training.tree_paths import flat
 
@@ -102,6 +103,7 @@ def upcycle(
   `workdir`, as a model-only checkpoint with `config` (the MoE's) and `upcycle.json`."""
   if noise_std < 0:
     raise ValueError(f"--noise_std={noise_std} must be >= 0.")
+  output_dir.check_finished(dense_workdir, "--from")  # an interrupted import or upcycle
   path = model_state.new_run_directory(workdir)
   dense_model, dense_config, step = load_model(dense_workdir)
   check_compatible(dense_config.model, config.model)
@@ -154,6 +156,7 @@ def upcycle(
     config,
     "upcycle.json",
     json.dumps(record, indent=2) + "\n",
+    command="python -m moejax.upcycle",
   )
   return {"parameters": copied, "from_step": step, "workdir": str(path)}
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -124,20 +123,27 @@ def test_an_import_is_fine_tuned_with_its_directory_as_the_config(tmp_path):
   import sys
 
   from moejax.config import load_config
+  from moejax.data.store_writer import prepare
 
   source = tmp_path / "hf"
   source.mkdir()
-  hf_reference.write_checkpoint(source, hf_reference.tiny_config("qwen3_moe"))
+  hf = hf_reference.tiny_config("qwen3_moe")
+  hf_reference.write_checkpoint(source, hf)
+  _word_tokenizer(source, hf["vocab_size"])  # its ids mean text only through its tokenizer
   transfer.import_checkpoint(source, tmp_path / "import")
   _, saved = moejax.load(tmp_path / "import")
   for spec in (tmp_path / "import", tmp_path / "import" / "config.json"):
     config = load_config(str(spec), {"train.init_from": str(tmp_path / "import")})
     assert config.model == saved.model and config.train.init_from == str(tmp_path / "import")
+  corpus = tmp_path / "corpus.jsonl"
+  corpus.write_text("".join(json.dumps({"text": f"w{i} w{i + 1} w7"}) + "\n" for i in range(1, 30)))
+  prepare([f"jsonl:{corpus}"], f"hf:{tmp_path / 'import'}", str(tmp_path / "store"))
   result = subprocess.run(
     [
       sys.executable, "-m", "moejax.main", f"--config={tmp_path / 'import'}",
       f"--workdir={tmp_path / 'ft'}", f"--config.train.init_from={tmp_path / 'import'}",
       "--config.train.num_steps=7", "--config.train.warmup_steps=2", "--dry_run",
+      f"--config.data.tokens_dir={tmp_path / 'store'}", "--config.data.eval_fraction=0.1",
     ],
     capture_output=True, text=True, timeout=300,
   )  # fmt: skip
@@ -187,25 +193,6 @@ def test_what_moejax_cannot_compute_is_refused_in_one_line(tmp_path):
     transfer.import_checkpoint(tmp_path / "hf", tmp_path / "run")
 
 
-def test_an_index_naming_shards_outside_the_directory_is_refused(tmp_path):
-  """A hostile index must not splice in tensors from elsewhere on disk."""
-  import shutil
-
-  source = tmp_path / "hf"
-  source.mkdir()
-  hf_reference.write_checkpoint(source, hf_reference.tiny_config("mixtral"), shards=2)
-  index_file = source / "model.safetensors.index.json"
-  index = json.loads(index_file.read_text())
-  shard = sorted(set(index["weight_map"].values()))[0]
-  shutil.copy(source / shard, tmp_path / "elsewhere.safetensors")  # readable if followed
-  for name in ("../elsewhere.safetensors", str(tmp_path / "elsewhere.safetensors")):
-    key = next(iter(index["weight_map"]))
-    index_file.write_text(json.dumps({**index, "weight_map": {**index["weight_map"], key: name}}))
-    with pytest.raises(ValueError, match="shards must be file names inside"):
-      transfer.import_checkpoint(source, tmp_path / "run")
-    assert not (tmp_path / "run").exists()
-
-
 def test_a_missing_or_unknown_tensor_writes_nothing(tmp_path):
   from safetensors.numpy import save_file
 
@@ -229,49 +216,6 @@ def test_a_missing_or_unknown_tensor_writes_nothing(tmp_path):
   save_file(tensors, str(source / "model.safetensors"))
   with pytest.raises(ValueError, match=r"experts\.3\.up_proj\.weight has shape \(8, 15\)"):
     transfer.import_checkpoint(source, tmp_path / "run")
-  assert not (tmp_path / "run").exists()
-
-
-def test_layers_past_the_configs_count_are_refused_unless_prediction_layers(tmp_path):
-  """A config saying 1 layer for a 2-layer file is refused, not imported by half;
-  DeepSeek-V3's multi-token-prediction layer (`num_nextn_predict_layers`) is skipped."""
-  hf = hf_reference.tiny_config("olmoe")
-  source = tmp_path / "olmoe"
-  source.mkdir()
-  hf_reference.write_checkpoint(source, hf)
-  (source / "config.json").write_text(json.dumps({**hf, "num_hidden_layers": 1}))
-  with pytest.raises(ValueError, match=r"tensors .* no place for \(e\.g\. model\.layers\.1\."):
-    transfer.import_checkpoint(source, tmp_path / "run")
-  assert not (tmp_path / "run").exists()
-
-  from safetensors.numpy import save_file
-
-  hf = hf_reference.tiny_config("deepseek_v3")
-  source = tmp_path / "deepseek"
-  source.mkdir()
-  tensors = hf_reference.write_checkpoint(source, hf)
-  layers = hf["num_hidden_layers"]
-  tensors[f"model.layers.{layers}.eh_proj.weight"] = np.zeros((4, 8), ml_dtypes.bfloat16)
-  save_file(tensors, str(source / "model.safetensors"))
-  with pytest.raises(ValueError, match=rf"no place for \(e\.g\. model\.layers\.{layers}\."):
-    transfer.import_checkpoint(source, tmp_path / "run")
-  (source / "config.json").write_text(json.dumps({**hf, "num_nextn_predict_layers": 1}))
-  summary = transfer.import_checkpoint(source, tmp_path / "run")
-  assert summary["family"] == "deepseek_v3"
-
-
-@pytest.mark.parametrize("key", ["num_experts", "num_hidden_layers"])
-def test_absurd_claimed_counts_are_refused_before_anything_is_sized(tmp_path, key):
-  """10^6 experts or layers in config.json for a file of 4 and 2: refused at once."""
-  hf = hf_reference.tiny_config("olmoe")
-  source = tmp_path / "hf"
-  source.mkdir()
-  hf_reference.write_checkpoint(source, hf)
-  (source / "config.json").write_text(json.dumps({**hf, key: 10**6}))
-  start = time.perf_counter()
-  with pytest.raises(ValueError, match=r"config\.json claims 1000000 .*; its tensors hold \d+\."):
-    transfer.import_checkpoint(source, tmp_path / "run")
-  assert time.perf_counter() - start < 10
   assert not (tmp_path / "run").exists()
 
 
@@ -302,6 +246,50 @@ def test_an_import_that_fails_while_writing_removes_what_it_wrote(tmp_path, monk
   monkeypatch.undo()
   transfer.import_checkpoint(source, tmp_path / "empty")  # the same command again works
   assert moejax.load(tmp_path / "empty")[1].model.num_experts == 4
+
+
+def _trained_run(path, **leaves):
+  """A Mixtral smoke model with random weights, some leaves set (`{path}: (index, value)`),
+  written as a run directory."""
+  from flax import nnx
+
+  from moejax.config import load_config
+  from moejax.convert import model_state
+  from moejax.training.tree_paths import flat
+
+  config = load_config("configs/mixtral.py:smoke", {"model.dispatch": "dropless"})
+  tree = nnx.to_pure_dict(
+    nnx.state(moejax.models.transformer.TransformerLM(config.model, rngs=nnx.Rngs(0)))
+  )
+  values = flat(tree)
+  for name, (index, value) in leaves.items():
+    values[name] = np.array(values[name])
+    values[name][index] = value
+  model_state.save_model_run(
+    path, model_state.with_leaves(tree, values), config, "origin.json", "{}\n"
+  )
+
+
+def test_export_refuses_weights_its_dtype_cannot_hold_and_removes_what_it_wrote(tmp_path):
+  """float16 holds at most 65504: a larger weight would be written as inf. The export
+  fails naming the tensor (the earlier shards, written already, are removed); bfloat16
+  holds it. A non-finite weight fails in any dtype."""
+  _trained_run(tmp_path / "run", **{"lm_head/kernel": ((0, 0), 1e6)})
+  (tmp_path / "empty").mkdir()
+  refused = (
+    r"^lm_head\.weight holds a weight of magnitude 1e\+06, beyond what --dtype=float16 holds "
+    r"\(largest 6\.55e\+04\); export with --dtype=bfloat16"
+  )
+  for out in (tmp_path / "hf", tmp_path / "empty"):
+    with pytest.raises(ValueError, match=refused):
+      transfer.export_checkpoint(tmp_path / "run", out, dtype="float16", max_shard_bytes=4096)
+  assert not (tmp_path / "hf").exists() and list((tmp_path / "empty").iterdir()) == []
+  transfer.export_checkpoint(tmp_path / "run", tmp_path / "hf", dtype="bfloat16")
+  back = _read_all(tmp_path / "hf")["lm_head.weight"].astype(np.float32)
+  assert float(np.max(np.abs(back))) == 999424  # 1e6 in bfloat16
+  # (A checkpoint holding nan is refused when read; a weight made non-finite after that is not.)
+  with pytest.raises(ValueError, match=r"^model\.norm\.weight holds non-finite weights"):
+    transfer._cast("model.norm.weight", np.array([1.0, np.nan], np.float32), np.dtype("f4"), None)
 
 
 def test_the_command_line_refuses_an_existing_destination_and_a_hub_id_offline(tmp_path):

@@ -8,7 +8,9 @@ and that training fine-tunes from with `--config.train.init_from=OUT`; `--config
 the train/data/mesh settings such a run would use (its model section is replaced by the
 checkpoint's). `--from` is a local directory, or a Hub id (ORG/NAME), downloaded with
 `huggingface_hub` (the `hub` extra) where the Hub can be reached. Errors are one line:
-exit 2 for a wrong command, 1 for a failed run.
+exit 2 for a wrong command or input (a corrupt or non-regular file in `--from` included), 1
+for a failed run. A SIGINT/SIGTERM removes what was written (exit 128 + N), so the same
+command can be rerun.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import os
 import re
 import sys
 
-from moejax.runtime.signals import handle_signals
+from moejax.runtime.signals import handle_signals, set_signal_note
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,6 +79,9 @@ def resolve_source(source: str) -> str:
 def main(argv: list[str] | None = None) -> int:
   handle_signals()
   args = _parser().parse_args(argv)
+  # What a SIGINT/SIGTERM leaves: the partial output is removed (`output_dir.writing`).
+  flag = "--workdir" if args.command == "import" else "--to"
+  set_signal_note(f"what was written to {flag} is removed: rerun the same command.")
   from moejax.runtime.cli import report_error
 
   try:

@@ -23,11 +23,18 @@ RoPE (`rope_scaling`, or a `rope_parameters.rope_type` other than "default"),
 sliding-window attention, activations other than SiLU (SwiGLU), OLMoE's `clip_qkv`, an
 output-projection bias, FP8 weights, and Qwen's `mlp_only_layers` or a
 `decoder_sparse_step` that is not a layer interval.
+
+Every field moejax reads is checked for its JSON type before it is used (`check_fields`):
+sizes and counts are ints (not floats, strings or booleans) of at least 1 (0 for the
+optional counts), booleans are `true`/`false` (the string "false" is not read as True),
+and floats are finite numbers. Null is read as absent. Each refusal is one line naming
+`config.json` and the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import ml_collections
@@ -51,6 +58,7 @@ class Family:
     qkv_bias: whether q/k/v carry biases.
     attention: moejax's `model.attention`, the attention kind (its `config.json` keys and
       tensors: `moejax.layers.attention_kind`).
+    experts_key: the `config.json` key of the number of routed experts.
   """
 
   model_type: str
@@ -61,6 +69,7 @@ class Family:
   qk_norm: str = "none"
   qkv_bias: bool = False
   attention: str = "gqa"
+  experts_key: str = "num_experts"
 
   @property
   def is_moe(self) -> bool:
@@ -70,11 +79,23 @@ class Family:
 FAMILIES = {
   f.model_type: f
   for f in (
-    Family("mixtral", "MixtralForCausalLM", "block_sparse_moe", ("w1", "w3", "w2")),
+    Family(
+      "mixtral",
+      "MixtralForCausalLM",
+      "block_sparse_moe",
+      ("w1", "w3", "w2"),
+      experts_key="num_local_experts",
+    ),
     Family("olmoe", "OlmoeForCausalLM", qk_norm="full"),
     Family("qwen2_moe", "Qwen2MoeForCausalLM", shared_name="shared_expert", qkv_bias=True),
     Family("qwen3_moe", "Qwen3MoeForCausalLM", qk_norm="head"),
-    Family("deepseek_v3", "DeepseekV3ForCausalLM", shared_name="shared_experts", attention="mla"),
+    Family(
+      "deepseek_v3",
+      "DeepseekV3ForCausalLM",
+      shared_name="shared_experts",
+      attention="mla",
+      experts_key="n_routed_experts",
+    ),
     Family("llama", "LlamaForCausalLM"),
     Family("qwen2", "Qwen2ForCausalLM", qkv_bias=True),
   )
@@ -92,11 +113,93 @@ def family_of(hf: dict[str, Any]) -> Family:
   return FAMILIES[model_type]
 
 
+# config.json's integer fields moejax reads, with the least value each may take; checked
+# wherever present (null is read as absent), whichever family reads them.
+INT_FIELDS = {
+  **dict.fromkeys(
+    (
+      "vocab_size",
+      "hidden_size",
+      "intermediate_size",
+      "num_hidden_layers",
+      "num_attention_heads",
+      "num_key_value_heads",
+      "head_dim",
+      "num_experts_per_tok",
+      "num_local_experts",
+      "num_experts",
+      "n_routed_experts",
+      "moe_intermediate_size",
+      "shared_expert_intermediate_size",
+      "decoder_sparse_step",
+      "n_group",
+      "topk_group",
+      "q_lora_rank",
+      "kv_lora_rank",
+      "qk_nope_head_dim",
+      "qk_rope_head_dim",
+      "v_head_dim",
+    ),
+    1,
+  ),
+  **dict.fromkeys(("first_k_dense_replace", "n_shared_experts", "num_nextn_predict_layers"), 0),
+}
+BOOL_FIELDS = ("tie_word_embeddings", "norm_topk_prob", "use_sliding_window", "attention_bias")
+# Float fields: whether each must be > 0 (True) or >= 0 (False).
+FLOAT_FIELDS = {
+  "rms_norm_eps": True,
+  "rope_theta": True,
+  "routed_scaling_factor": True,
+  "router_aux_loss_coef": False,
+}
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_fields(hf: dict[str, Any]) -> None:
+  """ValueError naming the first field of `config.json` `hf` whose JSON type or range is
+  not what moejax reads: `INT_FIELDS`, `BOOL_FIELDS`, `FLOAT_FIELDS`, `rope_parameters`."""
+  for key, least in INT_FIELDS.items():
+    value = hf.get(key)
+    if value is not None and not (_is_int(value) and value >= least):
+      raise ValueError(f"config.json: {key}={value!r} must be an int >= {least}.")
+  for key in BOOL_FIELDS:
+    value = hf.get(key)
+    if value is not None and not isinstance(value, bool):
+      raise ValueError(f"config.json: {key}={value!r} must be true or false (a JSON boolean).")
+  rope = hf.get("rope_parameters")
+  if rope is not None and not isinstance(rope, dict):
+    raise ValueError(f"config.json: rope_parameters={rope!r} must be an object or null.")
+  floats = [(key, hf.get(key), positive) for key, positive in FLOAT_FIELDS.items()]
+  floats.append(("rope_parameters.rope_theta", (rope or {}).get("rope_theta"), True))
+  for key, value, positive in floats:
+    if value is not None and not (_is_number(value) and (value > 0 if positive else value >= 0)):
+      raise ValueError(
+        f"config.json: {key}={value!r} must be a number {'>' if positive else '>='} 0."
+      )
+
+
+def required(hf: dict[str, Any], key: str) -> Any:
+  """`hf[key]`, or a ValueError naming the missing (or null) key."""
+  if hf.get(key) is None:
+    least = INT_FIELDS.get(key)
+    kind = f" (an int >= {least})" if least is not None else ""
+    raise ValueError(f"config.json has no {key}{kind}; it is needed to read the checkpoint.")
+  return hf[key]
+
+
 def rope_base(hf: dict[str, Any]) -> float:
   """RoPE's base θ (Su et al. 2021): `rope_parameters.rope_theta` (transformers 5's
   layout) where given, else the top-level `rope_theta` (transformers 4's), else 10000."""
   parameters = hf.get("rope_parameters") or {}
-  return float(parameters.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  theta = parameters.get("rope_theta")
+  return float(theta if theta is not None else hf.get("rope_theta") or 10000.0)
 
 
 def _refuse_unsupported(hf: dict[str, Any], family: Family) -> None:
@@ -138,24 +241,30 @@ def _refuse_unsupported(hf: dict[str, Any], family: Family) -> None:
       refuse("topk_method", "'noaux_tc'")
 
 
+def _flag(hf: dict[str, Any], key: str, default: bool) -> bool:
+  """The boolean field `key` (checked by `check_fields`), `default` when absent or null."""
+  value = hf.get(key)
+  return default if value is None else value
+
+
 def model_config(hf: dict[str, Any], base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`base` (a full moejax config) with its `model` section set from `config.json` `hf`:
   the shape, norms, RoPE, routing and layer layout of the published model; dropless
   dispatch, float32 compute. Raises ValueError for what moejax cannot express."""
   family = family_of(hf)
+  check_fields(hf)
   _refuse_unsupported(hf, family)
   config = ml_collections.ConfigDict(base.to_dict())
   m = config.model
-  heads = hf["num_attention_heads"]
   m.vocab_size, m.d_model, m.num_layers = (
-    hf["vocab_size"],
-    hf["hidden_size"],
-    hf["num_hidden_layers"],
+    required(hf, "vocab_size"),
+    required(hf, "hidden_size"),
+    required(hf, "num_hidden_layers"),
   )
-  m.num_heads = heads
-  m.d_ff, m.activation = hf["intermediate_size"], "swiglu"
-  m.norm_eps, m.rope_base = float(hf["rms_norm_eps"]), rope_base(hf)
-  m.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
+  m.num_heads = required(hf, "num_attention_heads")
+  m.d_ff, m.activation = required(hf, "intermediate_size"), "swiglu"
+  m.norm_eps, m.rope_base = float(required(hf, "rms_norm_eps")), rope_base(hf)
+  m.tie_embeddings = _flag(hf, "tie_word_embeddings", False)
   m.qk_norm, m.qkv_bias, m.dtype = family.qk_norm, family.qkv_bias, "float32"
   m.attention, m.first_dense_layers, m.moe_layer_interval = family.attention, 0, 1
   KINDS[family.attention].from_hf(hf, m)
@@ -166,24 +275,24 @@ def model_config(hf: dict[str, Any], base: ml_collections.ConfigDict) -> ml_coll
   if not family.is_moe:
     m.num_experts = 0
     return config
-  m.top_k = hf["num_experts_per_tok"]
-  m.num_experts = hf.get("num_local_experts") or hf.get("num_experts") or hf["n_routed_experts"]
-  m.expert_d_ff = hf.get("moe_intermediate_size") or hf["intermediate_size"]
-  m.renormalize = bool(hf.get("norm_topk_prob", family.model_type == "mixtral"))
+  m.top_k = required(hf, "num_experts_per_tok")
+  m.num_experts = required(hf, family.experts_key)
+  m.expert_d_ff = hf.get("moe_intermediate_size") or m.d_ff
+  m.renormalize = _flag(hf, "norm_topk_prob", family.model_type == "mixtral")
   if family.model_type == "qwen2_moe":
     m.num_shared_experts, m.shared_expert_gate = 1, True
-    m.shared_expert_d_ff = hf["shared_expert_intermediate_size"]
+    m.shared_expert_d_ff = required(hf, "shared_expert_intermediate_size")
   if family.model_type in ("qwen2_moe", "qwen3_moe"):
-    m.moe_layer_interval = hf.get("decoder_sparse_step", 1)
+    m.moe_layer_interval = hf.get("decoder_sparse_step") or 1
   if family.model_type == "deepseek_v3":
-    m.first_dense_layers = hf.get("first_k_dense_replace", 0)
+    m.first_dense_layers = hf.get("first_k_dense_replace") or 0
     m.num_shared_experts = hf.get("n_shared_experts") or 0
-    m.score_fn, m.routed_scaling_factor = "sigmoid", float(hf.get("routed_scaling_factor", 1.0))
+    m.score_fn, m.routed_scaling_factor = "sigmoid", float(hf.get("routed_scaling_factor") or 1.0)
     m.num_expert_groups, m.topk_groups = hf.get("n_group") or 1, hf.get("topk_group")
     m.bias_update_rate = 0.001  # DeepSeek-V3 §4.2: the selection bias keeps moving when trained
   # transformers' load-balancing loss is k times moejax's, pooled over the MoE layers.
   moe_layers = sum(kind == "moe" for kind in layer_kinds(m))
-  m.lb_loss_weight = float(hf.get("router_aux_loss_coef", 0.0)) * m.top_k / max(moe_layers, 1)
+  m.lb_loss_weight = float(hf.get("router_aux_loss_coef") or 0.0) * m.top_k / max(moe_layers, 1)
   return config
 
 

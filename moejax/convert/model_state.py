@@ -14,6 +14,7 @@ from flax import nnx
 
 from moejax.models.transformer import TransformerLM
 from moejax.training import checkpoint as checkpoint_lib
+from moejax.training import output_dir
 from moejax.training import workdir as workdir_lib
 from moejax.training.tree_paths import flat, path_name
 
@@ -41,11 +42,9 @@ def with_leaves(tree: Any, leaves: dict[str, Any]) -> Any:
 
 
 def new_run_directory(workdir: epath.PathLike, flag: str = "--workdir") -> epath.Path:
-  """`workdir` resolved, checked to be new or empty (nothing written is overwritten)."""
-  path = workdir_lib.resolve(workdir)
-  if path.exists() and (not path.is_dir() or any(path.iterdir())):
-    raise ValueError(f"{flag}={workdir} already exists and is not empty; choose a new directory.")
-  return path
+  """`workdir` resolved, checked to be new or empty (nothing written is overwritten); the
+  unfinished output of an interrupted command is replaced (`output_dir.new_directory`)."""
+  return output_dir.new_directory(workdir, flag)
 
 
 def save_model_run(
@@ -55,16 +54,17 @@ def save_model_run(
   record_name: str,
   record: str,
   copies: Sequence[epath.Path] = (),
+  *,
+  command: str = "model-only run",
 ) -> None:
   """Writes a model-only run directory (new or empty): checkpoint 0 holding `tree` (a
   pure-dict model state), `config.json`, the files `copies` (by name: an import's
-  tokenizer), and last `record_name` (JSON text `record`: where the weights came from). If
-  writing fails or is interrupted, what it wrote is removed, so the same command can be
-  run again."""
+  tokenizer), and last `record_name` (JSON text `record`: where the weights came from).
+  `output_dir.writing` marks the directory as written by `command` until the record is
+  written, and removes what was written if writing fails or a signal stops the process,
+  so the same command can be run again."""
   path = workdir_lib.resolve(path)
-  existed = path.exists()
-  try:
-    workdir_lib.create(path)
+  with output_dir.writing(path, "--workdir", command):
     checkpoints = checkpoint_lib.Checkpointer(path, keep=1)
     try:
       checkpoints.save_model(0, tree, config)
@@ -74,11 +74,3 @@ def save_model_run(
     for source in copies:
       source.copy(path / source.name)
     workdir_lib.write_text_atomically(path / record_name, record)
-  except BaseException:
-    if path.exists():
-      for written in list(path.iterdir()) if existed else [path]:
-        if written.is_dir():
-          written.rmtree()
-        else:
-          written.unlink()
-    raise

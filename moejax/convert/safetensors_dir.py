@@ -2,18 +2,26 @@
 several with a `model.safetensors.index.json` weight map. Read lazily through
 `safetensors.safe_open` (memory-mapped: a tensor is read when asked for) and written in
 shards of at most `max_shard_bytes` with the index HF writes.
+
+Every file is checked before it is opened: it must be a regular file (a FIFO would block
+the read, and the signals that should end it, forever), the JSON files must parse to
+objects, and a safetensors file whose header does not describe the file (truncated, a
+header longer than the file, offsets past its end) is refused. Each refusal is a
+ValueError (exit 2: the input is wrong) naming `--from` and the file.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Iterable
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 from etils import epath
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -37,11 +45,52 @@ def _check_shard_name(directory, name: Any) -> None:
     )
 
 
+_KINDS = {
+  stat.S_IFIFO: "a FIFO",
+  stat.S_IFDIR: "a directory",
+  stat.S_IFSOCK: "a socket",
+  stat.S_IFCHR: "a character device",
+  stat.S_IFBLK: "a block device",
+}
+
+
+def check_regular_file(path: epath.Path, context: str) -> None:
+  """ValueError (`CONTEXT: NAME ...`) unless `path` is a regular file (a link to one
+  included, as in the Hub's cache), checked without opening it: a FIFO or a device would
+  block the read. A remote path (`gs://`) is left to its reader."""
+  if "://" in os.fspath(path):
+    return
+  try:
+    mode = os.stat(os.fspath(path)).st_mode
+  except FileNotFoundError:
+    raise ValueError(f"{context}: {path.name} does not exist.") from None
+  if not stat.S_ISREG(mode):
+    kind = _KINDS.get(stat.S_IFMT(mode), "not a file")
+    raise ValueError(
+      f"{context}: {path.name} is {kind}, not a regular file; a checkpoint's files must be "
+      "regular files (copy them into place)."
+    )
+
+
+def read_json_object(path: epath.Path, context: str) -> dict[str, Any]:
+  """The JSON object in the regular file `path`; ValueError naming it if it does not parse
+  or is not an object."""
+  check_regular_file(path, context)
+  try:
+    value = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise ValueError(f"{context}: {path.name} is not valid JSON ({error}).") from None
+  if not isinstance(value, dict):
+    raise ValueError(f"{context}: {path.name} holds a JSON {type(value).__name__}, not an object.")
+  return value
+
+
 class CheckpointDir:
   """The tensors of an HF-format checkpoint directory, by name."""
 
   def __init__(self, directory: epath.PathLike):
     self.directory = epath.Path(directory)
+    self._context = f"--from={directory}"
     if not self.directory.is_dir():
       raise ValueError(f"--from={directory} is not a directory.")
     config = self.directory / "config.json"
@@ -49,25 +98,46 @@ class CheckpointDir:
       raise ValueError(
         f"--from={directory} holds no config.json (an HF-format checkpoint has one)."
       )
-    self.config: dict[str, Any] = json.loads(config.read_text())
+    self.config: dict[str, Any] = read_json_object(config, self._context)
+    self._open: dict[str, Any] = {}
     index = self.directory / INDEX_FILE
     if index.exists():
-      self.files = dict(json.loads(index.read_text())["weight_map"])
-      for name in sorted(set(self.files.values())):
+      weight_map = read_json_object(index, self._context).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise ValueError(
+          f"--from={directory}: {INDEX_FILE}: weight_map must be an object of tensor names "
+          f"to shard file names, not {type(weight_map).__name__}."
+        )
+      for name in weight_map.values():
         _check_shard_name(directory, name)
+      self.files = dict(weight_map)
+      for name in sorted(set(self.files.values())):
+        check_regular_file(self.directory / name, self._context)
     else:
       self.files = {}
       for path in sorted(self.directory.glob("*.safetensors")):
-        with safe_open(str(path), "numpy") as f:
+        with self._safe_open(path.name) as f:
           self.files.update({key: path.name for key in f.keys()})  # noqa: SIM118 (a file handle)
     if not self.files:
       raise ValueError(f"--from={directory} holds no *.safetensors files.")
-    self._open: dict[str, Any] = {}
+
+  def _safe_open(self, name: str):
+    """`safe_open` of the shard `name`, checked to be a regular file first; a header that
+    does not describe the file is refused naming it."""
+    path = self.directory / name
+    check_regular_file(path, self._context)
+    try:
+      return safe_open(str(path), "numpy")
+    except SafetensorError as error:
+      raise ValueError(
+        f"{self._context}: {name} is not a readable safetensors file ({error}); it is "
+        "truncated or corrupt: download or copy it again."
+      ) from None
 
   def _file(self, key: str):
     name = self.files[key]
     if name not in self._open:
-      self._open[name] = safe_open(str(self.directory / name), "numpy")
+      self._open[name] = self._safe_open(name)
     return self._open[name]
 
   def dtype(self, key: str) -> np.dtype:
@@ -88,7 +158,13 @@ class CheckpointDir:
   def get(self, key: str) -> np.ndarray:
     """The tensor `key` as a numpy array of its stored dtype (read now)."""
     self.dtype(key)
-    return self._file(key).get_tensor(key)
+    try:
+      return self._file(key).get_tensor(key)
+    except SafetensorError as error:
+      raise ValueError(
+        f"{self._context}: {self.files[key]}: {key} cannot be read ({error}); the file is "
+        "corrupt: download or copy it again."
+      ) from None
 
   def release(self, keys) -> None:
     """Unmaps the files holding `keys` (their pages count as this process's memory); they

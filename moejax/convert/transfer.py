@@ -9,13 +9,15 @@ moejax parameter is made and written one layer row at a time (`StreamedArray`): 
 tensors are read from the memory-mapped files, copied into place (`layout.pieces`) in
 their stored dtype, and the files unmapped. Peak host memory is about the largest row (one
 weight of one layer's experts) or unstacked tensor (the embedding: read, then copied), not
-the model. A failed import removes what it wrote. `moejax.load(WORKDIR)`,
+the model. A failed or stopped import removes what it wrote, and one killed outright is
+refused by readers and replaced by its rerun (`output_dir`). `moejax.load(WORKDIR)`,
 `moejax.generate`, `moejax.eval` and `train.init_from` read the result.
 
 `export_checkpoint(WORKDIR, DESTINATION)` writes the model of a run (trained, imported,
 fine-tuned or upcycled) as the same family's files: the key names, shapes and
 `config.json` transformers reads, in shards. An imported model exported unchanged gives
-back every tensor bit for bit.
+back every tensor bit for bit. A weight that is not finite, or that the chosen dtype cannot
+hold (beyond float16's 65504), fails the export, and what was written is removed.
 """
 
 from __future__ import annotations
@@ -33,14 +35,22 @@ from flax import nnx
 
 from moejax.config import base_config
 from moejax.convert import families, layout, model_state
-from moejax.convert.safetensors_dir import DTYPES, CheckpointDir, write_checkpoint_dir
+from moejax.convert.safetensors_dir import (
+  DTYPES,
+  CheckpointDir,
+  check_regular_file,
+  write_checkpoint_dir,
+)
 from moejax.models.transformer import validate_config
+from moejax.training import output_dir
 from moejax.training import workdir as workdir_lib
 from moejax.training.loading import load_model
 from moejax.training.streamed_array import StreamedArray
 from moejax.training.tree_paths import flat
 
 IMPORT_RECORD = "import.json"
+IMPORT_COMMAND = "python -m moejax.convert import"
+EXPORT_COMMAND = "python -m moejax.convert export"
 
 
 def _unused_is_known(key: str, num_layers: int, prediction_layers: int) -> bool:
@@ -111,6 +121,7 @@ def import_checkpoint(
   (new or empty). `base`: the config whose non-model sections (train, data, mesh) the run
   gets (default `base_config()`). Returns a summary: family, tensors, bytes, seconds."""
   start = time.perf_counter()
+  output_dir.check_finished(source, "--from")  # an interrupted export
   path = model_state.new_run_directory(workdir)
   src = CheckpointDir(source)
   try:
@@ -181,6 +192,7 @@ def import_checkpoint(
       IMPORT_RECORD,
       json.dumps(record, indent=2, sort_keys=True) + "\n",
       copies=kept,
+      command=IMPORT_COMMAND,
     )
   finally:
     src.close()
@@ -198,16 +210,22 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 def _tokenizer_files(source: epath.PathLike) -> list[epath.Path]:
   """The source's `tokenizer.json` and `tokenizer_config.json` (which names its special
-  tokens), to keep beside the import; [] without a tokenizer.json."""
+  tokens), to keep beside the import, each checked to be a regular file; [] without a
+  tokenizer.json."""
   source = epath.Path(source)
   if not (source / TOKENIZER_FILES[0]).exists():
     return []
-  return [source / name for name in TOKENIZER_FILES if (source / name).exists()]
+  kept = [source / name for name in TOKENIZER_FILES if (source / name).exists()]
+  for file in kept:
+    check_regular_file(file, f"--from={source}")
+  return kept
 
 
 def import_record(workdir: epath.PathLike) -> dict[str, Any] | None:
   """What `import_checkpoint` recorded in `workdir` (the source's family, its config.json as
-  `config`, its tensors' dtypes), or None for a run that is not an import."""
+  `config`, its tensors' dtypes), or None for a run that is not an import. ValueError for
+  an import that was interrupted (`output_dir.check_finished`)."""
+  output_dir.check_finished(workdir, "--workdir")
   record_file = workdir_lib.resolve(workdir) / IMPORT_RECORD
   return json.loads(record_file.read_text()) if record_file.exists() else None
 
@@ -217,6 +235,7 @@ def origin_record(workdir: epath.PathLike) -> dict[str, Any] | None:
   (`train.init_from`), followed back to the import; None for a model that never was one."""
   path, seen = workdir_lib.resolve(workdir), set()
   while str(path) not in seen:
+    output_dir.check_finished(path, "train.init_from" if seen else "--workdir")
     seen.add(str(path))
     record = import_record(path)
     if record is not None:
@@ -266,6 +285,26 @@ def infer_family(model: ml_collections.ConfigDict) -> families.Family:
   return families.FAMILIES[name]
 
 
+def _cast(key: str, value: np.ndarray, kind: np.dtype, flag: str | None) -> np.ndarray:
+  """The float32 tensor `key` as `kind`; ValueError if a weight is not finite, or is beyond
+  what `kind` holds (float16's largest is 65504): inf would be written in its place."""
+  if not np.isfinite(value).all():
+    raise ValueError(
+      f"{key} holds non-finite weights (inf or nan); the model cannot be exported: export an "
+      "earlier checkpoint (--step)."
+    )
+  with np.errstate(over="ignore", invalid="ignore"):
+    cast = value.astype(kind)
+  if not np.isfinite(cast.astype(np.float32)).all():
+    given = f"--dtype={flag}" if flag else f"its imported dtype {kind.name} (no --dtype)"
+    raise ValueError(
+      f"{key} holds a weight of magnitude {float(np.max(np.abs(value))):.4g}, beyond what "
+      f"{given} holds (largest {float(np.finfo(kind).max):.4g}); export with "
+      "--dtype=bfloat16 (float32's range) or --dtype=float32."
+    )
+  return cast
+
+
 def export_checkpoint(
   workdir: epath.PathLike,
   destination: epath.PathLike,
@@ -287,10 +326,10 @@ def export_checkpoint(
   else float32). Returns a summary: family, tensors, bytes, files, seconds.
   """
   start = time.perf_counter()
-  out = model_state.new_run_directory(destination, flag="--to")
-  record = origin_record(workdir)
   if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"--dtype={dtype!r} must be one of float32, bfloat16, float16.")
+  record = origin_record(workdir)  # refuses an interrupted import
+  out = output_dir.new_directory(destination, "--to")
   model, config, _ = load_model(workdir, step)
   if family is None:
     chosen = families.FAMILIES[record["model_type"]] if record else infer_family(config.model)
@@ -321,11 +360,11 @@ def export_checkpoint(
       shape = layout.hf_shape(group, shapes)
       kind = dtypes.get(key, default_dtype)
 
-      def make(group=group, shape=shape, kind=kind):
+      def make(key=key, group=group, shape=shape, kind=kind):
         value = np.empty(shape, np.float32)
         for piece in group:
           piece.to_hf(leaves[piece.leaf][piece.index], value)
-        return value.astype(kind)
+        return _cast(key, value, kind, dtype)
 
       yield key, shape, kind, make
     if chosen.model_type == "deepseek_v3" and not config.model.bias_update_rate:
@@ -336,7 +375,8 @@ def export_checkpoint(
           size = config.model.num_experts
           yield key, (size,), np.dtype(np.float32), lambda size=size: np.zeros(size, np.float32)
 
-  files = write_checkpoint_dir(out, hf, tensors(), max_shard_bytes=max_shard_bytes)
+  with output_dir.writing(out, "--to", EXPORT_COMMAND):
+    files = write_checkpoint_dir(out, hf, tensors(), max_shard_bytes=max_shard_bytes)
   return {
     "family": chosen.model_type,
     "tensors": len(groups),

@@ -26,6 +26,7 @@ from moejax.config import text as config_text
 from moejax.models.transformer import TransformerLM
 from moejax.parallel import sharding
 from moejax.training import checkpoint as checkpoint_lib
+from moejax.training import output_dir
 from moejax.training import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ _SETTING = "config.train.init_from"
 
 def _open(directory: epath.PathLike) -> checkpoint_lib.Checkpointer:
   path = workdir_lib.resolve(directory)
+  output_dir.check_finished(directory, _SETTING)  # an interrupted import or upcycle
   if not (path / "checkpoints").is_dir():
     raise ValueError(
       f"{_SETTING}={directory} holds no checkpoints/: it must be a run directory (a training "

@@ -18,6 +18,7 @@ from flax import nnx
 from moejax.config import text as config_text
 from moejax.runtime.cli import did_you_mean
 from moejax.training import checkpoint as checkpoint_lib
+from moejax.training import output_dir
 from moejax.training import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,8 @@ log = logging.getLogger(__name__)
 
 def check_run_directory(workdir: epath.PathLike) -> epath.Path:
   """The resolved `workdir`; ValueError if it is missing (with a "did you mean" among its
-  siblings), not a directory, or holds no checkpoints."""
+  siblings), not a directory, the unfinished output of an import or upcycle, or holds no
+  checkpoints."""
   path = workdir_lib.resolve(workdir)
   if not path.exists():
     hint = ""
@@ -37,6 +39,7 @@ def check_run_directory(workdir: epath.PathLike) -> epath.Path:
     raise ValueError(f"--workdir={workdir} does not exist{hint}")
   if not path.is_dir():
     raise ValueError(f"--workdir={workdir} is a file, not a run directory.")
+  output_dir.check_finished(workdir, "--workdir")  # an interrupted import or upcycle
   if not (path / "checkpoints").is_dir():
     raise ValueError(
       f"--workdir={workdir} holds no checkpoints/; train first: python -m moejax.main "
