@@ -32,6 +32,7 @@ from absl import flags
 from flax import nnx
 
 from moejax import data as data_lib
+from moejax.data.tokenizer.kinds import HfTokenizer
 from moejax.moe import MoeLayer
 from moejax.runtime import cli
 from moejax.training import workdir as workdir_lib
@@ -216,7 +217,8 @@ def _text_tokenizer(workdir: str, config):
   for name, kind in (("tokenizer.json", "hf"), ("tokenizer.model", "spm")):
     if (directory / name).exists():
       tokenizer = data_lib.load_tokenizer(f"{kind}:{directory / name}")
-      prefix = [] if stores or kind == "spm" else tokenizer.prompt_prefix()
+      hf = not stores and isinstance(tokenizer, HfTokenizer)
+      prefix = tokenizer.prompt_prefix() if hf else []
       return tokenizer, prefix
   if config.model.vocab_size == data_lib.VOCAB_SIZE:
     return data_lib.load_tokenizer("bytes"), [] if stores else [data_lib.BOS_ID]

@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import socket
+from typing import Any
 
 import numpy as np
 
@@ -38,8 +39,15 @@ def _encode_shard(args) -> dict:
   shard, kind, not_utf8, part = args
   tokenizer = load_tokenizer(kind)
   dtype = store_lib.token_dtype(tokenizer.vocab_size)
-  counts = {"documents": 0, "tokens": 0, "bytes": 0, "not_utf8": 0, "empty": 0, "error": None}
-  skipped = [] if not_utf8 == "skip" else None
+  counts: dict[str, Any] = {
+    "documents": 0,
+    "tokens": 0,
+    "bytes": 0,
+    "not_utf8": 0,
+    "empty": 0,
+    "error": None,
+  }
+  skipped: list[str] | None = [] if not_utf8 == "skip" else None
   with open(part + ".tokens", "wb") as tokens_file, open(part + ".ends", "wb") as ends_file:
 
     def flush(texts):
@@ -79,8 +87,9 @@ def source_fingerprint(shards: list[documents.Shard]) -> str:
   """SHA-256 over the corpus's files (absolute path, size, modification time) or TFDS
   splits (name, split, directory, records), in order: not over how they were cut."""
   digest = hashlib.sha256()
-  seen = set()
+  seen: set[tuple] = set()
   for shard in shards:
+    stamp: tuple
     if shard.kind == "tfds":
       stamp = (shard.kind, shard.path, shard.split, shard.data_dir)
     else:

@@ -7,6 +7,7 @@ anything else heavy is imported.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import multiprocessing
 import os
 import signal
@@ -15,14 +16,21 @@ import threading
 from collections.abc import Callable, Iterator
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_state = {
-  "installed": False,
-  "seen": 0,
-  "listener": None,
-  "at_once_note": "",
-  "note": "",
-  "cleanups": [],
-}
+
+
+@dataclasses.dataclass
+class _State:
+  """What the signal thread and the blocks that registered with it share (under `_lock`)."""
+
+  installed: bool = False
+  seen: int = 0  # signals taken since the listener was set
+  listener: Callable[[int], None] | None = None  # `stop_requests`' on_first
+  at_once_note: str = ""
+  note: str = ""
+  cleanups: list[Callable[[], None]] = dataclasses.field(default_factory=list)
+
+
+_state = _State()
 _lock = threading.Lock()
 
 
@@ -43,8 +51,8 @@ def handle_signals(note: str | None = None) -> None:
   `note` (kept when None) is what that line says next: what was lost, and the fix.
   """
   if note is not None:
-    _state["note"] = note
-  if _state["installed"] or threading.current_thread() is not threading.main_thread():
+    _state.note = note
+  if _state.installed or threading.current_thread() is not threading.main_thread():
     return
   if multiprocessing.parent_process() is not None:
     return  # a command's worker process (spawned, it imports the command's module): its parent handles signals
@@ -58,17 +66,17 @@ def handle_signals(note: str | None = None) -> None:
   else:  # no signal masks (Windows): handlers, run between the main thread's bytecodes
     for sig in _STOP_SIGNALS:
       signal.signal(sig, lambda signum, frame: _on_signal(signum))
-  _state["installed"] = True
+  _state.installed = True
 
 
 def signals_handled() -> bool:
   """Whether `handle_signals` runs this process's SIGINT/SIGTERM handling."""
-  return _state["installed"]
+  return _state.installed
 
 
 def set_signal_note(note: str) -> None:
   """What the one line printed when a signal ends the process says next (the fix)."""
-  _state["note"] = note
+  _state.note = note
 
 
 @contextlib.contextmanager
@@ -77,12 +85,12 @@ def stop_requests(on_first: Callable[[int], None], *, at_once_note: str) -> Iter
   thread) instead of ending the process; a second one ends it at once, printing
   `stopped at once by a second SIGINT; AT_ONCE_NOTE`. Needs `handle_signals()`."""
   with _lock:
-    _state["listener"], _state["at_once_note"], _state["seen"] = on_first, at_once_note, 0
+    _state.listener, _state.at_once_note, _state.seen = on_first, at_once_note, 0
   try:
     yield
   finally:
     with _lock:
-      _state["listener"] = None
+      _state.listener = None
 
 
 @contextlib.contextmanager
@@ -92,12 +100,12 @@ def cleanup_on_stop(cleanup: Callable[[], None]) -> Iterator[None]:
   command removes what it wrote, so the same command can be rerun. Blocks nest; the
   innermost cleanup runs first. An exception in `cleanup` is ignored: the process ends."""
   with _lock:
-    _state["cleanups"].append(cleanup)
+    _state.cleanups.append(cleanup)
   try:
     yield
   finally:
     with _lock:
-      _state["cleanups"].remove(cleanup)
+      _state.cleanups.remove(cleanup)
 
 
 def _wait_for_signals() -> None:
@@ -108,17 +116,17 @@ def _wait_for_signals() -> None:
 def _on_signal(signum: int) -> None:
   name = signal.Signals(signum).name
   with _lock:
-    _state["seen"] += 1
-    listener, seen = _state["listener"], _state["seen"]
+    _state.seen += 1
+    listener, seen = _state.listener, _state.seen
     if listener is not None:
-      message = f"stopped at once by a second {name}; {_state['at_once_note']}"
+      message = f"stopped at once by a second {name}; {_state.at_once_note}"
     else:
-      message = f"stopped by {name}" + (f"; {_state['note']}" if _state["note"] else ".")
+      message = f"stopped by {name}" + (f"; {_state.note}" if _state.note else ".")
   if listener is not None and seen == 1:
     listener(signum)
     return
   with _lock:
-    cleanups = list(reversed(_state["cleanups"]))
+    cleanups = list(reversed(_state.cleanups))
   for cleanup in cleanups:
     with contextlib.suppress(Exception):
       cleanup()

@@ -136,12 +136,13 @@ class HfTokenizer(Tokenizer):
       raise ValueError(f"tokenizer=hf:{path}: not a readable tokenizer.json ({e})") from None
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     named = self._configured_specials(self.config_path)
-    self.eos_id = self._special(named.get("eos_token"), _EOS_NAMES)
-    if self.eos_id is None:
+    eos_id = self._special(named.get("eos_token"), _EOS_NAMES)
+    if eos_id is None:
       raise ValueError(
         f"tokenizer=hf:{path}: no end-of-document token found (tried tokenizer_config.json's "
         f"eos_token and {', '.join(_EOS_NAMES)}); documents need one as their separator."
       )
+    self.eos_id = eos_id
     self.bos_id = self._special(named.get("bos_token"), _BOS_NAMES)
     pad = self._special(named.get("pad_token"), _PAD_NAMES)
     self.pad_id = self.eos_id if pad is None else pad
