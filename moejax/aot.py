@@ -288,7 +288,7 @@ def report(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
     "recomputed_flops": recomputed,
     "program_flops_per_device": program_flops,
     "roofline_seconds": bounds,
-    "roofline_bottleneck": max(bounds, key=bounds.get),
+    "roofline_bottleneck": max(bounds, key=lambda term: bounds[term]),
     "roofline_step_seconds": step_seconds,
     "roofline_mfu": model_flops / len(devices) / per_device_peak / step_seconds,
     "lower_seconds": timings["lower_seconds"],
@@ -380,11 +380,11 @@ def write_json(path: str, result: dict[str, Any]) -> None:
 
   from moejax.training import workdir as workdir_lib
 
-  path = epath.Path(path)
-  existed = path.exists()
+  target = epath.Path(path)
+  existed = target.exists()
   text = json.dumps(result, indent=2, sort_keys=True, default=str) + "\n"
-  workdir_lib.write_text_atomically(path, text)
-  print(f"{'replaced' if existed else 'wrote'} {path}")
+  workdir_lib.write_text_atomically(target, text)
+  print(f"{'replaced' if existed else 'wrote'} {target}")
 
 
 if __name__ == "__main__":

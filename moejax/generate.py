@@ -217,8 +217,9 @@ def _text_tokenizer(workdir: str, config):
   for name, kind in (("tokenizer.json", "hf"), ("tokenizer.model", "spm")):
     if (directory / name).exists():
       tokenizer = data_lib.load_tokenizer(f"{kind}:{directory / name}")
-      hf = not stores and isinstance(tokenizer, HfTokenizer)
-      prefix = tokenizer.prompt_prefix() if hf else []
+      prefix = []
+      if isinstance(tokenizer, HfTokenizer) and not stores:
+        prefix = tokenizer.prompt_prefix()
       return tokenizer, prefix
   if config.model.vocab_size == data_lib.VOCAB_SIZE:
     return data_lib.load_tokenizer("bytes"), [] if stores else [data_lib.BOS_ID]

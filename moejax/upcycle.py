@@ -120,8 +120,8 @@ def upcycle(
   rng = np.random.default_rng(config.train.seed)
   dense_blocks = layout.layer_locations(dense_config.model)
   rows_of: dict[str, list[tuple[int, int]]] = {}  # MoE block -> (its row, layer index)
-  for i, (block, row, _) in enumerate(layout.layer_locations(config.model)):
-    rows_of.setdefault(block, []).append((row, i))
+  for i, (moe_block, row, _) in enumerate(layout.layer_locations(config.model)):
+    rows_of.setdefault(moe_block, []).append((row, i))
   copied = 0
   for name in sorted(params):
     block = next((b for b in rows_of if name.startswith(b + "/")), None)

@@ -108,6 +108,8 @@ def load_config(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_col
   full = config_file(path)
   module_name = "_moejax_config_" + os.path.splitext(os.path.basename(full))[0]
   module_spec = importlib.util.spec_from_file_location(module_name, full)
+  if module_spec is None or module_spec.loader is None:
+    raise ValueError(f"--config={path}: {full} is not a Python file.")
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return apply_overrides(module.get_config(arg), overrides or {})

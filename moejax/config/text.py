@@ -116,7 +116,7 @@ def check_key(
     raise ConfigKeyError(where + message)
 
   parts = key.split(".")
-  node, fixed = config, []
+  node, fixed = config, list[str]()
   for part in parts:
     if not isinstance(node, ml_collections.ConfigDict):
       fail(f"{written(key)}: {'.'.join(fixed)} is a key, not a section of the config.")

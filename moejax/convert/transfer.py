@@ -233,7 +233,7 @@ def import_record(workdir: epath.PathLike) -> dict[str, Any] | None:
 def origin_record(workdir: epath.PathLike) -> dict[str, Any] | None:
   """The import record of `workdir`, or of the run it was fine-tuned from
   (`train.init_from`), followed back to the import; None for a model that never was one."""
-  path, seen = workdir_lib.resolve(workdir), set()
+  path, seen = workdir_lib.resolve(workdir), set[str]()
   while str(path) not in seen:
     output_dir.check_finished(path, "train.init_from" if seen else "--workdir")
     seen.add(str(path))
@@ -337,16 +337,16 @@ def export_checkpoint(
     chosen = families.FAMILIES[family]
   else:
     raise ValueError(f"--family={family!r} must be one of {', '.join(sorted(families.FAMILIES))}.")
-  same_family = record is not None and record["model_type"] == chosen.model_type
+  original = record if record is not None and record["model_type"] == chosen.model_type else None
   default_dtype = np.dtype(DTYPES["BF16"] if dtype == "bfloat16" else dtype or "float32")
   dtypes = {
     key: np.dtype(DTYPES["BF16"]) if name == "bfloat16" else np.dtype(name)
-    for key, name in (record["dtypes"].items() if same_family and dtype is None else ())
+    for key, name in (original["dtypes"].items() if original and dtype is None else ())
   }
   families.check_expressible(config.model, chosen)
   hf = families.hf_config(config.model, chosen, dtype or "float32")
-  if same_family:
-    hf = exported_config(record["config"], hf, keep_dtype=dtype is None)
+  if original:
+    hf = exported_config(original["config"], hf, keep_dtype=dtype is None)
   plan = layout.pieces(config.model, chosen)
   state = flat(nnx.to_pure_dict(nnx.state(model)))
   leaves = {name: np.asarray(state[name]) for name in {piece.leaf for piece in plan}}

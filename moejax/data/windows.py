@@ -84,7 +84,8 @@ def split_regions(store: TokenStore, seq_len: int, eval_fraction: float) -> tupl
   if not 0 < eval_fraction < 1:
     raise ValueError(f"data.eval_fraction={eval_fraction} must be in (0, 1).")
   target = (1 - eval_fraction) * store.num_tokens
-  cut = int(store.document_ends[min(np.searchsorted(store.document_ends, target), len(store) - 1)])
+  last = min(int(np.searchsorted(store.document_ends, target)), len(store) - 1)
+  cut = int(store.document_ends[last])
   return Region(store, 0, cut, seq_len), Region(store, cut, store.num_tokens, seq_len)
 
 

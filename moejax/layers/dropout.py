@@ -31,7 +31,7 @@ class ResidualDropout(nnx.Module):
     return self.rng is not None and not self.deterministic
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    if not self.draws_randomness():
+    if self.rng is None or self.deterministic:  # not `draws_randomness()`
       return x
     keep = jax.random.bernoulli(self.rng(), 1.0 - self.rate, x.shape)
     return jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
@@ -40,8 +40,7 @@ class ResidualDropout(nnx.Module):
 def draws_randomness(module: nnx.Module) -> bool:
   """Whether a call of `module` draws from an RNG stream: whether any module in it with a
   `draws_randomness()` method (dropout, an MoE layer's router noise) says so."""
-  return any(
-    m.draws_randomness()
-    for _, m in nnx.iter_modules(module)
-    if m is not module and callable(getattr(m, "draws_randomness", None))
+  asks = (
+    getattr(m, "draws_randomness", None) for _, m in nnx.iter_modules(module) if m is not module
   )
+  return any(ask() for ask in asks if callable(ask))

@@ -100,5 +100,6 @@ class FeedForward(nnx.Module):
     return on_rows(self._rows, x.astype(self.dtype))
 
   def _rows(self, x: jax.Array) -> jax.Array:
-    cast = lambda w: None if w is None else w[...].astype(self.dtype)
-    return ffn_core(self.activation, x, cast(self.w_in), cast(self.w_gate), cast(self.w_out))
+    gate = None if self.w_gate is None else self.w_gate[...].astype(self.dtype)
+    w_in, w_out = self.w_in[...].astype(self.dtype), self.w_out[...].astype(self.dtype)
+    return ffn_core(self.activation, x, w_in, gate, w_out)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import jax
+from typing import Any
+
 import jax.numpy as jnp
 
 SCALARS = ("lb_loss", "seq_aux_loss", "z_loss", "dropped_fraction")
 
 
-def aggregate_aux(auxes: list[dict[str, jax.Array]], num_experts: int) -> dict[str, jax.Array]:
+def aggregate_aux(auxes: list[dict[str, Any]], num_experts: int) -> dict[str, Any]:
   """Means of the scalar MoE metrics over the MoE layers (`SCALARS`: float32 scalars, 0.0
   without MoE layers); the per-layer `expert_load` stacked `[num_moe_layers, num_experts]`
   (`[0, num_experts]` without); each layer's `routing` dict in a tuple, in layer order."""

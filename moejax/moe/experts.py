@@ -85,8 +85,8 @@ class Experts(nnx.Module):
 
   def weights(self) -> ExpertWeights:
     """The weights in the compute dtype."""
-    cast = lambda w: None if w is None else w[...].astype(self.dtype)
-    return cast(self.w_in), cast(self.w_gate), cast(self.w_out)
+    gate = None if self.w_gate is None else self.w_gate[...].astype(self.dtype)
+    return self.w_in[...].astype(self.dtype), gate, self.w_out[...].astype(self.dtype)
 
   def dropout(self) -> ExpertDropout | None:
     """A fresh `ExpertDropout`, or None when it is off (rate 0 or deterministic)."""

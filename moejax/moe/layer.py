@@ -32,6 +32,7 @@ The call path of one token, on one device or on a mesh (the same code):
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -120,6 +121,7 @@ class MoeLayer(nnx.Module):
       config.top_k,
     )
     self.deterministic = False
+    self.noise_kernel: nnx.Param | None
     if config.router == "noisy_top_k":
       # Shazeer et al. 2017 initialise both W_g and W_noise to zero.
       zeros = jnp.zeros((d_model, E), jnp.float32)
@@ -172,6 +174,8 @@ class MoeLayer(nnx.Module):
     underloaded experts (`balancing.update_selection_bias`), from `expert_load` `[experts]`,
     this layer's share of the step's assignments over the global batch; `[..., experts]`
     for a stack of layers."""
+    if self.selection_bias is None:
+      raise ValueError("update_selection_bias: model.bias_update_rate=0 keeps no selection bias.")
     update = balancing.update_selection_bias
     for _ in range(expert_load.ndim - 1):
       update = jax.vmap(update, in_axes=(0, 0, None))
@@ -224,7 +228,7 @@ class MoeLayer(nnx.Module):
     scores = routing.router_scores(logits, c.score_fn)
     # Sigmoid scores do not sum to 1: the balance statistics use them normalised per token.
     probs = scores if c.score_fn == "softmax" else scores / jnp.sum(scores, -1, keepdims=True)
-    aux = {
+    aux: dict[str, Any] = {
       "z_loss": balancing.router_z_loss(logits, mask),
       "seq_aux_loss": jnp.zeros((), jnp.float32),
     }
@@ -242,15 +246,15 @@ class MoeLayer(nnx.Module):
       aux["lb_loss"] = jnp.zeros((), jnp.float32)  # balanced by construction
       aux["expert_load"] = jnp.full((E,), 1.0 / E, jnp.float32)
     else:
-      choose = functools.partial(
+      choose_tokens = functools.partial(
         routing.token_choice, k=c.top_k, num_expert_groups=c.num_expert_groups,
         topk_groups=c.topk_groups, normalize=c.renormalize,
         routed_scaling_factor=c.routed_scaling_factor,
       )  # fmt: skip
       if self.selection_bias is None:
-        choice = per_device(self.mesh, jax.vmap(choose), scores)  # [G, S, k]
+        choice = per_device(self.mesh, jax.vmap(choose_tokens), scores)  # [G, S, k]
       else:
-        biased = jax.vmap(lambda s, b: choose(s, selection_bias=b), in_axes=(0, None))
+        biased = jax.vmap(lambda s, b: choose_tokens(s, selection_bias=b), in_axes=(0, None))
         choice = per_device(self.mesh, biased, scores, replicated=(self.selection_bias[...],))
       indices = choice.expert_indices.reshape(-1)
       if mask is None:

@@ -26,6 +26,8 @@ The 2024-2026 families are settings of the same pieces (config keys `model.*` in
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -95,7 +97,7 @@ def random_second_expert(choice: TokenChoice, key: jax.Array) -> TokenChoice:
   second_share = g2 / jnp.maximum(g1 + g2, jnp.finfo(jnp.float32).tiny)
   keep_second = jax.random.uniform(key, g2.shape) < 2.0 * second_share
   valid = choice.valid.at[:, 1].set(choice.valid[:, 1] & keep_second)
-  return choice.replace(valid=valid)
+  return dataclasses.replace(choice, valid=valid)
 
 
 def expert_choice(

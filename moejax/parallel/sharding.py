@@ -162,7 +162,7 @@ def slice_shapes(
     num_devices // num_slices,
     "devices" if num_slices == 1 else "devices per slice",
   )
-  dcn = {axis: across.get(DCN_KEYS.get(axis), 1) for axis in MESH_AXES}
+  dcn = {axis: across[DCN_KEYS[axis]] if axis in DCN_KEYS else 1 for axis in MESH_AXES}
   return within, dcn
 
 
@@ -311,7 +311,8 @@ def validate_mesh(
 def logical_to_mesh(names: Sequence[str | None], mesh, rules=LOGICAL_AXIS_RULES) -> P:
   """The PartitionSpec of logical axis `names` under `rules`, keeping the mesh axes `mesh` has."""
   table = dict(rules)
-  spec, used = [], set()
+  spec: list[str | tuple[str, ...] | None] = []
+  used: set[str] = set()
   for name in names:
     if name is None:
       spec.append(None)

@@ -294,7 +294,10 @@ class Checkpointer:
 
     Returns (step, state, data iterator state).
     """
-    step = self.latest_step() if step is None else step
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise ValueError(f"{self.directory} holds no checkpoint to restore.")
     template = nnx.to_pure_dict(state)
     target = _abstract(_keys_to_data(template))
     sums = {"checksums": ocp.args.JsonRestore()} if self._has_checksums(step) else {}
@@ -348,7 +351,7 @@ class Checkpointer:
     `train.init_from` all choose their checkpoint so (the first two skip a checkpoint that
     does not fit its own config; `train.init_from` stops at one that does not fit the new
     model: `fatal=(DoesNotFit,)`)."""
-    skipped = []
+    skipped: list[tuple[int, str]] = []
     for step in self.steps() if steps is None else steps:
       try:
         return step, read(step), skipped

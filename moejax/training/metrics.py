@@ -36,7 +36,7 @@ class MetricWriter:
   def __init__(self, workdir: epath.PathLike, *, enabled: bool = True, resume_step: int = 0):
     self.enabled = enabled
     self.path = workdir_lib.resolve(workdir) / METRICS_FILE
-    self._tensorboard = None
+    self._tensorboard: Any = None  # a tensorboardX SummaryWriter where enabled
     self._lines: list[str] = []  # the whole log, kept where it cannot be appended to
     if not enabled:
       return
@@ -52,7 +52,8 @@ class MetricWriter:
     if not self.path.exists():
       return []
     lines = [line for line in self.path.read_text().splitlines(keepends=True) if line.strip()]
-    keep, later = [], []
+    keep: list[str] = []
+    later: list[str] = []
     for line in lines:
       record = _parse(line)
       (keep if record is not None and record["step"] <= step else later).append(line)
@@ -70,7 +71,7 @@ class MetricWriter:
     return keep
 
   def write(self, step: int, record: dict[str, Any]) -> None:
-    if not self.enabled:
+    if self._tensorboard is None:  # not enabled
       return
     line = json.dumps({"step": step, **record}) + "\n"
     if workdir_lib.is_remote(self.path):

@@ -165,7 +165,7 @@ def writing(path: epath.Path, flag: str, command: str) -> Iterator[None]:
   stops the process (`signals.cleanup_on_stop`) removes it too (`remove_aside`)."""
   path = epath.Path(path)
   existed = path.exists()
-  finished = []  # once the marker goes, a signal no longer removes the finished output
+  finished: list[bool] = []  # once the marker goes, a signal no longer removes the finished output
 
   def cleanup() -> None:
     if not finished:

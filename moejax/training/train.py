@@ -39,7 +39,9 @@ log = logging.getLogger(__name__)
 
 
 def _train_record(metrics: dict[str, Any], moe_layers: tuple[int, ...]) -> dict[str, Any]:
-  record = {f"train/{k}": float(v) for k, v in metrics.items() if k != "expert_load"}
+  record: dict[str, Any] = {
+    f"train/{k}": float(v) for k, v in metrics.items() if k != "expert_load"
+  }
   for layer, load in zip(moe_layers, np.asarray(metrics["expert_load"]), strict=True):
     record[f"train/expert_load/layer_{layer}"] = [round(float(x), 5) for x in load]
   return record
@@ -69,7 +71,7 @@ def _finished_result(path: epath.Path, step: int) -> dict[str, Any]:
   except FileNotFoundError:
     records = []
   for prefix, probe in (("train/", "train/loss"), ("eval/", "eval/loss")):
-    last = next((r for r in reversed(records) if probe in r), {})
+    last: dict[str, Any] = next((r for r in reversed(records) if probe in r), {})
     result.update({k: v for k, v in last.items() if k.startswith(prefix)})
   return result
 
@@ -436,7 +438,7 @@ class PreemptionWatch:
     self.num_processes = num_processes
     self.sync_every = sync_every
     self._flag = False
-    self._previous = {}
+    self._previous: dict[int, Any] = {}
     self._requests = None
 
   def _request(self, signum: int) -> None:
