@@ -2,6 +2,7 @@
 --dry_run, signals at start-up, and the run directory through etils.epath (local and a fake
 gs:// bucket). Runs that train are in test_train.py and test_fault_tolerance.py."""
 
+import importlib.util
 import json
 import os
 import random
@@ -142,6 +143,42 @@ def test_dry_run_says_what_would_happen_and_writes_nothing(tmp_path):
   assert not os.path.exists(tmp_path / "w")
 
 
+# A command whose cleanup takes a while after a signal, while its main thread fails (the
+# cleanup removed what it was writing) or finishes: either way the cleanup runs to its end.
+_SLOW_CLEANUP = """
+import os, signal, sys, threading, time
+from moejax.runtime import signals
+signals.handle_signals("cleaned up.")
+from moejax.runtime.cli import report_error
+done = sys.argv[1]
+def cleanup():
+  time.sleep(1.0)
+  open(done, "w").close()
+with signals.cleanup_on_stop(cleanup):
+  os.kill(os.getpid(), signal.SIGTERM)
+  time.sleep(0.2)  # the signal thread is in the cleanup now
+  if sys.argv[2] == "fails":
+    sys.exit(report_error(OSError("the directory being written is gone"), verbose=False))
+"""
+
+
+@pytest.mark.parametrize("main_thread", ["fails", "finishes"])
+def test_a_stopping_signal_finishes_its_cleanup_whatever_the_main_thread_does(
+  main_thread, tmp_path
+):
+  done = tmp_path / "cleaned"
+  result = subprocess.run(
+    [sys.executable, "-c", _SLOW_CLEANUP, str(done), main_thread],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
+  assert result.returncode == 128 + signal.SIGTERM, result.stderr
+  assert done.exists()
+  assert result.stderr.strip() == "stopped by SIGTERM; cleaned up."
+
+
 def test_a_signal_at_a_random_moment_of_start_up_ends_with_one_line(tmp_path):
   """SIGINT or SIGTERM during the imports, the config and data checks or the first compile."""
   rng = random.Random()
@@ -249,6 +286,16 @@ def test_every_package_of_the_tree_is_installed():
 
 
 # ----------------------------------------------------------------------------- run directories
+
+
+@pytest.mark.skipif(
+  importlib.util.find_spec("gcsfs") is not None, reason="gcsfs is installed: gs:// works"
+)
+def test_a_bucket_without_its_filesystem_package_names_the_extra():
+  with pytest.raises(
+    ValueError, match=r"gs:// paths need the gcs extra: pip install 'moejax\[gcs\]'"
+  ):
+    workdir.resolve("gs://bucket/run")
 
 
 class FakeBucket(MemoryFileSystem):

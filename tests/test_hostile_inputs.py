@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -106,6 +107,19 @@ def test_an_index_naming_a_missing_shard_is_refused_naming_it(tmp_path):
   missing = _shards(source)[0]
   missing.unlink()
   with pytest.raises(ValueError, match=rf"{missing.name} does not exist"):
+    transfer.import_checkpoint(source, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
+def test_an_index_placing_a_tensor_in_the_wrong_shard_is_refused_naming_both(tmp_path):
+  source, _ = _checkpoint(tmp_path, "mixtral", shards=2)
+  index_path = source / "model.safetensors.index.json"
+  index = json.loads(index_path.read_text())
+  first, second = sorted(set(index["weight_map"].values()))
+  key = next(k for k, v in index["weight_map"].items() if v == first)
+  index["weight_map"][key] = second
+  index_path.write_text(json.dumps(index))
+  with pytest.raises(ValueError, match=rf"places {re.escape(key)} in {second}, which does not"):
     transfer.import_checkpoint(source, tmp_path / "run")
   assert not (tmp_path / "run").exists()
 

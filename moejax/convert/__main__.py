@@ -82,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
   # What a SIGINT/SIGTERM leaves: the partial output is removed (`output_dir.writing`).
   flag = "--workdir" if args.command == "import" else "--to"
   set_signal_note(f"what was written to {flag} is removed: rerun the same command.")
+  from moejax.runtime import quiet
   from moejax.runtime.cli import report_error
 
+  quiet.quiet_libraries(verbose=args.verbose)  # Orbax's logs of a failed write: --verbose only
   try:
     from moejax.convert import transfer
 

@@ -140,8 +140,19 @@ class CheckpointDir:
       self._open[name] = self._safe_open(name)
     return self._open[name]
 
+  def _slice(self, key: str):
+    """The lazy slice of tensor `key`; a shard that lacks it (an index naming the wrong
+    file) is refused naming both."""
+    try:
+      return self._file(key).get_slice(key)
+    except SafetensorError as error:
+      raise ValueError(
+        f"{self._context}: {INDEX_FILE} places {key} in {self.files[key]}, which does not "
+        f"hold it ({error})."
+      ) from None
+
   def dtype(self, key: str) -> np.dtype:
-    name = self._file(key).get_slice(key).get_dtype()
+    name = self._slice(key).get_dtype()
     if name not in DTYPES:
       raise ValueError(
         f"{key} is stored as {name}; moejax reads {', '.join(DTYPES)} tensors "
@@ -150,7 +161,7 @@ class CheckpointDir:
     return DTYPES[name]
 
   def shape(self, key: str) -> tuple[int, ...]:
-    return tuple(self._file(key).get_slice(key).get_shape())
+    return tuple(self._slice(key).get_shape())
 
   def nbytes(self, key: str) -> int:
     return int(np.prod(self.shape(key))) * self.dtype(key).itemsize

@@ -37,12 +37,14 @@ def _check_prepared(name: str, data_dir: str) -> None:
     known = list(dict.fromkeys([*EMBEDDED, *builders]))  # the embedded ones are builders too
     close = difflib.get_close_matches(name.split("/")[0], known, n=2)
     close.sort(key=lambda c: c not in EMBEDDED)  # the built-in corpora first
-    if close:
-      raise ValueError(
-        f"config.data.name={name!r} is not a TFDS dataset; did you mean "
-        f"{' or '.join(repr(c) for c in close)}?"
-      ) from None
-    prepared = False
+    hint = (
+      f"; did you mean {' or '.join(repr(c) for c in close)}?"
+      if close
+      else (
+        f": the built-in corpora are {', '.join(EMBEDDED)}, or a token store (data.tokens_dir)."
+      )
+    )
+    raise ValueError(f"config.data.name={name!r} is not a TFDS dataset{hint}") from None
   if not prepared:
     raise FileNotFoundError(
       f"TFDS dataset '{name}' is not prepared in data_dir '{data_dir}'; prepare "

@@ -26,7 +26,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from moejax.runtime import quiet
-from moejax.runtime.signals import handle_signals
+from moejax.runtime.signals import handle_signals, yield_to_stop
 
 VERBOSE = flags.DEFINE_bool(
   "verbose",
@@ -44,6 +44,8 @@ QUIET = flags.DEFINE_bool(
 # no fault of the command: a full disk, an unreachable bucket, a dead peer.
 _FAILED_RUN_STATUSES = (
   "RESOURCE_EXHAUSTED",
+  "NOT_FOUND",
+  "PERMISSION_DENIED",
   "UNAVAILABLE",
   "DEADLINE_EXCEEDED",
   "DATA_LOSS",
@@ -83,12 +85,18 @@ def one_line(error: BaseException) -> str:
 
 
 def report_error(error: BaseException, *, verbose: bool, code: int | None = None) -> int:
-  """Prints `error: MESSAGE` (with `verbose`, the traceback above it); returns the exit code."""
+  """Prints `error: MESSAGE` (with `verbose`, the traceback above it); returns the exit code.
+
+  Two cases end the process here instead: a signal that is ending it (its cleanup made
+  the failing write fail: `signals.yield_to_stop`), and Orbax save threads left waiting by
+  a failed save (`quiet.exit_past_abandoned_saves`, after the line is printed)."""
+  yield_to_stop()
   code = exit_code(error) if code is None else code
   if verbose:
     traceback.print_exception(error, file=sys.stderr)
   hint = " (rerun with --verbose for the traceback)" if code == 1 and not verbose else ""
   print(f"error: {one_line(error)}{hint}", file=sys.stderr, flush=True)
+  quiet.exit_past_abandoned_saves(code)
   return code
 
 
@@ -148,9 +156,7 @@ def _run_main(
       raise app.UsageError(f"unexpected argument {extra!r}; every option is a --flag=VALUE.")
     main(argv)
   except Exception as error:  # every failure: one line and its exit code
-    code = report_error(error, verbose=VERBOSE.value)
-    quiet.exit_past_abandoned_saves(code)
-    sys.exit(code)
+    sys.exit(report_error(error, verbose=VERBOSE.value))
 
 
 def flag_value(args: Sequence[str], name: str) -> tuple[int, str] | None:

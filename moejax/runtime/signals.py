@@ -6,6 +6,7 @@ anything else heavy is imported.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import multiprocessing
@@ -28,10 +29,13 @@ class _State:
   at_once_note: str = ""
   note: str = ""
   cleanups: list[Callable[[], None]] = dataclasses.field(default_factory=list)
+  thread: threading.Thread | None = None  # the one that takes the signals
 
 
 _state = _State()
 _lock = threading.Lock()
+# Set once a signal is ending the process: the signal thread runs the cleanups, then exits.
+_stopping = threading.Event()
 
 
 def handle_signals(note: str | None = None) -> None:
@@ -62,7 +66,9 @@ def handle_signals(note: str | None = None) -> None:
     os.register_at_fork(
       after_in_child=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     )
-    threading.Thread(target=_wait_for_signals, name="moejax-signals", daemon=True).start()
+    _state.thread = threading.Thread(target=_wait_for_signals, name="moejax-signals", daemon=True)
+    _state.thread.start()
+    atexit.register(yield_to_stop)
   else:  # no signal masks (Windows): handlers, run between the main thread's bytecodes
     for sig in _STOP_SIGNALS:
       signal.signal(sig, lambda signum, frame: _on_signal(signum))
@@ -108,6 +114,16 @@ def cleanup_on_stop(cleanup: Callable[[], None]) -> Iterator[None]:
       _state.cleanups.remove(cleanup)
 
 
+def yield_to_stop() -> None:
+  """Returns at once, unless a signal is ending the process: then it waits for the signal
+  thread to finish its cleanups and end the process (it never returns). The main thread
+  calls it before it reports an error or exits: a cleanup removing a directory the main
+  thread was writing makes that write fail, and neither that error nor the interpreter's
+  exit may cut the cleanup short."""
+  if _stopping.is_set() and threading.current_thread() is not _state.thread:
+    threading.Event().wait()
+
+
 def _wait_for_signals() -> None:
   while True:
     _on_signal(signal.sigwait(_STOP_SIGNALS))
@@ -125,6 +141,7 @@ def _on_signal(signum: int) -> None:
   if listener is not None and seen == 1:
     listener(signum)
     return
+  _stopping.set()
   with _lock:
     cleanups = list(reversed(_state.cleanups))
   for cleanup in cleanups:

@@ -17,6 +17,7 @@ import os
 import tempfile
 from typing import Any
 
+import fsspec
 import ml_collections
 from etils import epath
 
@@ -32,8 +33,16 @@ def is_remote(path: epath.PathLike) -> bool:
 
 
 def resolve(workdir: epath.PathLike) -> epath.Path:
-  """`workdir` as an epath.Path: a URI as given, a local path absolute and user-expanded."""
+  """`workdir` as an epath.Path: a URI as given, a local path absolute and user-expanded.
+  A URI whose filesystem package is missing (gcsfs for `gs://`) is refused with the
+  install line."""
   if is_remote(workdir):
+    protocol = os.fspath(workdir).split("://", 1)[0]
+    try:
+      fsspec.get_filesystem_class(protocol)
+    except ImportError as error:
+      extra = "the gcs extra: pip install 'moejax[gcs]'" if protocol in ("gs", "gcs") else error
+      raise ValueError(f"{workdir}: {protocol}:// paths need {extra}.") from None
     return epath.Path(workdir)
   return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(workdir))))
 
