@@ -60,6 +60,9 @@ SHARED_KEYS = (
   "rope_base",
   "tie_embeddings",
   "activation",
+  "post_norms",
+  "embedding_multiplier",
+  "output_multiplier",
 ) + tuple(key for kind in ATTENTION_KINDS.values() for key in kind.keys)
 
 

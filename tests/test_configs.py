@@ -22,7 +22,7 @@ def load(name, arg):
 
 def test_the_documented_configs_exist():
   documented = {"tiny", "switch_base", "st_moe", "glam", "mixtral", "olmoe", "arctic", "dense"}
-  families = {"deepseek_v3", "deepseek_v2_lite", "qwen2_moe", "qwen3_moe"}
+  families = {"deepseek_v3", "deepseek_v2_lite", "qwen2_moe", "qwen3_moe", "grok1"}
   assert documented | families <= set(NAMES)
 
 
@@ -52,7 +52,8 @@ def test_smoke_variant_takes_a_training_step(name, fast_compile):
 # Published totals and active parameters, embeddings included: the pod recipes carry the
 # published vocabularies. Active counts published to two significant figures get that
 # rounding as tolerance; DeepSeek-V2-Lite's 2.4B activated leaves out the output
-# projection (2.66B with it).
+# projection (2.66B with it). Grok-1: 314B, and "25% of the weights active on a given
+# token" (xAI's release note), a rounded share: 26.5% here (83.8B), so 7% tolerance.
 @pytest.mark.parametrize(
   "name,total,active,vocab,active_rel,head_in_active",
   [
@@ -62,6 +63,7 @@ def test_smoke_variant_takes_a_training_step(name, fast_compile):
     ("deepseek_v2_lite", 15.7e9, 2.4e9, 102400, 0.025, False),  # model card
     ("qwen2_moe", 14.3e9, 2.7e9, 151936, 0.02, True),  # Qwen1.5-MoE-A2.7B model card
     ("qwen3_moe", 30.5e9, 3.3e9, 151936, 0.02, True),  # Qwen3-30B-A3B model card
+    ("grok1", 314e9, 0.25 * 314e9, 131072, 0.07, True),  # xai-org/grok-1, x.ai/blog/grok-os
   ],
 )
 def test_pod_shapes_match_published_parameter_counts(

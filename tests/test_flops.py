@@ -17,6 +17,12 @@ CONFIGS = {
   "moe-one-in-four-tied": dict(MOE, num_layers=4, moe_layer_interval=4, tie_embeddings=True),
   "moe-shared-experts": dict(MOE, num_shared_experts=2),
   "moe-hybrid": dict(MOE, num_layers=4, moe_layer_interval=2, dense_moe_hybrid=True),
+  "moe-hybrid-post-norms": dict(
+    MOE, num_layers=4, moe_layer_interval=2, dense_moe_hybrid=True, post_norms=True
+  ),
+  "moe-grok-options": dict(
+    MOE, post_norms=True, attention_logit_cap=30.0, activation="geglu_tanh", tie_embeddings=True
+  ),
   "moe-noisy-gelu": dict(MOE, router="noisy_top_k", activation="gelu"),
   "moe-expert-choice-bf16": dict(MOE, router="expert_choice", dispatch="sort", dtype="bfloat16"),
   "moe-dense-router": dict(num_experts=4, top_k=4, router="dense"),

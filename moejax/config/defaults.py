@@ -28,9 +28,12 @@ def base_config() -> ml_collections.ConfigDict:
   model.num_kv_heads = 4  # key/value heads (GQA); must divide num_heads
   model.head_dim = config_dict.placeholder(int)  # per-head width; None: d_model // num_heads
   model.d_ff = 512  # hidden size of the dense FFNs
-  model.activation = "swiglu"  # FFN/expert activation: relu, gelu, swiglu, geglu
+  model.activation = "swiglu"  # FFN/expert activation: relu, gelu(_tanh), swiglu, geglu(_tanh)
   model.qk_norm = "none"  # RMSNorm on q and k before RoPE: none, head (per head), full (OLMoE)
   model.qkv_bias = False  # biases on the q, k and v projections (Qwen2)
+  model.attention_logit_cap = config_dict.placeholder(
+    float
+  )  # GQA: logits → cap·tanh(logits/cap) (Grok-1: 30); None/0: off
   model.attention = "gqa"  # gqa (grouped-query attention) or mla (multi-head latent attention)
   model.q_lora_rank = config_dict.placeholder(int)  # MLA: query latent width; None: no query latent
   model.kv_lora_rank = 512  # MLA: the cached key/value latent's width
@@ -40,6 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
   model.norm_eps = 1e-6  # RMSNorm epsilon (Mixtral, Qwen2, OLMoE 1e-5; Qwen3, DeepSeek 1e-6)
   model.rope_base = 10000.0  # RoPE base (theta)
   model.tie_embeddings = False  # output projection reuses the token embedding
+  model.post_norms = False  # RMSNorm on the attention and FFN/MoE outputs too ("sandwich", Grok-1)
+  model.embedding_multiplier = 1.0  # scales the token embeddings entering the blocks (Grok-1)
+  model.output_multiplier = 1.0  # scales the output logits (Grok-1)
   model.dtype = "float32"  # compute dtype (float32, bfloat16); parameters stay float32
   model.scan_layers = True  # layers as a loop (compile time flat in depth); False: unrolled
   # What each scanned period keeps for the backward pass (moejax.models.remat): none, full,

@@ -358,7 +358,16 @@ def check_expressible(model: ml_collections.ConfigDict, family: Family) -> None:
     "qk_norm": family.qk_norm,
     "qkv_bias": family.qkv_bias,
     "attention": family.attention,
+    # Grok-1's blocks: no HF family here holds them.
+    "post_norms": False,
+    "embedding_multiplier": 1.0,
+    "output_multiplier": 1.0,
   }
+  if model.attention_logit_cap:  # None and 0 are off
+    raise ValueError(
+      f"model.attention_logit_cap={model.attention_logit_cap!r} cannot be written as "
+      f"{family.model_type} (it has no soft-capped attention); train without it."
+    )
   if family.is_moe:
     wanted.update(router="top_k", router_bias=False, dense_moe_hybrid=False)
     wanted["score_fn"] = "sigmoid" if family.model_type == "deepseek_v3" else "softmax"

@@ -1,5 +1,6 @@
 """Causal self-attention: rotary positions (RoPE), grouped key/value heads (GQA), QK-norm,
-document masking for packed rows (`moejax.layers.document_mask`), and a KV cache for decoding.
+attention-logit soft-capping (Grok-1), document masking for packed rows
+(`moejax.layers.document_mask`), and a KV cache for decoding.
 
 Multi-head latent attention (DeepSeek-V2) is in `moejax.layers.mla`, with the same call.
 `GQA` is this module's attention kind (`model.attention='gqa'`, `moejax.layers.attention_kind`).
@@ -7,6 +8,7 @@ Multi-head latent attention (DeepSeek-V2) is in `moejax.layers.mla`, with the sa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -66,12 +68,17 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
   return rotated.astype(x.dtype)
 
 
-def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def grouped_query_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, logit_cap: float | None = None
+) -> jax.Array:
   """Softmax attention where each group of `heads / kv_heads` query heads shares one KV head.
 
   Query head `h` reads KV head `h // (heads / kv_heads)` (GQA, Ainslie et al. 2023;
   kv_heads = heads is multi-head attention, kv_heads = 1 multi-query attention).
-  Scores and softmax run in float32.
+  Scores and softmax run in float32. With `logit_cap` the scaled scores s become
+  `cap · tanh(s / cap)` before masking, as xai-org/grok-1's model.py does
+  (`MultiHeadAttention`: `max_attn_val` 30, after `attn_output_multiplier`, which is
+  128^-0.5 = 1/sqrt(head_dim) there, this function's scale).
 
   Args:
     q: `[batch, q_len, heads, head_dim]`.
@@ -79,6 +86,7 @@ def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.
     v: `[batch, kv_len, kv_heads, head_dim]`.
     mask: `[q_len, kv_len]` (all rows) or `[batch, q_len, kv_len]` (per row) bool, True
       where the query may attend to the key. Every query must see at least one key.
+    logit_cap: None (no cap) or the soft cap, > 0.
 
   Returns:
     `[batch, q_len, heads, head_dim]` in q's dtype.
@@ -88,6 +96,8 @@ def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.
   q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
   scores = jnp.einsum("bqkgd,btkd->bkgqt", q, k, preferred_element_type=jnp.float32)
   scores = scores / jnp.sqrt(jnp.float32(head_dim))
+  if logit_cap:
+    scores = logit_cap * jnp.tanh(scores / logit_cap)
   if mask.ndim == 3:  # [batch, q, kv] -> over the heads [batch, 1, 1, q, kv]
     mask = mask[:, None, None]
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
@@ -104,7 +114,8 @@ class CausalSelfAttention(nnx.Module):
   q, k and v (Qwen2), o never has one. QK-norm is RMSNorm on the queries and keys before
   RoPE: `'head'` one `[head_dim]` scale each for q and k, shared by the heads (Dehghani et
   al. 2023, Qwen3); `'full'` over the whole q `[heads·head_dim]` and k
-  `[kv_heads·head_dim]` projections (OLMoE, Muennighoff et al. 2024).
+  `[kv_heads·head_dim]` projections (OLMoE, Muennighoff et al. 2024). `logit_cap` soft-caps
+  the attention logits (`grouped_query_attention`; Grok-1), in the cached decode too.
   """
 
   def __init__(
@@ -118,13 +129,14 @@ class CausalSelfAttention(nnx.Module):
     qk_norm: str = "none",
     qkv_bias: bool = False,
     norm_eps: float = 1e-6,
+    logit_cap: float | None = None,
     dtype: Any,
     rngs: nnx.Rngs,
   ):
     if num_heads % num_kv_heads:
       raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-    self.rope_base = rope_base
+    self.rope_base, self.logit_cap = rope_base, logit_cap or None
     self.qk_norm = qk_norm = qk_norm_mode(qk_norm)
 
     def linear(fan_in, fan_out, names, bias):
@@ -178,12 +190,12 @@ class CausalSelfAttention(nnx.Module):
     batch, seq, _ = x.shape
     q, k, v = on_rows(self.q_proj, x), on_rows(self.k_proj, x), on_rows(self.v_proj, x)
     q, k, v = (checkpoint_name(a, ATTENTION_QKV) for a in (q, k, v))
-    if self.qk_norm == "full":
+    if self.qk_norm == "full" and self.q_norm and self.k_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     q = q.reshape(batch, seq, self.num_heads, self.head_dim)
     k = k.reshape(batch, seq, self.num_kv_heads, self.head_dim)
     v = v.reshape(batch, seq, self.num_kv_heads, self.head_dim)
-    if self.qk_norm == "head":
+    if self.qk_norm == "head" and self.q_norm and self.k_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     q = apply_rope(q, positions, self.rope_base)
     k = apply_rope(k, positions, self.rope_base)
@@ -196,7 +208,7 @@ class CausalSelfAttention(nnx.Module):
       cache = {"k": k, "v": v}
       key_positions = jnp.arange(k.shape[1], dtype=jnp.int32)
       mask = key_positions[None, :] <= positions[:, None]  # [seq, kv_len]
-    out = grouped_query_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+    out = grouped_query_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.logit_cap)
     out = checkpoint_name(
       out.reshape(batch, seq, self.num_heads * self.head_dim), ATTENTION_CONTEXT
     )
@@ -235,13 +247,18 @@ def _validate(config: ml_collections.ConfigDict, require: Require) -> None:
   require(
     head_dim_of(config) % 2 == 0, f"head_dim must be even for RoPE, got {head_dim_of(config)}"
   )
+  cap = config.attention_logit_cap
+  require(
+    cap is None or 0 <= cap < math.inf,
+    f"attention_logit_cap must be None, 0 (off) or a finite number > 0, got {cap}",
+  )
 
 
 def _build(config: ml_collections.ConfigDict, *, dtype, rngs: nnx.Rngs) -> CausalSelfAttention:
   return CausalSelfAttention(
     config.d_model, config.num_heads, config.num_kv_heads, head_dim_of(config),
     rope_base=config.rope_base, qk_norm=config.qk_norm, qkv_bias=config.qkv_bias,
-    norm_eps=config.norm_eps, dtype=dtype, rngs=rngs,
+    norm_eps=config.norm_eps, logit_cap=config.attention_logit_cap, dtype=dtype, rngs=rngs,
   )  # fmt: skip
 
 
@@ -293,7 +310,7 @@ def _to_hf(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 GQA = AttentionKind(
   name="gqa",
-  keys=("num_kv_heads", "head_dim", "qk_norm", "qkv_bias"),
+  keys=("num_kv_heads", "head_dim", "qk_norm", "qkv_bias", "attention_logit_cap"),
   validate=_validate,
   build=_build,
   params=_params,

@@ -52,8 +52,9 @@ class AttentionKind:
     params: `model_config -> (matmul weights, vector parameters)` of one layer.
     score_widths: `model_config -> (q·k width, value width)`, summed over the heads: the
       attention FLOPs per token and context position are 2 · (sum of the two).
-    shrink: `(model_config, small)`: sets the kind's keys for the `smoke` (small) or `cpu`
-      model, in place, after d_model and num_heads are shrunk.
+    shrink: `(published, model_config, small)`: sets the kind's keys of `model_config`
+      for the `smoke` (small) or `cpu` model, in place, after d_model and num_heads are
+      shrunk; `published` is the model config before shrinking.
     hf_tensors: `model_config -> HfTensor`s of one layer, in HF's on-disk order.
     from_hf: `(config_json, model_config)`: sets the kind's keys from HF's `config.json`.
     to_hf: `model_config -> dict`: the kind's `config.json` keys.
@@ -65,7 +66,7 @@ class AttentionKind:
   build: Callable[..., nnx.Module]
   params: Callable[[ml_collections.ConfigDict], tuple[int, int]]
   score_widths: Callable[[ml_collections.ConfigDict], tuple[int, int]]
-  shrink: Callable[[ml_collections.ConfigDict, bool], None]
+  shrink: Callable[[ml_collections.ConfigDict, ml_collections.ConfigDict, bool], None]
   hf_tensors: Callable[[ml_collections.ConfigDict], Iterator[HfTensor]]
   from_hf: Callable[[dict[str, Any], ml_collections.ConfigDict], None]
   to_hf: Callable[[ml_collections.ConfigDict], dict[str, Any]]

@@ -163,8 +163,10 @@ class MultiHeadLatentAttention(nnx.Module):
       fan_in, fan_out, use_bias=False, dtype=dtype, kernel_metadata=logical(*names), rngs=rngs
     )
     if self.q_lora_rank is None:
-      self.q_down = self.q_norm = self.q_up = None
-      self.q_proj = linear(d_model, num_heads * qk_dim, ("embed", "heads"))
+      self.q_down: nnx.Linear | None = None
+      self.q_norm: RMSNorm | None = None
+      self.q_up: nnx.Linear | None = None
+      self.q_proj: nnx.Linear | None = linear(d_model, num_heads * qk_dim, ("embed", "heads"))
     else:
       self.q_down = linear(d_model, self.q_lora_rank, ("embed", "q_lora"))
       self.q_norm = RMSNorm(self.q_lora_rank, eps=norm_eps, axis_name="q_lora")
@@ -220,7 +222,7 @@ class MultiHeadLatentAttention(nnx.Module):
     batch, seq, _ = x.shape
     heads, nope, rope = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
     x = x.astype(self.dtype)
-    if self.q_proj is not None:
+    if self.q_norm is None:  # no query latent
       q = on_rows(self.q_proj, x)
     else:
       q_latent = checkpoint_name(on_rows(self.q_down, x), ATTENTION_QKV)
@@ -311,6 +313,10 @@ def _validate(config: ml_collections.ConfigDict, require: Require) -> None:
   require(
     qk_norm_mode(config.qk_norm) == "none" and not config.qkv_bias,
     "qk_norm and qkv_bias are options of attention='gqa'; MLA normalises its latents",
+  )
+  require(
+    not config.attention_logit_cap,
+    f"attention_logit_cap={config.attention_logit_cap} is an option of attention='gqa' only",
   )
 
 

@@ -54,9 +54,9 @@ def experts_per_token(config: ml_collections.ConfigDict) -> float:
 
 def _layer_params(config: ml_collections.ConfigDict) -> dict[str, float]:
   """Parameters of the parts of one layer, by kind: `attention` (its matmul weights),
-  `vectors` (the two RMSNorms and attention's vector parameters: no matmul), `dense_ffn`,
-  `router` (with Switch's router bias), `expert` (one routed expert), `shared` (the shared
-  branch, with its sigmoid gate)."""
+  `vectors` (the two RMSNorms, four with `post_norms`, and attention's vector parameters: no
+  matmul), `dense_ffn`, `router` (with Switch's router bias), `expert` (one routed expert),
+  `shared` (the shared branch, with its sigmoid gate)."""
   d = config.d_model
   attention, attention_vectors = kind_of(config).params(config)
   e_ff = expert_d_ff_of(config) if config.num_experts else 0
@@ -67,7 +67,7 @@ def _layer_params(config: ml_collections.ConfigDict) -> dict[str, float]:
   )
   return {
     "attention": attention,
-    "vectors": 2 * d + attention_vectors,
+    "vectors": (4 if config.post_norms else 2) * d + attention_vectors,
     "dense_ffn": _ffn_params(d, config.d_ff, config.activation),
     # Noisy top-k has a second router matrix, W_noise (Shazeer et al. 2017).
     "router": d * config.num_experts * (2 if config.router == "noisy_top_k" else 1)

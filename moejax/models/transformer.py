@@ -3,7 +3,8 @@
 The block is the modern pre-norm LLaMA/Mixtral/OLMoE recipe:
 
 * RMSNorm (Zhang & Sennrich 2019) before attention and before the FFN, and at the end,
-  with the published model's eps (`model.norm_eps`);
+  with the published model's eps (`model.norm_eps`); with `model.post_norms` also on each
+  sublayer's output before the residual add ("sandwich" norms, as Grok-1 has);
 * causal self-attention with RoPE, grouped key/value heads, optional QK-norm and q/k/v
   biases (`moejax.layers.attention`);
 * an FFN that is a dense `FeedForward`, a `moejax.moe.MoeLayer`, or both side by side with
@@ -34,9 +35,15 @@ Decoding uses an explicit KV cache pytree (see `TransformerLM.init_cache`):
     logits, aux, cache = model(next_tok[:, None], cache=cache, start=P)  # one step
 
 Parameters are float32; `config.dtype` is the compute dtype. Logits are always float32.
+`model.embedding_multiplier` and `model.output_multiplier` scale the embeddings entering
+the first block and the logits (Grok-1's `embedding_multiplier_scale` 78.38 and
+`output_multiplier_scale` 0.577, in xai-org/grok-1's model.py `LanguageModel`).
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -142,6 +149,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     f"first_dense_layers must be an int >= 0, got {config.first_dense_layers!r}",
   )
   require(config.norm_eps > 0, f"norm_eps must be > 0, got {config.norm_eps}")
+  require(
+    isinstance(config.post_norms, bool),
+    f"post_norms must be True or False, got {config.post_norms!r}",
+  )
+  for key in ("embedding_multiplier", "output_multiplier"):
+    require(0 < config[key] < math.inf, f"{key} must be a finite number > 0, got {config[key]}")
   try:
     qk_norm_mode(config.qk_norm)
   except ValueError as error:
@@ -170,7 +183,12 @@ class DecoderBlock(nnx.Module):
   """Pre-norm block: `x + drop(attn(norm(x)))`, then `x + drop(ffn(norm(x)))` (`model.dropout`).
 
   `kind` 'dense' has a dense FFN; 'moe' an MoE layer, beside a dense FFN with
-  `dense_moe_hybrid` (Snowflake Arctic), their outputs summed.
+  `dense_moe_hybrid` (Snowflake Arctic), their outputs summed. With `post_norms` each
+  sublayer's output is normalised before it joins the residual stream: `x +
+  drop(norm(attn(norm(x))))`, then `x + drop(norm(ffn(norm(x))))`, the FFN's branches
+  summed before the norm and dropped out only if one is dense (xai-org/grok-1's model.py
+  `DecoderLayer`: `rms_norm` before and `rms_norm_1` after the attention, `rms_norm_2`
+  before and `rms_norm_3` after the MoE).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, kind: str, *, dtype, mesh, rngs: nnx.Rngs):
@@ -178,6 +196,8 @@ class DecoderBlock(nnx.Module):
     self.attn_norm = RMSNorm(d, eps=config.norm_eps)
     self.attention = kind_of(config).build(config, dtype=dtype, rngs=rngs)
     self.ffn_norm = RMSNorm(d, eps=config.norm_eps)
+    post_norm = lambda: RMSNorm(d, eps=config.norm_eps) if config.post_norms else None
+    self.post_attn_norm, self.post_ffn_norm = post_norm(), post_norm()
     self.dropout = ResidualDropout(config.dropout, rngs=rngs)  # dense branches; experts: their own
     has_dense = kind == "dense" or config.dense_moe_hybrid
     self.dense_ffn = (
@@ -198,14 +218,23 @@ class DecoderBlock(nnx.Module):
     `cache` and `segment_ids` (`[batch, seq]`; its padding, 0, is masked out of the MoE).
     """
     attn_out, cache = self.attention(self.attn_norm(x), positions, cache, segment_ids)
+    if self.post_attn_norm is not None:
+      attn_out = self.post_attn_norm(attn_out)
     x = x + self.dropout(attn_out)
     h = self.ffn_norm(x)
-    if self.dense_ffn is not None:
-      x = x + self.dropout(self.dense_ffn(h)).astype(x.dtype)
-    aux = None
+    dense_out = None if self.dense_ffn is None else self.dense_ffn(h)
+    moe_out = aux = None
     if self.moe is not None:
       moe_out, aux = self.moe(h, token_mask=None if segment_ids is None else segment_ids > 0)
-      x = x + moe_out.astype(x.dtype)
+    if self.post_ffn_norm is None:  # each branch joins the residual stream
+      if dense_out is not None:
+        x = x + self.dropout(dense_out).astype(x.dtype)
+      if moe_out is not None:
+        x = x + moe_out.astype(x.dtype)
+    else:  # the branches' sum, normalised; dropped out if it has a dense branch
+      branches = [o for o in (dense_out, moe_out) if o is not None]
+      out = self.post_ffn_norm(functools.reduce(jnp.add, branches))
+      x = x + (out if dense_out is None else self.dropout(out)).astype(x.dtype)
     return x, aux, cache
 
 
@@ -288,7 +317,9 @@ class TransformerLM(nnx.Module):
   for the layer layout), for one device (`mesh=None`) or for `mesh`, which its MoE layers
   run expert-parallel on (`moejax.moe.expert_parallel`). The token embedding `[vocab,
   d_model]` is drawn from N(0, 0.02²); with `tie_embeddings` the logits reuse it,
-  otherwise an `lm_head` `[d_model, vocab]` (fan-in scaled) is added.
+  otherwise an `lm_head` `[d_model, vocab]` (fan-in scaled) is added. The embeddings
+  `[batch, seq, d_model]` are multiplied by `embedding_multiplier`, the logits `[batch,
+  seq, vocab]` by `output_multiplier` (Grok-1).
 
   Attributes:
     num_layers: the decoder blocks (`layer(i)` gives one).
@@ -300,6 +331,8 @@ class TransformerLM(nnx.Module):
     self.dtype, self.mesh = DTYPES[config.dtype], mesh
     self.num_experts, self.num_layers = config.num_experts, config.num_layers
     self.moe_layer_indices = moe_layer_indices(config)
+    self.embedding_multiplier = config.embedding_multiplier
+    self.output_multiplier = config.output_multiplier
     self.embed = nnx.Embed(
       config.vocab_size,
       config.d_model,
@@ -345,6 +378,7 @@ class TransformerLM(nnx.Module):
         )
         return nnx.merge(graphdef, jax.tree.map(take, state))
       i -= size
+    raise AssertionError("the stacks hold every layer")
 
   def update_selection_biases(self, expert_load: jax.Array) -> None:
     """Aux-loss-free balancing after a step: every MoE layer with `bias_update_rate` > 0
@@ -404,6 +438,8 @@ class TransformerLM(nnx.Module):
     if positions is None:
       positions = start + jnp.arange(seq, dtype=jnp.int32)
     x = on_batch_axes(self.embed(tokens).astype(self.dtype), self.mesh)
+    if self.embedding_multiplier != 1.0:
+      x = x * self.embedding_multiplier  # a Python float: x keeps its dtype
     auxes, new_cache = [], []
     for i, stack in enumerate(self.stacks):
       x, stack_auxes, stack_cache = stack(
@@ -422,6 +458,8 @@ class TransformerLM(nnx.Module):
       )
     else:
       logits = on_rows(self.lm_head, h).astype(jnp.float32)
+    if self.output_multiplier != 1.0:
+      logits = logits * self.output_multiplier
     logits, aux = on_batch_axes(logits, self.mesh), aggregate_aux(auxes, self.num_experts)
     if cache is None:
       return logits, aux

@@ -50,7 +50,7 @@ class MoeConfig:
     d_ff: hidden size of each routed expert.
     top_k: experts per token (token choice); for expert choice the average that sets the
       capacity; for `router='dense'` it must equal E.
-    activation: 'relu', 'gelu', 'swiglu' or 'geglu'.
+    activation: one of `moejax.layers.activations.ACTIVATIONS`.
     router: 'top_k', 'noisy_top_k', 'expert_choice' or 'dense'.
     dispatch: 'auto', 'einsum', 'sort' or 'dropless' (`moejax.moe.dispatch`).
     expert_impl: 'auto', 'block_loop' or 'grouped_matmul' (`moejax.moe.experts`).

@@ -27,13 +27,21 @@ def ffn(x, w_in, w_gate, w_out, activation, keep=1.0):
   elif activation == "geglu":
     g = x @ w_gate
     hidden = _gelu(g) * pre
+  elif activation == "geglu_tanh":
+    g = x @ w_gate
+    hidden = _tanh_gelu(g) * pre
   elif activation == "relu":
     hidden = np.maximum(pre, 0)
   elif activation == "gelu_tanh":
-    hidden = 0.5 * pre * (1 + np.tanh(math.sqrt(2 / math.pi) * (pre + 0.044715 * pre**3)))
+    hidden = _tanh_gelu(pre)
   else:
     hidden = _gelu(pre)
   return (hidden * keep) @ w_out
+
+
+def _tanh_gelu(v):
+  """GELU's tanh approximation, 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))."""
+  return 0.5 * v * (1 + np.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v**3)))
 
 
 def _gelu(v):
