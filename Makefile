@@ -70,6 +70,8 @@ lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
 	# The layers contract in pyproject.toml: moejax's imports only go down its layers.
 	$(VENV)/bin/lint-imports
+	# The type checker, on moejax's annotations (settings in pyproject.toml).
+	$(VENV)/bin/mypy
 
 # A notebook cell may take 900 s: the slowest notebook (02, its 100 training steps cut to
 # 20 under test by nbmake's mock in the cell's metadata) took 46 s in all on 2 idle cores,
