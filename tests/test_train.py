@@ -20,6 +20,7 @@ from moejax.data import EOS_ID
 from moejax.moe import MoeLayer
 from moejax.training import steps, train
 from moejax.training.metrics import read_metrics
+from moejax.training.tree_paths import flat
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,22 +100,6 @@ def test_learning_rate_follows_warmup_then_cosine(trained):
       progress = (step - warmup) / (steps - warmup)
       expected = floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     assert value == pytest.approx(expected, rel=1e-5, abs=1e-9)
-
-
-def test_weight_decay_skips_vectors():
-  config = smoke_config()
-  model, optimizer, _ = steps.build(config)
-  params = nnx.state(model, nnx.Param)
-  zero_grads = jax.tree.map(jnp.zeros_like, params)
-  before = jax.tree.map(lambda x: x.copy(), params)
-  # With zero gradients only weight decay moves parameters (after warmup starts).
-  for _ in range(3):
-    optimizer.update(model, zero_grads)
-  after = nnx.state(model, nnx.Param)
-  for (path, was), now in zip(
-    jax.tree_util.tree_leaves_with_path(before), jax.tree_util.tree_leaves(after), strict=True
-  ):
-    assert bool(np.any(np.asarray(was) != np.asarray(now))) == (np.ndim(was) >= 2), path
 
 
 def test_keeps_the_last_checkpoints(tmp_path):
@@ -387,3 +372,24 @@ def test_a_non_finite_evaluation_fails_in_one_line():
     eval_lib.check_finite({"loss": float("nan"), "bits_per_byte": float("nan")}, 8, "W")
   assert str(error.value).startswith("checkpoint 8 of W scores a non-finite loss (nan")
   assert cli.exit_code(error.value) == 1
+
+
+def test_weight_decay_shrinks_matrices_and_leaves_vectors_of_scanned_layers_alone():
+  """AdamW's decoupled decay, one update with zero gradients: every matrix shrinks by
+  lr · weight_decay of itself; norm scales (`[layers, d]` in a scanned stack, `[d]` at the
+  end) and biases stay as they are."""
+  config = smoke_config(**{"model.qkv_bias": True, "train.warmup_steps": 0})
+  model, optimizer, schedule = steps.build(config)
+  before = {
+    k: np.asarray(v) for k, v in flat(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()
+  }
+  zeros = jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param))
+  optimizer.update(model, zeros)
+  after = {k: np.asarray(v) for k, v in flat(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
+  shrink = 1.0 - float(schedule(0)) * config.train.weight_decay
+  assert shrink < 1.0
+  vectors = [k for k in before if k.endswith(("scale", "bias"))]
+  assert any(k.startswith("stacks/") for k in vectors) and "final_norm/scale" in vectors
+  for name, value in before.items():
+    expected = value if name in vectors else value * shrink
+    np.testing.assert_allclose(after[name], expected, rtol=1e-6, err_msg=name)

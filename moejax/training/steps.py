@@ -22,6 +22,14 @@ from moejax.training import checkpoint as checkpoint_lib
 from moejax.training.trainable import trainable_filter
 
 
+def decays(path, param) -> bool:
+  """Whether AdamW decays the parameter at `path` (a pytree key path): matrices do (kernels,
+  embeddings, expert stacks); vectors do not (norm scales, biases). A scanned stack of
+  layers (`stacks/...`) adds a leading layers axis, which does not make a vector a matrix."""
+  stacked = any(getattr(key, "key", None) == "stacks" for key in path)
+  return param.ndim - int(stacked) >= 2
+
+
 def make_optimizer(train_config: ml_collections.ConfigDict):
   """AdamW with linear warmup and cosine decay, global-norm clipping; no decay on vectors
   (nor on frozen parameters, which the optimizer does not hold: `build`).
@@ -40,8 +48,7 @@ def make_optimizer(train_config: ml_collections.ConfigDict):
     decay_steps=tc.num_steps,
     end_value=tc.learning_rate * tc.min_learning_rate_ratio,
   )
-  # Norm scales are vectors; the model has no biases. Only matrices get weight decay.
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  decay_mask = lambda params: jax.tree_util.tree_map_with_path(decays, params)
   tx = optax.chain(
     optax.clip_by_global_norm(tc.grad_clip_norm),
     optax.adamw(
