@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from helpers import hf_reference
+from helpers import hf_reference, interrupts
 from moejax.convert import transfer
 from moejax.runtime import signals
 from moejax.training import init_from, output_dir
@@ -111,23 +111,6 @@ def test_an_interrupted_import_is_refused_by_readers_and_replaced_by_its_rerun(t
   assert (tmp_path / "mine" / "WRITING").read_text() == "my notes"
 
 
-# `python -m moejax.convert import` stopped by SIGTERM after its checkpoint, before import.json.
-_STOPPED_CHILD = """
-import sys, time
-from moejax.runtime import signals
-signals.handle_signals()  # before numpy's threads start, as `python -m moejax.convert` does
-from moejax.convert import __main__ as command
-from moejax.training import checkpoint
-save = checkpoint.Checkpointer.save_model
-def save_then_wait(self, *args, **kwargs):
-  save(self, *args, **kwargs)
-  print("saved", flush=True)
-  time.sleep(120)
-checkpoint.Checkpointer.save_model = save_then_wait
-sys.exit(command.main(sys.argv[1:]))
-"""
-
-
 def test_an_import_stopped_by_a_signal_removes_what_it_wrote(tmp_path):
   """The signal's cleanup runs (from the signal thread, the main thread still inside the
   save): the directory is gone, the one line says so, and the same command works again."""
@@ -135,20 +118,9 @@ def test_an_import_stopped_by_a_signal_removes_what_it_wrote(tmp_path):
   source.mkdir()
   hf_reference.write_checkpoint(source, hf_reference.tiny_config("olmoe"))
   run = tmp_path / "run"
-  child = subprocess.Popen(
-    [sys.executable, "-c", _STOPPED_CHILD, "import", f"--from={source}", f"--workdir={run}"],
-    stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
-  try:
-    assert child.stdout.readline() == "saved\n", child.stderr.read()[-2000:]
-    assert (run / "checkpoints").is_dir()
-    child.send_signal(signal.SIGTERM)
-    _, stderr = child.communicate(timeout=60)
-  finally:
-    child.kill()
-  assert child.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+  args = ["import", f"--from={source}", f"--workdir={run}"]
+  code, stderr = interrupts.stop_after_checkpoint("moejax.convert", args, run)
+  assert code == 128 + signal.SIGTERM, stderr[-2000:]
   assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # nothing left, nothing aside
   assert stderr.strip().splitlines()[-1] == (
     "stopped by SIGTERM; what was written to --workdir is removed: rerun the same command."

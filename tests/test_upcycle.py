@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 import moejax
+from helpers import interrupts
 from moejax.config import load_config
 from moejax.convert import model_state
 from moejax.models.transformer import TransformerLM
@@ -118,44 +119,16 @@ def test_an_interrupted_run_is_not_upcycled(dense_run, tmp_path):
   assert not (tmp_path / "moe").exists()
 
 
-# `python -m moejax.upcycle` stopped by SIGTERM after its checkpoint, before upcycle.json.
-_STOPPED_CHILD = """
-import runpy, sys, time
-from moejax.runtime import signals
-signals.handle_signals()  # before numpy's threads start, as the command does
-from moejax.training import checkpoint
-save = checkpoint.Checkpointer.save_model
-def save_then_wait(self, *args, **kwargs):
-  save(self, *args, **kwargs)
-  print("saved", flush=True)
-  time.sleep(120)
-checkpoint.Checkpointer.save_model = save_then_wait
-sys.argv[0] = "upcycle"
-runpy.run_module("moejax.upcycle", run_name="__main__")
-"""
-
-
 def test_an_upcycle_stopped_by_a_signal_removes_what_it_wrote(dense_run, tmp_path):
   """The line printed says what is true: what was written is removed; rerun."""
   import signal
 
   workdir = tmp_path / "moe"
-  child = subprocess.Popen(
-    [sys.executable, "-c", _STOPPED_CHILD, f"--from={dense_run[0]}", f"--workdir={workdir}"]
-    + ["--config=configs/dense.py:smoke", "--config.model.num_experts=4"]
-    + ["--config.model.top_k=2", "--config.model.dispatch=dropless"],
-    stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
-  try:
-    assert child.stdout.readline() == "saved\n", child.stderr.read()[-2000:]
-    assert (workdir / "checkpoints").is_dir()
-    child.send_signal(signal.SIGTERM)
-    _, stderr = child.communicate(timeout=60)
-  finally:
-    child.kill()
-  assert child.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+  args = [f"--from={dense_run[0]}", f"--workdir={workdir}", "--config=configs/dense.py:smoke"]
+  args += ["--config.model.num_experts=4", "--config.model.top_k=2"]
+  args += ["--config.model.dispatch=dropless"]
+  code, stderr = interrupts.stop_after_checkpoint("moejax.upcycle", args, workdir)
+  assert code == 128 + signal.SIGTERM, stderr[-2000:]
   assert list(tmp_path.iterdir()) == []
   assert stderr.strip().splitlines()[-1] == (
     "stopped by SIGTERM; what was written to --workdir is removed: rerun the same command."
