@@ -24,8 +24,8 @@ def on_rows(fn, x: jax.Array) -> jax.Array:
 
   A matmul over `[batch, seq, d]` contracts two token axes in its weight gradient, which
   XLA's CPU backend runs about 2x slower than the same contraction over one flattened
-  axis (a SwiGLU FFN, 4096 tokens, d_model 512, hidden 2048, forward+backward: 454-499 ms
-  against 246-251 ms on 2 cores). Every projection of the model goes through here.
+  axis (docs/performance.md, "What changed"). Every projection of the model goes through
+  here.
   """
   rows = fn(x.reshape(-1, x.shape[-1]))
   return rows.reshape(*x.shape[:-1], rows.shape[-1])

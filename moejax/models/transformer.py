@@ -20,9 +20,9 @@ MoE]) is built once per repeat with its parameters stacked on a leading `layers`
 and `jax.lax.scan` runs the repeats, so a deeper model compiles no bigger program
 (`model.scan_layers=True`). With `scan_layers=False` the same scan is unrolled into
 straight-line code: the same parameters and checkpoints, a program that grows with depth,
-and faster steps for small models on CPU (the tiny model's step: 323 ms unrolled against
-379-398 ms as a loop, `experiments/benchmarks/train_step.py`). The layout is cut into at
-most three stacks: the first dense layers, the periods, and a remainder (`layer_stacks`).
+and faster steps for small models on CPU (docs/performance.md, "What changed"). The
+layout is cut into at most three stacks: the first dense layers, the periods, and a
+remainder (`layer_stacks`).
 
 Packed rows (several documents per row) pass `segment_ids` and `positions` `[batch, seq]`:
 attention stays within each document and RoPE restarts at each (document masking, Zhao
