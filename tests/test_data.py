@@ -431,6 +431,6 @@ def test_the_dataset_check_reads_and_prepares_nothing(data_dir, tmp_path):
     check_dataset("shakespeare_plays", data_dir, {"config.data.eval_split": "validation[:1%]"})
   with pytest.raises(FileNotFoundError, match="tfds build lm1b"):
     check_dataset("lm1b", str(tmp_path), good)
-  # A name close to nothing is no dataset (exit 2), not one to build (tfds build would fail).
-  with pytest.raises(ValueError, match="'no_such_ds' is not a TFDS dataset: the built-in"):
+  # A name this TFDS does not know says so, and names what needs no build.
+  with pytest.raises(FileNotFoundError, match=r"\(this TFDS release does not know it\).*built-in"):
     check_dataset("no_such_ds", str(tmp_path), good)

@@ -167,7 +167,8 @@ def test_fine_tune_starts_from_the_newest_model_and_resumes_without_it(
     }
   )
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(config, workdir, show_progress=False)
+  # show_progress: the startup line (no bar off a terminal)
+  train.train_and_evaluate(config, workdir, show_progress=True)
   startup = next(line for line in capsys.readouterr().out.splitlines() if "step 0 of 2" in line)
   plan_bytes = steps.optimizer_state_bytes(abstract(config)[2])
   assert f"the model from {directory} at step 2" in startup
@@ -194,7 +195,7 @@ def test_fine_tune_starts_from_the_newest_model_and_resumes_without_it(
   shutil.rmtree(os.path.join(copy, "checkpoints", "2"))
   shutil.move(directory, directory + ".gone")
   try:
-    result = train.train_and_evaluate(config, copy, show_progress=False)
+    result = train.train_and_evaluate(config, copy, show_progress=True)
   finally:
     shutil.move(directory + ".gone", directory)
   assert result["start_step"] == 1

@@ -30,6 +30,7 @@ def resolve_data_dir(data_dir: str | None) -> str:
 def _check_prepared(name: str, data_dir: str) -> None:
   """Raises a one-line FileNotFoundError if `name` is not prepared in `data_dir`, or a
   ValueError with a "did you mean" if it is no TFDS dataset but close to one."""
+  unknown = False
   try:
     prepared = tfds.builder(name, data_dir=data_dir).is_prepared()
   except tfds.core.DatasetNotFoundError:
@@ -37,19 +38,21 @@ def _check_prepared(name: str, data_dir: str) -> None:
     known = list(dict.fromkeys([*EMBEDDED, *builders]))  # the embedded ones are builders too
     close = difflib.get_close_matches(name.split("/")[0], known, n=2)
     close.sort(key=lambda c: c not in EMBEDDED)  # the built-in corpora first
-    hint = (
-      f"; did you mean {' or '.join(repr(c) for c in close)}?"
-      if close
-      else (
-        f": the built-in corpora are {', '.join(EMBEDDED)}, or a token store (data.tokens_dir)."
-      )
-    )
-    raise ValueError(f"config.data.name={name!r} is not a TFDS dataset{hint}") from None
+    if close:
+      raise ValueError(
+        f"config.data.name={name!r} is not a TFDS dataset; did you mean "
+        f"{' or '.join(repr(c) for c in close)}?"
+      ) from None
+    unknown, prepared = True, False
   if not prepared:
+    # A name this TFDS does not know may be one another release builds (c4 is not in every
+    # release): the build line stays, and the alternatives that need no build follow.
+    where = " (this TFDS release does not know it)" if unknown else ""
     raise FileNotFoundError(
-      f"TFDS dataset '{name}' is not prepared in data_dir '{data_dir}'; prepare "
+      f"TFDS dataset '{name}' is not prepared in data_dir '{data_dir}'{where}; prepare "
       f"it on a machine with network access: tfds build {name} "
-      f"--file_format=array_record --data_dir={data_dir}"
+      f"--file_format=array_record --data_dir={data_dir}; or train on a built-in corpus "
+      f"({', '.join(EMBEDDED)}) or a token store (data.tokens_dir)."
     )
 
 
