@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(summary['files'])} files in {summary['seconds']:.1f} s -> {summary['destination']}"
       )
   except Exception as error:  # one line and its exit code
-    return report_error(error, verbose=args.verbose)
+    quiet.end_failed_command(report_error(error, verbose=args.verbose), verbose=args.verbose)
   return 0
 
 

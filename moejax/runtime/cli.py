@@ -87,16 +87,15 @@ def one_line(error: BaseException) -> str:
 def report_error(error: BaseException, *, verbose: bool, code: int | None = None) -> int:
   """Prints `error: MESSAGE` (with `verbose`, the traceback above it); returns the exit code.
 
-  Two cases end the process here instead: a signal that is ending it (its cleanup made
-  the failing write fail: `signals.yield_to_stop`), and Orbax save threads left waiting by
-  a failed save (`quiet.exit_past_abandoned_saves`, after the line is printed)."""
+  A signal that is ending the process (its cleanup made the failing write fail) ends it
+  here instead (`signals.yield_to_stop`). A command's main then ends the process with
+  `quiet.end_failed_command`."""
   yield_to_stop()
   code = exit_code(error) if code is None else code
   if verbose:
     traceback.print_exception(error, file=sys.stderr)
   hint = " (rerun with --verbose for the traceback)" if code == 1 and not verbose else ""
   print(f"error: {one_line(error)}{hint}", file=sys.stderr, flush=True)
-  quiet.exit_past_abandoned_saves(code)
   return code
 
 
@@ -156,7 +155,7 @@ def _run_main(
       raise app.UsageError(f"unexpected argument {extra!r}; every option is a --flag=VALUE.")
     main(argv)
   except Exception as error:  # every failure: one line and its exit code
-    sys.exit(report_error(error, verbose=VERBOSE.value))
+    quiet.end_failed_command(report_error(error, verbose=VERBOSE.value), verbose=VERBOSE.value)
 
 
 def flag_value(args: Sequence[str], name: str) -> tuple[int, str] | None:

@@ -105,13 +105,20 @@ def abandoned_save_threads() -> list[threading.Thread]:
   ]
 
 
-def exit_past_abandoned_saves(code: int) -> None:
-  """Ends the process with `code` now, if a failed save left Orbax's threads waiting (they
-  would time out only after 300 s): the exit handlers run (`atexit`), the threads are not
-  waited for. Returns when no such thread is alive. The error has been reported by then,
-  and everything moejax writes survives a kill."""
+def end_failed_command(code: int, *, verbose: bool) -> None:
+  """Ends a command that failed, with `code`, once its one line is printed. Unless
+  `verbose`, what libraries print while the process ends (a late traceback of a write
+  abandoned when the save failed) goes nowhere: stderr is closed to them. If a failed save
+  left Orbax's threads waiting (they would time out only after 300 s), the exit handlers
+  run (`atexit`) and the process ends without waiting for the threads; everything moejax
+  writes survives a kill. Only for a process that ends here (a command's main)."""
+  for stream in (sys.stdout, sys.stderr):
+    with contextlib.suppress(Exception):
+      stream.flush()
+  if not verbose:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
   if not abandoned_save_threads():
-    return
+    sys.exit(code)
   with contextlib.suppress(Exception):
     atexit._run_exitfuncs()
   for stream in (sys.stdout, sys.stderr):
