@@ -15,7 +15,7 @@ import time
 import pytest
 from test_train import REPO
 
-from moejax.runtime import cli, platform, quiet
+from moejax.runtime import cli, platform
 
 TINY = ["--config=configs/tiny.py:smoke", "--config.train.warmup_steps=1"]
 
@@ -145,7 +145,3 @@ def test_importing_moejax_first_keeps_libtpu_quiet_on_a_cpu_host():
   assert result.returncode == 0, result.stderr
   assert result.stdout.split() == ["cpu", "cpu"]
   assert result.stderr == ""
-
-
-def test_only_orbax_threads_count_as_abandoned_saves():
-  assert quiet.abandoned_save_threads() == []
