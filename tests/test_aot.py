@@ -3,6 +3,7 @@ the forms the model picks for TPU devices, the expert-parallel exchanges, FSDP s
 the memory report; the slice names; the pod recipes; the command line."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -253,3 +254,15 @@ def test_command_line(tmp_path):
   assert unfit.stderr.splitlines() == [unfit.stderr.strip()], unfit.stderr
   assert "Sizes that fit the 4 devices: " in unfit.stderr
   assert "--config.mesh.data=1 --config.mesh.fsdp=1 --config.mesh.expert=4" in unfit.stderr
+
+
+def test_tpu_programs_attend_with_the_splash_kernel():
+  """At a sequence of 128 the TPU program's attention is the splash kernel, with the
+  documents as its segment ids: its forward, and its dq and dk/dv kernels in the backward
+  (named in the program's Mosaic calls). With 'xla' there is none."""
+  kernels = {}
+  for kernel in ("auto", "xla"):
+    overrides = {"train.seq_len": 128, "model.attention_kernel": kernel}
+    _, compiled, _ = compile_for("v5e-4", **overrides)
+    kernels[kernel] = set(re.findall(r"splash_mha_(\w+?)_segmented", compiled.as_text()))
+  assert kernels == {"auto": {"fwd", "dq", "dkv"}, "xla": set()}

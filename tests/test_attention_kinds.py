@@ -42,7 +42,9 @@ SHAPES = {
 
 def _layer_params(config) -> dict[str, tuple[int, ...]]:
   """Shapes of one built attention layer's parameters, by path (`q_proj/kernel`)."""
-  layer = attention_kinds.kind_of(config).build(config, dtype=np.float32, rngs=nnx.Rngs(0))
+  layer = attention_kinds.kind_of(config).build(
+    config, dtype=np.float32, mesh=None, rngs=nnx.Rngs(0)
+  )
   return {
     name: tuple(leaf.shape)
     for name, leaf in flat(nnx.state(layer, nnx.Param).to_pure_dict()).items()

@@ -213,7 +213,11 @@ def test_gpu_checks_run_tiny_on_a_cpu(tmp_path):
   assert path == str(tmp_path / "g.csv")
   by_name = {r["name"]: r for r in rows}
   layers = [f"layer/mixtral/{d}" for d in gpu.DISPATCHES]
-  assert list(by_name) == ["matmul", *layers, "train_step/mixtral"]
+  assert list(by_name) == ["matmul", *layers, "attention/xla", "train_step/mixtral"]
+  assert by_name["attention/xla"]["max_abs_diff"] == 0.0  # on a CPU 'auto' is 'xla' too
+  attention = 3 * 2 * (2 * 4 * 256 * 256 / 2) * 2 * 64  # fwd+bwd, q·k and p·v, causal half
+  seconds = by_name["attention/xla"]["seconds"]
+  assert by_name["attention/xla"]["tflops"] * 1e12 == pytest.approx(attention / seconds)
   rate = by_name["matmul"]["tflops"] * 1e12
   d, f, _, k = (4096 // 64, 14336 // 64, 8, 2)  # the tiny Mixtral shape, 64 tokens
   useful = 3 * 3 * 2 * 64 * k * d * f

@@ -18,7 +18,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from helpers import family_reference as ref
-from helpers.small_models import VOCAB, dense_model_config
+from helpers.small_models import MLA, VOCAB, dense_model_config
 from moejax.layers.attention import CausalSelfAttention, apply_rope
 from moejax.layers.document_mask import self_attention_mask
 from moejax.layers.mla import MultiHeadLatentAttention
@@ -29,15 +29,6 @@ from moejax.parallel import sharding
 
 pytestmark = pytest.mark.usefixtures("fast_compile_module")
 
-MLA = dict(
-  attention="mla",
-  qk_norm="none",
-  q_lora_rank=8,
-  kv_lora_rank=8,
-  qk_nope_head_dim=4,
-  qk_rope_head_dim=4,
-  v_head_dim=4,
-)
 # 8 rows of 15 tokens; row r packs A (r + 1 tokens) | B (6 tokens) | C (8 - r tokens).
 ROWS, SEQ, DOC = 8, 15, 6
 TOL = dict(rtol=1e-5, atol=1e-5)

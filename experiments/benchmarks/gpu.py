@@ -13,6 +13,11 @@ Rows (medians of `--reps` interleaved repetitions after a warm-up, `common.inter
     `einsum` (capacity factor 1.25) and `dropless` (`ragged_dot` on GPU); `mfu` counts the
     routed experts' useful FLOPs, 3 · 2 · tokens · k · d_model · hidden · 3 (forward and
     backward), over the matmul row's rate;
+  * `attention/KERNEL`: causal attention over packed documents (`causal_attention`, Mixtral's
+    32 query / 8 KV heads of 128, bfloat16, 8 × 1024 tokens), forward + backward, for
+    `xla` and the kernel `auto` picks on this device (`cudnn` on GPU); `max_abs_diff` is
+    the largest difference of its output from `xla`'s, `mfu` counts the causal half of
+    the scores' matmuls;
   * `train_step/mixtral`: `configs/mixtral.py` with its layers cut to `--train_layers`
     (published widths, bfloat16, batch `--train_batch` x 1024) on one device;
     `tokens_per_sec` and `mfu` from `moejax.models.flops` (6 · active parameters · tokens plus
@@ -34,6 +39,7 @@ from flax import nnx
 
 from experiments.benchmarks.common import expert_flops, interleaved_times, write_rows
 from moejax.config import load_config
+from moejax.layers.attention_kernel import causal_attention, kernel_for
 from moejax.models import flops
 from moejax.moe import MoeConfig, MoeLayer
 from moejax.parallel import sharding
@@ -43,7 +49,7 @@ from moejax.training.train import jit_train_step, no_nonfinite_tally
 # name: (d_model, expert hidden, experts, k); --tiny divides the widths by 64 and 16.
 SHAPES = {"mixtral": (4096, 14336, 8, 2), "olmoe": (2048, 1024, 64, 8)}
 DISPATCHES = ("sort", "einsum", "dropless")
-COLUMNS = ("name", "device", "seconds", "tflops", "mfu", "tokens_per_sec")
+COLUMNS = ("name", "device", "seconds", "tflops", "mfu", "tokens_per_sec", "max_abs_diff")
 
 
 def matmul_rate(n: int, reps: int) -> tuple[float, float]:
@@ -71,6 +77,32 @@ def layer_step(shape: tuple[int, int, int, int], dispatch: str, tokens: int):
   step = jax.jit(jax.grad(loss, argnums=(0, 1)))
   run = lambda: jax.block_until_ready(step(params, x))
   return run, 3 * expert_flops(tokens * k, d_model, hidden)
+
+
+def attention_steps(batch: int, seq: int, heads: int, kv_heads: int, dim: int):
+  """{name: run} of jitted forward + backward attention over packed documents, for 'xla'
+  and the kernel 'auto' picks here; their useful FLOPs; and each kernel's largest output
+  difference from 'xla'."""
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(batch, seq, heads, dim)), jnp.bfloat16)
+  k, v = (jnp.asarray(rng.normal(size=(batch, seq, kv_heads, dim)), jnp.bfloat16) for _ in "kv")
+  segments = jnp.asarray(np.repeat(np.arange(1, 5), seq // 4)[None].repeat(batch, 0), jnp.int32)
+  platform = jax.devices()[0].platform
+  chosen = kernel_for("auto", platform, seq=seq, head_dims=(dim,), dtype=q.dtype, logit_cap=None)
+  runs, diffs = {}, {}
+  outputs = {}
+  for kernel in dict.fromkeys(("xla", chosen)):
+    attend = lambda q, k, v, kernel=kernel: causal_attention(
+      q, k, v, positions=jnp.arange(seq), segment_ids=segments, kernel=kernel
+    )
+    outputs[kernel] = jax.jit(attend)(q, k, v).astype(jnp.float32)
+    grad = jax.jit(jax.grad(lambda q, k, v, f=attend: jnp.sum(f(q, k, v).astype(jnp.float32)),
+                            argnums=(0, 1, 2)))  # fmt: skip
+    runs[f"attention/{kernel}"] = lambda g=grad: jax.block_until_ready(g(q, k, v))
+  for kernel, out in outputs.items():
+    diffs[f"attention/{kernel}"] = float(jnp.max(jnp.abs(out - outputs["xla"])))
+  useful = 3 * 2 * batch * heads * seq * seq / 2 * 2 * dim  # q·k and p·v, causal half, fwd+bwd
+  return runs, useful, diffs
 
 
 def train_step(layers: int, batch: int, seq_len: int, tiny: bool):
@@ -137,6 +169,10 @@ def run(args: argparse.Namespace) -> tuple[list[dict], str]:
     for dispatch in DISPATCHES:
       name = f"layer/{shape_name}/{dispatch}"
       runs[name], useful[name] = layer_step(shape, dispatch, tokens)
+  attention_shape = (2, 256, 4, 2, 64) if args.tiny else (8, 1024, 32, 8, 128)
+  attention_runs, attention_flops, diffs = attention_steps(*attention_shape)
+  runs.update(attention_runs)
+  useful.update(dict.fromkeys(attention_runs, attention_flops))
   run, step_tokens, useful["train_step/mixtral"] = train_step(
     args.train_layers, args.train_batch, seq_len, args.tiny
   )
@@ -148,6 +184,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict], str]:
     row["mfu"] = useful[name] / seconds / rate
     if name.startswith("train_step"):
       row["tokens_per_sec"] = step_tokens / seconds
+    if name in diffs:
+      row["max_abs_diff"] = diffs[name]
     rows.append(row)
   for row in rows:
     row["device"] = device

@@ -35,6 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
     float
   )  # GQA: logits → cap·tanh(logits/cap) (Grok-1: 30); None/0: off
   model.attention = "gqa"  # gqa (grouped-query attention) or mla (multi-head latent attention)
+  # What computes the attention of a forward pass (moejax.layers.attention_kernel): xla (an
+  # einsum), splash (TPU), cudnn (GPU); auto: splash on TPU, cudnn on GPU where they fit.
+  model.attention_kernel = "auto"
   model.q_lora_rank = config_dict.placeholder(int)  # MLA: query latent width; None: no query latent
   model.kv_lora_rank = 512  # MLA: the cached key/value latent's width
   model.qk_nope_head_dim = 128  # MLA: per-head query/key channels without RoPE

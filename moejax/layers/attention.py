@@ -18,12 +18,18 @@ import ml_collections
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from moejax.layers.attention_kernel import (
+  causal_attention,
+  check_kernel,
+  grouped_query_attention,
+  kernel_for,
+)
 from moejax.layers.attention_kind import AttentionKind, HfTensor, Require
-from moejax.layers.document_mask import check_segments, self_attention_mask
+from moejax.layers.document_mask import check_segments
 from moejax.layers.ffn import on_rows
 from moejax.layers.norms import RMSNorm
 from moejax.layers.saved_names import ATTENTION_CONTEXT, ATTENTION_OUT, ATTENTION_QKV
-from moejax.parallel.sharding import logical
+from moejax.parallel.sharding import logical, mesh_platform
 
 # One layer's KV cache: {'k': [batch, max_len, num_kv_heads, head_dim], 'v': same}.
 LayerCache = dict[str, jax.Array]
@@ -68,44 +74,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
   return rotated.astype(x.dtype)
 
 
-def grouped_query_attention(
-  q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, logit_cap: float | None = None
-) -> jax.Array:
-  """Softmax attention where each group of `heads / kv_heads` query heads shares one KV head.
-
-  Query head `h` reads KV head `h // (heads / kv_heads)` (GQA, Ainslie et al. 2023;
-  kv_heads = heads is multi-head attention, kv_heads = 1 multi-query attention).
-  Scores and softmax run in float32. With `logit_cap` the scaled scores s become
-  `cap · tanh(s / cap)` before masking, as xai-org/grok-1's model.py does
-  (`MultiHeadAttention`: `max_attn_val` 30, after `attn_output_multiplier`, which is
-  128^-0.5 = 1/sqrt(head_dim) there, this function's scale).
-
-  Args:
-    q: `[batch, q_len, heads, head_dim]`.
-    k: `[batch, kv_len, kv_heads, head_dim]`.
-    v: `[batch, kv_len, kv_heads, head_dim]`.
-    mask: `[q_len, kv_len]` (all rows) or `[batch, q_len, kv_len]` (per row) bool, True
-      where the query may attend to the key. Every query must see at least one key.
-    logit_cap: None (no cap) or the soft cap, > 0.
-
-  Returns:
-    `[batch, q_len, heads, head_dim]` in q's dtype.
-  """
-  batch, q_len, heads, head_dim = q.shape
-  kv_heads = k.shape[2]
-  q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
-  scores = jnp.einsum("bqkgd,btkd->bkgqt", q, k, preferred_element_type=jnp.float32)
-  scores = scores / jnp.sqrt(jnp.float32(head_dim))
-  if logit_cap:
-    scores = logit_cap * jnp.tanh(scores / logit_cap)
-  if mask.ndim == 3:  # [batch, q, kv] -> over the heads [batch, 1, 1, q, kv]
-    mask = mask[:, None, None]
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgqt,btkd->bqkgd", probs, v)
-  return out.reshape(batch, q_len, heads, head_dim)
-
-
 class CausalSelfAttention(nnx.Module):
   """Causal self-attention with RoPE, grouped KV heads, optional QK-norm and q/k/v biases.
 
@@ -116,6 +84,8 @@ class CausalSelfAttention(nnx.Module):
   al. 2023, Qwen3); `'full'` over the whole q `[heads·head_dim]` and k
   `[kv_heads·head_dim]` projections (OLMoE, Muennighoff et al. 2024). `logit_cap` soft-caps
   the attention logits (`grouped_query_attention`; Grok-1), in the cached decode too.
+  `kernel` (`model.attention_kernel`) picks what computes the forward pass's attention on
+  `mesh`'s platform (`moejax.layers.attention_kernel`); the cached decode is the einsum.
   """
 
   def __init__(
@@ -130,11 +100,15 @@ class CausalSelfAttention(nnx.Module):
     qkv_bias: bool = False,
     norm_eps: float = 1e-6,
     logit_cap: float | None = None,
+    kernel: str = "auto",
+    mesh=None,
     dtype: Any,
     rngs: nnx.Rngs,
   ):
     if num_heads % num_kv_heads:
       raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
+    check_kernel(kernel, logit_cap)
+    self.kernel, self.mesh, self.platform = kernel, mesh, mesh_platform(mesh)
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.rope_base, self.logit_cap = rope_base, logit_cap or None
     self.qk_norm = qk_norm = qk_norm_mode(qk_norm)
@@ -200,7 +174,14 @@ class CausalSelfAttention(nnx.Module):
     q = apply_rope(q, positions, self.rope_base)
     k = apply_rope(k, positions, self.rope_base)
     if cache is None:
-      mask = self_attention_mask(positions, segment_ids)  # [(batch,) seq, seq]
+      kernel = kernel_for(
+        self.kernel, self.platform, seq=seq, head_dims=(self.head_dim,), dtype=q.dtype,
+        logit_cap=self.logit_cap,
+      )  # fmt: skip
+      out = causal_attention(
+        q, k, v, positions=positions, segment_ids=segment_ids, kernel=kernel, mesh=self.mesh,
+        logit_cap=self.logit_cap,
+      )  # fmt: skip
     else:
       slot = (0, positions[0], 0, 0)
       k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), slot)
@@ -208,7 +189,8 @@ class CausalSelfAttention(nnx.Module):
       cache = {"k": k, "v": v}
       key_positions = jnp.arange(k.shape[1], dtype=jnp.int32)
       mask = key_positions[None, :] <= positions[:, None]  # [seq, kv_len]
-    out = grouped_query_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.logit_cap)
+      k, v = k.astype(q.dtype), v.astype(q.dtype)
+      out = grouped_query_attention(q, k, v, mask, self.logit_cap)
     out = checkpoint_name(
       out.reshape(batch, seq, self.num_heads * self.head_dim), ATTENTION_CONTEXT
     )
@@ -254,11 +236,14 @@ def _validate(config: ml_collections.ConfigDict, require: Require) -> None:
   )
 
 
-def _build(config: ml_collections.ConfigDict, *, dtype, rngs: nnx.Rngs) -> CausalSelfAttention:
+def _build(
+  config: ml_collections.ConfigDict, *, dtype, mesh, rngs: nnx.Rngs
+) -> CausalSelfAttention:
   return CausalSelfAttention(
     config.d_model, config.num_heads, config.num_kv_heads, head_dim_of(config),
     rope_base=config.rope_base, qk_norm=config.qk_norm, qkv_bias=config.qkv_bias,
-    norm_eps=config.norm_eps, logit_cap=config.attention_logit_cap, dtype=dtype, rngs=rngs,
+    norm_eps=config.norm_eps, logit_cap=config.attention_logit_cap,
+    kernel=config.attention_kernel, mesh=mesh, dtype=dtype, rngs=rngs,
   )  # fmt: skip
 
 

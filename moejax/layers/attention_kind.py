@@ -48,7 +48,8 @@ class AttentionKind:
     name: the value of `model.attention`.
     keys: the model config keys only this kind reads (carried over unchanged by upcycling).
     validate: `(model_config, require)`: checks those keys, one `require` per rule.
-    build: `(model_config, *, dtype, rngs) -> nnx.Module`: one layer's attention.
+    build: `(model_config, *, dtype, mesh, rngs) -> nnx.Module`: one layer's attention, its
+      kernel (`model.attention_kernel`) chosen for `mesh`'s platform (None: this process's).
     params: `model_config -> (matmul weights, vector parameters)` of one layer.
     score_widths: `model_config -> (q·k width, value width)`, summed over the heads: the
       attention FLOPs per token and context position are 2 · (sum of the two).

@@ -63,12 +63,13 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from moejax.layers.attention import apply_rope, qk_norm_mode
+from moejax.layers.attention_kernel import causal_attention, check_kernel, kernel_for
 from moejax.layers.attention_kind import AttentionKind, HfTensor, Require
 from moejax.layers.document_mask import check_segments, self_attention_mask
 from moejax.layers.ffn import on_rows
 from moejax.layers.norms import RMSNorm
 from moejax.layers.saved_names import ATTENTION_CONTEXT, ATTENTION_OUT, ATTENTION_QKV
-from moejax.parallel.sharding import logical
+from moejax.parallel.sharding import logical, mesh_platform
 
 # One MLA layer's cache: {'latent': [batch, max_len, kv_lora_rank],
 #                         'k_rope': [batch, max_len, qk_rope_head_dim]}.
@@ -131,9 +132,13 @@ class MultiHeadLatentAttention(nnx.Module):
     v_head_dim: int,
     rope_base: float,
     norm_eps: float = 1e-6,
+    kernel: str = "auto",
+    mesh=None,
     dtype: Any = jnp.float32,
     rngs: nnx.Rngs,
   ):
+    check_kernel(kernel, None)
+    self.kernel, self.mesh, self.platform = kernel, mesh, mesh_platform(mesh)
     for name, value in (
       ("d_model", d_model),
       ("num_heads", num_heads),
@@ -236,8 +241,7 @@ class MultiHeadLatentAttention(nnx.Module):
     k_rope = k_rope[:, :, 0, :]  # [b, s, rope]
 
     if cache is None:
-      mask = self_attention_mask(positions, segment_ids)  # [(batch,) seq, seq]
-      out = self._expanded(q_nope, q_rope, latent, k_rope, mask)
+      out = self._expanded(q_nope, q_rope, latent, k_rope, positions, segment_ids)
     else:
       slot = (0, positions[0], 0)
       latent = jax.lax.dynamic_update_slice(
@@ -264,14 +268,30 @@ class MultiHeadLatentAttention(nnx.Module):
     )
     return kernel[..., : self.qk_nope_head_dim], kernel[..., self.qk_nope_head_dim :]
 
-  def _expanded(self, q_nope, q_rope, latent, k_rope, mask) -> jax.Array:
-    """Attention with every key and value expanded from its latent: `[b, s, H, v]`."""
+  def _expanded(self, q_nope, q_rope, latent, k_rope, positions, segment_ids) -> jax.Array:
+    """Attention with every key and value expanded from its latent: `[b, s, H, v]`. The
+    fused kernels (`model.attention_kernel`) take each head's key whole: its nope part,
+    then the shared RoPE key."""
     batch, kv_len, _ = latent.shape
     kv = on_rows(self.kv_up, latent).reshape(
       batch, kv_len, self.num_heads, self.qk_nope_head_dim + self.v_head_dim
     )
     kv = checkpoint_name(kv, ATTENTION_QKV)
     k_nope, v = kv[..., : self.qk_nope_head_dim], kv[..., self.qk_nope_head_dim :]
+    qk_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
+    kernel = kernel_for(
+      self.kernel, self.platform, seq=kv_len, head_dims=(qk_dim, self.v_head_dim),
+      dtype=q_nope.dtype, logit_cap=None,
+    )  # fmt: skip
+    if kernel != "xla":
+      q = jnp.concatenate([q_nope, q_rope.astype(q_nope.dtype)], axis=-1)
+      k_rope = jnp.broadcast_to(k_rope[:, :, None, :], (*k_nope.shape[:3], k_rope.shape[-1]))
+      k = jnp.concatenate([k_nope, k_rope.astype(k_nope.dtype)], axis=-1)
+      return causal_attention(
+        q, k, v, positions=positions, segment_ids=segment_ids, kernel=kernel, mesh=self.mesh,
+        scale=self.softmax_scale,
+      )  # fmt: skip
+    mask = self_attention_mask(positions, segment_ids)  # [(batch,) seq, seq]
     scores = jnp.einsum("bqhd,bthd->bhqt", q_nope, k_nope, preferred_element_type=jnp.float32)
     scores += jnp.einsum("bqhr,btr->bhqt", q_rope, k_rope, preferred_element_type=jnp.float32)
     probs = _masked_softmax(scores * self.softmax_scale, mask).astype(v.dtype)
@@ -320,12 +340,15 @@ def _validate(config: ml_collections.ConfigDict, require: Require) -> None:
   )
 
 
-def _build(config: ml_collections.ConfigDict, *, dtype, rngs: nnx.Rngs) -> MultiHeadLatentAttention:
+def _build(
+  config: ml_collections.ConfigDict, *, dtype, mesh, rngs: nnx.Rngs
+) -> MultiHeadLatentAttention:
   return MultiHeadLatentAttention(
     config.d_model, config.num_heads, q_lora_rank=config.q_lora_rank,
     kv_lora_rank=config.kv_lora_rank, qk_nope_head_dim=config.qk_nope_head_dim,
     qk_rope_head_dim=config.qk_rope_head_dim, v_head_dim=config.v_head_dim,
-    rope_base=config.rope_base, norm_eps=config.norm_eps, dtype=dtype, rngs=rngs,
+    rope_base=config.rope_base, norm_eps=config.norm_eps, kernel=config.attention_kernel,
+    mesh=mesh, dtype=dtype, rngs=rngs,
   )  # fmt: skip
 
 

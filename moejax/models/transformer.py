@@ -52,6 +52,7 @@ from flax import nnx
 
 from moejax.layers.activations import ACTIVATIONS
 from moejax.layers.attention import LayerCache, qk_norm_mode
+from moejax.layers.attention_kernel import check_kernel
 from moejax.layers.attention_kinds import KINDS, kind_of
 from moejax.layers.document_mask import check_documents
 from moejax.layers.dropout import ResidualDropout, draws_randomness
@@ -125,6 +126,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   )
   if config.attention not in KINDS:
     require(False, f"attention must be one of {tuple(KINDS)}, got {config.attention!r}")
+  try:
+    check_kernel(config.attention_kernel, config.attention_logit_cap)
+  except ValueError as error:
+    require(False, str(error))
   KINDS[config.attention].validate(config, require)
   require(config.rope_base > 0, f"rope_base must be > 0, got {config.rope_base}")
   require(
@@ -194,7 +199,7 @@ class DecoderBlock(nnx.Module):
   def __init__(self, config: ml_collections.ConfigDict, kind: str, *, dtype, mesh, rngs: nnx.Rngs):
     d = config.d_model
     self.attn_norm = RMSNorm(d, eps=config.norm_eps)
-    self.attention = kind_of(config).build(config, dtype=dtype, rngs=rngs)
+    self.attention = kind_of(config).build(config, dtype=dtype, mesh=mesh, rngs=rngs)
     self.ffn_norm = RMSNorm(d, eps=config.norm_eps)
     post_norm = lambda: RMSNorm(d, eps=config.norm_eps) if config.post_norms else None
     self.post_attn_norm, self.post_ffn_norm = post_norm(), post_norm()

@@ -16,6 +16,10 @@ at run time (dropless's later exchange rounds, taken only under a skewed router)
 counts zero times, the step of a balanced router, as `moejax.parallel.hlo.collectives`
 does with `unknown_trips=0`. A `cond` counts its most expensive branch.
 
+A Pallas kernel (`pallas_call`, e.g. splash attention) counts its own `cost_estimate`
+when it gives one, else its body once per step of its grid: an upper bound for kernels that
+skip blocks, as causal splash attention skips those above the diagonal.
+
 `shard_map` bodies see per-device shapes: their count is multiplied by the devices of
 their newly manual axes, so the total is the whole program's, over all devices.
 """
@@ -57,6 +61,11 @@ def _equation_flops(eqn) -> float:
     return 0.0  # trip count unknown until run time: see the module docstring
   if name == "cond":
     return max(matmul_flops(branch) for branch in params["branches"])
+  if name == "pallas_call":
+    estimate = params.get("cost_estimate")
+    if estimate is not None:
+      return float(estimate.flops)
+    return math.prod(params["grid_mapping"].grid) * matmul_flops(params["jaxpr"])
   inner = sum(matmul_flops(sub) for sub in _sub_jaxprs(params))
   if name == "shard_map":
     mesh = params["mesh"]

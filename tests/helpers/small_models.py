@@ -7,6 +7,18 @@ from moejax.config import load_config
 VOCAB = 260
 
 
+# The overrides that make `dense_model_config` multi-head latent attention, at small widths.
+MLA = dict(
+  attention="mla",
+  qk_norm="none",
+  q_lora_rank=8,
+  kv_lora_rank=8,
+  qk_nope_head_dim=4,
+  qk_rope_head_dim=4,
+  v_head_dim=4,
+)
+
+
 def dense_model_config(**overrides) -> ml_collections.ConfigDict:
   """A dense 2-layer model (d_model 32, GQA 4/2 heads, QK-norm, d_ff 64); `overrides` replace
   `config.model` keys (`num_experts=4` makes it MoE, with dropless experts of hidden 32)."""
