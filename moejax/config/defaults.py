@@ -45,6 +45,15 @@ def base_config() -> ml_collections.ConfigDict:
   model.v_head_dim = 128  # MLA: per-head value channels
   model.norm_eps = 1e-6  # RMSNorm epsilon (Mixtral, Qwen2, OLMoE 1e-5; Qwen3, DeepSeek 1e-6)
   model.rope_base = 10000.0  # RoPE base (theta)
+  # RoPE scaling (moejax.layers.rope): none, or yarn (Peng et al. 2023; DeepSeek-V3, Kimi K2)
+  model.rope_scaling = "none"
+  model.rope_factor = 1.0  # yarn: how many times the original context is stretched
+  model.rope_original_max_len = 4096  # yarn: the context the RoPE was trained at
+  model.yarn_beta_fast = 32.0  # yarn: frequencies rotating more often than this are kept
+  model.yarn_beta_slow = 1.0  # yarn: frequencies rotating less often are divided by the factor
+  model.yarn_mscale = 1.0  # yarn: the attention factor's numerator weight
+  model.yarn_mscale_all_dim = 0.0  # yarn: its denominator weight; DeepSeek's softmax scale too
+  model.yarn_truncate = True  # yarn: the ramp's ends rounded to whole channels
   model.tie_embeddings = False  # output projection reuses the token embedding
   model.post_norms = False  # RMSNorm on the attention and FFN/MoE outputs too ("sandwich", Grok-1)
   model.embedding_multiplier = 1.0  # scales the token embeddings entering the blocks (Grok-1)

@@ -18,8 +18,8 @@ The RoPE base is read from either layout of `config.json`: transformers 4 writes
 `rope_theta` (and `rope_scaling`) at the top level, transformers 5 writes
 `rope_parameters: {"rope_type": "default", "rope_theta": ...}`.
 
-What moejax cannot express is refused in one line naming the `config.json` key: scaled
-RoPE (`rope_scaling`, or a `rope_parameters.rope_type` other than "default"),
+RoPE scaling is read by `moejax.convert.hf_rope`: YaRN is computed, other types refused.
+What moejax cannot express is refused in one line naming the `config.json` key:
 sliding-window attention, activations other than SiLU (SwiGLU), OLMoE's `clip_qkv`, an
 output-projection bias, FP8 weights, and Qwen's `mlp_only_layers` or a
 `decoder_sparse_step` that is not a layer interval.
@@ -39,6 +39,7 @@ from typing import Any
 
 import ml_collections
 
+from moejax.convert import hf_rope
 from moejax.layers.attention_kinds import KINDS
 from moejax.models.transformer import layer_kinds
 
@@ -139,6 +140,7 @@ INT_FIELDS = {
       "qk_nope_head_dim",
       "qk_rope_head_dim",
       "v_head_dim",
+      "max_position_embeddings",
     ),
     1,
   ),
@@ -211,13 +213,7 @@ def _refuse_unsupported(hf: dict[str, Any], family: Family) -> None:
       "the imported model would compute a different function."
     )
 
-  if hf.get("rope_scaling"):
-    refuse("rope_scaling", "RoPE is unscaled: rope_scaling must be null")
-  rope = hf.get("rope_parameters") or {}
-  if rope and "rope_theta" not in rope:  # e.g. one RoPE per attention type
-    refuse("rope_parameters", "one RoPE for every layer: {'rope_type', 'rope_theta'}")
-  if rope.get("rope_type", "default") != "default":
-    refuse("rope_parameters", "RoPE is unscaled: rope_type must be 'default'")
+  hf_rope.rope_type(hf)  # unscaled or YaRN
   if hf.get("hidden_act", "silu") != "silu":
     refuse("hidden_act", "SwiGLU experts and FFNs: 'silu'")
   if hf.get("use_sliding_window") or (
@@ -264,6 +260,7 @@ def model_config(hf: dict[str, Any], base: ml_collections.ConfigDict) -> ml_coll
   m.num_heads = required(hf, "num_attention_heads")
   m.d_ff, m.activation = required(hf, "intermediate_size"), "swiglu"
   m.norm_eps, m.rope_base = float(required(hf, "rms_norm_eps")), rope_base(hf)
+  hf_rope.set_rope(hf, m)
   m.tie_embeddings = _flag(hf, "tie_word_embeddings", False)
   m.qk_norm, m.qkv_bias, m.dtype = family.qk_norm, family.qkv_bias, "float32"
   m.attention, m.first_dense_layers, m.moe_layer_interval = family.attention, 0, 1
@@ -312,7 +309,7 @@ def hf_config(model: ml_collections.ConfigDict, family: Family, dtype: str) -> d
     "hidden_act": "silu",
     "rms_norm_eps": model.norm_eps,
     "rope_theta": model.rope_base,
-    "rope_scaling": None,
+    "rope_scaling": hf_rope.rope_scaling_json(model),
     "tie_word_embeddings": bool(model.tie_embeddings),
     "torch_dtype": {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[dtype],
     **KINDS[family.attention].to_hf(model),

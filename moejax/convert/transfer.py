@@ -34,7 +34,7 @@ from etils import epath
 from flax import nnx
 
 from moejax.config import base_config
-from moejax.convert import families, layout, model_state
+from moejax.convert import families, hf_rope, layout, model_state
 from moejax.convert.safetensors_dir import (
   DTYPES,
   CheckpointDir,
@@ -247,9 +247,11 @@ def origin_record(workdir: epath.PathLike) -> dict[str, Any] | None:
   return None  # a cycle of init_from directories
 
 
-def _same_value(a: Any, b: Any) -> bool:
+def _same_value(key: str, a: Any, b: Any) -> bool:
   if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
     return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0) or a == b
+  if key == "rope_scaling":
+    return hf_rope.same_scaling(a, b)
   return a == b
 
 
@@ -262,7 +264,7 @@ def exported_config(
   tensors keep their imported dtypes (`keep_dtype`)."""
   out = dict(original)
   for key, value in computed.items():
-    if key in out and not _same_value(out[key], value):
+    if key in out and not _same_value(key, out[key], value):
       if key == "torch_dtype" and keep_dtype:
         continue
       out[key] = value

@@ -28,6 +28,7 @@ from moejax.layers.attention_kind import AttentionKind, HfTensor, Require
 from moejax.layers.document_mask import check_segments
 from moejax.layers.ffn import on_rows
 from moejax.layers.norms import RMSNorm
+from moejax.layers.rope import Rope, apply_rope
 from moejax.layers.saved_names import ATTENTION_CONTEXT, ATTENTION_OUT, ATTENTION_QKV
 from moejax.parallel.sharding import logical, mesh_platform
 
@@ -46,32 +47,6 @@ def qk_norm_mode(value) -> str:
       f"qk_norm={value!r} is not supported; allowed: {', '.join(map(repr, QK_NORMS))}."
     )
   return mode
-
-
-def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
-  """Rotary position embedding (Su et al. 2021), "rotate-half" layout (GPT-NeoX, LLaMA).
-
-  Channel pairs (j, j + D/2) are rotated by the angle `position · base^(-2j/D)`, so the
-  dot product of a rotated query and key depends on their positions only through the
-  difference. Computed in float32.
-
-  Args:
-    x: `[batch, seq, heads, head_dim]`, head_dim even.
-    positions: int, the position of every sequence slot: `[seq]`, shared by the rows, or
-      `[batch, seq]`, one per row (packed documents, positions restarting at each).
-    base: the RoPE base (10_000 in the paper; 500_000 in LLaMA 3).
-
-  Returns:
-    `[batch, seq, heads, head_dim]` in x's dtype.
-  """
-  half = x.shape[-1] // 2
-  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [D/2]
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [(batch,) seq, D/2]
-  cos = jnp.cos(angles)[..., None, :]  # [(batch,) seq, 1, D/2]
-  sin = jnp.sin(angles)[..., None, :]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return rotated.astype(x.dtype)
 
 
 class CausalSelfAttention(nnx.Module):
@@ -95,7 +70,7 @@ class CausalSelfAttention(nnx.Module):
     num_kv_heads: int,
     head_dim: int,
     *,
-    rope_base: float,
+    rope_base: float | Rope,
     qk_norm: str = "none",
     qkv_bias: bool = False,
     norm_eps: float = 1e-6,
@@ -110,7 +85,8 @@ class CausalSelfAttention(nnx.Module):
     check_kernel(kernel, logit_cap)
     self.kernel, self.mesh, self.platform = kernel, mesh, mesh_platform(mesh)
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-    self.rope_base, self.logit_cap = rope_base, logit_cap or None
+    self.rope = rope_base if isinstance(rope_base, Rope) else Rope(float(rope_base))
+    self.logit_cap = logit_cap or None
     self.qk_norm = qk_norm = qk_norm_mode(qk_norm)
 
     def linear(fan_in, fan_out, names, bias):
@@ -171,8 +147,8 @@ class CausalSelfAttention(nnx.Module):
     v = v.reshape(batch, seq, self.num_kv_heads, self.head_dim)
     if self.qk_norm == "head" and self.q_norm and self.k_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    q = apply_rope(q, positions, self.rope_base)
-    k = apply_rope(k, positions, self.rope_base)
+    q = apply_rope(q, positions, self.rope)
+    k = apply_rope(k, positions, self.rope)
     if cache is None:
       kernel = kernel_for(
         self.kernel, self.platform, seq=seq, head_dims=(self.head_dim,), dtype=q.dtype,
@@ -241,7 +217,7 @@ def _build(
 ) -> CausalSelfAttention:
   return CausalSelfAttention(
     config.d_model, config.num_heads, config.num_kv_heads, head_dim_of(config),
-    rope_base=config.rope_base, qk_norm=config.qk_norm, qkv_bias=config.qkv_bias,
+    rope_base=Rope.from_config(config), qk_norm=config.qk_norm, qkv_bias=config.qkv_bias,
     norm_eps=config.norm_eps, logit_cap=config.attention_logit_cap,
     kernel=config.attention_kernel, mesh=mesh, dtype=dtype, rngs=rngs,
   )  # fmt: skip

@@ -62,12 +62,13 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from moejax.layers.attention import apply_rope, qk_norm_mode
+from moejax.layers.attention import qk_norm_mode
 from moejax.layers.attention_kernel import causal_attention, check_kernel, kernel_for
 from moejax.layers.attention_kind import AttentionKind, HfTensor, Require
 from moejax.layers.document_mask import check_segments, self_attention_mask
 from moejax.layers.ffn import on_rows
 from moejax.layers.norms import RMSNorm
+from moejax.layers.rope import Rope, apply_rope
 from moejax.layers.saved_names import ATTENTION_CONTEXT, ATTENTION_OUT, ATTENTION_QKV
 from moejax.parallel.sharding import logical, mesh_platform
 
@@ -109,7 +110,7 @@ class MultiHeadLatentAttention(nnx.Module):
       (`model.qk_nope_head_dim`).
     qk_rope_head_dim: d_h^R, the decoupled RoPE channels, even (`model.qk_rope_head_dim`).
     v_head_dim: per-head value channels (`model.v_head_dim`).
-    rope_base: the RoPE base.
+    rope_base: the RoPE base, or a `moejax.layers.rope.Rope` (YaRN scaling).
     norm_eps: epsilon of the latents' RMSNorms (`model.norm_eps`; 1e-6 in DeepSeek-V2/V3).
     dtype: compute dtype; parameters stay float32, scores and softmax run in float32.
     rngs: `nnx.Rngs` with a `params` stream.
@@ -130,7 +131,7 @@ class MultiHeadLatentAttention(nnx.Module):
     qk_nope_head_dim: int,
     qk_rope_head_dim: int,
     v_head_dim: int,
-    rope_base: float,
+    rope_base: float | Rope,
     norm_eps: float = 1e-6,
     kernel: str = "auto",
     mesh=None,
@@ -152,8 +153,9 @@ class MultiHeadLatentAttention(nnx.Module):
       _positive("q_lora_rank", q_lora_rank)
     if qk_rope_head_dim % 2:
       raise ValueError(f"qk_rope_head_dim={qk_rope_head_dim} must be even for RoPE.")
-    if not rope_base > 0:
-      raise ValueError(f"rope_base={rope_base!r} must be > 0.")
+    rope = rope_base if isinstance(rope_base, Rope) else Rope(float(rope_base))
+    if not rope.base > 0:
+      raise ValueError(f"rope_base={rope.base!r} must be > 0.")
     if not norm_eps > 0:
       raise ValueError(f"norm_eps={norm_eps!r} must be > 0.")
     self.num_heads = num_heads
@@ -161,7 +163,7 @@ class MultiHeadLatentAttention(nnx.Module):
     self.kv_lora_rank = kv_lora_rank
     self.qk_nope_head_dim, self.qk_rope_head_dim = qk_nope_head_dim, qk_rope_head_dim
     self.v_head_dim = v_head_dim
-    self.rope_base = rope_base
+    self.rope = rope
     self.dtype = dtype
     qk_dim = qk_nope_head_dim + qk_rope_head_dim
     linear = lambda fan_in, fan_out, names: nnx.Linear(
@@ -187,8 +189,9 @@ class MultiHeadLatentAttention(nnx.Module):
 
   @property
   def softmax_scale(self) -> float:
-    """1 / sqrt(qk_nope_head_dim + qk_rope_head_dim) (DeepSeek-V2 §2.1.3; no YaRN mscale)."""
-    return (self.qk_nope_head_dim + self.qk_rope_head_dim) ** -0.5
+    """1 / sqrt(qk_nope_head_dim + qk_rope_head_dim) (DeepSeek-V2 §2.1.3), times YaRN's
+    `m(factor, mscale_all_dim)²` when the RoPE is scaled (`Rope.softmax_factor`)."""
+    return (self.qk_nope_head_dim + self.qk_rope_head_dim) ** -0.5 * self.rope.softmax_factor
 
   def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> MlaCache:
     """An empty cache: `{'latent': [batch, max_len, kv_lora_rank], 'k_rope': [batch,
@@ -234,10 +237,10 @@ class MultiHeadLatentAttention(nnx.Module):
       q = on_rows(self.q_up, self.q_norm(q_latent))
     q = checkpoint_name(q, ATTENTION_QKV).reshape(batch, seq, heads, nope + rope)
     q_nope = q[..., :nope]
-    q_rope = apply_rope(q[..., nope:], positions, self.rope_base)  # [b, s, H, rope]
+    q_rope = apply_rope(q[..., nope:], positions, self.rope)  # [b, s, H, rope]
     latent = self.kv_norm(checkpoint_name(on_rows(self.kv_down, x), ATTENTION_QKV))
     k_rope = checkpoint_name(on_rows(self.k_rope, x), ATTENTION_QKV)  # [b, s, rope]
-    k_rope = apply_rope(k_rope[:, :, None, :], positions, self.rope_base)
+    k_rope = apply_rope(k_rope[:, :, None, :], positions, self.rope)
     k_rope = k_rope[:, :, 0, :]  # [b, s, rope]
 
     if cache is None:
@@ -347,7 +350,7 @@ def _build(
     config.d_model, config.num_heads, q_lora_rank=config.q_lora_rank,
     kv_lora_rank=config.kv_lora_rank, qk_nope_head_dim=config.qk_nope_head_dim,
     qk_rope_head_dim=config.qk_rope_head_dim, v_head_dim=config.v_head_dim,
-    rope_base=config.rope_base, norm_eps=config.norm_eps, kernel=config.attention_kernel,
+    rope_base=Rope.from_config(config), norm_eps=config.norm_eps, kernel=config.attention_kernel,
     mesh=mesh, dtype=dtype, rngs=rngs,
   )  # fmt: skip
 

@@ -58,6 +58,7 @@ from moejax.layers.document_mask import check_documents
 from moejax.layers.dropout import ResidualDropout, draws_randomness
 from moejax.layers.ffn import FeedForward, on_rows
 from moejax.layers.norms import RMSNorm
+from moejax.layers.rope import SCALINGS
 from moejax.models.remat import POLICIES, checkpointed
 from moejax.moe import MoeConfig, MoeLayer
 from moejax.moe.aggregate import aggregate_aux
@@ -132,6 +133,21 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     require(False, str(error))
   KINDS[config.attention].validate(config, require)
   require(config.rope_base > 0, f"rope_base must be > 0, got {config.rope_base}")
+  require(
+    config.rope_scaling in SCALINGS,
+    f"rope_scaling must be one of {SCALINGS}, got {config.rope_scaling!r}",
+  )
+  if config.rope_scaling == "yarn":
+    require(config.rope_factor >= 1, f"rope_factor must be >= 1, got {config.rope_factor}")
+    require(
+      isinstance(config.rope_original_max_len, int) and config.rope_original_max_len >= 1,
+      f"rope_original_max_len must be a positive int, got {config.rope_original_max_len!r}",
+    )
+    require(
+      config.yarn_beta_fast > config.yarn_beta_slow > 0,
+      f"yarn_beta_fast > yarn_beta_slow > 0 is needed, got {config.yarn_beta_fast} and "
+      f"{config.yarn_beta_slow}",
+    )
   require(
     config.activation in ACTIVATIONS,
     f"activation must be one of {ACTIVATIONS}, got {config.activation!r}",

@@ -229,20 +229,47 @@ def rms_norm(v, scale, eps):
   return v / math.sqrt(float(np.mean(v * v)) + eps) * scale
 
 
-def rope(v, position, base, layout="half"):
+def rope(v, position, base, layout="half", freqs=None, scale=1.0):
   """RoPE of one vector `[D]` at `position` (Su et al. 2021): channel pair j turns by
-  position · base^(-2j/D). 'half' pairs (j, j + D/2) (GPT-NeoX, LLaMA, moejax's
+  position · base^(-2j/D) (or `freqs[j]`, YaRN's), and the result is multiplied by
+  `scale` (YaRN's attention factor). 'half' pairs (j, j + D/2) (GPT-NeoX, LLaMA, moejax's
   `apply_rope`); 'interleaved' pairs (2j, 2j + 1) (the RoFormer paper, and DeepSeek's
   released code, which views the pairs as complex numbers)."""
   v = np.asarray(v, np.float64)
   dim = v.shape[0]
   out = np.zeros(dim)
   for j in range(dim // 2):
-    theta = position * base ** (-2.0 * j / dim)
+    theta = position * (base ** (-2.0 * j / dim) if freqs is None else freqs[j])
     a, b = (j, j + dim // 2) if layout == "half" else (2 * j, 2 * j + 1)
-    out[a] = v[a] * math.cos(theta) - v[b] * math.sin(theta)
-    out[b] = v[b] * math.cos(theta) + v[a] * math.sin(theta)
+    out[a] = (v[a] * math.cos(theta) - v[b] * math.sin(theta)) * scale
+    out[b] = (v[b] * math.cos(theta) + v[a] * math.sin(theta)) * scale
   return out
+
+
+def yarn(dim, base, factor, original, beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=0.0):
+  """YaRN (Peng et al. 2023, arXiv:2309.00071) for a rotated part of `dim` channels, as the
+  released configs ask for it (DeepSeek-V3, Kimi K2): (the frequency of each channel pair,
+  the factor on the rotated vectors, DeepSeek's factor on the softmax scale).
+
+  Channel pair j has frequency f_j = base^(-2j/dim). The channel c(r) = dim · ln(original /
+  (2π r)) / (2 ln base) is where a frequency turns r times in the original context; pairs
+  below floor(c(beta_fast)) keep f_j, pairs above ceil(c(beta_slow)) take f_j / factor,
+  and between, the weight of f_j falls linearly with j. m(a) = 0.1 · a · ln(factor) + 1.
+  """
+
+  def channel(rotations):
+    return dim * math.log(original / (2 * math.pi * rotations)) / (2 * math.log(base))
+
+  low = max(math.floor(channel(beta_fast)), 0)
+  high = min(math.ceil(channel(beta_slow)), dim - 1)
+  freqs = []
+  for j in range(dim // 2):
+    f = base ** (-2.0 * j / dim)
+    interpolated = min(max((j - low) / (high - low if high != low else 0.001), 0.0), 1.0)
+    freqs.append(f * (1 - interpolated) + f / factor * interpolated)
+  m = lambda a: 0.1 * a * math.log(factor) + 1.0
+  attention = m(mscale) / m(mscale_all_dim) if mscale and mscale_all_dim else m(1.0)
+  return freqs, attention, (m(mscale_all_dim) ** 2 if mscale_all_dim else 1.0)
 
 
 def mla(
@@ -257,6 +284,9 @@ def mla(
   eps,
   positions=None,
   rope_layout="half",
+  rope_freqs=None,
+  rope_scale=1.0,
+  softmax_factor=1.0,
 ):
   """Causal multi-head latent attention (DeepSeek-V2, arXiv:2405.04434, §2.1, eqs. 9-19).
 
@@ -273,13 +303,14 @@ def mla(
 
   with q_h = [q^C_h; q^R_h] and k_hj = [k^C_hj; k^R_j] (eqs. 16-17). The RMSNorms on the
   latents are DeepSeek's released code (`q_a_layernorm`, `kv_a_layernorm`), not in the
-  paper's equations. Returns `[batch, seq, d]` float64.
+  paper's equations. YaRN (`yarn`) gives `rope_freqs` and `rope_scale`, and multiplies the
+  softmax scale by `softmax_factor`. Returns `[batch, seq, d]` float64.
   """
   x = np.asarray(x, np.float64)
   batch, seq, _ = x.shape
   positions = np.arange(seq) if positions is None else np.asarray(positions)
   qk_dim = qk_nope_head_dim + qk_rope_head_dim
-  scale = 1.0 / math.sqrt(qk_dim)
+  scale = softmax_factor / math.sqrt(qk_dim)
   y = np.zeros((batch, seq, params["o"].shape[1]))
   for b in range(batch):
     q = np.zeros((seq, num_heads, qk_dim))
@@ -295,13 +326,15 @@ def mla(
       for h in range(num_heads):
         q[t, h, :qk_nope_head_dim] = q_t[h, :qk_nope_head_dim]
         q[t, h, qk_nope_head_dim:] = rope(
-          q_t[h, qk_nope_head_dim:], positions[t], rope_base, rope_layout
+          q_t[h, qk_nope_head_dim:], positions[t], rope_base, rope_layout, rope_freqs, rope_scale
         )
       c_kv = rms_norm(x[b, t] @ params["kv_down"], params["kv_norm"], eps)
       kv_t = (c_kv @ params["kv_up"]).reshape(num_heads, qk_nope_head_dim + v_head_dim)
       k_nope[t] = kv_t[:, :qk_nope_head_dim]
       value[t] = kv_t[:, qk_nope_head_dim:]
-      k_rot[t] = rope(x[b, t] @ params["k_rope"], positions[t], rope_base, rope_layout)
+      k_rot[t] = rope(
+        x[b, t] @ params["k_rope"], positions[t], rope_base, rope_layout, rope_freqs, rope_scale
+      )
     for t in range(seq):
       heads = []
       for h in range(num_heads):

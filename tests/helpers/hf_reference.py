@@ -212,6 +212,19 @@ def _rms_rows(x, scale, eps):
   return np.stack([fr.rms_norm(row, scale, eps) for row in x])
 
 
+def _yarn(hf, dim):
+  """`family_reference.yarn` of `hf`'s `rope_scaling` for `dim` rotated channels, or the
+  unscaled (None, 1, 1)."""
+  scaling = hf.get("rope_scaling") or {}
+  if scaling.get("type", scaling.get("rope_type")) != "yarn":
+    return None, 1.0, 1.0
+  fields = ("beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+  return fr.yarn(
+    dim, hf["rope_theta"], scaling["factor"], scaling["original_max_position_embeddings"],
+    **{k: scaling[k] for k in fields if k in scaling},
+  )  # fmt: skip
+
+
 def _attention(hf, t, a, h):
   """Causal GQA of `h` `[seq, d]` with each family's q/k norm and biases; RoPE halves."""
   typ, heads, kv = hf["model_type"], hf["num_attention_heads"], hf["num_key_value_heads"]
@@ -226,8 +239,10 @@ def _attention(hf, t, a, h):
     q = np.stack([_rms_rows(q[:, j], t[a + "q_norm.weight"], eps) for j in range(heads)], 1)
     k = np.stack([_rms_rows(k[:, j], t[a + "k_norm.weight"], eps) for j in range(kv)], 1)
   base = hf["rope_theta"]
-  q = np.array([[fr.rope(q[s, j], s, base) for j in range(heads)] for s in range(seq)])
-  k = np.array([[fr.rope(k[s, j], s, base) for j in range(kv)] for s in range(seq)])
+  freqs, scale, _ = _yarn(hf, hd)
+  rot = lambda v, s: fr.rope(v, s, base, "half", freqs, scale)
+  q = np.array([[rot(q[s, j], s) for j in range(heads)] for s in range(seq)])
+  k = np.array([[rot(k[s, j], s) for j in range(kv)] for s in range(seq)])
   out = np.zeros((seq, heads, hd))
   for j in range(heads):
     g = j // (heads // kv)
@@ -250,9 +265,13 @@ def _mla(hf, t, a, h):
     "kv_up": t[a + "kv_b_proj.weight"].T,
     "o": t[a + "o_proj.weight"].T,
   }
+  freqs, scale, softmax_factor = _yarn(hf, hf["qk_rope_head_dim"])
   return fr.mla(
     h[None],
     params,
+    rope_freqs=freqs,
+    rope_scale=scale,
+    softmax_factor=softmax_factor,
     num_heads=hf["num_attention_heads"],
     qk_nope_head_dim=hf["qk_nope_head_dim"],
     qk_rope_head_dim=hf["qk_rope_head_dim"],
