@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from safetensors import safe_open
 
 import moejax
 from helpers import hf_reference
@@ -19,14 +18,6 @@ from moejax.convert import transfer
 
 FAMILIES = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v3", "llama", "qwen2"]
 TOKENS = [3, 17, 5, 39, 0, 22]
-
-
-def _read_all(directory) -> dict[str, np.ndarray]:
-  out = {}
-  for path in sorted(directory.glob("*.safetensors")):
-    with safe_open(str(path), "numpy") as f:
-      out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (a file handle)
-  return out
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -47,7 +38,7 @@ def test_import_matches_the_numpy_forward_and_export_gives_every_tensor_back(tmp
   assert config.model.norm_eps == hf["rms_norm_eps"]
 
   transfer.export_checkpoint(tmp_path / "run", tmp_path / "out", max_shard_bytes=4096)
-  back = _read_all(tmp_path / "out")
+  back = hf_reference.read_all(tmp_path / "out")
   assert sorted(back) == sorted(written)
   for key, value in written.items():
     assert back[key].dtype == value.dtype, key
@@ -73,7 +64,7 @@ def test_a_model_trained_here_exports_in_float32_as_the_same_function(tmp_path):
   transfer.export_checkpoint(tmp_path / "run", tmp_path / "hf", dtype="float32")
   hf = json.loads((tmp_path / "hf" / "config.json").read_text())
   assert hf["model_type"] == "mixtral" and hf["num_local_experts"] == config.model.num_experts
-  tensors = _read_all(tmp_path / "hf")
+  tensors = hf_reference.read_all(tmp_path / "hf")
   assert all(v.dtype == np.float32 for v in tensors.values())
   tokens = [1, 2, 3, 4]
   ours, _ = model(jnp.asarray([tokens], jnp.int32))
@@ -285,7 +276,7 @@ def test_export_refuses_weights_its_dtype_cannot_hold_and_removes_what_it_wrote(
       transfer.export_checkpoint(tmp_path / "run", out, dtype="float16", max_shard_bytes=4096)
   assert not (tmp_path / "hf").exists() and list((tmp_path / "empty").iterdir()) == []
   transfer.export_checkpoint(tmp_path / "run", tmp_path / "hf", dtype="bfloat16")
-  back = _read_all(tmp_path / "hf")["lm_head.weight"].astype(np.float32)
+  back = hf_reference.read_all(tmp_path / "hf")["lm_head.weight"].astype(np.float32)
   assert float(np.max(np.abs(back))) == 999424  # 1e6 in bfloat16
   # (A checkpoint holding nan is refused when read; a weight made non-finite after that is not.)
   with pytest.raises(ValueError, match=r"^model\.norm\.weight holds non-finite weights"):

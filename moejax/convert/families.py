@@ -21,7 +21,8 @@ The RoPE base is read from either layout of `config.json`: transformers 4 writes
 RoPE scaling is read by `moejax.convert.hf_rope`: YaRN is computed, other types refused.
 What moejax cannot express is refused in one line naming the `config.json` key:
 sliding-window attention, activations other than SiLU (SwiGLU), OLMoE's `clip_qkv`, an
-output-projection bias, FP8 weights, and Qwen's `mlp_only_layers` or a
+output-projection bias, quantized weights other than block-scaled FP8
+(`moejax.convert.fp8_blocks`), and Qwen's `mlp_only_layers` or a
 `decoder_sparse_step` that is not a layer interval.
 
 Every field moejax reads is checked for its JSON type before it is used (`check_fields`):
@@ -39,7 +40,7 @@ from typing import Any
 
 import ml_collections
 
-from moejax.convert import hf_rope
+from moejax.convert import fp8_blocks, hf_rope
 from moejax.layers.attention_kinds import KINDS
 from moejax.models.transformer import layer_kinds
 
@@ -224,8 +225,7 @@ def _refuse_unsupported(hf: dict[str, Any], family: Family) -> None:
     refuse("clip_qkv", "null")
   if hf.get("attention_bias") and not family.qkv_bias:
     refuse("attention_bias", "false: no projection biases in this family")
-  if hf.get("quantization_config"):
-    refuse("quantization_config", "unquantized bfloat16/float16/float32 weights")
+  fp8_blocks.block_shape(hf)  # block-scaled FP8 or unquantized
   if family.model_type in ("qwen2_moe", "qwen3_moe") and hf.get("mlp_only_layers"):
     refuse("mlp_only_layers", "[]: dense layers only as an interval")
   if family.model_type == "deepseek_v3":

@@ -24,8 +24,11 @@ from etils import epath
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from moejax.convert import fp8_blocks
+
 INDEX_FILE = "model.safetensors.index.json"
-# safetensors dtype names -> numpy; FP8 and others are refused with the name.
+# safetensors dtype names -> numpy; block-scaled FP8 is read by `fp8_blocks`, other dtypes
+# are refused with the name.
 DTYPES = {
   "F32": np.dtype(np.float32),
   "F16": np.dtype(np.float16),
@@ -120,6 +123,7 @@ class CheckpointDir:
           self.files.update({key: path.name for key in f.keys()})  # noqa: SIM118 (a file handle)
     if not self.files:
       raise ValueError(f"--from={directory} holds no *.safetensors files.")
+    self.fp8_block = fp8_blocks.block_shape(self.config)  # None: not quantized
 
   def _safe_open(self, name: str):
     """`safe_open` of the shard `name`, checked to be a regular file first; a header that
@@ -152,11 +156,18 @@ class CheckpointDir:
       ) from None
 
   def dtype(self, key: str) -> np.dtype:
+    """The dtype `get(key)` returns: the stored one, float32 for block-scaled FP8."""
     name = self._slice(key).get_dtype()
+    if name == fp8_blocks.FP8_NAME and self.fp8_block:
+      if key + fp8_blocks.SCALE_SUFFIX not in self.files:
+        raise ValueError(
+          f"{self._context}: {key} is FP8 without its {key}{fp8_blocks.SCALE_SUFFIX} scales."
+        )
+      return np.dtype(np.float32)
     if name not in DTYPES:
       raise ValueError(
-        f"{key} is stored as {name}; moejax reads {', '.join(DTYPES)} tensors "
-        "(dequantize FP8 checkpoints first)."
+        f"{key} is stored as {name}; moejax reads {', '.join(DTYPES)} tensors, and FP8 with "
+        "one scale per block (a quantization_config of quant_method 'fp8')."
       )
     return DTYPES[name]
 
@@ -167,8 +178,17 @@ class CheckpointDir:
     return int(np.prod(self.shape(key))) * self.dtype(key).itemsize
 
   def get(self, key: str) -> np.ndarray:
-    """The tensor `key` as a numpy array of its stored dtype (read now)."""
-    self.dtype(key)
+    """The tensor `key` as a numpy array of `dtype(key)` (read now); FP8 is dequantised."""
+    if self.dtype(key) == np.float32 and self._slice(key).get_dtype() == fp8_blocks.FP8_NAME:
+      assert self.fp8_block is not None
+      values = fp8_blocks.read_raw(self.directory / self.files[key], key)
+      try:
+        return fp8_blocks.dequantize(values, self._read(key + "_scale_inv"), self.fp8_block)
+      except ValueError as error:
+        raise ValueError(f"{self._context}: {key}: {error}") from None
+    return self._read(key)
+
+  def _read(self, key: str) -> np.ndarray:
     try:
       return self._file(key).get_tensor(key)
     except SafetensorError as error:

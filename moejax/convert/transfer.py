@@ -34,7 +34,7 @@ from etils import epath
 from flax import nnx
 
 from moejax.config import base_config
-from moejax.convert import families, hf_rope, layout, model_state
+from moejax.convert import families, fp8_blocks, hf_rope, layout, model_state
 from moejax.convert.safetensors_dir import (
   DTYPES,
   CheckpointDir,
@@ -139,7 +139,9 @@ def import_checkpoint(
     unknown = [
       k
       for k in src.files
-      if k not in wanted and not _unused_is_known(k, config.model.num_layers, prediction_layers)
+      if k not in wanted
+      and not _unused_is_known(k, config.model.num_layers, prediction_layers)
+      and not fp8_blocks.is_scale(k, src.files)
     ]
     if unknown:
       raise ValueError(
@@ -261,8 +263,9 @@ def exported_config(
   """The original `config.json` with the fields moejax's model now gives another value
   (`computed`, what training changed) replaced; every other original field is kept, and
   fields the original lacks are not added. `torch_dtype` stays the original's when the
-  tensors keep their imported dtypes (`keep_dtype`)."""
-  out = dict(original)
+  tensors keep their imported dtypes (`keep_dtype`). `quantization_config` is dropped:
+  moejax writes the dequantised weights (`fp8_blocks`)."""
+  out = {key: value for key, value in original.items() if key != "quantization_config"}
   for key, value in computed.items():
     if key in out and not _same_value(key, out[key], value):
       if key == "torch_dtype" and keep_dtype:

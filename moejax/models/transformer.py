@@ -144,8 +144,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       f"rope_original_max_len must be a positive int, got {config.rope_original_max_len!r}",
     )
     require(
-      config.yarn_beta_fast > config.yarn_beta_slow > 0,
-      f"yarn_beta_fast > yarn_beta_slow > 0 is needed, got {config.yarn_beta_fast} and "
+      config.yarn_beta_fast >= config.yarn_beta_slow > 0,
+      f"yarn_beta_fast >= yarn_beta_slow > 0 is needed, got {config.yarn_beta_fast} and "
       f"{config.yarn_beta_slow}",
     )
   require(

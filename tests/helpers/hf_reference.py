@@ -15,6 +15,7 @@ import math
 
 import ml_dtypes
 import numpy as np
+from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from helpers import family_reference as fr
@@ -203,6 +204,20 @@ def write_checkpoint(
     (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
   (directory / "config.json").write_text(json.dumps({**hf, "torch_dtype": dtype}))
   return tensors
+
+
+def read_all(directory) -> dict[str, np.ndarray]:
+  """Every tensor of the `*.safetensors` files in `directory`, float8 ones included (read
+  from the header's offsets: the safetensors NumPy reader has no float8 type)."""
+  from moejax.convert.fp8_blocks import FP8_NAME, read_raw
+
+  out = {}
+  for path in sorted(directory.glob("*.safetensors")):
+    with safe_open(str(path), "numpy") as f:
+      for key in f.keys():  # noqa: SIM118 (a file handle)
+        is_fp8 = f.get_slice(key).get_dtype() == FP8_NAME
+        out[key] = read_raw(path, key) if is_fp8 else f.get_tensor(key)
+  return out
 
 
 # ----------------------------------------------------------------------------- forward
