@@ -1,7 +1,8 @@
 """YaRN RoPE scaling (Peng et al. 2023, arXiv:2309.00071; `moejax.layers.rope`): its
 frequencies and factors against a second, loop-by-channel implementation
 (`family_reference.yarn`), and checkpoints whose `config.json` asks for it (DeepSeek-V3's
-`rope_scaling`, and a GQA family's) imported to the NumPy forward pass and exported back."""
+`rope_scaling`, Kimi K2's model_type, and a GQA family's) imported to the NumPy forward
+pass and exported back."""
 
 from __future__ import annotations
 
@@ -118,3 +119,20 @@ def test_yarn_fields_moejax_cannot_compute_are_refused(tmp_path, change, message
   with pytest.raises(ValueError, match=message):
     transfer.import_checkpoint(source, tmp_path / "run")
   assert not (tmp_path / "run").exists()
+
+
+def test_kimi_k2_imports_as_deepseek_v3_and_exports_as_itself(tmp_path):
+  """Kimi K2's config.json names model_type 'kimi_k2' for DeepSeek-V3's block (with YaRN):
+  the same tensors, the same logits, and the export keeps its model_type."""
+  hf, source, written = _yarn_checkpoint(tmp_path, "deepseek_v3")
+  kimi = json.loads((source / "config.json").read_text())
+  kimi["model_type"] = "kimi_k2"
+  (source / "config.json").write_text(json.dumps(kimi))
+  summary = transfer.import_checkpoint(source, tmp_path / "run")
+  assert summary["family"] == "kimi_k2"
+  model, _ = moejax.load(tmp_path / "run")
+  logits = np.asarray(model(jnp.asarray([TOKENS], jnp.int32))[0][0], np.float64)
+  expected = hf_reference.forward(hf, written, TOKENS)
+  assert np.max(np.abs(logits - expected)) / np.max(np.abs(expected)) < 1e-5
+  transfer.export_checkpoint(tmp_path / "run", tmp_path / "out")
+  assert json.loads((tmp_path / "out" / "config.json").read_text()) == kimi

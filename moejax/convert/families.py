@@ -12,6 +12,7 @@ fixes, from its model card, paper and released config:
 | `qwen2_moe` (Qwen1.5-MoE, Qwen2-MoE) | softmax, `norm_topk_prob` | GQA with q/k/v biases | as OLMoE, plus `mlp.shared_expert.*` scaled by sigmoid(`mlp.shared_expert_gate`) |
 | `qwen3_moe` (Qwen3) | softmax, `norm_topk_prob` | GQA, QK-norm per head | as OLMoE |
 | `deepseek_v3` (arXiv:2412.19437) | sigmoid + selection bias (`gate.e_score_correction_bias`), group-limited, normalised, scaled | MLA | dense `mlp.*` for the first `first_k_dense_replace` layers, then `mlp.gate`, `mlp.experts.E.*`, `mlp.shared_experts.*` |
+| `kimi_k2` (Moonshot AI 2025) | as `deepseek_v3` (its block, with 384 experts) | MLA | as `deepseek_v3` |
 | `llama`, `qwen2` (dense) | none | GQA (`qwen2`: q/k/v biases) | `mlp.gate_proj/up_proj/down_proj` |
 
 The RoPE base is read from either layout of `config.json`: transformers 4 writes
@@ -47,7 +48,8 @@ from moejax.models.transformer import layer_kinds
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-  """One `model_type`: where its MoE block lives on disk and what its routing is.
+  """One `model_type`: where its blocks live on disk and what its routing is, as data: no
+  code in `moejax.convert` tests a `model_type` string.
 
   Attributes:
     model_type: `config.json`'s `model_type`.
@@ -60,7 +62,22 @@ class Family:
     qkv_bias: whether q/k/v carry biases.
     attention: moejax's `model.attention`, the attention kind (its `config.json` keys and
       tensors: `moejax.layers.attention_kind`).
-    experts_key: the `config.json` key of the number of routed experts.
+    experts_key: the `config.json` key of the number of routed experts; None for a dense
+      family.
+    expert_width_key: the key of each expert's hidden size (`intermediate_size` where the
+      family has no dense FFN beside its experts).
+    always_renormalizes: the top-k gates always sum to 1 (Mixtral: `norm_topk_prob` is
+      not its key; read as true when absent, never written).
+    shared: 'none'; 'gated', one shared expert of `shared_expert_intermediate_size` scaled
+      by sigmoid(x · w) (Qwen2-MoE); 'counted', `n_shared_experts` of
+      `moe_intermediate_size` each (DeepSeek-V3).
+    sparse_step_key: the key of the MoE layer interval (Qwen's `decoder_sparse_step`, with
+      `mlp_only_layers` refused), or None (every layer MoE after the dense ones).
+    deepseek_router: DeepSeek-V3's routing (arXiv:2412.19437 §2.1.2): sigmoid scores, the
+      selection bias `gate.e_score_correction_bias`, group-limited top-k (`n_group`,
+      `topk_group`), `routed_scaling_factor`, and `first_k_dense_replace` dense layers.
+    writes_sliding_window: `sliding_window` is a key of the family, read and written as
+      null (Mixtral).
   """
 
   model_type: str
@@ -71,13 +88,28 @@ class Family:
   qk_norm: str = "none"
   qkv_bias: bool = False
   attention: str = "gqa"
-  experts_key: str = "num_experts"
+  experts_key: str | None = "num_experts"
+  expert_width_key: str = "moe_intermediate_size"
+  always_renormalizes: bool = False
+  shared: str = "none"
+  sparse_step_key: str | None = None
+  deepseek_router: bool = False
+  writes_sliding_window: bool = False
 
   @property
   def is_moe(self) -> bool:
-    return self.model_type not in ("llama", "qwen2")
+    return self.experts_key is not None
 
 
+_DEEPSEEK_V3 = Family(
+  "deepseek_v3",
+  "DeepseekV3ForCausalLM",
+  shared_name="shared_experts",
+  attention="mla",
+  experts_key="n_routed_experts",
+  shared="counted",
+  deepseek_router=True,
+)
 FAMILIES = {
   f.model_type: f
   for f in (
@@ -87,19 +119,27 @@ FAMILIES = {
       "block_sparse_moe",
       ("w1", "w3", "w2"),
       experts_key="num_local_experts",
+      expert_width_key="intermediate_size",
+      always_renormalizes=True,
+      writes_sliding_window=True,
     ),
-    Family("olmoe", "OlmoeForCausalLM", qk_norm="full"),
-    Family("qwen2_moe", "Qwen2MoeForCausalLM", shared_name="shared_expert", qkv_bias=True),
-    Family("qwen3_moe", "Qwen3MoeForCausalLM", qk_norm="head"),
+    Family("olmoe", "OlmoeForCausalLM", qk_norm="full", expert_width_key="intermediate_size"),
     Family(
-      "deepseek_v3",
-      "DeepseekV3ForCausalLM",
-      shared_name="shared_experts",
-      attention="mla",
-      experts_key="n_routed_experts",
+      "qwen2_moe",
+      "Qwen2MoeForCausalLM",
+      shared_name="shared_expert",
+      qkv_bias=True,
+      shared="gated",
+      sparse_step_key="decoder_sparse_step",
     ),
-    Family("llama", "LlamaForCausalLM"),
-    Family("qwen2", "Qwen2ForCausalLM", qkv_bias=True),
+    Family(
+      "qwen3_moe", "Qwen3MoeForCausalLM", qk_norm="head", sparse_step_key="decoder_sparse_step"
+    ),
+    _DEEPSEEK_V3,
+    # Kimi K2 (Moonshot AI, 2025) publishes DeepSeek-V3's block under its own model_type.
+    dataclasses.replace(_DEEPSEEK_V3, model_type="kimi_k2"),
+    Family("llama", "LlamaForCausalLM", experts_key=None),
+    Family("qwen2", "Qwen2ForCausalLM", qkv_bias=True, experts_key=None),
   )
 }
 
@@ -218,7 +258,7 @@ def _refuse_unsupported(hf: dict[str, Any], family: Family) -> None:
   if hf.get("hidden_act", "silu") != "silu":
     refuse("hidden_act", "SwiGLU experts and FFNs: 'silu'")
   if hf.get("use_sliding_window") or (
-    family.model_type == "mixtral" and hf.get("sliding_window") is not None
+    family.writes_sliding_window and hf.get("sliding_window") is not None
   ):
     refuse("sliding_window", "full causal attention: null")
   if hf.get("clip_qkv") is not None:
@@ -226,9 +266,9 @@ def _refuse_unsupported(hf: dict[str, Any], family: Family) -> None:
   if hf.get("attention_bias") and not family.qkv_bias:
     refuse("attention_bias", "false: no projection biases in this family")
   fp8_blocks.block_shape(hf)  # block-scaled FP8 or unquantized
-  if family.model_type in ("qwen2_moe", "qwen3_moe") and hf.get("mlp_only_layers"):
+  if family.sparse_step_key and hf.get("mlp_only_layers"):
     refuse("mlp_only_layers", "[]: dense layers only as an interval")
-  if family.model_type == "deepseek_v3":
+  if family.deepseek_router:
     if hf.get("scoring_func", "sigmoid") != "sigmoid":
       refuse("scoring_func", "'sigmoid'")
     if hf.get("moe_layer_freq", 1) != 1:
@@ -272,18 +312,20 @@ def model_config(hf: dict[str, Any], base: ml_collections.ConfigDict) -> ml_coll
   if not family.is_moe:
     m.num_experts = 0
     return config
+  assert family.experts_key is not None
   m.top_k = required(hf, "num_experts_per_tok")
   m.num_experts = required(hf, family.experts_key)
-  m.expert_d_ff = hf.get("moe_intermediate_size") or m.d_ff
-  m.renormalize = _flag(hf, "norm_topk_prob", family.model_type == "mixtral")
-  if family.model_type == "qwen2_moe":
+  m.expert_d_ff = hf.get(family.expert_width_key) or m.d_ff
+  m.renormalize = _flag(hf, "norm_topk_prob", family.always_renormalizes)
+  if family.shared == "gated":
     m.num_shared_experts, m.shared_expert_gate = 1, True
     m.shared_expert_d_ff = required(hf, "shared_expert_intermediate_size")
-  if family.model_type in ("qwen2_moe", "qwen3_moe"):
-    m.moe_layer_interval = hf.get("decoder_sparse_step") or 1
-  if family.model_type == "deepseek_v3":
-    m.first_dense_layers = hf.get("first_k_dense_replace") or 0
+  elif family.shared == "counted":
     m.num_shared_experts = hf.get("n_shared_experts") or 0
+  if family.sparse_step_key:
+    m.moe_layer_interval = hf.get(family.sparse_step_key) or 1
+  if family.deepseek_router:
+    m.first_dense_layers = hf.get("first_k_dense_replace") or 0
     m.score_fn, m.routed_scaling_factor = "sigmoid", float(hf.get("routed_scaling_factor") or 1.0)
     m.num_expert_groups, m.topk_groups = hf.get("n_group") or 1, hf.get("topk_group")
     m.bias_update_rate = 0.001  # DeepSeek-V3 §4.2: the selection bias keeps moving when trained
@@ -321,22 +363,20 @@ def hf_config(model: ml_collections.ConfigDict, family: Family, dtype: str) -> d
   hf["router_aux_loss_coef"] = model.lb_loss_weight * moe_layers / model.top_k
   hf["norm_topk_prob"] = bool(model.renormalize)
   expert_d_ff = model.expert_d_ff or model.d_ff
-  if family.model_type == "mixtral":
-    hf["num_local_experts"], hf["intermediate_size"] = model.num_experts, expert_d_ff
-    hf["sliding_window"] = None
+  assert family.experts_key is not None
+  hf[family.experts_key], hf[family.expert_width_key] = model.num_experts, expert_d_ff
+  if family.always_renormalizes:
     del hf["norm_topk_prob"]
-  elif family.model_type == "olmoe":
-    hf["num_experts"], hf["intermediate_size"] = model.num_experts, expert_d_ff
-  elif family.model_type in ("qwen2_moe", "qwen3_moe"):
-    hf["num_experts"], hf["moe_intermediate_size"] = model.num_experts, expert_d_ff
-    hf["decoder_sparse_step"], hf["mlp_only_layers"] = model.moe_layer_interval, []
-    if family.model_type == "qwen2_moe":
-      hf["shared_expert_intermediate_size"] = model.shared_expert_d_ff or expert_d_ff
-  else:  # deepseek_v3
+  if family.writes_sliding_window:
+    hf["sliding_window"] = None
+  if family.sparse_step_key:
+    hf[family.sparse_step_key], hf["mlp_only_layers"] = model.moe_layer_interval, []
+  if family.shared == "gated":
+    hf["shared_expert_intermediate_size"] = model.shared_expert_d_ff or expert_d_ff
+  elif family.shared == "counted":
+    hf["n_shared_experts"] = model.num_shared_experts
+  if family.deepseek_router:
     hf.update(
-      n_routed_experts=model.num_experts,
-      moe_intermediate_size=expert_d_ff,
-      n_shared_experts=model.num_shared_experts,
       first_k_dense_replace=model.first_dense_layers,
       moe_layer_freq=1,
       n_group=model.num_expert_groups,
@@ -367,20 +407,18 @@ def check_expressible(model: ml_collections.ConfigDict, family: Family) -> None:
     )
   if family.is_moe:
     wanted.update(router="top_k", router_bias=False, dense_moe_hybrid=False)
-    wanted["score_fn"] = "sigmoid" if family.model_type == "deepseek_v3" else "softmax"
-    wanted["shared_expert_gate"] = family.model_type == "qwen2_moe"
-    if family.model_type == "mixtral":
+    wanted["score_fn"] = "sigmoid" if family.deepseek_router else "softmax"
+    wanted["shared_expert_gate"] = family.shared == "gated"
+    if family.always_renormalizes:
       wanted["renormalize"] = True
-    if family.model_type != "deepseek_v3":
+    if not family.deepseek_router:
       wanted.update(first_dense_layers=0, routed_scaling_factor=1.0, num_expert_groups=1)
-    if family.model_type == "qwen2_moe":
-      wanted["num_shared_experts"] = 1
-    elif family.model_type != "deepseek_v3":
-      wanted["num_shared_experts"] = 0
-    if family.model_type not in ("qwen2_moe", "qwen3_moe"):
-      wanted["moe_layer_interval"] = 1
-    if family.model_type == "deepseek_v3":
+    if family.shared != "counted":
+      wanted["num_shared_experts"] = 1 if family.shared == "gated" else 0
+    else:
       wanted["shared_expert_d_ff"] = None
+    if not family.sparse_step_key:
+      wanted["moe_layer_interval"] = 1
   else:
     wanted["num_experts"] = 0
   for key, value in wanted.items():

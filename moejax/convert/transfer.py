@@ -372,7 +372,7 @@ def export_checkpoint(
         return _cast(key, value, kind, dtype)
 
       yield key, shape, kind, make
-    if chosen.model_type == "deepseek_v3" and not config.model.bias_update_rate:
+    if chosen.deepseek_router and not config.model.bias_update_rate:
       # No selection bias in the model: DeepSeek-V3's is written as zeros (the same routing).
       for i, (_, _, layer_kind) in enumerate(layout.layer_locations(config.model)):
         if layer_kind == "moe":
