@@ -101,13 +101,17 @@ def base_config() -> ml_collections.ConfigDict:
   train.num_steps = 1000  # optimizer steps
   train.batch_size = 32  # sequences per step, global over all processes
   train.seq_len = 128  # tokens per sequence
-  train.learning_rate = 3e-3  # peak AdamW learning rate
+  # adamw, or muon (Muon on the hidden matrices and expert stacks, AdamW on the rest)
+  train.optimizer = "adamw"
+  train.learning_rate = 3e-3  # peak learning rate (Muon's and AdamW's alike)
   train.min_learning_rate_ratio = 0.1  # cosine decays to learning_rate · ratio
   train.warmup_steps = 100  # linear warmup from 0
   train.weight_decay = 0.1  # AdamW decoupled weight decay, on matrices only
   train.adam_b1 = 0.9  # AdamW beta1
   train.adam_b2 = 0.95  # AdamW beta2
   train.grad_clip_norm = 1.0  # global gradient-norm clipping
+  train.muon_momentum = 0.95  # muon: Nesterov momentum before orthogonalisation
+  train.muon_update_rms = 0.2  # muon: each update's RMS, matched to AdamW's (Moonlight)
   train.seed = 0  # parameter init, router and dropout streams, data order
   train.log_every = 20  # steps between train metric records
   train.eval_every = 200  # steps between evaluations (and at the end)

@@ -334,6 +334,8 @@ def logical_to_mesh(names: Sequence[str | None], mesh, rules=LOGICAL_AXIS_RULES)
 def _variable_sharding(var: nnx.Variable, mesh, path: str, require_names: bool) -> NamedSharding:
   value = var.get_value()
   names = var.get_metadata().get("out_sharding") if hasattr(var, "get_metadata") else None
+  if not hasattr(value, "shape"):  # no array: e.g. optax's placeholder for another partition
+    return NamedSharding(mesh, P())
   if not names:
     if require_names and isinstance(var, nnx.Param):
       raise ValueError(

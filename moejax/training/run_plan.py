@@ -23,7 +23,7 @@ from moejax.parallel import sharding
 from moejax.training import checkpoint as checkpoint_lib
 from moejax.training import workdir as workdir_lib
 from moejax.training.init_from import check_init_from
-from moejax.training.steps import build, optimizer_state_bytes
+from moejax.training.steps import OPTIMIZERS, build, optimizer_state_bytes
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,8 @@ _REAL_KEYS = (
   ("adam_b1", 0.0, True, 1.0, False, "a number in [0, 1)"),
   ("adam_b2", 0.0, True, 1.0, False, "a number in [0, 1)"),
   ("grad_clip_norm", 0.0, False, math.inf, False, "a finite number > 0"),
+  ("muon_momentum", 0.0, True, 1.0, False, "a number in [0, 1)"),
+  ("muon_update_rms", 0.0, False, math.inf, False, "a finite number > 0"),
 )
 
 
@@ -53,8 +55,9 @@ def _in_range(value, low, low_ok, high, high_ok) -> bool:
 def validate_train_config(tc: ml_collections.ConfigDict) -> None:
   """A one-line ValueError naming the first `config.train` key whose value cannot train:
   counts and intervals positive integers, `warmup_steps` an integer in [0, num_steps), `seed` an
-  integer, the learning rate, its decay ratio, weight decay, Adam's betas and the clipping
-  norm finite and in range (`_REAL_KEYS`), `nonfinite_policy` one of `NONFINITE_POLICIES`."""
+  integer, the learning rate, its decay ratio, weight decay, Adam's betas, the clipping
+  norm and Muon's settings finite and in range (`_REAL_KEYS`), `optimizer` one of
+  `OPTIMIZERS`, `nonfinite_policy` one of `NONFINITE_POLICIES`."""
   is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
   for key in (
     "num_steps",
@@ -74,6 +77,8 @@ def validate_train_config(tc: ml_collections.ConfigDict) -> None:
     )
   if not is_int(tc.seed):
     raise ValueError(f"config.train.seed={tc.seed!r} must be an integer.")
+  if tc.optimizer not in OPTIMIZERS:
+    raise ValueError(f"config.train.optimizer={tc.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}.")
   if tc.nonfinite_policy not in NONFINITE_POLICIES:
     raise ValueError(
       f"config.train.nonfinite_policy={tc.nonfinite_policy!r}; allowed: "

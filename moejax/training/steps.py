@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
+from optax.contrib import MuonDimensionNumbers, scale_by_muon
 
 from moejax.models.transformer import TransformerLM, moe_layer_indices
 from moejax.parallel import sharding
@@ -30,9 +31,46 @@ def decays(path, param) -> bool:
   return param.ndim - int(stacked) >= 2
 
 
+OPTIMIZERS = ("adamw", "muon")
+# Matrices Muon leaves to AdamW: the token embedding and output head (Jordan et al. 2024,
+# Liu et al. 2025 keep them on AdamW) and the router's weights.
+ADAM_MATRICES = ("embed", "lm_head", "router_kernel", "noise_kernel", "shared_gate")
+
+
+def muon_dimensions(path, param) -> MuonDimensionNumbers | None:
+  """Muon's axes for the parameter at `path`, or None for AdamW. Muon (Jordan et al. 2024,
+  "Muon: An optimizer for hidden layers"; Liu et al. 2025, "Muon is Scalable for LLM
+  Training", arXiv:2502.16982) orthogonalises each hidden matrix's momentum: kernels
+  `[in, out]` and expert stacks `[experts, in, out]`, each expert (and each layer of a
+  scanned stack) separately, its leading axes being batch axes. Vectors (norm scales,
+  biases), the embedding, the output head and the router train with AdamW."""
+  names = {getattr(key, "key", None) for key in path}
+  if not decays(path, param) or names & set(ADAM_MATRICES):
+    return None
+  return MuonDimensionNumbers(reduction_axis=-2, output_axis=-1)
+
+
+def _scale_to_rms(rms: float) -> optax.GradientTransformation:
+  """Scales each orthogonalised update `[..., A, B]` by `rms · sqrt(max(A, B))`, giving it
+  RMS `rms` as AdamW's typically has (Liu et al. 2025, arXiv:2502.16982, §2.2, with 0.2)."""
+
+  def update(updates, state, params=None):
+    del params
+    scale = lambda u: u * (rms * math.sqrt(max(u.shape[-2], u.shape[-1])))
+    return jax.tree.map(scale, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(train_config: ml_collections.ConfigDict):
-  """AdamW with linear warmup and cosine decay, global-norm clipping; no decay on vectors
-  (nor on frozen parameters, which the optimizer does not hold: `build`).
+  """`train.optimizer` with linear warmup and cosine decay, global-norm clipping; no decay
+  on vectors (nor on frozen parameters, which the optimizer does not hold: `build`).
+
+  'adamw': AdamW on every parameter. 'muon': Muon on the hidden matrices
+  (`muon_dimensions`; optax's `scale_by_muon`: Nesterov momentum `train.muon_momentum`,
+  five Newton-Schulz steps), its updates rescaled to RMS `train.muon_update_rms` so that
+  one learning rate and weight decay serve both (`_scale_to_rms`), and the same AdamW as
+  'adamw' on the rest.
 
   Returns (optax transformation, learning-rate schedule).
   """
@@ -49,13 +87,22 @@ def make_optimizer(train_config: ml_collections.ConfigDict):
     end_value=tc.learning_rate * tc.min_learning_rate_ratio,
   )
   decay_mask = lambda params: jax.tree_util.tree_map_with_path(decays, params)
-  tx = optax.chain(
-    optax.clip_by_global_norm(tc.grad_clip_norm),
-    optax.adamw(
-      schedule, b1=tc.adam_b1, b2=tc.adam_b2, weight_decay=tc.weight_decay, mask=decay_mask
-    ),
+  adamw = optax.adamw(
+    schedule, b1=tc.adam_b1, b2=tc.adam_b2, weight_decay=tc.weight_decay, mask=decay_mask
   )
-  return tx, schedule
+  update = adamw
+  if tc.optimizer == "muon":
+    dimensions = lambda tree: jax.tree_util.tree_map_with_path(muon_dimensions, tree)
+    muon = optax.chain(
+      scale_by_muon(beta=tc.muon_momentum, weight_dimension_numbers=dimensions),
+      _scale_to_rms(tc.muon_update_rms),
+      optax.add_decayed_weights(tc.weight_decay),
+      optax.scale_by_learning_rate(schedule),
+    )
+    label = lambda path, param: "adamw" if muon_dimensions(path, param) is None else "muon"
+    labels = lambda params: jax.tree_util.tree_map_with_path(label, params)
+    update = optax.partition({"muon": muon, "adamw": adamw}, labels)
+  return optax.chain(optax.clip_by_global_norm(tc.grad_clip_norm), update), schedule
 
 
 def build(config: ml_collections.ConfigDict, mesh=None):
