@@ -23,6 +23,7 @@ NAMES = (
   "hybrid",
   "scaling",
   "balancing",
+  "muon",
 )
 
 
