@@ -260,9 +260,13 @@ def test_tpu_programs_attend_with_the_splash_kernel():
   """At a sequence of 128 the TPU program's attention is the splash kernel, with the
   documents as its segment ids: its forward, and its dq and dk/dv kernels in the backward
   (named in the program's Mosaic calls). With 'xla' there is none."""
-  kernels = {}
+  kernels, exchanges = {}, {}
   for kernel in ("auto", "xla"):
     overrides = {"train.seq_len": 128, "model.attention_kernel": kernel}
-    _, compiled, _ = compile_for("v5e-4", **overrides)
-    kernels[kernel] = set(re.findall(r"splash_mha_(\w+?)_segmented", compiled.as_text()))
+    _, compiled, _ = compile_for("v5e-4", **overrides, **{"mesh.expert": 4, "mesh.data": 1})
+    text = compiled.as_text()
+    kernels[kernel] = set(re.findall(r"splash_mha_(\w+?)_segmented", text))
+    exchanges[kernel] = aot.hlo.collectives(text, unknown_trips=0)["ragged-all-to-all"]
   assert kernels == {"auto": {"fwd", "dq", "dkv"}, "xla": set()}
+  # The kernels' multi-line configs hide no collective from the count: the same exchanges.
+  assert exchanges["auto"] == exchanges["xla"]

@@ -55,6 +55,19 @@ def test_collectives_counts_ops_and_bytes_of_a_hand_written_module():
   }
 
 
+def test_an_instruction_whose_text_spans_lines_does_not_end_its_computation():
+  """A Pallas kernel's custom call (splash attention on TPU) prints its backend config
+  over several lines, the next starting with `}}`: the collectives after it still count."""
+  text = module(
+    '  %k = f32[4]{0} custom-call(f32[4]{0} %p), custom_call_target="tpu_custom_call", '
+    'backend_config={"custom_call_config": {"body": "kernel\n'
+    '}}, metadata={op_name="splash_mha_fwd"}\n'
+    + "  %a = f32[2,3]{1,0} all-to-all(f32[2,3]{1,0} %p), dimensions={0}\n"
+  )
+  assert "\n}}, metadata" in text
+  assert hlo.collectives(text) == {"all-to-all": {"count": 1, "bytes": 24}}
+
+
 def test_a_transfer_between_slices_counts_the_array_it_sends():
   """Multi-slice TPU programs reach other slices through host-transfer `send`s to the
   runtime (the line as XLA:TPU writes it, layouts and tiling included); other sends are

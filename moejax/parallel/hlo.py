@@ -143,7 +143,7 @@ def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
       computations[current] = []
       if header.group(1):
         entry = current
-    elif line.startswith("}"):
+    elif line.rstrip() == "}":  # an instruction's text may go on in lines starting "}}"
       current = None
     elif current is not None:
       computations[current].append(line)
