@@ -65,7 +65,7 @@ def reference(layer, x, positions, rope_layout="half", params=None):
     qk_nope_head_dim=layer.qk_nope_head_dim,
     qk_rope_head_dim=layer.qk_rope_head_dim,
     v_head_dim=layer.v_head_dim,
-    rope_base=layer.rope_base,
+    rope_base=layer.rope.base,
     eps=DIMS["norm_eps"],
     positions=np.asarray(positions),
     rope_layout=rope_layout,
