@@ -162,13 +162,19 @@ def state_bytes_per_device(config: ml_collections.ConfigDict, mesh) -> dict[str,
   _, abstract = nnx.split(nnx.eval_shape(lambda: build(config, mesh)[:2]))
   is_variable = lambda x: isinstance(x, nnx.Variable)
   leaves = jax.tree_util.tree_flatten_with_path(abstract, is_leaf=is_variable)[0]
-  if mesh is None:
-    shard_shapes = [variable.shape for _, variable in leaves]
-  else:
+  shardings = [None] * len(leaves)
+  if mesh is not None:
     shardings = jax.tree.leaves(sharding.param_shardings(abstract, mesh), is_leaf=is_variable)
-    shard_shapes = [
-      s.get_value().shard_shape(v.shape) for s, (_, v) in zip(shardings, leaves, strict=True)
-    ]
+  # Muon's optimizer state holds placeholders (no array) for the other partition's leaves.
+  kept = [
+    (leaf, s)
+    for leaf, s in zip(leaves, shardings, strict=True)
+    if hasattr(leaf[1].get_value(), "shape")
+  ]
+  leaves = [leaf for leaf, _ in kept]
+  shard_shapes = [
+    v.shape if s is None else s.get_value().shard_shape(v.shape) for (_, v), s in kept
+  ]
   totals = {"params": 0, "optimizer": 0}
   for (path, variable), shape in zip(leaves, shard_shapes, strict=True):
     which = (

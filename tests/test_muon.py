@@ -144,3 +144,18 @@ def test_an_unknown_optimizer_is_one_line():
   config = smoke(**{"train.muon_momentum": 1.0})
   with pytest.raises(ValueError, match=r"^config\.train\.muon_momentum=1\.0 must be a number in"):
     validate_train_config(config.train)
+
+
+def test_the_memory_report_counts_one_moment_for_muons_matrices():
+  """`aot.state_bytes_per_device`: Muon's momentum for its matrices, AdamW's two moments for
+  the rest (optax's placeholders for the other partition hold nothing), plus a few counters."""
+  from moejax import aot
+
+  config = smoke()
+  model, _, _ = steps.build(config)
+  state = nnx.state(model, nnx.Param)
+  moments = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    moments += leaf.size * (1 if steps.muon_dimensions(path, leaf) is not None else 2)
+  got = aot.state_bytes_per_device(config, None)
+  assert 4 * moments <= got["optimizer"] <= 4 * moments + 64  # + counts and NS coefficients
