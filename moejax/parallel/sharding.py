@@ -334,8 +334,6 @@ def logical_to_mesh(names: Sequence[str | None], mesh, rules=LOGICAL_AXIS_RULES)
 def _variable_sharding(var: nnx.Variable, mesh, path: str, require_names: bool) -> NamedSharding:
   value = var.get_value()
   names = var.get_metadata().get("out_sharding") if hasattr(var, "get_metadata") else None
-  if not hasattr(value, "shape"):  # no array: e.g. optax's placeholder for another partition
-    return NamedSharding(mesh, P())
   if not names:
     if require_names and isinstance(var, nnx.Param):
       raise ValueError(
@@ -408,6 +406,8 @@ def param_shardings(model_or_state, mesh, *, require_names: bool = True):
   tree = nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module) else model_or_state
 
   def one(path, x):
+    if isinstance(x, nnx.Variable) and not hasattr(x.get_value(), "shape"):
+      return x  # no array: optax's placeholder for another partition's leaf (Muon)
     if isinstance(x, nnx.Variable):
       return x.replace(_variable_sharding(x, mesh, _path_str(path), require_names))
     return NamedSharding(mesh, P())
