@@ -4,7 +4,8 @@ routed SwiGLU experts of hidden 2048 and 1 shared expert, top-8 by sigmoid score
 aux-loss-free selection bias (one expert group), gates normalised and scaled by 2.827;
 multi-head latent attention with 64 heads (q latent 1536, kv latent 512, 128 + 64
 RoPE query/key channels, 128 value channels), RoPE base 50,000. Trained with MuonClip:
-here Muon (`train.optimizer='muon'`) without the QK-clip. Balance as DeepSeek-V3: bias
+here Muon (`train.optimizer='muon'`) without the QK-clip, at cpu and smoke; the pod
+recipe trains with AdamW (below). Balance as DeepSeek-V3: bias
 update speed 0.001 and the sequence-wise loss α = 0.0001. The released weights stretch
 the RoPE by YaRN (factor 32) for a 128K context; pretraining at 1024 tokens, the recipe
 leaves it unscaled (`moejax.convert` reads it from the published config.json).
@@ -31,14 +32,19 @@ def get_config(arg: str = ""):
   m.bias_update_rate, m.seq_aux_loss_weight = 0.001, 0.0001
   m.lb_loss_weight, m.z_loss_weight = 0.0, 0.0
   config.train.optimizer = "muon"
-  return apply_variant(
+  config = apply_variant(
     config,
     arg,
     "kimi_k2",
-    # DeepSeek-V3's slice and mesh: Muon keeps one moment per matrix, not Adam's two, so
-    # 1.03T parameters fit where DeepSeek-V3's 671B do.
-    pod_topology="v5p-512",
-    pod_mesh={"fsdp": 8, "expert": 32},
+    pod_topology="v5p-1024",
+    pod_mesh={"fsdp": 16, "expert": 32},
     pod_tokenizer=("hf:tokenizers/kimi-k2", 163840),
     pod_remat="attention",
   )
+  if arg == "pod":
+    # 512 sequences: one per chip of v5p-1024. AdamW, not Muon: Muon's Newton-Schulz update
+    # is not yet sharded on a pod (XLA gathers the expert stacks' momentum, 1.04 TB of
+    # temporaries on v5p-512), and AdamW's two moments need this slice (104.6 GiB a chip
+    # on v5p-512; 59.6 on v5p-1024).
+    config.train.batch_size, config.train.optimizer = 512, "adamw"
+  return config
