@@ -20,16 +20,7 @@ from moejax.convert import transfer
 from moejax.layers.rope import Rope
 
 TOKENS = [3, 17, 5, 39, 0, 22]
-# DeepSeek-V3's config.json (factor 40 over 4096 tokens, mscale 1 and mscale_all_dim 1).
-DEEPSEEK_V3_YARN = {
-  "beta_fast": 32,
-  "beta_slow": 1,
-  "factor": 40,
-  "mscale": 1.0,
-  "mscale_all_dim": 1.0,
-  "original_max_position_embeddings": 4096,
-  "type": "yarn",
-}
+DEEPSEEK_V3_YARN = hf_reference.DEEPSEEK_V3_YARN
 
 
 @pytest.mark.parametrize(

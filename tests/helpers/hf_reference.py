@@ -22,6 +22,16 @@ from helpers import family_reference as fr
 from helpers.moe_reference import ffn, softmax
 
 D, HEADS, KV_HEADS, HEAD_DIM, VOCAB, EXPERTS, TOP_K, F = 16, 4, 2, 4, 40, 4, 2, 8
+# DeepSeek-V3's published `rope_scaling` (YaRN, factor 40 over 4096 tokens).
+DEEPSEEK_V3_YARN = {
+  "beta_fast": 32,
+  "beta_slow": 1,
+  "factor": 40,
+  "mscale": 1.0,
+  "mscale_all_dim": 1.0,
+  "original_max_position_embeddings": 4096,
+  "type": "yarn",
+}
 
 
 def tiny_config(model_type: str, **changes) -> dict:
